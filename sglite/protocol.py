@@ -1,0 +1,194 @@
+"""Messages that cross the ZeroMQ socket between a client (sglite.lang) and the runtime.
+
+One codec (msgpack through msgspec), typed structs, a tagged union so that one decoder reads
+every message. Never pickle: a socket that unpickles runs whatever arrives.
+
+Transport: the runtime binds a ROUTER; each client holds a DEALER and sends single-frame messages
+(encode(msg)). The runtime replies to the sender's identity with one or more frames, each one
+encoded message. Every request carries a client-chosen `rid` (unique per client) and every reply
+echoes it. This module imports nothing but msgspec, so both `lang` and `runtime` can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The one definition of sampling parameters (frontend `gen` arguments map onto these)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: disabled
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    seed: int | None = None
+    # Constrained decoding: at most one of these.
+    regex: str | None = None
+    json_schema: str | None = None  # a JSON string
+    grammar: str | None = None  # Lark EBNF
+    skip_special_tokens: bool = True
+
+
+# ---- client -> runtime ---------------------------------------------------------------------
+
+
+class GenerateReq(msgspec.Struct, tag="generate", kw_only=True):
+    rid: str
+    text: str | None = None  # exactly one of text / input_ids
+    input_ids: list[int] | None = None
+    # A plain dict on the wire so that the runtime can name an unknown key in its error.
+    sampling_params: dict[str, Any] = {}
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: output tokens only
+    top_logprobs_num: int = 0
+
+
+class ScoreReq(msgspec.Struct, tag="score", kw_only=True):
+    """`select`: score each choice as a continuation of `text` in one batched prefill-only pass.
+
+    The runtime tokenizes `text + choice` for each choice and returns the logprob of every token
+    from `prefix_len - 1` (the boundary token, for token healing) on; the frontend normalizes.
+    With `unconditional=True` it also scores each choice alone (for
+    unconditional_likelihood_normalized)."""
+
+    rid: str
+    text: str
+    choices: list[str]
+    unconditional: bool = False
+
+
+class GraphReq(msgspec.Struct, tag="graph", kw_only=True):
+    """A whole traced program (see GraphNode). The runtime walks it and replies with one
+    NodeOut per gen/select node as it finishes, then a GraphDone."""
+
+    rid: str
+    nodes: list["GraphNode"]
+
+
+class GraphNode(msgspec.Struct, kw_only=True):
+    id: int
+    kind: str  # "text" | "gen" | "select"
+    parent: int | None  # the node whose full text this node's prompt extends; None: empty
+    text: str = ""  # kind == "text"
+    name: str | None = None  # variable name for gen/select
+    sampling_params: dict[str, Any] = {}  # kind == "gen"
+    choices: list[str] = []  # kind == "select"
+    choices_method: str = "token_length_normalized"
+
+
+class AbortReq(msgspec.Struct, tag="abort", kw_only=True):
+    rid: str
+
+
+class FlushCacheReq(msgspec.Struct, tag="flush_cache", kw_only=True):
+    rid: str
+
+
+class InfoReq(msgspec.Struct, tag="info", kw_only=True):
+    rid: str
+
+
+# ---- runtime -> client ---------------------------------------------------------------------
+
+
+class GenerateOut(msgspec.Struct, tag="out", kw_only=True):
+    """One streamed chunk (stream=True) or the whole result (stream=False).
+
+    meta_info keys: prompt_tokens, completion_tokens, cached_tokens, finish_reason
+    ({"type": "stop"|"length"|"abort", "matched": str|int|None}) on the last chunk, and with
+    return_logprob: input_token_logprobs / output_token_logprobs as [logprob, token_id, text]
+    lists, input_top_logprobs / output_top_logprobs as lists of such lists."""
+
+    rid: str
+    text: str  # the new text since the previous chunk (delta), or the whole text if not streaming
+    finished: bool
+    meta_info: dict[str, Any] = {}
+
+
+class ScoreOut(msgspec.Struct, tag="score_out", kw_only=True):
+    rid: str
+    # per choice: logprobs of the choice's tokens (the boundary token first), and token ids
+    input_token_logprobs: list[list[float]]
+    input_token_ids: list[list[int]]
+    unconditional_token_logprobs: list[list[float]] | None = None
+    meta_info: dict[str, Any] = {}
+
+
+class NodeOut(msgspec.Struct, tag="node_out", kw_only=True):
+    rid: str
+    node_id: int
+    text: str  # the generated text (gen) or the chosen choice (select)
+    meta_info: dict[str, Any] = {}
+
+
+class GraphDone(msgspec.Struct, tag="graph_done", kw_only=True):
+    rid: str
+
+
+class InfoOut(msgspec.Struct, tag="info_out", kw_only=True):
+    rid: str
+    info: dict[str, Any]  # model_path, chat_template, context_length, eos/bos, counters, ...
+
+
+class OkOut(msgspec.Struct, tag="ok", kw_only=True):
+    rid: str
+
+
+class ErrorOut(msgspec.Struct, tag="error", kw_only=True):
+    """A request failed; the message names the problem. The runtime keeps serving others."""
+
+    rid: str
+    message: str
+
+
+Request = Union[GenerateReq, ScoreReq, GraphReq, AbortReq, FlushCacheReq, InfoReq]
+Reply = Union[GenerateOut, ScoreOut, NodeOut, GraphDone, InfoOut, OkOut, ErrorOut]
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_request(data: bytes) -> Request:
+    """Raises msgspec.DecodeError / ValidationError on a malformed message."""
+    return _request_decoder.decode(data)
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _reply_decoder.decode(data)
+
+
+def parse_sampling_params(raw: dict[str, Any]) -> SamplingParams:
+    """Dict from the wire -> SamplingParams; raises ValueError naming an unknown key or bad value."""
+    try:
+        params = msgspec.convert(raw, SamplingParams)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"invalid sampling params: {e}") from None
+    if params.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+    if params.min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {params.min_new_tokens}")
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k == 0 or params.top_k < -1:
+        raise ValueError(f"top_k must be -1 (off) or >= 1, got {params.top_k}")
+    if sum(x is not None for x in (params.regex, params.json_schema, params.grammar)) > 1:
+        raise ValueError("at most one of regex, json_schema, grammar may be set")
+    return params
