@@ -57,10 +57,12 @@ class GenerateReq(msgspec.Struct, tag="generate", kw_only=True):
 class ScoreReq(msgspec.Struct, tag="score", kw_only=True):
     """`select`: score each choice as a continuation of `text` in one batched prefill-only pass.
 
-    The runtime tokenizes `text + choice` for each choice and returns the logprob of every token
-    from `prefix_len - 1` (the boundary token, for token healing) on; the frontend normalizes.
-    With `unconditional=True` it also scores each choice alone (for
-    unconditional_likelihood_normalized)."""
+    The runtime tokenizes `text` alone (P tokens) and `text + choice` for each choice, prefills the
+    shared prefix once, and returns for each choice the logprob of every token of `text + choice`
+    from index max(P - 1, 1) on: the first one is the boundary token (the prefix's last token, or the
+    token that fused prefix and choice: token healing); the frontend drops it when the prefix text
+    ends with that token's text, as SGLang does. With `unconditional=True` it also scores each
+    choice's tokens alone (for unconditional_likelihood_normalized)."""
 
     rid: str
     text: str
@@ -69,8 +71,12 @@ class ScoreReq(msgspec.Struct, tag="score", kw_only=True):
 
 
 class GraphReq(msgspec.Struct, tag="graph", kw_only=True):
-    """A whole traced program (see GraphNode). The runtime walks it and replies with one
-    NodeOut per gen/select node as it finishes, then a GraphDone."""
+    """A whole traced program. Nodes come in topological order; a node's prompt is the full text
+    of its parent node (None: the empty string). A node's own full text is its prompt plus its
+    text (kind "text"), its generated text (kind "gen") or its chosen choice (kind "select"). A node
+    with several children is a fork: the runtime prefills the shared prefix once and runs the
+    branches concurrently. The runtime replies with one NodeOut per gen/select node as it
+    finishes, then a GraphDone; on an error, one ErrorOut naming the node, and the graph stops."""
 
     rid: str
     nodes: list["GraphNode"]
@@ -84,7 +90,7 @@ class GraphNode(msgspec.Struct, kw_only=True):
     name: str | None = None  # variable name for gen/select
     sampling_params: dict[str, Any] = {}  # kind == "gen"
     choices: list[str] = []  # kind == "select"
-    choices_method: str = "token_length_normalized"
+    choices_method: str = "token_length_normalized"  # kind == "select"
 
 
 class AbortReq(msgspec.Struct, tag="abort", kw_only=True):
@@ -118,11 +124,12 @@ class GenerateOut(msgspec.Struct, tag="out", kw_only=True):
 
 class ScoreOut(msgspec.Struct, tag="score_out", kw_only=True):
     rid: str
-    # per choice: logprobs of the choice's tokens (the boundary token first), and token ids
-    input_token_logprobs: list[list[float]]
-    input_token_ids: list[list[int]]
+    # one list per choice, aligned: the boundary token first (see ScoreReq)
+    token_logprobs: list[list[float]]
+    token_ids: list[list[int]]
+    token_texts: list[list[str]]
     unconditional_token_logprobs: list[list[float]] | None = None
-    meta_info: dict[str, Any] = {}
+    meta_info: dict[str, Any] = {}  # prompt_tokens, cached_tokens (summed over choices)
 
 
 class NodeOut(msgspec.Struct, tag="node_out", kw_only=True):
