@@ -1,0 +1,186 @@
+"""The Llama family as one native torch model, configured by ModelConfig flags:
+GQA/MQA (num_kv_heads), Qwen2 q/k/v bias (attention_bias), Qwen3 q/k head norms (qk_norm),
+tied embeddings, CLA (layers that do not produce KV have no k/v projections), and per-layer
+sliding window + global tokens, both handed to the attention backend through AttentionLayer.
+
+Parameter names follow the HF checkpoints, except q/k/v and gate/up, which are fused on load.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglite.runtime.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
+from sglite.runtime.config import ModelConfig
+from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+
+# checkpoint projection -> (fused module, shard name)
+_PACKED = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
+}
+_PACKED_RE = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.produces_kv = config.produces_kv(layer_id)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shards = {"q": q_size, "k": kv_size, "v": kv_size} if self.produces_kv else {"q": q_size}
+        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if self.produces_kv else None
+        self.qk_norm = config.qk_norm
+        self.attn = AttentionLayer(
+            layer_id=layer_id,
+            kv_layer_id=config.kv_layer_id(layer_id),
+            produces_kv=self.produces_kv,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            scale=self.head_dim**-0.5,
+            sliding_window=config.window_for_layer(layer_id),
+            global_tokens=config.global_tokens,
+        )
+
+    def forward(self, x, cos, sin, batch: ForwardBatch, backend: BaseAttentionBackend):
+        num_tokens = x.shape[0]
+        q, *kv = self.qkv_proj(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        if self.qk_norm:
+            q = self.q_norm(q)
+        q = apply_rotary(q, cos, sin)
+        k = v = None
+        if self.produces_kv:
+            k = kv[0].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            v = kv[1].view(num_tokens, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                k = self.k_norm(k)
+            k = apply_rotary(k, cos, sin)
+        o = backend.forward(q, k, v, self.attn, batch)  # [T, H, D]
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, batch, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, theta=config.rope_theta, scaling=config.rope_scaling
+        )
+        # tied: logits reuse embed_tokens.weight, so no second parameter can drift from it
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def attention_layers(self) -> list[AttentionLayer]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, batch: ForwardBatch, backend: BaseAttentionBackend) -> torch.Tensor:
+        """Logits float32: [bs, vocab] (last new token of each request) or [num_tokens, vocab]."""
+        x = self.model.embed_tokens(batch.input_ids)  # [T, hidden]
+        cos, sin = self.rotary(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, backend)
+        if not batch.return_all_logits:
+            x = x[_last_token_indices(batch, x.device)]
+        x = self.model.norm(x)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    # --- weights ---------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            match = _PACKED_RE.match(name)
+            if match:
+                prefix, proj, kind = match.groups()
+                module_name, shard = _PACKED[proj]
+                module = self.get_submodule(f"{prefix}.{module_name}")
+                if shard not in module.shard_sizes:  # CLA layer: checkpoint has K/V we never use
+                    raise ValueError(f"weight {name} belongs to a layer that produces no KV")
+                module.load_shard(shard, kind, tensor)
+                loaded.add(f"{prefix}.{module_name}.{kind}:{shard}")
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            if params[name].shape != tensor.shape:
+                raise ValueError(
+                    f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].data.copy_(tensor)
+            loaded.add(name)
+        missing = [n for n in self._expected_weight_keys() if n not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+    def _expected_weight_keys(self) -> list[str]:
+        keys = []
+        for name, param in self.named_parameters():
+            module_name, kind = name.rsplit(".", 1)
+            module = self.get_submodule(module_name)
+            if isinstance(module, MergedLinear):
+                keys += [f"{module_name}.{kind}:{shard}" for shard in module.shard_sizes]
+            else:
+                keys.append(name)
+        return keys
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights for benchmarks: N(0, 0.02) keeps activations in a sane range."""
+        gens: dict[torch.device, torch.Generator] = {}
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.data.zero_()
+            else:
+                if param.device not in gens:
+                    gens[param.device] = torch.Generator(param.device).manual_seed(seed)
+                param.data.normal_(0, 0.02, generator=gens[param.device])
+
+
+def _last_token_indices(batch: ForwardBatch, device) -> torch.Tensor:
+    if batch.is_decode:
+        return torch.arange(batch.batch_size, device=device)
+    ends, total = [], 0
+    for n in batch.extend_lens_cpu:
+        total += n
+        ends.append(total - 1)
+    return torch.tensor(ends, dtype=torch.int64, device=device)
