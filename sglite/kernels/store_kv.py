@@ -1,0 +1,59 @@
+"""Store the new tokens' K and V into the pool at their slots (`out_cache_loc`), in one launch.
+
+One program per token copies its [KH, D] rows of K and V. The source may be a strided view (K/V
+split off a fused QKV projection): only the head_dim axis must be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(
+    K, V, K_Buf, V_Buf, Loc,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    cur_token = tl.program_id(0)
+    slot = tl.load(Loc + cur_token).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    src = cur_token.to(tl.int64)
+    k = tl.load(K + src * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    tl.store(K_Buf + slot * stride_buf_kt + offs_h[:, None] * stride_buf_kh + offs_d[None, :], k, mask=mask)
+    v = tl.load(V + src * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    tl.store(V_Buf + slot * stride_buf_vt + offs_h[:, None] * stride_buf_vh + offs_d[None, :], v, mask=mask)
+
+
+def store_kv(
+    k_buffer: torch.Tensor,  # [num_slots, KH, D]
+    v_buffer: torch.Tensor,
+    loc: torch.Tensor,  # [T] int slots
+    k: torch.Tensor,  # [T, KH, D]
+    v: torch.Tensor,
+) -> None:
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if k.shape[1:] != k_buffer.shape[1:] or v.shape != k.shape or v_buffer.shape != k_buffer.shape:
+        raise ValueError(f"K/V {tuple(k.shape)}/{tuple(v.shape)} do not fit the buffers "
+                         f"{tuple(k_buffer.shape)}/{tuple(v_buffer.shape)}")
+    if loc.shape != (num_tokens,):
+        raise ValueError(f"loc has shape {tuple(loc.shape)}, expected ({num_tokens},)")
+    if k_buffer.dtype != k.dtype or v_buffer.dtype != v.dtype:
+        raise ValueError(f"K/V dtype {k.dtype} != buffer dtype {k_buffer.dtype}")
+    if any(t.stride(-1) != 1 for t in (k, v, k_buffer, v_buffer)):
+        raise ValueError("K/V and the buffers need a contiguous last (head_dim) axis")
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_buffer, v_buffer, loc,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4 if k.is_cuda else 1,
+    )
