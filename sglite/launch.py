@@ -1,0 +1,126 @@
+"""Start the runtime as a background process, or attach to one that runs already.
+
+    with RuntimeProcess(max_total_tokens=4096) as rt:    # spawns `python -m sglite serve ...`
+        client_socket.connect(rt.address)
+
+No torch import here: this runs in the user's process next to the frontend.
+
+How a client notices a dead runtime: ZeroMQ never reports a vanished peer on a DEALER by itself, so
+a client must not block forever in recv. Poll the socket with a short timeout (e.g. 0.5 s) and, on
+each timeout, call `RuntimeProcess.is_alive()` when it owns the process (a killed runtime is seen
+within one poll), or send an `InfoReq` and give up after a deadline when it only has an address.
+`wait_reply` below does the first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import weakref
+
+import zmq
+
+from sglite import protocol
+from sglite.runtime.args import ServerArgs, default_address
+
+
+class RuntimeDied(RuntimeError):
+    """The runtime process exited while a client was waiting on it."""
+
+
+class RuntimeProcess:
+    """A runtime in a child process. `.address` is its ZMQ endpoint; `.info` its InfoOut.info."""
+
+    def __init__(self, model_path: str | None = None, *, timeout: float = 600.0, **server_args):
+        args = ServerArgs(model_path=model_path, **server_args)
+        if args.address is None:
+            args = ServerArgs(**{**_fields(args), "address": default_address()})
+        self.args = args
+        self.address = args.address
+        self._log = tempfile.NamedTemporaryFile(prefix="sglite-runtime-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "sglite", "serve", *args.to_cli()]
+        env = {**os.environ, "SGLITE_PARENT_PID": str(os.getpid())}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # NOTE: a weakref finalizer, so the atexit hook does not keep this object alive
+        self._finalizer = weakref.finalize(self, _terminate, self.proc)
+        atexit.register(self._finalizer)
+        try:
+            self.info = self._wait_ready(timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def log_path(self) -> str:
+        return self._log.name
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, num_chars: int = 4000) -> str:
+        with open(self._log.name, "rb") as f:
+            f.seek(max(0, os.path.getsize(self._log.name) - num_chars))
+            return f.read().decode(errors="replace")
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "RuntimeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _wait_ready(self, timeout: float) -> dict:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        try:
+            rid = "ready-" + uuid.uuid4().hex[:8]
+            sock.send(protocol.encode(protocol.InfoReq(rid=rid)))
+            reply = wait_reply(sock, alive=self.is_alive, timeout=timeout,
+                               describe=lambda: self.log_tail())
+            if isinstance(reply, protocol.ErrorOut):
+                raise RuntimeError(f"runtime failed its first info request: {reply.message}")
+            return reply.info
+        except RuntimeDied as e:
+            raise RuntimeError(f"the runtime exited with code {self.proc.returncode} before it was "
+                               f"ready; its log ({self.log_path}) ends with:\n{e}") from None
+        except TimeoutError:
+            raise TimeoutError(f"the runtime was not ready after {timeout:.0f} s; log "
+                               f"{self.log_path} ends with:\n{self.log_tail()}") from None
+        finally:
+            sock.close()
+
+
+def wait_reply(sock: zmq.Socket, *, alive=lambda: True, timeout: float | None = None,
+               poll_s: float = 0.5, describe=lambda: "") -> protocol.Reply:
+    """Receive one reply; raise RuntimeDied when `alive()` turns False, TimeoutError past timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not sock.poll(int(poll_s * 1000)):
+        if not alive():
+            raise RuntimeDied(describe() or "the runtime process is gone")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"no reply within {timeout} s")
+    return protocol.decode_reply(sock.recv())
+
+
+def _fields(args: ServerArgs) -> dict:
+    return {k: getattr(args, k) for k in args.__dataclass_fields__}
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

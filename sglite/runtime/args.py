@@ -1,0 +1,111 @@
+"""Server arguments: one frozen dataclass and the only argparse (its defaults come from the class).
+
+`python -m sglite serve --model PATH ...` parses into `ServerArgs`; `sglite.launch.RuntimeProcess`
+turns keyword arguments back into the same flags (`to_cli`), so a field added here is available
+everywhere at once. This module imports no torch: the launcher reads it in the user's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+
+SCHEDULE_POLICIES = ("lpm", "fcfs")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "cpu"
+    attention_backend: str = "auto"  # auto | torch | triton
+    load_format: str = "auto"  # auto | dummy (random weights, for benchmarks)
+    preset: str | None = None  # a ModelConfig preset name (with load_format=dummy)
+    max_total_tokens: int | None = None  # KV pool size in tokens; None: sized by the runner
+    max_running_requests: int = 128
+    chunked_prefill_size: int = 512  # tokens per extend forward; -1: no chunking
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    disable_radix_cache: bool = False
+    schedule_policy: str = "lpm"
+    log_interval: float = 10.0  # seconds between stats log lines (0: never)
+    address: str | None = None  # ZMQ endpoint to bind; None: a fresh ipc:// path
+    seed: int = 0
+    grammar_threads: int = 2
+
+    def __post_init__(self):
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, "
+                             f"got {self.schedule_policy!r}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError("chunked_prefill_size must be -1 (off) or >= 1, "
+                             f"got {self.chunked_prefill_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
+        if self.address is not None and not self.address.startswith(("ipc://", "tcp://")):
+            raise ValueError(f"address must be ipc://... or tcp://..., got {self.address!r}")
+
+    @property
+    def bind_address(self) -> str:
+        return self.address or default_address()
+
+    def to_cli(self) -> list[str]:
+        """Flags that reproduce these args through `parse_args` (non-default fields only)."""
+        argv = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "model_path":
+                flag = "--model"
+            if isinstance(value, bool):
+                argv.append(flag)  # store_true flags; their default is False
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+
+def default_address() -> str:
+    # ipc:// keeps the runtime off the network; a short path (sockets have a ~100 byte limit)
+    return f"ipc://{tempfile.gettempdir()}/sglite-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    d = ServerArgs
+    p = argparse.ArgumentParser(prog="sglite serve", description="Run the sglite runtime.")
+    p.add_argument("--model", "--model-path", dest="model_path", default=d.model_path,
+                   help="HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--attention-backend", default=d.attention_backend)
+    p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"])
+    p.add_argument("--preset", default=d.preset, help="ModelConfig preset (with --load-format dummy)")
+    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
+                   help="KV pool size in tokens")
+    p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    p.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
+                   help="token budget of one extend forward (-1: no chunking)")
+    p.add_argument("--context-length", type=int, default=d.context_length)
+    p.add_argument("--disable-radix-cache", action="store_true", default=d.disable_radix_cache)
+    p.add_argument("--schedule-policy", default=d.schedule_policy, choices=SCHEDULE_POLICIES)
+    p.add_argument("--log-interval", type=float, default=d.log_interval,
+                   help="seconds between stats log lines (0: off)")
+    p.add_argument("--address", default=d.address,
+                   help="ZMQ endpoint to bind (default: a fresh ipc:// path; tcp://127.0.0.1:PORT)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--grammar-threads", type=int, default=d.grammar_threads)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    ns = make_parser().parse_args(argv)
+    try:
+        return ServerArgs(**vars(ns))
+    except ValueError as e:
+        raise SystemExit(f"sglite serve: {e}") from None
