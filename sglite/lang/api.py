@@ -1,0 +1,118 @@
+"""The user-facing primitives (SGLang's names and arguments): they build IR, nothing runs here."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sglite.choices import ChoicesSamplingMethod
+from sglite.lang import ir
+from sglite.lang.backend.base import BaseBackend
+from sglite.lang.function import SglFunction, resolve_backend, set_default_backend
+
+__all__ = ["function", "gen", "gen_int", "gen_string", "select", "system", "user", "assistant",
+           "system_begin", "system_end", "user_begin", "user_end", "assistant_begin",
+           "assistant_end", "set_default_backend", "flush_cache", "get_server_info"]
+
+
+def function(func: Callable | None = None, *, num_api_spec_tokens: int | None = None):
+    """`@sgl.function` or `@sgl.function(...)`: the first parameter must be `s`."""
+    del num_api_spec_tokens  # OpenAI-style API speculation; the sglite runtime has no use for it
+    if func is None:
+        return lambda f: SglFunction(f)
+    return SglFunction(func)
+
+
+def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
+        stop: str | list[str] | None = None, *, stop_token_ids: list[int] | None = None,
+        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+        min_p: float | None = None, frequency_penalty: float | None = None,
+        presence_penalty: float | None = None, ignore_eos: bool | None = None,
+        return_logprob: bool | None = None, logprob_start_len: int | None = None,
+        top_logprobs_num: int | None = None, dtype: Any = None, regex: str | None = None,
+        json_schema: Any = None, grammar: str | None = None,
+        choices: list[str] | None = None,
+        choices_method: str | ChoicesSamplingMethod | None = None) -> ir.Expr:
+    """Generate into variable `name`; None arguments inherit the run(...) defaults.
+    `choices=[...]` makes it a select; json_schema may be a dict, JSON string or pydantic class;
+    grammar is Lark EBNF."""
+    if choices is not None:
+        return select(name, choices, temperature=temperature or 0.0,
+                      choices_method=choices_method or "token_length_normalized")
+    constraints = [x for x in (regex, json_schema, grammar) if x is not None]
+    if len(constraints) > 1:
+        raise ValueError(f"gen({name!r}): at most one of regex, json_schema, grammar")
+    params = ir.GenParams(
+        max_tokens=max_tokens, min_tokens=min_tokens, stop=stop, stop_token_ids=stop_token_ids,
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        ignore_eos=ignore_eos, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+        top_logprobs_num=top_logprobs_num, dtype=dtype, regex=regex, json_schema=json_schema,
+        grammar=grammar)
+    params.to_sampling_params()  # bad dtype / json_schema fail here, where the user wrote them
+    return ir.Gen(name, params)
+
+
+def gen_int(name: str | None = None, max_tokens: int | None = None, **kwargs) -> ir.Expr:
+    return gen(name, max_tokens, dtype=int, **kwargs)
+
+
+def gen_string(name: str | None = None, max_tokens: int | None = None, **kwargs) -> ir.Expr:
+    return gen(name, max_tokens, dtype=str, **kwargs)
+
+
+def select(name: str | None = None, choices: list[str] | None = None, *,
+           temperature: float = 0.0,
+           choices_method: str | ChoicesSamplingMethod = "token_length_normalized") -> ir.Select:
+    if choices is None:
+        raise ValueError(f"select({name!r}) needs choices=[...]")
+    return ir.Select(name, choices, temperature=temperature, choices_method=choices_method)
+
+
+def _role(role: str, expr) -> ir.ExprList:
+    if expr is None:
+        return ir.ExprList([ir.RoleBegin(role), ir.RoleEnd(role)])
+    return ir.RoleBegin(role) + ir.as_expr(expr) + ir.RoleEnd(role)
+
+
+def system(expr=None) -> ir.ExprList:
+    return _role("system", expr)
+
+
+def user(expr=None) -> ir.ExprList:
+    return _role("user", expr)
+
+
+def assistant(expr=None) -> ir.ExprList:
+    return _role("assistant", expr)
+
+
+def system_begin() -> ir.RoleBegin:
+    return ir.RoleBegin("system")
+
+
+def system_end() -> ir.RoleEnd:
+    return ir.RoleEnd("system")
+
+
+def user_begin() -> ir.RoleBegin:
+    return ir.RoleBegin("user")
+
+
+def user_end() -> ir.RoleEnd:
+    return ir.RoleEnd("user")
+
+
+def assistant_begin() -> ir.RoleBegin:
+    return ir.RoleBegin("assistant")
+
+
+def assistant_end() -> ir.RoleEnd:
+    return ir.RoleEnd("assistant")
+
+
+def flush_cache(backend: BaseBackend | None = None) -> None:
+    resolve_backend(backend).flush_cache()
+
+
+def get_server_info(backend: BaseBackend | None = None) -> dict[str, Any]:
+    return resolve_backend(backend).get_server_info()

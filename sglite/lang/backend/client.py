@@ -1,0 +1,143 @@
+"""One ZMQ DEALER per backend, owned by one I/O thread; replies are dispatched by rid.
+
+ZMQ sockets are not thread-safe, so program threads never touch the DEALER: they push encoded
+requests into an inproc PUSH socket (under a lock), and the I/O thread forwards them, receives
+replies and puts each into the queue registered for its rid. A dead runtime is noticed here, not
+in the waiting threads: an owned runtime through `is_alive()`, an attached one by InfoReq pings
+that go unanswered for `dead_after` seconds; every waiter is then woken with RuntimeDied.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+import uuid
+
+import zmq
+
+from sglite import protocol
+
+POLL_MS = 200
+
+
+class RuntimeDied(RuntimeError):
+    """The runtime stopped answering (its process exited, or pings went unanswered)."""
+
+
+class _Dead:
+    def __init__(self, message: str):
+        self.message = message
+
+
+class ZmqClient:
+    def __init__(self, address: str, *, is_alive=None, ping_interval: float = 5.0,
+                 dead_after: float = 120.0):
+        self.address = address
+        self._is_alive = is_alive
+        self._ping_interval, self._dead_after = ping_interval, dead_after
+        self._ctx = zmq.Context.instance()
+        self._rid_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}-"
+        self._rid_counter = itertools.count()
+        self._queues: dict[str, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self._dead: str | None = None
+        self._closed = threading.Event()
+        wake = f"inproc://sglite-client-{self._rid_prefix}"
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.bind(wake)
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.connect(wake)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.connect(address)
+        self._thread = threading.Thread(target=self._loop, name="sglite-zmq", daemon=True)
+        self._thread.start()
+
+    def new_rid(self, kind: str = "r") -> str:
+        return f"{kind}-{self._rid_prefix}{next(self._rid_counter)}"
+
+    def request(self, msg) -> queue.Queue:
+        """Send msg and return the queue its replies arrive on (call `forget(rid)` when done)."""
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            if self._dead is not None:
+                raise RuntimeDied(self._dead)
+            self._queues[msg.rid] = q
+            self._push.send(protocol.encode(msg))
+        return q
+
+    def send(self, msg) -> None:
+        """Fire and forget (AbortReq)."""
+        with self._lock:
+            if self._dead is None and not self._closed.is_set():
+                self._push.send(protocol.encode(msg))
+
+    def recv(self, q: queue.Queue):
+        item = q.get()
+        if isinstance(item, _Dead):
+            q.put(item)  # later recv calls on this queue fail the same way
+            raise RuntimeDied(item.message)
+        return item
+
+    def call(self, msg):
+        """Send one request and return its single reply."""
+        q = self.request(msg)
+        try:
+            return self.recv(q)
+        finally:
+            self.forget(msg.rid)
+
+    def forget(self, rid: str) -> None:
+        with self._lock:
+            self._queues.pop(rid, None)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._thread.join(timeout=2)
+            with self._lock:
+                for sock in (self._push, self._pull, self._dealer):
+                    sock.close(linger=0)
+
+    # ---- the I/O thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        last_recv, ping_sent_at = time.monotonic(), None
+        while not self._closed.is_set():
+            events = dict(poller.poll(POLL_MS))
+            while self._pull in events and self._pull.poll(0):
+                self._dealer.send(self._pull.recv())
+            if self._dealer in events:
+                while self._dealer.poll(0):
+                    self._dispatch(protocol.decode_reply(self._dealer.recv()))
+                last_recv, ping_sent_at = time.monotonic(), None
+                continue
+            now = time.monotonic()
+            if self._dead is not None or not self._queues:
+                last_recv = now
+                continue
+            if self._is_alive is not None and not self._is_alive():
+                self._fail("the runtime process exited")
+            elif ping_sent_at is None and now - last_recv > self._ping_interval:
+                ping_sent_at = now
+                self._dealer.send(protocol.encode(protocol.InfoReq(rid=self.new_rid("ping"))))
+            elif ping_sent_at is not None and now - ping_sent_at > self._dead_after:
+                self._fail(f"the runtime at {self.address} did not answer for {self._dead_after:.0f} s")
+
+    def _dispatch(self, reply) -> None:
+        with self._lock:
+            q = self._queues.get(reply.rid)
+        if q is not None:  # replies for forgotten rids (pings, aborted streams) are dropped
+            q.put(reply)
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            self._dead = message
+            for q in self._queues.values():
+                q.put(_Dead(message))

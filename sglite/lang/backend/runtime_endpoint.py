@@ -1,0 +1,169 @@
+"""The sglite runtime as a frontend backend: RuntimeEndpoint attaches to a running runtime by
+address; Runtime starts one (sglite.launch.RuntimeProcess) and owns it."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+from sglite import protocol
+from sglite.lang.backend.base import BaseBackend, GraphRun, RuntimeRequestError
+from sglite.lang.backend.client import ZmqClient
+from sglite.lang.chat_template import (ChatTemplate, chat_template_from_jinja,
+                                       get_chat_template)
+from sglite.lang.ir import GenParams
+
+
+class RuntimeEndpoint(BaseBackend):
+    """Attach to a runtime at `address` (e.g. "ipc:///tmp/sglite-x" or "tcp://127.0.0.1:30000").
+
+    `timeout`: seconds an unanswered ping may wait before waiting programs raise RuntimeDied
+    (long, because a busy CPU runtime answers between forward steps)."""
+
+    def __init__(self, address: str, *, chat_template_name: str | None = None,
+                 timeout: float = 120.0, _is_alive=None):
+        self.client = ZmqClient(address, is_alive=_is_alive, dead_after=timeout)
+        self.info = self.get_server_info()
+        self.chat_template_name = chat_template_name
+        self._chat_template: ChatTemplate | None = None
+
+    @property
+    def endpoint(self) -> "RuntimeEndpoint":  # SGLang's Runtime.endpoint
+        return self
+
+    def get_chat_template(self) -> ChatTemplate:
+        if self._chat_template is None:
+            name = self.chat_template_name
+            jinja = self.info.get("chat_template")
+            if name is not None or not jinja:
+                self._chat_template = get_chat_template(name or "default")
+            else:
+                self._chat_template = chat_template_from_jinja(
+                    jinja, bos_token=self.info.get("bos_token") or "",
+                    eos_token=self.info.get("eos_token") or "",
+                    name=str(self.info.get("model_path")))
+        return self._chat_template
+
+    def generate(self, text: str, params: GenParams, *, stream: bool = False,
+                 ) -> Iterator[tuple[str, dict[str, Any]]]:
+        req = protocol.GenerateReq(rid=self.client.new_rid("gen"), text=text, stream=stream,
+                                   sampling_params=params.to_sampling_params(),
+                                   **params.logprob_options())
+        q = self.client.request(req)
+        finished = False
+        try:
+            while not finished:
+                out = _check(self.client.recv(q))
+                finished = out.finished
+                yield out.text, out.meta_info
+        finally:
+            self.client.forget(req.rid)
+            if not finished:  # the caller stopped iterating (or failed): free the runtime's slot
+                self.client.send(protocol.AbortReq(rid=req.rid))
+
+    def score(self, text: str, choices: list[str], *, unconditional: bool = False,
+              ) -> protocol.ScoreOut:
+        return _check(self.client.call(protocol.ScoreReq(
+            rid=self.client.new_rid("score"), text=text, choices=choices,
+            unconditional=unconditional)))
+
+    def run_graph(self, nodes: list[protocol.GraphNode]) -> GraphRun:
+        return _ZmqGraphRun(self.client, nodes)
+
+    def cache_prefix(self, text: str) -> None:
+        for _ in self.generate(text, GenParams(max_tokens=0)):
+            pass
+
+    def flush_cache(self) -> None:
+        _check(self.client.call(protocol.FlushCacheReq(rid=self.client.new_rid("flush"))))
+
+    def get_server_info(self) -> dict[str, Any]:
+        return _check(self.client.call(protocol.InfoReq(rid=self.client.new_rid("info")))).info
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+
+class Runtime(RuntimeEndpoint):
+    """Start a runtime process (the embedded SmolLM2-135M-Instruct when model_path is None) and
+    use it as a backend; server_args are sglite.runtime.args.ServerArgs fields."""
+
+    def __init__(self, model_path: str | None = None, *, chat_template_name: str | None = None,
+                 launch_timeout: float = 600.0, **server_args):
+        from sglite.launch import RuntimeProcess  # no torch: the runtime runs in a child process
+
+        self.process = RuntimeProcess(model_path, timeout=launch_timeout, **server_args)
+        try:
+            super().__init__(self.process.address, chat_template_name=chat_template_name,
+                             _is_alive=self.process.is_alive)
+        except BaseException:
+            self.process.shutdown()
+            raise
+
+    @property
+    def address(self) -> str:
+        return self.process.address
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.process.shutdown()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class _ZmqGraphRun(GraphRun):
+    def __init__(self, client: ZmqClient, nodes: list[protocol.GraphNode]):
+        self.client, self.rid = client, client.new_rid("graph")
+        self.results: dict[int, tuple[str, dict]] = {}
+        self.error: Exception | None = None
+        self.done = False
+        self.cond = threading.Condition()
+        self.reading = False  # one waiter reads the socket queue at a time; others wait on cond
+        self.q = client.request(protocol.GraphReq(rid=self.rid, nodes=nodes))
+
+    def wait(self, node_id: int) -> tuple[str, dict[str, Any]]:
+        while True:
+            with self.cond:
+                while True:
+                    if node_id in self.results:
+                        return self.results[node_id]
+                    if self.error is not None:
+                        raise self.error
+                    if self.done:
+                        raise RuntimeRequestError(f"graph {self.rid} ended without node {node_id}")
+                    if not self.reading:
+                        self.reading = True
+                        break
+                    self.cond.wait()
+            try:
+                msg = self.client.recv(self.q)
+            except Exception as e:  # RuntimeDied
+                msg = e
+            with self.cond:
+                self._absorb(msg)
+                self.reading = False
+                self.cond.notify_all()
+
+    def _absorb(self, msg) -> None:  # under self.cond
+        if isinstance(msg, protocol.NodeOut):
+            self.results[msg.node_id] = (msg.text, msg.meta_info)
+        elif isinstance(msg, protocol.GraphDone):
+            self.done = True
+        elif isinstance(msg, protocol.ErrorOut):
+            self.error = RuntimeRequestError(msg.message)
+        elif isinstance(msg, Exception):
+            self.error = msg
+        else:
+            self.error = RuntimeRequestError(f"unexpected reply to a graph: {msg!r}")
+        if self.done or self.error is not None:
+            self.client.forget(self.rid)
+
+
+def _check(msg):
+    if isinstance(msg, protocol.ErrorOut):
+        raise RuntimeRequestError(msg.message)
+    return msg

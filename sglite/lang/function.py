@@ -1,0 +1,187 @@
+"""SglFunction (what @sgl.function returns): run, run_batch, bind, trace, compile.
+
+`run` executes eagerly, node by node (and can stream). `run_batch` and compiled programs trace
+each program into a request graph and send it whole; the runtime walks text -> gen -> text chains
+and fork branches without a round trip per node. Programs the graph cannot express (their
+control flow reads generated values, they join forks, ...) fall back to eager.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+from sglite.lang import ir
+from sglite.lang.backend.base import BaseBackend
+from sglite.lang.interpreter import GraphBinding, StreamExecutor
+from sglite.lang.state import ProgramState
+from sglite.lang.tracer import Trace, trace_program
+
+_default_backend: BaseBackend | None = None
+MIN_PRECACHE_CHARS = 64  # SGLang's threshold: shorter prefixes are not worth a request
+
+
+def set_default_backend(backend: BaseBackend | None) -> None:
+    global _default_backend
+    _default_backend = backend
+
+
+def resolve_backend(backend: BaseBackend | None) -> BaseBackend:
+    backend = backend if backend is not None else _default_backend
+    if backend is None:
+        raise RuntimeError("no backend: call sgl.set_default_backend(sgl.Runtime()) or pass "
+                           "backend=... to run/run_batch")
+    return backend
+
+
+class SglFunction:
+    def __init__(self, func, *, bind_arguments: dict[str, Any] | None = None):
+        names = list(inspect.signature(func).parameters)
+        if not names or names[0] != "s":
+            raise TypeError(f"the first parameter of @sgl.function {func.__name__!r} must be `s`")
+        self.func, self.arg_names = func, names[1:]
+        self.bind_arguments = dict(bind_arguments or {})
+        self.__name__, self.__doc__ = func.__name__, func.__doc__
+
+    def bind(self, **kwargs) -> "SglFunction":
+        unknown = set(kwargs) - set(self.arg_names)
+        if unknown:
+            raise TypeError(f"{self.__name__}() has no arguments {sorted(unknown)}")
+        return SglFunction(self.func, bind_arguments={**self.bind_arguments, **kwargs})
+
+    def __call__(self, *args, **kwargs):
+        """Inside another program, `helper(s, ...)` runs helper's body on the same state."""
+        if args and isinstance(args[0], ProgramState):
+            return self.func(args[0], *args[1:], **{**self.bind_arguments, **kwargs})
+        return self.run(*args, **kwargs)
+
+    def run(self, *args, stream: bool = False, backend: BaseBackend | None = None,
+            **kwargs) -> ProgramState:
+        """Start the program; returns at once (s[var] and text() wait). Keyword arguments that
+        name GenParams fields (max_new_tokens, temperature, ...) are defaults for every gen."""
+        defaults, kwargs = ir.GenParams.from_kwargs(kwargs)
+        return run_program(self, resolve_backend(backend), args,
+                           {**self.bind_arguments, **kwargs}, defaults=defaults, stream=stream)
+
+    def run_batch(self, batch_kwargs: list, *, backend: BaseBackend | None = None,
+                  num_threads: int | str = "auto", progress_bar: bool = False,
+                  **sampling_defaults) -> list[ProgramState]:
+        """Run many programs concurrently, each as a request graph when it traces; returns the
+        finished states in order. A failing program reports through its state.error()."""
+        backend = resolve_backend(backend)
+        defaults, unknown = ir.GenParams.from_kwargs(sampling_defaults)
+        if unknown:
+            raise TypeError(f"run_batch got unknown keyword arguments {sorted(unknown)}")
+        calls = [self._normalize_call(item) for item in batch_kwargs]
+        if len(calls) > 1:
+            self._precache(backend, defaults)
+        if num_threads == "auto":
+            num_threads = max(96, (os.cpu_count() or 1) * 16)
+        states: list[ProgramState | None] = [None] * len(calls)
+        with ThreadPoolExecutor(max(1, min(int(num_threads), len(calls)))) as pool:
+            futures = {pool.submit(self.run_graph, backend, defaults, kw): i
+                       for i, kw in enumerate(calls)}
+            done = as_completed(futures)
+            if progress_bar:
+                from tqdm.auto import tqdm
+
+                done = tqdm(done, total=len(calls))
+            for future in done:
+                states[futures[future]] = future.result()
+        return states
+
+    def run_graph(self, backend: BaseBackend, defaults: ir.GenParams,
+                  kwargs: dict[str, Any]) -> ProgramState:
+        """Trace with the real arguments, send the graph, replay the program over its replies."""
+        kwargs = {**self.bind_arguments, **kwargs}
+        try:
+            trace = trace_program(self, (), kwargs, backend=backend, defaults=defaults)
+        except Exception:  # CannotTrace, or the program's own error: eager reports it in the state
+            return run_program(self, backend, (), kwargs, defaults=defaults, catch=True, wait=True)
+        graph = None
+        if trace.num_generations:
+            graph = GraphBinding(backend.run_graph(trace.nodes), trace.node_ids)
+        return run_program(self, backend, (), kwargs, defaults=defaults, graph=graph, catch=True,
+                           wait=True)
+
+    def trace(self, *, backend: BaseBackend | None = None, **kwargs) -> Trace:
+        """The request graph, with ir.Argument placeholders for arguments not given."""
+        backend = backend if backend is not None else _default_backend
+        defaults, kwargs = ir.GenParams.from_kwargs(kwargs)
+        args = {n: ir.Argument(n) for n in self.arg_names if n not in self.bind_arguments}
+        args.update(self.bind_arguments, **kwargs)
+        return trace_program(self, (), args, backend=backend, defaults=defaults)
+
+    def compile(self, *, backend: BaseBackend | None = None) -> "CompiledFunction":
+        return CompiledFunction(self, backend)
+
+    def _normalize_call(self, item) -> dict[str, Any]:
+        if isinstance(item, dict):
+            return item
+        if isinstance(item, (tuple, list)):
+            if len(item) > len(self.arg_names):
+                raise TypeError(f"{self.__name__}() takes {len(self.arg_names)} arguments, "
+                                f"got {len(item)}")
+            return dict(zip(self.arg_names, item))
+        raise TypeError(f"run_batch items must be dicts or tuples, got {type(item).__name__}")
+
+    def _precache(self, backend: BaseBackend, defaults: ir.GenParams) -> None:
+        # Prefill the constant prefix once, so the batch does not race to prefill it N times.
+        try:
+            prefix = self.trace(backend=backend).constant_prefix
+        except Exception:
+            return
+        if len(prefix) >= MIN_PRECACHE_CHARS:
+            backend.cache_prefix(prefix)
+
+
+class CompiledFunction:
+    """A program checked once (at compile) to be a request graph; every run sends whole graphs."""
+
+    def __init__(self, function: SglFunction, backend: BaseBackend | None):
+        self.function, self.backend = function, backend
+        self.graph = function.trace(backend=backend)  # raises TypeError for f-strings
+        self.is_graph = True
+
+    def run(self, *, backend: BaseBackend | None = None, **kwargs) -> ProgramState:
+        defaults, kwargs = ir.GenParams.from_kwargs(kwargs)
+        return self.function.run_graph(resolve_backend(backend or self.backend), defaults, kwargs)
+
+    def run_batch(self, batch_kwargs: list[dict], *, backend: BaseBackend | None = None,
+                  num_threads: int | str = "auto", progress_bar: bool = False, **sampling_defaults):
+        return self.function.run_batch(batch_kwargs, backend=backend or self.backend,
+                                       num_threads=num_threads, progress_bar=progress_bar,
+                                       **sampling_defaults)
+
+    def print_graph(self) -> str:
+        return self.graph.print_graph()
+
+
+def run_program(program: SglFunction, backend: BaseBackend, args: tuple, kwargs: dict, *,
+                defaults: ir.GenParams, stream: bool = False, graph: GraphBinding | None = None,
+                catch: bool = False, wait: bool = False) -> ProgramState:
+    executor = StreamExecutor(backend, backend.get_chat_template(), defaults=defaults,
+                              stream=stream, graph=graph)
+    state = ProgramState(executor)
+
+    def body():
+        try:
+            state.ret_value = program.func(state, *args, **kwargs)
+        except Exception as e:
+            executor.sync()
+            executor._fail(e)
+            if not (catch or stream):
+                raise
+        finally:
+            executor.end()
+
+    if stream:
+        threading.Thread(target=body, daemon=True, name="sglite-stream-body").start()
+    else:
+        body()
+        if wait:
+            executor.sync()
+    return state

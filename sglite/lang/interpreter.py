@@ -1,0 +1,276 @@
+"""StreamExecutor: runs one program stream (the root or a fork branch) on its own worker thread.
+
+`s += expr` only enqueues (SGLang's model): the user's Python runs ahead while the worker sends
+requests. One `_execute_<node>` method per IR class. In graph mode (run_batch, compiled
+programs) the whole program was sent as a GraphReq beforehand, and gen/select take their values
+from the graph's replies instead of sending requests.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sglite.choices import decide
+from sglite.lang import ir
+from sglite.lang.backend.base import BaseBackend, GraphRun
+from sglite.lang.chat_template import ChatTemplate
+
+
+@dataclass
+class GraphBinding:
+    run: GraphRun
+    node_ids: dict[tuple[str, int], int]  # (stream_key, gen/select index in the stream) -> node id
+
+
+class StreamExecutor:
+    sends_requests = True
+
+    def __init__(self, backend: BaseBackend | None, chat_template: ChatTemplate, *,
+                 defaults: ir.GenParams, stream: bool = False, graph: GraphBinding | None = None,
+                 stream_key: str = "0", use_thread: bool = True):
+        self.backend, self.chat_template, self.defaults = backend, chat_template, defaults
+        self.stream, self.graph, self.stream_key = stream, graph, stream_key
+        self.text_ = ""
+        self.variables: dict[str, Any] = {}
+        self.variable_events: dict[str, threading.Event] = {}
+        self.meta_info: dict[str, dict] = {}
+        self.messages_: list[dict[str, str]] = []
+        self.cur_role: str | None = None
+        self.cur_role_begin_pos = 0
+        self.var_scope_begin: dict[str, int] = {}
+        self.fork_start_text_pos = 0
+        self.new_var_names: list[str] = []  # set since this stream forked (join gathers these)
+        self.error_: Exception | None = None
+        self.num_gens = self.num_forks = 0
+        self.children: list[StreamExecutor] = []
+        self.chunks: list[tuple[str | None, str]] = []  # (variable or None, text): for text_iter
+        self.cond = threading.Condition()
+        self.is_finished = False
+        self.queue: queue.Queue | None = None
+        if use_thread:
+            self.queue = queue.Queue()
+            threading.Thread(target=self._worker, daemon=True, name="sglite-program").start()
+
+    # ---- called from the user's thread -----------------------------------------------------
+
+    def submit(self, expr: ir.Expr) -> None:
+        for name in _var_names(expr):
+            self.variable_events[name] = threading.Event()
+        if self.queue is None:
+            self._execute_guarded(expr)
+        else:
+            self.queue.put(expr)
+
+    def sync(self) -> None:
+        if self.queue is not None:
+            self.queue.join()
+
+    def end(self) -> None:
+        """No more expressions will come: the worker (and those of un-joined forks) exit."""
+        for child in self.children:
+            child.end()
+        if self.queue is not None:
+            self.queue.put(None)
+        else:
+            self._mark_finished()
+
+    def get_var(self, name: str) -> Any:
+        event = self.variable_events.get(name)
+        if event is not None:
+            event.wait()
+        if name not in self.variables and self.error_ is not None:
+            raise RuntimeError(f"the program failed before {name!r} was set: {self.error_}") \
+                from self.error_
+        if name not in self.variables:
+            raise KeyError(f"no variable {name!r} in this program state")
+        return self.variables[name]
+
+    def set_var(self, name: str, value: Any) -> None:
+        self.variables[name] = value
+        if name not in self.new_var_names:
+            self.new_var_names.append(name)
+        self.variable_events.setdefault(name, threading.Event()).set()
+        with self.cond:  # wake text_iter(name) readers
+            self.cond.notify_all()
+
+    def get_text(self) -> str:
+        self.sync()
+        return self.text_
+
+    def get_messages(self) -> list[dict[str, str]]:
+        self.sync()
+        return list(self.messages_)
+
+    def fork(self, size: int) -> list["StreamExecutor"]:
+        self.sync()
+        if self.graph is None and self.sends_requests and size > 1 and self.text_:
+            # Prefill the shared prefix once, so the branches find it in the radix cache instead
+            # of racing to prefill it size times.
+            self.backend.cache_prefix(self.text_)
+        children = [self._spawn(f"{self.stream_key}.{self.num_forks}.{i}") for i in range(size)]
+        self.num_forks += 1
+        for child in children:
+            child.text_, child.fork_start_text_pos = self.text_, len(self.text_)
+            child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
+            child.messages_, child.cur_role = list(self.messages_), self.cur_role
+            child.cur_role_begin_pos = self.cur_role_begin_pos
+            child.var_scope_begin = dict(self.var_scope_begin)
+            for name in self.variables:
+                child.variable_events[name] = _set_event()
+        self.children += children
+        return children
+
+    def join(self, children: list["StreamExecutor"], mode: str) -> None:
+        if mode not in ("gather_variable", "concate_and_append"):
+            raise ValueError(f"unknown join mode {mode!r}; use gather_variable or concate_and_append")
+        for child in children:
+            child.sync()
+        self.sync()
+        if mode == "gather_variable":
+            names = list(dict.fromkeys(n for c in children for n in c.new_var_names))
+            for name in names:
+                self.set_var(name, [c.variables.get(name) for c in children])
+        else:
+            for child in children:
+                self._append(child.text_[child.fork_start_text_pos:])
+        errors = [c.error_ for c in children if c.error_ is not None]
+        if errors and self.error_ is None:
+            self._fail(errors[0])
+
+    # ---- the worker ------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            expr = self.queue.get()
+            if expr is None:
+                self.queue.task_done()
+                break
+            self._execute_guarded(expr)
+            self.queue.task_done()
+        self._mark_finished()
+
+    def _execute_guarded(self, expr: ir.Expr) -> None:
+        if self.error_ is not None:
+            return  # a failed program skips the rest; waiters already raise
+        try:
+            self._execute(expr)
+        except Exception as e:
+            self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        self.error_ = error
+        for event in self.variable_events.values():
+            event.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def _mark_finished(self) -> None:
+        with self.cond:
+            self.is_finished = True
+            self.cond.notify_all()
+
+    def _execute(self, expr: ir.Expr) -> None:
+        getattr(self, "_execute_" + type(expr).__name__.lower())(expr)
+
+    def _execute_exprlist(self, expr: ir.ExprList) -> None:
+        for sub in expr.exprs:
+            self._execute(sub)
+
+    def _execute_text(self, expr: ir.Text) -> None:
+        self._append(expr.value)
+
+    def _execute_argument(self, expr: ir.Argument) -> None:
+        raise TypeError(f"argument placeholder {expr.name!r} reached a running program")
+
+    def _execute_gen(self, expr: ir.Gen) -> None:
+        params = expr.params.merge(self.defaults)
+        graph_id = self._next_graph_id()
+        if graph_id is not None:
+            value, meta = self.graph.run.wait(graph_id)
+            self._append(value, expr.name)
+        else:
+            value, meta = "", {}
+            for delta, meta in self.backend.generate(self.text_, params, stream=self.stream):
+                value += delta
+                self._append(delta, expr.name)
+        self._set_result(expr.name, value, meta)
+
+    def _execute_select(self, expr: ir.Select) -> None:
+        graph_id = self._next_graph_id()
+        if graph_id is not None:
+            choice, meta = self.graph.run.wait(graph_id)
+        else:
+            method = expr.choices_method
+            out = self.backend.score(self.text_, expr.choices,
+                                     unconditional=method.requires_unconditional_logprobs)
+            decision = decide(method, prefix_text=self.text_, choices=expr.choices,
+                              token_logprobs=out.token_logprobs, token_ids=out.token_ids,
+                              token_texts=out.token_texts,
+                              unconditional_token_logprobs=out.unconditional_token_logprobs)
+            choice, meta = decision.decision, {**out.meta_info, **decision.meta_info}
+        self._append(choice, expr.name)
+        self._set_result(expr.name, choice, meta)
+
+    def _execute_rolebegin(self, expr: ir.RoleBegin) -> None:
+        if self.cur_role is not None:
+            raise ValueError(f"cannot begin role {expr.role!r} inside role {self.cur_role!r}")
+        template = self.chat_template
+        if not self.messages_ and expr.role != "system" and template.default_system_text:
+            # The model's template adds its default system prompt here (SmolLM2 does); keep it.
+            self._append(template.default_system_text)
+            self.messages_.append({"role": "system", "content": template.default_system_prompt or ""})
+        self._append(template.get_prefix_and_suffix(expr.role)[0])
+        self.cur_role, self.cur_role_begin_pos = expr.role, len(self.text_)
+
+    def _execute_roleend(self, expr: ir.RoleEnd) -> None:
+        if self.cur_role != expr.role:
+            raise ValueError(f"role end {expr.role!r} does not match the open role {self.cur_role!r}")
+        content = self.text_[self.cur_role_begin_pos:]
+        self._append(self.chat_template.get_prefix_and_suffix(expr.role)[1])
+        self.messages_.append({"role": expr.role, "content": content})
+        self.cur_role = None
+
+    def _execute_varscopebegin(self, expr: ir.VarScopeBegin) -> None:
+        self.var_scope_begin[expr.name] = len(self.text_)
+
+    def _execute_varscopeend(self, expr: ir.VarScopeEnd) -> None:
+        self.set_var(expr.name, self.text_[self.var_scope_begin.pop(expr.name):])
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _append(self, text: str, var: str | None = None) -> None:
+        self.text_ += text
+        with self.cond:
+            self.chunks.append((var, text))
+            self.cond.notify_all()
+
+    def _set_result(self, name: str | None, value: str, meta: dict) -> None:
+        if name is not None:
+            self.meta_info[name] = meta
+            self.set_var(name, value)
+
+    def _next_graph_id(self) -> int | None:
+        key = (self.stream_key, self.num_gens)
+        self.num_gens += 1
+        return None if self.graph is None else self.graph.node_ids[key]
+
+    def _spawn(self, stream_key: str) -> "StreamExecutor":
+        return StreamExecutor(self.backend, self.chat_template, defaults=self.defaults,
+                              stream=self.stream, graph=self.graph, stream_key=stream_key)
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
+def _var_names(expr: ir.Expr) -> list[str]:
+    if isinstance(expr, ir.ExprList):
+        return [n for e in expr.exprs for n in _var_names(e)]
+    if isinstance(expr, (ir.Gen, ir.Select, ir.VarScopeEnd)) and expr.name is not None:
+        return [expr.name]
+    return []

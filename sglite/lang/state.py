@@ -1,0 +1,163 @@
+"""ProgramState (the user's `s`) and ProgramStateGroup (what `s.fork(n)` returns): thin views
+over a StreamExecutor."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from sglite.lang import ir
+from sglite.lang.interpreter import StreamExecutor
+
+
+class ProgramState:
+    def __init__(self, executor: StreamExecutor):
+        self.executor = executor
+        self.ret_value: Any = None
+
+    def __iadd__(self, other) -> "ProgramState":
+        self.executor.submit(ir.as_expr(other))
+        return self
+
+    def __getitem__(self, name: str) -> Any:
+        return self.executor.get_var(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.executor.set_var(name, value)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.executor.variable_events or name in self.executor.variables
+
+    get_var = __getitem__
+    set_var = __setitem__
+
+    def text(self) -> str:
+        return self.executor.get_text()
+
+    def messages(self) -> list[dict[str, str]]:
+        return self.executor.get_messages()
+
+    def get_meta_info(self, name: str) -> dict[str, Any]:
+        self.executor.get_var(name)
+        return self.executor.meta_info.get(name, {})
+
+    def sync(self) -> None:
+        self.executor.sync()
+
+    def error(self) -> Exception | None:
+        self.executor.sync()
+        return self.executor.error_
+
+    # ---- roles, scopes, forks --------------------------------------------------------------
+
+    def _role(self, role: str, expr=None):
+        if expr is not None:
+            self += ir.RoleBegin(role) + expr + ir.RoleEnd(role)
+            return None
+        return self._role_scope(role)
+
+    @contextmanager
+    def _role_scope(self, role: str):
+        self += ir.RoleBegin(role)
+        yield self
+        self += ir.RoleEnd(role)
+
+    def system(self, expr=None):
+        return self._role("system", expr)
+
+    def user(self, expr=None):
+        return self._role("user", expr)
+
+    def assistant(self, expr=None):
+        return self._role("assistant", expr)
+
+    @contextmanager
+    def var_scope(self, name: str):
+        self += ir.VarScopeBegin(name)
+        yield self
+        self += ir.VarScopeEnd(name)
+
+    def fork(self, size: int = 1, position_ids_offset=None) -> "ProgramStateGroup":
+        del position_ids_offset  # accepted for SGLang compatibility; SGLang ignores it too
+        if size < 1:
+            raise ValueError(f"fork size must be >= 1, got {size}")
+        return ProgramStateGroup([ProgramState(e) for e in self.executor.fork(size)], self)
+
+    @contextmanager
+    def copy(self):
+        group = self.fork(1)
+        try:
+            yield group[0]
+        finally:
+            group.join()
+
+    # ---- streaming -------------------------------------------------------------------------
+
+    def text_iter(self, var_name: str | None = None) -> Iterator[str]:
+        """With stream=True: the text (or one variable's text) as it arrives; else the final value."""
+        ex = self.executor
+        if not ex.stream:
+            yield self[var_name] if var_name is not None else self.text()
+            return
+        pos = 0
+        while True:
+            with ex.cond:
+                while pos >= len(ex.chunks) and not ex.is_finished and not _var_done(ex, var_name):
+                    ex.cond.wait(timeout=1.0)
+                new, pos = ex.chunks[pos:], len(ex.chunks)
+                done = ex.is_finished or _var_done(ex, var_name)
+            for var, text in new:
+                if var_name is None or var == var_name:
+                    yield text
+            if done and pos >= len(ex.chunks):
+                break
+        if ex.error_ is not None:
+            raise RuntimeError(f"the program failed: {ex.error_}") from ex.error_
+
+    async def text_async_iter(self, var_name: str | None = None):
+        loop, end = asyncio.get_running_loop(), object()
+        it = self.text_iter(var_name)
+        while (chunk := await loop.run_in_executor(None, next, it, end)) is not end:
+            yield chunk
+
+    def __repr__(self) -> str:
+        return f"ProgramState({self.executor.text_!r})"
+
+
+def _var_done(ex: StreamExecutor, var_name: str | None) -> bool:
+    if var_name is None:
+        return ex.error_ is not None
+    event = ex.variable_events.get(var_name)
+    return ex.error_ is not None or (event is not None and event.is_set())
+
+
+class ProgramStateGroup:
+    def __init__(self, states: list[ProgramState], parent: ProgramState):
+        self.states, self.parent = states, parent
+
+    def __getitem__(self, i: int) -> ProgramState:
+        return self.states[i]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __iter__(self):
+        return iter(self.states)
+
+    def __iadd__(self, other: ir.Expr | str | list | Callable[[int], Any]) -> "ProgramStateGroup":
+        if callable(other) and not isinstance(other, ir.Expr):
+            for i, state in enumerate(self.states):
+                state += other(i)
+        elif isinstance(other, (list, tuple)):
+            if len(other) != len(self.states):
+                raise ValueError(f"{len(other)} expressions for {len(self.states)} forks")
+            for state, expr in zip(self.states, other):
+                state += expr
+        else:
+            for state in self.states:
+                state += other
+        return self
+
+    def join(self, mode: str = "gather_variable") -> None:
+        self.parent.executor.join([s.executor for s in self.states], mode)
