@@ -1,0 +1,95 @@
+"""An in-process backend for unit tests of the interpreter and tracer (no model, no sockets).
+
+Its "generation" is a function of the prompt (`<len:N>` where N is the prompt's length), so a
+graph run whose node prompts differ from the eager prompts by even one character shows up as a
+different text. The product backend is RuntimeEndpoint; tests under tests/lang/test_e2e_* use it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from sglite import protocol
+from sglite.lang.backend.base import BaseBackend, GraphRun, RuntimeRequestError
+from sglite.lang.chat_template import get_chat_template
+
+
+def fake_generate(prompt: str, sampling_params: dict) -> str:
+    if sampling_params.get("regex") == "(":
+        raise RuntimeRequestError("invalid regex '(': missing )")
+    return f"<len:{len(prompt)}>"
+
+
+def fake_logprobs(prompt: str, choice: str) -> list[float]:
+    # Deterministic: the choice that shares the most characters with the prompt wins.
+    return [-0.5] + [-0.1 if ch in prompt else -2.0 for ch in choice]
+
+
+class FakeBackend(BaseBackend):
+    def __init__(self, template: str = "chatml"):
+        self.template = get_chat_template(template)
+        self.requests: list[tuple[str, str]] = []  # (kind, prompt)
+        self.lock = threading.Lock()
+
+    def _log(self, kind: str, prompt: str) -> None:
+        with self.lock:
+            self.requests.append((kind, prompt))
+
+    def get_chat_template(self):
+        return self.template
+
+    def generate(self, text, params, *, stream=False):
+        self._log("generate", text)
+        out = fake_generate(text, params.to_sampling_params())
+        pieces = [out[:3], out[3:]] if stream else [out]
+        for i, piece in enumerate(pieces):
+            yield piece, ({"prompt_tokens": len(text)} if i == len(pieces) - 1 else {})
+
+    def score(self, text, choices, *, unconditional=False):
+        self._log("score", text)
+        lps = [fake_logprobs(text, c) for c in choices]
+        return protocol.ScoreOut(
+            rid="x", token_logprobs=lps, token_ids=[list(range(len(c) + 1)) for c in choices],
+            token_texts=[[text[-1:]] + list(c) for c in choices],  # boundary: prefix's last char
+            unconditional_token_logprobs=[[0.0] * len(c) for c in choices] if unconditional else None)
+
+    def run_graph(self, nodes):
+        self._log("graph", str(len(nodes)))
+        return _FakeGraphRun(nodes)
+
+    def cache_prefix(self, text):
+        self._log("cache_prefix", text)
+
+    def flush_cache(self):
+        pass
+
+    def get_server_info(self):
+        return {"model_path": "fake"}
+
+
+class _FakeGraphRun(GraphRun):
+    def __init__(self, nodes: list[protocol.GraphNode]):
+        self.full: dict[int, str] = {}
+        self.results: dict[int, tuple[str, dict]] = {}
+        self.error: Exception | None = None
+        for node in nodes:
+            prompt = "" if node.parent is None else self.full[node.parent]
+            if node.kind == "text":
+                own = node.text
+            elif node.kind == "gen":
+                try:
+                    own = fake_generate(prompt, node.sampling_params)
+                except RuntimeRequestError as e:
+                    self.error = e
+                    return
+            else:
+                scores = [sum(fake_logprobs(prompt, c)[1:]) / len(c) for c in node.choices]
+                own = node.choices[scores.index(max(scores))]
+            self.full[node.id] = prompt + own
+            if node.kind != "text":
+                self.results[node.id] = (own, {"prompt_tokens": len(prompt)})
+
+    def wait(self, node_id):
+        if node_id in self.results:
+            return self.results[node_id]
+        raise self.error or RuntimeRequestError(f"no node {node_id}")

@@ -1,0 +1,174 @@
+"""Interpreter, tracer and state semantics on an in-process fake backend (no model).
+
+The fake's generations are functions of the prompt, so "graph run == eager run" checks that the
+request graph carries exactly the prompts the eager interpreter would send."""
+
+import asyncio
+import json
+
+import pydantic
+import pytest
+
+import sglite as sgl
+from sglite.lang import ir
+from sglite.lang.chat_template import chat_template_from_jinja
+
+from .fake_backend import FakeBackend
+
+
+@pytest.fixture
+def backend():
+    return FakeBackend()
+
+
+@sgl.function
+def chat_program(s, question):
+    s += sgl.system("Be brief.")
+    with s.user():
+        s += "Q: " + question
+    s += sgl.assistant(sgl.gen("answer", max_tokens=4))
+    s += "Kind: " + sgl.select("kind", ["city", "country"]) + "\n"
+    forks = s.fork(2)
+    forks += lambda i: f"Branch {i}: " + sgl.gen("detail", stop="\n")
+    s += "Done " + sgl.gen("last")
+
+
+def test_graph_run_matches_eager_run(backend):
+    eager = chat_program.run("Capital of France?", backend=backend)
+    eager.sync()
+    (graphed,) = chat_program.run_batch([{"question": "Capital of France?"}], backend=backend)
+    assert [k for k, _ in backend.requests].count("graph") == 1
+    assert graphed.text() == eager.text()
+    assert graphed["answer"] == eager["answer"] and graphed["kind"] == eager["kind"]
+    assert eager.text().startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert eager.messages()[1] == {"role": "user", "content": "Q: Capital of France?"}
+    assert eager.messages()[2]["content"] == eager["answer"]
+    assert eager.get_meta_info("answer")["prompt_tokens"] == eager.text().index(eager["answer"])
+
+
+def test_trace_graph_shape_and_fork_point(backend):
+    trace = chat_program.trace(backend=backend)
+    kinds = [n.kind for n in trace.nodes]
+    assert kinds.count("gen") == 4 and kinds.count("select") == 1
+    assert trace.nodes[0].text.endswith("Q: {question}<|im_end|>\n<|im_start|>assistant\n")
+    branch_heads = [n for n in trace.nodes if n.text.startswith("Branch")]
+    assert len({n.parent for n in branch_heads}) == 1  # both branches extend the fork point
+    assert trace.constant_prefix.endswith("Q: ")  # stops at the first argument
+
+
+def test_fstring_on_argument_raises_when_traced(backend):
+    @sgl.function
+    def bad(s, question):
+        s += f"Q: {question}" + sgl.gen("a")
+
+    with pytest.raises(TypeError, match="f-string"):
+        bad.trace(backend=backend)
+    with pytest.raises(TypeError, match="f-string"):
+        bad.compile(backend=backend)
+    bad.run("fine when eager", backend=backend).sync()  # real values format normally
+
+
+def test_value_dependent_program_falls_back_to_eager(backend):
+    @sgl.function
+    def loop(s):
+        s += "x" + sgl.gen("a", max_tokens=2)
+        if s["a"].startswith("<"):  # Python control flow on a generated value
+            s += sgl.gen("b")
+
+    (state,) = loop.run_batch([{}], backend=backend)
+    assert state["b"] and "graph" not in [k for k, _ in backend.requests]
+
+
+def test_sampling_precedence_and_constraints(backend):
+    class Person(pydantic.BaseModel):
+        name: str
+
+    @sgl.function
+    def prog(s):
+        s += sgl.gen("a", max_tokens=3, temperature=0.5) + sgl.gen_int("n") + sgl.gen(
+            "p", json_schema=Person) + sgl.gen("g", grammar='start: "x"') + sgl.gen("f", dtype=float)
+
+    nodes = [n for n in prog.trace(backend=backend, temperature=0.0, max_new_tokens=9).nodes
+             if n.kind == "gen"]
+    assert nodes[0].sampling_params == {"max_new_tokens": 3, "temperature": 0.5}
+    assert nodes[1].sampling_params == {"max_new_tokens": 9, "temperature": 0.0,
+                                        "regex": ir.REGEX_INT}
+    assert json.loads(nodes[2].sampling_params["json_schema"])["properties"]["name"]
+    assert nodes[3].sampling_params["grammar"] == 'start: "x"'
+    assert nodes[4].sampling_params["regex"] == ir.REGEX_FLOAT
+    with pytest.raises(ValueError, match="invalid regex"):
+        sgl.gen("r", regex="(")
+    with pytest.raises(ValueError, match="dtype"):
+        sgl.gen("d", dtype=list)
+
+
+def test_fork_join_copy_var_scope_bind_and_nesting(backend):
+    @sgl.function
+    def helper(s, tag):
+        s += tag + sgl.gen("h")
+
+    @sgl.function
+    def prog(s, topic):
+        with s.var_scope("intro"):
+            s += "About " + topic + ". "
+        forks = s.fork(3)
+        forks += [sgl.gen("v") for _ in range(3)]
+        forks.join("gather_variable")
+        forks = s.fork(2)
+        forks += lambda i: str(i)
+        forks.join("concate_and_append")
+        with s.copy() as c:
+            c += sgl.gen("copied")
+        helper(s, "[h]")
+        return "ret"
+
+    state = prog.bind(topic="cats").run(backend=backend)
+    assert state["intro"] == "About cats. "
+    assert len(state["v"]) == 3 and state["copied"] == [state["copied"][0]]
+    assert "01[h]" in state.text() and state["h"].startswith("<len:")
+    assert state.ret_value == "ret"
+    assert [k for k, _ in backend.requests].count("cache_prefix") == 2  # fork(3), fork(2)
+
+
+def test_errors_reach_caller_and_batch_finishes(backend):
+    @sgl.function
+    def prog(s, regex):
+        s += "x" + sgl.gen("a", regex=regex) + sgl.gen("b")
+
+    states = prog.run_batch([{"regex": "[0-9]"}, {"regex": "("}, {"regex": "[a-z]"}],
+                            backend=backend, num_threads=2)
+    assert states[1].error() is not None and "invalid regex" in str(states[1].error())
+    with pytest.raises(RuntimeError, match="invalid regex"):
+        states[1]["b"]
+    assert states[0].error() is None and states[2]["b"].startswith("<len:")
+
+
+def test_streaming_text_iter_and_async(backend):
+    @sgl.function
+    def prog(s):
+        s += "Hi " + sgl.gen("a") + " and " + sgl.gen("b")
+
+    state = prog.run(backend=backend, stream=True)
+    assert "".join(state.text_iter("a")) == state["a"]
+    assert "".join(state.text_iter()) == state.text()
+
+    async def collect():
+        return [c async for c in prog.run(backend=backend, stream=True).text_async_iter("b")]
+
+    assert "".join(asyncio.run(collect())).startswith("<len:")
+
+
+def test_template_default_system_prompt_inserted():
+    jinja = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+             "{{ '<s>system\nDefault.</s>\n' }}{% endif %}{{ '<s>' + m['role'] + '\n' + "
+             "m['content'] + '</s>\n' }}{% endfor %}")
+    backend = FakeBackend()
+    backend.template = chat_template_from_jinja(jinja)
+
+    @sgl.function
+    def prog(s):
+        s += sgl.user("hi")
+
+    state = prog.run(backend=backend)
+    assert state.text() == "<s>system\nDefault.</s>\n<s>user\nhi</s>\n"
+    assert state.messages()[0] == {"role": "system", "content": "Default."}
