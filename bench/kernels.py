@@ -1,0 +1,205 @@
+"""GPU benchmark of the attention kernels, with their baselines timed in the same run.
+
+    python bench/kernels.py [--sweep]
+
+Prints the card, then one row per case: time, the rate (GB/s of K+V read for decode, TFLOP/s for
+extend), the baseline (device-to-device copy bandwidth; torch SDPA on the same KV laid out
+densely) and the ratio, plus ||out - ref|| / ||ref|| against the fp32 torch reference.
+--sweep also times a few tile configurations and split counts (for the tile tables).
+Shapes: Llama-3-8B attention (32 query heads, 8 KV heads, d=128), bf16, random slots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits  # noqa: E402
+from sglite.kernels.extend_attention import extend_attention_fwd  # noqa: E402
+from sglite.kernels.reference import decode_attention_ref, extend_attention_ref  # noqa: E402
+from sglite.kernels.store_kv import store_kv  # noqa: E402
+
+H, KH, D, DTYPE = 32, 8, 128, torch.bfloat16
+DEV = torch.device("cuda")
+ROWS: list[tuple] = []
+
+
+def bench(fn) -> float:
+    """Median milliseconds over ~200 ms of repeats (events; L2 flushed between repeats)."""
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def row(case, ms, rate, unit, base_name, base_rate, err=None):
+    ROWS.append((case, ms, rate, unit, base_name, base_rate, rate / base_rate if base_rate else None, err))
+    print(f"  {case}: {ms:.3f} ms {rate:.1f} {unit} vs {base_name} {base_rate:.1f} -> {rate / base_rate:.2f}"
+          + (f" err {err:.1e}" if err is not None else ""), flush=True)
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
+    src = torch.randn(1 << 29, device=DEV, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def make_pool(seq_lens: list[int], *, new_tokens: list[int] | None = None, seed=0):
+    """Requests over random pool slots; returns buffers, req_to_token and the new tokens' slots."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    total = sum(seq_lens)
+    k_buf = torch.randn(total + 1, KH, D, device=DEV, dtype=DTYPE, generator=gen)
+    v_buf = torch.randn(total + 1, KH, D, device=DEV, dtype=DTYPE, generator=gen)
+    slots = torch.randperm(total, device=DEV, generator=gen).int() + 1
+    req_to_token = torch.zeros(len(seq_lens), max(seq_lens), dtype=torch.int32, device=DEV)
+    start, locs = 0, []
+    for i, n in enumerate(seq_lens):
+        req_to_token[i, :n] = slots[start : start + n]
+        if new_tokens is not None:
+            locs.append(req_to_token[i, n - new_tokens[i] : n].long())
+        start += n
+    return k_buf, v_buf, req_to_token, (torch.cat(locs) if locs else None)
+
+
+def dense_kv(k_buf, v_buf, req_to_token, seq_len):
+    """[bs, KH, seq_len, D]: the same KV laid out densely for SDPA."""
+    idx = req_to_token[:, :seq_len].long()
+    return k_buf[idx].transpose(1, 2).contiguous(), v_buf[idx].transpose(1, 2).contiguous()
+
+
+def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, sweep=False):
+    k_buf, v_buf, r2t, _ = make_pool([seq_len] * bs)
+    q = torch.randn(bs, H, D, device=DEV, dtype=DTYPE)
+    out = torch.empty_like(q)
+    rows = torch.arange(bs, device=DEV)
+    lens = torch.full((bs,), seq_len, dtype=torch.int32, device=DEV)
+    num_sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    splits = decode_num_splits(bs, KH, num_sms=num_sms, max_kv_len=seq_len)
+
+    def run(num_splits=splits, tiles=None):
+        return decode_attention_fwd(q, k_buf, v_buf, out, r2t, rows, lens, scale=D**-0.5, num_splits=num_splits,
+                                    sliding_window=window, global_tokens=num_global, tiles=tiles)
+
+    run()
+    ref = decode_attention_ref(q, k_buf, v_buf, r2t, rows.tolist(), [seq_len] * bs, scale=D**-0.5,
+                               sliding_window=window, global_tokens=num_global)
+    err = rel_err(out, ref)
+    read_len = seq_len if window is None else min(seq_len, window + num_global)
+    kv_bytes = 2 * bs * read_len * KH * D * 2
+    name = f"decode bs={bs} ctx={seq_len}" + (f" W={window} G={num_global}" if window else "") + f" splits={splits}"
+    ms = bench(run)
+    row(name + " vs copy", ms, kv_bytes / ms / 1e6, "GB/s", "d2d copy", copy_bw, err)
+    if sdpa:
+        kd, vd = dense_kv(k_buf, v_buf, r2t, seq_len)
+        q4 = q.unsqueeze(2)
+        ms_sdpa = bench(lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))
+        row(name + " vs SDPA", ms, 1 / ms, "1/ms", "SDPA dense", 1 / ms_sdpa)
+        del kd, vd
+    if sweep:
+        for bn, warps, stages in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (32, 4, 4)]:
+            for s in sorted({max(1, splits // 2), splits, min(64, splits * 2)}):
+                t = bench(lambda: run(s, dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)))
+                print(f"    sweep decode bs={bs} BN={bn} w={warps} st={stages} splits={s}: {t:.3f} ms "
+                      f"{kv_bytes / t / 1e6:.0f} GB/s", flush=True)
+    return ms
+
+
+def flash_baseline(q, k, v, scale):
+    """torch's flash kernel, causal aligned bottom-right (what a cached prefix needs)."""
+    def call(kk, vv):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, kk, vv, 0.0, True, False, scale=scale)[0]
+
+    try:
+        call(k, v)
+        return lambda: call(k, v), "SDPA flash (GQA)"
+    except RuntimeError:
+        ke, ve = k.repeat_interleave(H // KH, 1), v.repeat_interleave(H // KH, 1)
+        return lambda: call(ke, ve), "SDPA flash (KV expanded)"
+
+
+def bench_extend(bs, new_len, prefix_len, *, sweep=False):
+    seq_len = prefix_len + new_len
+    k_buf, v_buf, r2t, loc = make_pool([seq_len] * bs, new_tokens=[new_len] * bs, seed=1)
+    q = torch.randn(bs * new_len, H, D, device=DEV, dtype=DTYPE)
+    k_new, v_new = k_buf[loc], v_buf[loc]
+    out = torch.empty_like(q)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    args = (torch.arange(bs, device=DEV), torch.full((bs,), prefix_len, **i32), torch.full((bs,), new_len, **i32),
+            torch.arange(0, bs * new_len, new_len, **i32))
+
+    def run(tiles=None):
+        return extend_attention_fwd(q, k_new, v_new, out, k_buf, v_buf, r2t, *args, max_extend_len=new_len,
+                                    scale=D**-0.5, out_cache_loc=loc, tiles=tiles)
+
+    run()
+    ref = torch.cat([
+        extend_attention_ref(q[i * new_len : (i + 1) * new_len], k_buf, v_buf, r2t, [i], [prefix_len], [new_len],
+                             scale=D**-0.5) for i in range(bs)])
+    err = rel_err(out, ref)
+    del ref
+    flops = 4 * D * H * bs * (new_len * prefix_len + new_len * (new_len + 1) / 2)
+    ms = bench(run)
+    kd, vd = dense_kv(k_buf, v_buf, r2t, seq_len)
+    q4 = q.view(bs, new_len, H, D).transpose(1, 2).contiguous()
+    base, base_name = flash_baseline(q4, kd, vd, D**-0.5)
+    ms_base = bench(base)
+    name = f"extend bs={bs} new={new_len} cached={prefix_len}"
+    row(name, ms, flops / ms / 1e9, "TFLOP/s", base_name, flops / ms_base / 1e9, err)
+    if sweep:
+        for rows_, bn, warps, stages in [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1), (128, 64, 8, 3),
+                                         (128, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (256, 64, 8, 2)]:
+            tiles = dict(BLOCK_M=rows_ // 4, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            try:
+                t = bench(lambda: run(tiles))
+                print(f"    sweep extend cached={prefix_len} rows={rows_} BN={bn} w={warps} st={stages}: "
+                      f"{t:.3f} ms {flops / t / 1e9:.0f} TFLOP/s", flush=True)
+            except Exception as exc:  # out of shared memory etc.: report and go on
+                print(f"    sweep extend rows={rows_} BN={bn} w={warps} st={stages}: failed {type(exc).__name__}")
+
+
+def bench_store(num_tokens):
+    k_buf, v_buf, _, _ = make_pool([num_tokens * 4])
+    loc = torch.randperm(num_tokens * 4, device=DEV)[:num_tokens] + 1
+    k = torch.randn(num_tokens, KH, D, device=DEV, dtype=DTYPE)
+    v = torch.randn_like(k)
+    ms = bench(lambda: store_kv(k_buf, v_buf, loc, k, v))
+    ms_idx = bench(lambda: (k_buf.index_copy_(0, loc, k), v_buf.index_copy_(0, loc, v)))
+    nbytes = 2 * 2 * k.numel() * k.element_size()  # read + write, K and V
+    row(f"store_kv tokens={num_tokens}", ms, nbytes / ms / 1e6, "GB/s", "index_copy_", nbytes / ms_idx / 1e6)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tiles and split counts")
+    sweep = parser.parse_args().sweep
+    props = torch.cuda.get_device_properties(DEV)
+    print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
+    copy_bw = copy_bandwidth()
+    print(f"  d2d copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
+    bench_decode(64, 4096, copy_bw, sweep=sweep)
+    full = bench_decode(1, 32768, copy_bw, sweep=sweep)
+    win = bench_decode(1, 32768, copy_bw, window=4096, num_global=4, sdpa=False)
+    ROWS.append(("decode bs=1 ctx=32768: W=4096 vs full", win, 1 / win, "1/ms", "full", 1 / full, full / win, None))
+    bench_extend(4, 2048, 0, sweep=sweep)
+    bench_extend(4, 2048, 2048, sweep=sweep)
+    bench_store(64)
+    bench_store(8192)
+    print(f"\n{props.name} | case | ms | rate | baseline | ratio | rel err")
+    for case, ms, rate, unit, base_name, base_rate, ratio, err in ROWS:
+        err_s = f"{err:.1e}" if err is not None else "-"
+        print(f"| {case} | {ms:.3f} | {rate:.1f} {unit} | {base_name} {base_rate:.1f} | {ratio:.2f} | {err_s} |")
+
+
+if __name__ == "__main__":
+    main()

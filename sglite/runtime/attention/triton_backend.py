@@ -1,0 +1,86 @@
+"""Attention through the Triton kernels of sglite.kernels (GPU; the CPU runs them interpreted).
+
+init_forward builds, once per batch, what every layer's kernel call shares: extend start offsets
+and the longest extend for EXTEND; for DECODE the KV split count (from batch size, KV heads, SM
+count and the longest context) and the fp32 scratch for the split partials. forward stores the
+layer's new K/V into its pool buffer and calls the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
+from sglite.kernels.extend_attention import extend_attention_fwd
+from sglite.kernels.store_kv import store_kv
+from sglite.runtime.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
+
+
+@dataclass
+class _ExtendMeta:
+    extend_start_loc: torch.Tensor  # [bs] int32, first new token of each request in the packed axis
+    max_extend_len: int
+
+
+@dataclass
+class _DecodeMeta:
+    num_splits: int
+    mid_o: torch.Tensor  # [bs, H, num_splits, D] fp32, split partials shared by all layers
+    mid_lse: torch.Tensor  # [bs, H, num_splits] fp32
+
+
+class TritonAttentionBackend(BaseAttentionBackend):
+    def __init__(self, *, kv_cache, model_config, device):
+        self.kv_cache = kv_cache
+        self.device = torch.device(device)
+        self.num_heads = model_config.num_heads
+        self.num_kv_heads = model_config.num_kv_heads
+        self.head_dim = model_config.head_dim
+        if self.device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:
+            self.num_sms = 4  # interpreter: a few splits are enough to exercise the merge
+        self._meta: _ExtendMeta | _DecodeMeta | None = None
+
+    def init_forward(self, batch: ForwardBatch) -> None:
+        if batch.is_decode:
+            self._meta = self._decode_meta(batch)
+        else:
+            starts = torch.zeros(batch.batch_size, dtype=torch.int32)
+            starts[1:] = torch.tensor(batch.extend_lens_cpu[:-1], dtype=torch.int32).cumsum(0)
+            self._meta = _ExtendMeta(starts.to(self.device, non_blocking=True), max(batch.extend_lens_cpu))
+
+    def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch) -> torch.Tensor:
+        k_buf, v_buf = self.kv_cache.get_kv(layer.kv_layer_id)
+        if k is not None:
+            k, v = k.to(k_buf.dtype), v.to(v_buf.dtype)
+            store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+        q = q.to(k_buf.dtype)
+        out = torch.empty_like(q)
+        window = dict(sliding_window=layer.sliding_window, global_tokens=layer.global_tokens)
+        meta = self._meta
+        if batch.is_decode:
+            assert isinstance(meta, _DecodeMeta), "init_forward was not called for this decode batch"
+            decode_attention_fwd(
+                q, k_buf, v_buf, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                scale=layer.scale, num_splits=meta.num_splits, mid_o=meta.mid_o, mid_lse=meta.mid_lse,
+                **window,
+            )
+        else:
+            assert isinstance(meta, _ExtendMeta), "init_forward was not called for this extend batch"
+            extend_attention_fwd(
+                q, k, v, out, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices,
+                batch.prefix_lens, batch.extend_lens, meta.extend_start_loc,
+                max_extend_len=meta.max_extend_len, scale=layer.scale,
+                out_cache_loc=batch.out_cache_loc, **window,
+            )
+        return out
+
+    def _decode_meta(self, batch: ForwardBatch) -> _DecodeMeta:
+        bs = batch.batch_size
+        splits = decode_num_splits(bs, self.num_kv_heads, num_sms=self.num_sms, max_kv_len=max(batch.seq_lens_cpu))
+        mid_o = torch.empty(bs, self.num_heads, splits, self.head_dim, dtype=torch.float32, device=self.device)
+        mid_lse = torch.empty(bs, self.num_heads, splits, dtype=torch.float32, device=self.device)
+        return _DecodeMeta(splits, mid_o, mid_lse)
