@@ -62,7 +62,7 @@ class SglFunction:
             **kwargs) -> ProgramState:
         """Start the program; returns at once (s[var] and text() wait). Keyword arguments that
         name GenParams fields (max_new_tokens, temperature, ...) are defaults for every gen."""
-        defaults, kwargs = ir.GenParams.from_kwargs(kwargs)
+        defaults, kwargs = ir.GenParams.from_kwargs(kwargs, self.arg_names)
         return run_program(self, resolve_backend(backend), args,
                            {**self.bind_arguments, **kwargs}, defaults=defaults, stream=stream)
 
@@ -110,7 +110,7 @@ class SglFunction:
     def trace(self, *, backend: BaseBackend | None = None, **kwargs) -> Trace:
         """The request graph, with ir.Argument placeholders for arguments not given."""
         backend = backend if backend is not None else _default_backend
-        defaults, kwargs = ir.GenParams.from_kwargs(kwargs)
+        defaults, kwargs = ir.GenParams.from_kwargs(kwargs, self.arg_names)
         args = {n: ir.Argument(n) for n in self.arg_names if n not in self.bind_arguments}
         args.update(self.bind_arguments, **kwargs)
         return trace_program(self, (), args, backend=backend, defaults=defaults)
@@ -143,11 +143,14 @@ class CompiledFunction:
 
     def __init__(self, function: SglFunction, backend: BaseBackend | None):
         self.function, self.backend = function, backend
-        self.graph = function.trace(backend=backend)  # raises TypeError for f-strings
-        self.is_graph = True
+        try:
+            self.graph: Trace | None = function.trace(backend=backend)  # TypeError on f-strings
+            self.eager_reason = None
+        except ir.CannotTrace as e:  # still runs, eagerly
+            self.graph, self.eager_reason = None, str(e)
 
     def run(self, *, backend: BaseBackend | None = None, **kwargs) -> ProgramState:
-        defaults, kwargs = ir.GenParams.from_kwargs(kwargs)
+        defaults, kwargs = ir.GenParams.from_kwargs(kwargs, self.function.arg_names)
         return self.function.run_graph(resolve_backend(backend or self.backend), defaults, kwargs)
 
     def run_batch(self, batch_kwargs: list[dict], *, backend: BaseBackend | None = None,
@@ -157,7 +160,7 @@ class CompiledFunction:
                                        **sampling_defaults)
 
     def print_graph(self) -> str:
-        return self.graph.print_graph()
+        return self.graph.print_graph() if self.graph else f"(runs eagerly: {self.eager_reason})"
 
 
 def run_program(program: SglFunction, backend: BaseBackend, args: tuple, kwargs: dict, *,

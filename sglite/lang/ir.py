@@ -58,11 +58,13 @@ class GenParams:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> tuple["GenParams", dict[str, Any]]:
-        """Split run() kwargs into sampling defaults and program arguments."""
-        names = set(cls.field_names())
+    def from_kwargs(cls, kwargs: dict[str, Any], arg_names=()) -> tuple["GenParams", dict]:
+        """Split run() kwargs into sampling defaults and program arguments (a program argument
+        that shares a field's name stays a program argument)."""
+        names = set(cls.field_names()) - set(arg_names)
+        kwargs = dict(kwargs)
         if "max_new_tokens" in kwargs:  # SGLang's run-level spelling
-            kwargs = {**kwargs, "max_tokens": kwargs.pop("max_new_tokens")}
+            kwargs["max_tokens"] = kwargs.pop("max_new_tokens")
         params = {k: v for k, v in kwargs.items() if k in names}
         return cls(**params), {k: v for k, v in kwargs.items() if k not in names}
 
