@@ -22,7 +22,8 @@ class RuntimeEndpoint(BaseBackend):
 
     def __init__(self, address: str, *, chat_template_name: str | None = None,
                  timeout: float = 120.0, _is_alive=None):
-        self.client = ZmqClient(address, is_alive=_is_alive, dead_after=timeout)
+        self.client = ZmqClient(address, is_alive=_is_alive, dead_after=timeout,
+                                ping_interval=min(5.0, timeout / 2))
         self.info = self.get_server_info()
         self.chat_template_name = chat_template_name
         self._chat_template: ChatTemplate | None = None
