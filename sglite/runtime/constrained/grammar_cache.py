@@ -1,0 +1,155 @@
+"""Compile regex / JSON-schema / Lark grammars into xgrammar token automata, off the scheduler loop.
+
+Compilation of a JSON schema or grammar takes milliseconds to seconds (xgrammar precomputes token
+masks per automaton state), so the scheduler asks for a Future and keeps decoding other requests;
+a request whose grammar is not ready yet simply waits in the queue. Results (and errors) are cached
+by (kind, spec): the same `gen(regex=...)` in a batch of 1000 programs compiles once.
+
+Kinds:
+- "regex": xgrammar's regex dialect (no lookaround, no backrefs, no \\p{..}).
+- "json_schema": a JSON string. It is parsed with `json.loads` and, when `jsonschema` is installed,
+  checked against its meta-schema, then compiled; objects are compact (`, ` and `: `, no newlines)
+  unless `json_any_whitespace=True`, because a small model given free whitespace can loop on it.
+- "grammar": Lark's EBNF. `lark.Lark(spec)` parses it first (its errors are the clearest about
+  syntax and undefined names), then xgrammar's own Lark front end (`compile_lark`, xgrammar >= 0.2)
+  translates it: rules, terminals, literals, /regexp/ terminals, ?, *, +, ~ n, alternatives,
+  groups, `%import common.X`, and `%ignore` (an optional run of the ignored terminals after each
+  terminal). The entry rule must be called `start`. Lark's lexer semantics (longest match,
+  terminal priorities) become a character-level CFG, so a grammar that relies on a keyword
+  winning over an identifier pattern admits both readings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+import xgrammar as xgr
+
+KINDS = ("regex", "json_schema", "grammar")
+
+# xgrammar's C++ errors start with "[08:58:41] /project/cpp/regex_converter.cc:83: "; users want
+# only the part after it.
+_XGR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+
+
+class GrammarCache:
+    """Per-runtime compiler + cache. One per tokenizer; thread-safe `get_future`."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        *,
+        num_threads: int = 2,
+        stop_token_ids: Sequence[int] | None = None,
+        json_any_whitespace: bool = False,
+        max_entries: int = 1024,
+    ):
+        # vocab_size is the model's logits width (may exceed len(tokenizer): padded lm_head rows);
+        # the bitmask covers all of it and padded ids are never allowed.
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        stop = list(stop_token_ids) if stop_token_ids else None
+        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop
+        )
+        self.vocab_size = vocab_size
+        self.json_any_whitespace = json_any_whitespace
+        self.max_entries = max_entries
+        self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=num_threads)
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="grammar")
+        self._futures: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_future(self, kind: str, spec: str) -> Future:
+        """Future resolving to an `xgrammar.CompiledGrammar`, or raising ValueError that names the
+        kind and the problem. Unknown kinds raise ValueError right away."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown grammar kind {kind!r}: expected one of {KINDS}")
+        if not isinstance(spec, str):
+            raise ValueError(f"{kind} must be a string, got {type(spec).__name__}")
+        key = (kind, spec)
+        with self._lock:
+            fut = self._futures.get(key)
+            if fut is not None:
+                self._futures.move_to_end(key)
+                return fut
+            fut = self._pool.submit(self._compile, kind, spec)
+            self._futures[key] = fut
+            if len(self._futures) > self.max_entries:
+                self._futures.popitem(last=False)
+            return fut
+
+    def compile(self, kind: str, spec: str) -> xgr.CompiledGrammar:
+        """Blocking form of get_future (tests, offline use)."""
+        return self.get_future(kind, spec).result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _compile(self, kind: str, spec: str) -> xgr.CompiledGrammar:
+        if kind == "json_schema":
+            _check_json_schema(spec)
+        elif kind == "grammar":
+            _check_lark(spec)
+        try:
+            if kind == "regex":
+                return self._compiler.compile_regex(spec)
+            if kind == "json_schema":
+                return self._compiler.compile_json_schema(
+                    spec, any_whitespace=self.json_any_whitespace
+                )
+            return self._compiler.compile_lark(spec)
+        except RuntimeError as e:
+            raise ValueError(f"invalid {_NAMES[kind]} {_short(spec)}: {_clean(e)}") from None
+
+
+_NAMES = {"regex": "regex", "json_schema": "JSON schema", "grammar": "Lark grammar"}
+
+
+def _check_json_schema(spec: str) -> None:
+    try:
+        schema = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON schema {_short(spec)}: not valid JSON ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(
+            f"invalid JSON schema {_short(spec)}: must be an object or a boolean, "
+            f"got {type(schema).__name__}"
+        )
+    try:
+        import jsonschema
+    except ImportError:  # optional: xgrammar still rejects what it cannot compile
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise ValueError(
+            f"invalid JSON schema {_short(spec)}: at {where}: {e.message}"
+        ) from None
+
+
+def _check_lark(spec: str) -> None:
+    import lark
+
+    try:
+        lark.Lark(spec, start="start")
+    except (lark.exceptions.LarkError, re.error) as e:
+        msg = str(e).strip()
+        if "NonTerminal('start')" in msg:
+            msg = "no `start` rule (the entry rule must be called start)"
+        raise ValueError(f"invalid Lark grammar: {msg}") from None
+
+
+def _clean(e: Exception) -> str:
+    return _XGR_PREFIX.sub("", str(e).strip())
+
+
+def _short(spec: str, limit: int = 80) -> str:
+    return repr(spec if len(spec) <= limit else spec[:limit] + "...")
