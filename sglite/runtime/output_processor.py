@@ -1,0 +1,146 @@
+"""After a forward: grammar masks, sampling, stop checks, detokenization, logprobs, replies.
+
+Text leaves in deltas: each sampled token goes through the request's IncrementalDetokenizer (never
+broken UTF-8) and its StopMatcher, which holds back text that may be the start of a stop string
+until it is disambiguated; a matched stop string is cut from the text (as SGLang's no_stop_trim
+off). A stop token (EOS unless ignore_eos, or stop_token_ids) ends the request without adding
+its text. Logprob entries are SGLang's [logprob, token_id, token_text] triples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sglite.runtime.req import Req
+from sglite.runtime.sampling import Sampling
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, model_config):
+        self.tokenizer = tokenizer
+        self.eos_ids = set(model_config.eos_token_ids)
+        self.vocab_size = model_config.vocab_size
+        self.sampling = Sampling(model_config.vocab_size, eos_token_ids=model_config.eos_token_ids)
+
+    # ---- per request state
+    def init_request(self, req: Req) -> None:
+        """Detokenizer and stop matcher (call once, when the request is created)."""
+        from sglite.runtime.detokenizer import IncrementalDetokenizer, StopMatcher
+
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.input_ids,
+                                               skip_special_tokens=req.params.skip_special_tokens)
+        req.stop_matcher = StopMatcher(list(req.params.stop))
+
+    def new_grammar_state(self, compiled):
+        from sglite.runtime.constrained import GrammarState
+
+        return GrammarState(compiled)
+
+    # ---- after a forward
+    def process(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        """reqs: requests whose every token has KV; logits [len(reqs), vocab] of their last one."""
+        rows = []
+        for i, req in enumerate(reqs):
+            if req.remaining_new_tokens == 0:  # max_new_tokens=0: prefill only (select, warm-up)
+                req.finish("length")
+                self.emit(req)
+            else:
+                rows.append(i)
+        if not rows:
+            return
+        reqs = [reqs[i] for i in rows]
+        next_ids, logprobs = self.sampling.sample(reqs, logits[rows])
+        for i, (req, token_id) in enumerate(zip(reqs, next_ids)):
+            if req.is_finished:  # aborted by a sink earlier in this loop
+                continue
+            if req.return_logprob:
+                self._record_logprob(req, "output", logprobs[i], token_id)
+            self.append_token(req, token_id)
+            self.emit(req)
+
+    def append_token(self, req: Req, token_id: int) -> None:
+        req.output_ids.append(token_id)
+        if req.grammar is not None and not req.grammar.accept(token_id):
+            req.finish("abort", f"the grammar rejected token {token_id}")
+            return
+        p = req.params
+        is_stop_token = token_id in p.stop_token_ids or (token_id in self.eos_ids
+                                                         and not p.ignore_eos)
+        if is_stop_token and len(req.output_ids) > p.min_new_tokens or (
+                req.grammar is not None and req.grammar.is_terminated()):
+            req.finish("stop", token_id)
+        else:
+            self.append_text(req, req.detok.append(token_id) if req.detok else "")
+        if not req.is_finished and len(req.output_ids) >= p.max_new_tokens:
+            req.finish("length")
+        if req.is_finished and not isinstance(req.finish_reason["matched"], str):
+            req.text_buffer += req.stop_matcher.flush()  # no stop string: release held text
+
+    def append_text(self, req: Req, text: str) -> None:
+        emit, matched = req.stop_matcher.feed(text)
+        req.text_buffer += emit
+        if matched is not None:
+            req.finish("stop", matched)
+
+    def emit(self, req: Req) -> None:
+        """Send what the client should see now: every delta when streaming, else the end."""
+        if not (req.is_finished or req.stream and req.text_buffer):
+            return
+        text, req.text_buffer = req.text_buffer, ""
+        req.sink.on_output(req, text, req.is_finished, self.meta_info(req))
+
+    def fail(self, req: Req, message: str) -> None:
+        req.sink.on_error(req, message)
+
+    def meta_info(self, req: Req) -> dict[str, Any]:
+        meta = {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.output_ids),
+                "cached_tokens": req.num_cached_tokens}
+        if req.num_jump_forward_tokens:
+            meta["jump_forward_tokens"] = req.num_jump_forward_tokens
+        if req.is_finished:
+            meta["finish_reason"] = dict(req.finish_reason)
+            if req.return_logprob:
+                for key in ("input_token_logprobs", "input_top_logprobs",
+                            "output_token_logprobs", "output_top_logprobs"):
+                    meta[key] = req.logprobs.get(key, [])
+        return meta
+
+    # ---- logprobs
+    def input_logprobs(self, reqs: list[Req], prefix_lens: list[int], new_ids: list[list[int]],
+                       logits: torch.Tensor) -> None:
+        """logits: [num_tokens, vocab], every new token of every request of an extend forward.
+        The row of position p scores input token p + 1; token 0 has no logprob (None)."""
+        offset = 0
+        for req, prefix_len, ids in zip(reqs, prefix_lens, new_ids):
+            if req.wants_input_logprobs:
+                start = req.logprob_start_len
+                if prefix_len == 0 and start == 0:
+                    self._append_lp(req, "input", None, req.input_ids[0], [])
+                lp = torch.log_softmax(logits[offset: offset + len(ids)].float(), dim=-1)
+                for row, pos in enumerate(range(prefix_len, prefix_len + len(ids))):
+                    if start <= pos + 1 < len(req.input_ids):
+                        self._record_logprob(req, "input", lp[row], req.input_ids[pos + 1])
+                if prefix_len + len(ids) >= len(req.input_ids):
+                    req.input_logprobs_done = True
+            offset += len(ids)
+
+    def _record_logprob(self, req: Req, kind: str, logprobs_row: torch.Tensor,
+                        token_id: int) -> None:
+        top = []
+        if req.top_logprobs_num > 0:
+            values, ids = logprobs_row.topk(req.top_logprobs_num)
+            top = [[v, i, self._token_text(i)] for v, i in zip(values.tolist(), ids.tolist())]
+        self._append_lp(req, kind, float(logprobs_row[token_id]), token_id, top)
+
+    def _append_lp(self, req: Req, kind: str, logprob, token_id: int, top: list) -> None:
+        req.logprobs.setdefault(f"{kind}_token_logprobs", []).append(
+            [logprob, token_id, self._token_text(token_id)])
+        req.logprobs.setdefault(f"{kind}_top_logprobs", []).append(top)
+
+    def _token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token_id])

@@ -1,0 +1,49 @@
+"""Glue between a batch of requests and the sampler: grammar bitmasks for the constrained rows,
+the greedy fast path, and the raw logprobs that the output processor reports."""
+
+from __future__ import annotations
+
+import torch
+
+from sglite.runtime.req import Req
+
+
+class Sampling:
+    def __init__(self, vocab_size: int, *, eos_token_ids=()):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._bitmask = None  # int32 [rows, words], reused across steps
+
+    def sample(self, reqs: list[Req], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """logits [bs, vocab] (modified in place). Returns next ids and, when any request wants
+        logprobs, log_softmax of the (grammar-masked) logits [bs, vocab]."""
+        logits = logits.float()
+        self._apply_grammars(reqs, logits)
+        logprobs = None
+        if any(r.return_logprob for r in reqs):
+            logprobs = torch.log_softmax(logits, dim=-1)
+        if all(_is_plain_greedy(r) for r in reqs):
+            return logits.argmax(dim=-1).tolist(), logprobs
+        from sglite.runtime.sampler import sample_batch
+
+        ids = sample_batch(logits, [r.params for r in reqs], [r.output_ids for r in reqs],
+                           eos_token_ids=self.eos_token_ids)
+        return [int(t) for t in ids], logprobs
+
+    def _apply_grammars(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        states = [r.grammar for r in reqs]
+        if all(s is None for s in states):
+            return
+        from sglite.runtime.constrained import allocate_bitmask, apply_bitmask, fill_bitmask
+
+        if self._bitmask is None or self._bitmask.shape[0] < len(reqs):
+            self._bitmask = allocate_bitmask(max(len(reqs), 8), self.vocab_size)
+        rows = fill_bitmask(self._bitmask, states)
+        apply_bitmask(logits, self._bitmask, rows)
+
+
+def _is_plain_greedy(req: Req) -> bool:
+    p = req.params
+    return ((p.temperature == 0 or p.top_k == 1) and p.frequency_penalty == 0
+            and p.presence_penalty == 0 and p.repetition_penalty == 1
+            and len(req.output_ids) >= p.min_new_tokens)

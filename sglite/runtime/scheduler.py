@@ -1,0 +1,237 @@
+"""The scheduler loop: admit → extend forward → decode forward → process outputs.
+
+One iteration (`step`) runs at most one extend forward (new prompts, prompt chunks, and running
+requests whose jump-forward added tokens) and one decode forward (every running request with
+exactly one token without KV). Running extend and decode as separate forwards keeps the decode
+batch's shape regular while new requests join the running set every iteration (continuous
+batching). When the pool cannot give each decoding request one slot, requests are retracted:
+their KV goes back (into the radix tree, unlocked), they keep their tokens and rejoin the front of
+the waiting queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from sglite.runtime.cache_manager import CacheManager
+from sglite.runtime.output_processor import OutputProcessor
+from sglite.runtime.req import Req, ReqState
+from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
+                                            order_waiting)
+from sglite.runtime.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+INIT_NEW_TOKEN_RATIO = 0.6  # share of remaining max_new_tokens reserved at admission ...
+MIN_NEW_TOKEN_RATIO = 0.15  # ... decaying to this while nothing is retracted
+NEW_TOKEN_RATIO_DECAY = 0.002  # per decode step
+
+
+class Scheduler:
+    def __init__(self, runner, *, chunked_prefill_size: int = 512, max_running_requests: int = 128,
+                 disable_radix_cache: bool = False, schedule_policy: str = "lpm",
+                 grammar_cache=None, log_interval: float = 10.0):
+        self.runner = runner
+        self.cache = CacheManager(runner.req_to_token, runner.token_pool,
+                                  disable_radix_cache=disable_radix_cache)
+        self.token_budget = chunked_prefill_size if chunked_prefill_size > 0 else 1 << 62
+        self.max_running_requests = min(max_running_requests, runner.req_to_token.max_reqs)
+        self.schedule_policy = schedule_policy
+        self.grammar_cache = grammar_cache
+        self.outputs = OutputProcessor(runner.tokenizer, runner.model_config)
+        self.stats = Stats(log_interval=log_interval)
+        self.waiting: list[Req] = []
+        self.grammar_queue: list[Req] = []
+        self.running: list[Req] = []  # holds a request row (and KV); prefilling or decoding
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.grammar_queue)
+
+    # ---- the loop body
+    def step(self) -> None:
+        t0, forward_time = time.perf_counter(), self.stats.forward_time
+        self._poll_grammars()
+        extend = self._schedule_extend()
+        if extend:
+            self._run_extend(extend)
+        decode = self._schedule_decode()
+        if decode:
+            self._run_decode(decode)
+        self._drop_finished()
+        self.stats.record_step(time.perf_counter() - t0 - (self.stats.forward_time - forward_time))
+        self.stats.maybe_log(self)
+
+    # ---- requests in
+    def add_request(self, req: Req) -> None:
+        """Queue a validated request (grammar requests wait for their compiled grammar first)."""
+        kind_spec = _grammar_spec(req)
+        if kind_spec is not None:
+            if self.grammar_cache is None:
+                raise ValueError("constrained decoding needs a tokenizer (not with dummy weights)")
+            req.grammar_future = self.grammar_cache.get_future(*kind_spec)
+            req.state = ReqState.GRAMMAR
+            self.grammar_queue.append(req)
+        else:
+            req.state = ReqState.WAITING
+            self.waiting.append(req)
+        self.stats.num_requests += 1
+
+    def abort(self, predicate) -> int:
+        """Abort every queued or running request for which predicate(req) holds."""
+        found = [r for q in (self.grammar_queue, self.waiting, self.running) for r in q
+                 if predicate(r)]
+        for req in found:
+            req.finish("abort")
+            self.outputs.emit(req)
+        self._drop_finished()
+        return len(found)
+
+    def fail(self, req: Req, message: str) -> None:
+        """Per-request failure: report to its client, free its resources, keep serving others."""
+        req.finish("abort", message)
+        self.outputs.fail(req, message)
+        self._drop_finished()
+
+    # ---- scheduling
+    def _poll_grammars(self) -> None:
+        for req in [r for r in self.grammar_queue if r.grammar_future.done()]:
+            self.grammar_queue.remove(req)
+            try:
+                req.grammar = self.outputs.new_grammar_state(req.grammar_future.result())
+            except Exception as e:  # a bad regex/schema/grammar: that client only
+                req.state = ReqState.FINISHED
+                self.outputs.fail(req, str(e))
+                continue
+            req.state = ReqState.WAITING
+            self.waiting.append(req)
+
+    def _schedule_extend(self) -> PrefillAdder | None:
+        continuing = [r for r in self.running if r.extend_len > 1 and not r.is_finished]
+        if not continuing and (not self.waiting or len(self.running) >= self.max_running_requests):
+            return None
+        decoding = [r for r in self.running if r.extend_len <= 1]
+        reserve = sum(decode_reserve(r, self.new_token_ratio) for r in decoding)
+        adder = PrefillAdder(
+            self.cache, token_budget=self.token_budget,
+            kv_budget=self.cache.available_size - reserve,
+            num_rows_left=self.max_running_requests - len(self.running) + len(continuing),
+            new_token_ratio=self.new_token_ratio)
+        for req in continuing:  # already hold a row: chunked prompts, jump-forward extends
+            if adder.try_add(req) is AddResult.NO_ROOM:
+                break
+        for req in order_waiting(self.waiting, self.cache, policy=self.schedule_policy):
+            result = adder.try_add(req)
+            if result is AddResult.NO_ROOM:
+                break
+            if result is not AddResult.DEFERRED:
+                if req.num_retractions == 0:
+                    req.num_cached_tokens = req.tree_len
+                    self.stats.record_admission(len(req.input_ids), req.tree_len)
+                self.waiting.remove(req)
+                req.state = ReqState.RUNNING
+                self.running.append(req)
+        return adder if adder.reqs else None
+
+    def _schedule_decode(self) -> list[Req]:
+        reqs = [r for r in self.running if r.extend_len == 1 and not r.is_finished]
+        while reqs and self.cache.available_size < len(reqs):
+            victim = min(reqs, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            reqs.remove(victim)
+            self._retract(victim)
+        return reqs
+
+    def _retract(self, req: Req) -> None:
+        self.cache.retract(req)
+        self.running.remove(req)
+        req.state = ReqState.WAITING
+        self.waiting.insert(0, req)
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        self.stats.num_retractions += 1
+        logger.info("retracted request %s (%d tokens) to free KV", req.rid, req.seq_len)
+
+    # ---- forwards
+    def _run_extend(self, adder: PrefillAdder) -> None:
+        reqs = adder.reqs
+        prefix_lens = [r.kv_len for r in reqs]
+        new_ids = [r.fill_ids[r.kv_len: r.kv_len + len(s)] for r, s in zip(reqs, adder.slots)]
+        for req, slots in zip(reqs, adder.slots):
+            self.cache.extend(req, slots)
+        return_all = any(r.wants_input_logprobs for r in reqs)
+        batch = self.runner.make_extend_batch(
+            [r.req_pool_idx for r in reqs], prefix_lens, new_ids, torch.cat(adder.slots),
+            return_all_logits=return_all)
+        t0 = time.perf_counter()
+        logits = self._forward(batch, reqs)
+        self.stats.record_extend(batch.num_tokens, time.perf_counter() - t0)
+        if logits is None:
+            return
+        if return_all:
+            self.outputs.input_logprobs(reqs, prefix_lens, new_ids, logits)
+            logits = logits[torch.tensor(batch.extend_lens_cpu).cumsum(0) - 1]
+        for req in reqs:
+            if not req.is_finished:
+                self.cache.cache_unfinished(req)  # share the prompt (chunk) with later peers
+        self._sample_and_process(reqs, logits)
+
+    def _run_decode(self, reqs: list[Req]) -> None:
+        slots = self.cache.alloc(len(reqs))
+        assert slots is not None, "decode scheduled without room (checked in _schedule_decode)"
+        for i, req in enumerate(reqs):
+            self.cache.extend(req, slots[i: i + 1])
+        batch = self.runner.make_decode_batch(
+            [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
+            [r.fill_ids[-1] for r in reqs], slots)
+        t0 = time.perf_counter()
+        logits = self._forward(batch, reqs)
+        self.stats.record_decode(len(reqs), time.perf_counter() - t0)
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
+                                   self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        if logits is not None:
+            self._sample_and_process(reqs, logits)
+
+    def _forward(self, batch, reqs: list[Req]) -> torch.Tensor | None:
+        try:
+            return self.runner.forward(batch)
+        except Exception as e:  # a broken forward fails its batch, not the runtime
+            logger.exception("forward failed")
+            for req in reqs:
+                self.fail(req, f"forward failed: {type(e).__name__}: {e}")
+            return None
+
+    def _sample_and_process(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        """Sample for the requests whose every token now has KV; others are mid-prompt."""
+        rows = [i for i, r in enumerate(reqs) if r.extend_len == 0 and not r.is_finished]
+        if not rows:
+            return
+        ready = [reqs[i] for i in rows]
+        try:
+            self.outputs.process(ready, logits[rows])
+        except Exception as e:
+            logger.exception("output processing failed")
+            for req in ready:
+                if not req.is_finished:
+                    self.fail(req, f"{type(e).__name__}: {e}")
+
+    def _drop_finished(self) -> None:
+        for req in [r for r in self.running if r.is_finished]:
+            self.cache.release(req)
+            self.running.remove(req)
+            req.state = ReqState.FINISHED
+            self.stats.num_finished += 1
+        for q in (self.waiting, self.grammar_queue):
+            for req in [r for r in q if r.is_finished]:
+                q.remove(req)
+                req.state = ReqState.FINISHED
+
+
+def _grammar_spec(req: Req) -> tuple[str, str] | None:
+    p = req.params
+    for kind, spec in (("regex", p.regex), ("json_schema", p.json_schema), ("grammar", p.grammar)):
+        if spec is not None:
+            return kind, spec
+    return None

@@ -1,0 +1,89 @@
+"""Counters of the scheduler: one log line per interval and the same numbers in InfoOut.info."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("sglite.runtime")
+
+
+@dataclass
+class Stats:
+    log_interval: float = 10.0
+    num_requests: int = 0
+    num_finished: int = 0
+    num_retractions: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
+    num_cached_tokens: int = 0  # ... of which found in the radix tree
+    num_prefill_tokens: int = 0  # tokens run through extend forwards
+    num_decode_tokens: int = 0
+    prefill_time: float = 0.0  # seconds inside extend forwards
+    decode_time: float = 0.0
+    schedule_time: float = 0.0  # seconds in step() outside forwards (the scheduler's own cost)
+    num_steps: int = 0
+    _last_log: float = field(default_factory=time.monotonic)
+    _window: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+
+    def record_extend(self, num_tokens: int, seconds: float) -> None:
+        self.num_prefill_tokens += num_tokens
+        self.prefill_time += seconds
+        self._window["prefill"] += num_tokens
+
+    def record_decode(self, num_tokens: int, seconds: float) -> None:
+        self.num_decode_tokens += num_tokens
+        self.decode_time += seconds
+        self._window["decode"] += num_tokens
+
+    def record_step(self, schedule_seconds: float) -> None:
+        self.num_steps += 1
+        self.schedule_time += schedule_seconds
+
+    @property
+    def forward_time(self) -> float:
+        return self.prefill_time + self.decode_time
+
+    def record_admission(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        self.num_prompt_tokens += num_prompt_tokens
+        self.num_cached_tokens += num_cached_tokens
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
+
+    def counters(self, scheduler) -> dict:
+        c = {
+            "num_running_reqs": len(scheduler.running),
+            "num_waiting_reqs": len(scheduler.waiting) + len(scheduler.grammar_queue),
+            "num_requests": self.num_requests, "num_finished": self.num_finished,
+            "num_retractions": self.num_retractions,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_cached_tokens": self.num_cached_tokens,
+            "cache_hit_rate": round(self.cache_hit_rate, 4),
+            "num_prefill_tokens": self.num_prefill_tokens,
+            "num_decode_tokens": self.num_decode_tokens,
+            "prefill_time_s": round(self.prefill_time, 4),
+            "decode_time_s": round(self.decode_time, 4),
+            "schedule_time_s": round(self.schedule_time, 4), "num_steps": self.num_steps,
+        }
+        c.update(scheduler.cache.counters())
+        c["kv_usage"] = round(1 - (c["kv_free"] + c["kv_evictable"]) / max(c["kv_total"], 1), 4)
+        return c
+
+    def maybe_log(self, scheduler) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_log
+        if self.log_interval <= 0 or elapsed < self.log_interval:
+            return
+        if self._window["prefill"] or self._window["decode"] or scheduler.has_work:
+            c = self.counters(scheduler)
+            logger.info(
+                "running %d, waiting %d, KV usage %.1f%% (evictable %d, free %d), cache hit "
+                "rate %.1f%%, prefill %.0f tok/s, decode %.1f tok/s, retractions %d",
+                c["num_running_reqs"], c["num_waiting_reqs"], 100 * c["kv_usage"],
+                c["kv_evictable"], c["kv_free"], 100 * self.cache_hit_rate,
+                self._window["prefill"] / elapsed, self._window["decode"] / elapsed,
+                self.num_retractions)
+        self._window = {"prefill": 0, "decode": 0}
+        self._last_log = now
