@@ -54,13 +54,15 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def make_pool(seq_lens: list[int], *, new_tokens: list[int] | None = None, seed=0):
-    """Requests over random pool slots; returns buffers, req_to_token and the new tokens' slots."""
+def make_pool(seq_lens: list[int], *, new_tokens: list[int] | None = None, seed=0, contiguous=False):
+    """Requests over random (or consecutive) pool slots; returns buffers, req_to_token and the
+    new tokens' slots."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     total = sum(seq_lens)
     k_buf = torch.randn(total + 1, KH, D, device=DEV, dtype=DTYPE, generator=gen)
     v_buf = torch.randn(total + 1, KH, D, device=DEV, dtype=DTYPE, generator=gen)
-    slots = torch.randperm(total, device=DEV, generator=gen).int() + 1
+    slots = torch.arange(total, device=DEV) if contiguous else torch.randperm(total, device=DEV, generator=gen)
+    slots = slots.int() + 1
     req_to_token = torch.zeros(len(seq_lens), max(seq_lens), dtype=torch.int32, device=DEV)
     start, locs = 0, []
     for i, n in enumerate(seq_lens):
@@ -77,39 +79,68 @@ def dense_kv(k_buf, v_buf, req_to_token, seq_len):
     return k_buf[idx].transpose(1, 2).contiguous(), v_buf[idx].transpose(1, 2).contiguous()
 
 
-def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, sweep=False):
-    k_buf, v_buf, r2t, _ = make_pool([seq_len] * bs)
-    q = torch.randn(bs, H, D, device=DEV, dtype=DTYPE)
-    out = torch.empty_like(q)
-    rows = torch.arange(bs, device=DEV)
-    lens = torch.full((bs,), seq_len, dtype=torch.int32, device=DEV)
-    num_sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    splits = decode_num_splits(bs, KH, num_sms=num_sms, max_kv_len=seq_len)
+def graph_ms(calls) -> float:
+    """Milliseconds per call, the calls captured in one CUDA graph (as decode runs in the
+    runtime): launch overhead out, only device time in."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles) outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return bench(graph.replay) / len(calls)
 
-    def run(num_splits=splits, tiles=None):
-        return decode_attention_fwd(q, k_buf, v_buf, out, r2t, rows, lens, scale=D**-0.5, num_splits=num_splits,
-                                    sliding_window=window, global_tokens=num_global, tiles=tiles)
 
-    run()
-    ref = decode_attention_ref(q, k_buf, v_buf, r2t, rows.tolist(), [seq_len] * bs, scale=D**-0.5,
-                               sliding_window=window, global_tokens=num_global)
-    err = rel_err(out, ref)
+def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, sweep=False, contiguous=False):
     read_len = seq_len if window is None else min(seq_len, window + num_global)
     kv_bytes = 2 * bs * read_len * KH * D * 2
-    name = f"decode bs={bs} ctx={seq_len}" + (f" W={window} G={num_global}" if window else "") + f" splits={splits}"
-    ms = bench(run)
+    # enough distinct request sets that one graph replay reads >= 4x the L2 (no cache hits)
+    l2 = torch.cuda.get_device_properties(DEV).L2_cache_size
+    copies = min(16, max(1, triton.cdiv(4 * l2, kv_bytes)))
+    k_buf, v_buf, r2t, _ = make_pool([seq_len] * (bs * copies), contiguous=contiguous)
+    q = torch.randn(bs * copies, H, D, device=DEV, dtype=DTYPE)
+    out = torch.empty_like(q)
+    rows = torch.arange(bs * copies, device=DEV)
+    lens = torch.full((bs * copies,), seq_len, dtype=torch.int32, device=DEV)
+    num_sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    splits = decode_num_splits(bs, KH, num_sms=num_sms, max_kv_len=read_len)  # as the backend does
+    part = [slice(i * bs, (i + 1) * bs) for i in range(copies)]
+
+    def calls(num_splits=splits, tiles=None):
+        mid_o = torch.empty(bs, H, num_splits, D, device=DEV, dtype=torch.float32)
+        mid_lse = torch.empty(bs, H, num_splits, device=DEV, dtype=torch.float32)
+        return [lambda p=p: decode_attention_fwd(
+            q[p], k_buf, v_buf, out[p], r2t, rows[p], lens[p], scale=D**-0.5, num_splits=num_splits,
+            sliding_window=window, global_tokens=num_global, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles)
+            for p in part]
+
+    eager = calls()[0]
+    eager()
+    ref = decode_attention_ref(q[:bs], k_buf, v_buf, r2t, list(range(bs)), [seq_len] * bs, scale=D**-0.5,
+                               sliding_window=window, global_tokens=num_global)
+    err = rel_err(out[:bs], ref)
+    name = (f"decode bs={bs} ctx={seq_len}" + (f" W={window} G={num_global}" if window else "")
+            + f" splits={splits}" + (" consecutive slots" if contiguous else ""))
+    ms = graph_ms(calls())
+    print(f"  {name}: eager (launch-bound) {bench(eager):.3f} ms, graph {ms:.3f} ms, x{copies} sets", flush=True)
     row(name + " vs copy", ms, kv_bytes / ms / 1e6, "GB/s", "d2d copy", copy_bw, err)
     if sdpa:
         kd, vd = dense_kv(k_buf, v_buf, r2t, seq_len)
         q4 = q.unsqueeze(2)
-        ms_sdpa = bench(lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))
-        row(name + " vs SDPA", ms, 1 / ms, "1/ms", "SDPA dense", 1 / ms_sdpa)
+        ms_sdpa = graph_ms([lambda p=p: F.scaled_dot_product_attention(q4[p], kd[p], vd[p], enable_gqa=True)
+                            for p in part])
+        row(name + " vs SDPA", ms, kv_bytes / ms / 1e6, "GB/s", "SDPA dense", kv_bytes / ms_sdpa / 1e6)
         del kd, vd
     if sweep:
-        for bn, warps, stages in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (32, 4, 4)]:
+        for bn, warps, stages in [(32, 4, 4), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
+                                  (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
             for s in sorted({max(1, splits // 2), splits, min(64, splits * 2)}):
-                t = bench(lambda: run(s, dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)))
-                print(f"    sweep decode bs={bs} BN={bn} w={warps} st={stages} splits={s}: {t:.3f} ms "
+                t = graph_ms(calls(s, dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)))
+                print(f"    sweep decode bs={bs} BN={bn} w={warps} st={stages} splits={s}: {t:.4f} ms "
                       f"{kv_bytes / t / 1e6:.0f} GB/s", flush=True)
     return ms
 
@@ -156,8 +187,8 @@ def bench_extend(bs, new_len, prefix_len, *, sweep=False):
     name = f"extend bs={bs} new={new_len} cached={prefix_len}"
     row(name, ms, flops / ms / 1e9, "TFLOP/s", base_name, flops / ms_base / 1e9, err)
     if sweep:
-        for rows_, bn, warps, stages in [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1), (128, 64, 8, 3),
-                                         (128, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (256, 64, 8, 2)]:
+        for rows_, bn, warps, stages in [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+                                         (128, 128, 4, 2), (256, 64, 8, 2), (256, 64, 8, 3), (64, 64, 4, 3)]:
             tiles = dict(BLOCK_M=rows_ // 4, BLOCK_N=bn, num_warps=warps, num_stages=stages)
             try:
                 t = bench(lambda: run(tiles))
@@ -172,10 +203,13 @@ def bench_store(num_tokens):
     loc = torch.randperm(num_tokens * 4, device=DEV)[:num_tokens] + 1
     k = torch.randn(num_tokens, KH, D, device=DEV, dtype=DTYPE)
     v = torch.randn_like(k)
-    ms = bench(lambda: store_kv(k_buf, v_buf, loc, k, v))
-    ms_idx = bench(lambda: (k_buf.index_copy_(0, loc, k), v_buf.index_copy_(0, loc, v)))
     nbytes = 2 * 2 * k.numel() * k.element_size()  # read + write, K and V
-    row(f"store_kv tokens={num_tokens}", ms, nbytes / ms / 1e6, "GB/s", "index_copy_", nbytes / ms_idx / 1e6)
+    ours = lambda: store_kv(k_buf, v_buf, loc, k, v)  # noqa: E731
+    base = lambda: (k_buf.index_copy_(0, loc, k), v_buf.index_copy_(0, loc, v))  # noqa: E731
+    for how, timer in (("eager", lambda fn: bench(fn)), ("graph", lambda fn: graph_ms([fn]))):
+        ms, ms_base = timer(ours), timer(base)
+        row(f"store_kv tokens={num_tokens} {how}", ms, nbytes / ms / 1e6, "GB/s", "index_copy_",
+            nbytes / ms_base / 1e6)
 
 
 def main():
@@ -190,7 +224,10 @@ def main():
     bench_decode(64, 4096, copy_bw, sweep=sweep)
     full = bench_decode(1, 32768, copy_bw, sweep=sweep)
     win = bench_decode(1, 32768, copy_bw, window=4096, num_global=4, sdpa=False)
-    ROWS.append(("decode bs=1 ctx=32768: W=4096 vs full", win, 1 / win, "1/ms", "full", 1 / full, full / win, None))
+    for bs, seq_len in ((64, 4096), (1, 32768)):  # the layout effect: random vs consecutive slots
+        bench_decode(bs, seq_len, copy_bw, sdpa=False, contiguous=True)
+    ROWS.append(("decode bs=1 ctx=32768: W=4096 vs full (speed-up)", win, 1 / win, "1/ms", "full", 1 / full,
+                 full / win, None))
     bench_extend(4, 2048, 0, sweep=sweep)
     bench_extend(4, 2048, 2048, sweep=sweep)
     bench_store(64)

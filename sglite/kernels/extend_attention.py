@@ -171,9 +171,12 @@ def extend_tiles(head_dim: int, block_g: int, *, device: torch.device) -> dict:
     """The one tile table of this kernel. BLOCK_M counts tokens; a tile has BLOCK_M * block_g rows."""
     if device.type != "cuda":  # interpreter: small tiles so tiny tests cross several blocks
         return dict(BLOCK_M=max(1, 16 // block_g), BLOCK_N=16, num_warps=1, num_stages=1)
-    rows = 128 if head_dim <= 128 else 64
-    return dict(BLOCK_M=max(1, rows // block_g), BLOCK_N=64 if head_dim <= 128 else 32,
-                num_warps=8 if rows >= 128 else 4, num_stages=2)
+    # H200, d=128, group 4, 2048 new tokens on 0 / 2048 cached (bench/kernels.py --sweep), TFLOP/s:
+    # 256 rows x 64 keys, 8 warps, 3 stages: 333 / 349; 128 rows, 4 warps, 2 stages: 303 / 322;
+    # 128 rows, 8 warps, 2 stages: 283 / 219; 128 keys per step: 117 / 130 (torch flash: 288 / 323)
+    if head_dim <= 128:
+        return dict(BLOCK_M=max(1, 256 // block_g), BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=max(1, 64 // block_g), BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def extend_attention_fwd(

@@ -8,7 +8,7 @@ layer's new K/V into its pool buffer and calls the kernel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,9 +26,11 @@ class _ExtendMeta:
 
 @dataclass
 class _DecodeMeta:
-    num_splits: int
+    num_splits: int  # for full-attention layers; windowed layers use at most this many
+    max_seq_len: int
     mid_o: torch.Tensor  # [bs, H, num_splits, D] fp32, split partials shared by all layers
     mid_lse: torch.Tensor  # [bs, H, num_splits] fp32
+    window_splits: dict[tuple[int, int], int] = field(default_factory=dict)  # (W, G) -> splits
 
 
 class TritonAttentionBackend(BaseAttentionBackend):
@@ -65,7 +67,8 @@ class TritonAttentionBackend(BaseAttentionBackend):
             assert isinstance(meta, _DecodeMeta), "init_forward was not called for this decode batch"
             decode_attention_fwd(
                 q, k_buf, v_buf, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                scale=layer.scale, num_splits=meta.num_splits, mid_o=meta.mid_o, mid_lse=meta.mid_lse,
+                scale=layer.scale, num_splits=self._num_splits(meta, layer), mid_o=meta.mid_o,
+                mid_lse=meta.mid_lse,
                 **window,
             )
         else:
@@ -80,7 +83,20 @@ class TritonAttentionBackend(BaseAttentionBackend):
 
     def _decode_meta(self, batch: ForwardBatch) -> _DecodeMeta:
         bs = batch.batch_size
-        splits = decode_num_splits(bs, self.num_kv_heads, num_sms=self.num_sms, max_kv_len=max(batch.seq_lens_cpu))
+        splits = decode_num_splits(bs, self.num_kv_heads, num_sms=self.num_sms,
+                                   max_kv_len=max(batch.seq_lens_cpu))
         mid_o = torch.empty(bs, self.num_heads, splits, self.head_dim, dtype=torch.float32, device=self.device)
         mid_lse = torch.empty(bs, self.num_heads, splits, dtype=torch.float32, device=self.device)
-        return _DecodeMeta(splits, mid_o, mid_lse)
+        return _DecodeMeta(splits, max(batch.seq_lens_cpu), mid_o, mid_lse)
+
+    def _num_splits(self, meta: _DecodeMeta, layer: AttentionLayer) -> int:
+        """A windowed layer reads at most W + G keys per request: split only those."""
+        if layer.sliding_window is None:
+            return meta.num_splits
+        key = (layer.sliding_window, layer.global_tokens)
+        if key not in meta.window_splits:
+            visible = min(meta.max_seq_len, layer.sliding_window + layer.global_tokens)
+            bs = meta.mid_o.shape[0]
+            splits = decode_num_splits(bs, self.num_kv_heads, num_sms=self.num_sms, max_kv_len=visible)
+            meta.window_splits[key] = min(splits, meta.num_splits)
+        return meta.window_splits[key]
