@@ -46,12 +46,15 @@ class ModelRunner:
         max_context_len: int | None = None,
         config_overrides: dict | None = None,
         seed: int = 0,
+        skip_tokenizer_init: bool = False,  # weights-only folders (tests, benchmarks)
     ):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.model_path, self.tokenizer = None, None
-        self.model_config = self._load_config(model_path, load_format, preset, config_overrides or {})
+        self.model_config = self._load_config(
+            model_path, load_format, preset, config_overrides or {}, skip_tokenizer_init
+        )
         self.model = self._load_model(load_format, seed)
         self.kv_cache = self._make_kv_cache(max_total_tokens, kv_memory_bytes)
         self.token_pool = TokenPool(self.kv_cache.capacity)
@@ -137,7 +140,7 @@ class ModelRunner:
         )
 
     # --- start-up --------------------------------------------------------------------------
-    def _load_config(self, model_path, load_format, preset, overrides) -> ModelConfig:
+    def _load_config(self, model_path, load_format, preset, overrides, skip_tokenizer) -> ModelConfig:
         from sglite.runtime.model_loader import load_config, load_tokenizer, resolve_model
 
         if load_format not in ("auto", "dummy"):
@@ -147,7 +150,7 @@ class ModelRunner:
         if load_format == "dummy" and preset is not None:
             raise ValueError("give either a model path or a preset for dummy weights, not both")
         self.model_path = resolve_model(model_path)
-        if load_format == "auto":
+        if load_format == "auto" and not skip_tokenizer:
             self.tokenizer = load_tokenizer(self.model_path)
         return load_config(self.model_path, **overrides)
 
