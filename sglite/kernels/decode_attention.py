@@ -23,7 +23,7 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) dominates
+MIN_SPLIT_TOKENS = 128  # H200, bs 1, W=4096: 17 splits of 256 keys 0.023 ms, 33 of 128 keys 0.015 ms
 
 
 @triton.jit

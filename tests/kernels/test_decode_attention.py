@@ -53,7 +53,7 @@ def test_num_splits_policy():
     assert decode_num_splits(1, 8, num_sms=132) == MAX_SPLITS
     assert decode_num_splits(64, 8, num_sms=132) == 1  # 512 programs already fill 132 SMs
     assert decode_num_splits(16, 8, num_sms=132) == 5
-    assert decode_num_splits(1, 8, num_sms=132, max_kv_len=1000) == 4  # >= 256 keys per split
+    assert decode_num_splits(1, 8, num_sms=132, max_kv_len=1000) == 8  # >= 128 keys per split
 
 
 def test_decode_rejects_bad_splits():
