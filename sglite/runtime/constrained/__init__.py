@@ -13,6 +13,7 @@ _EXPORTS = {
     "dtype_to_regex": "dtypes",
     "KINDS": "grammar_cache",
     "GrammarCache": "grammar_cache",
+    "CompiledGrammar": "grammar_cache",
     "JumpForward": "jump",
     "jump_forward": "jump",
     "GrammarState": "state",

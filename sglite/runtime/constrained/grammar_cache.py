@@ -26,6 +26,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import xgrammar as xgr
@@ -35,6 +36,17 @@ KINDS = ("regex", "json_schema", "grammar")
 # xgrammar's C++ errors start with "[08:58:41] /project/cpp/regex_converter.cc:83: "; users want
 # only the part after it.
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledGrammar:
+    """What a GrammarCache future resolves to; GrammarState(compiled) matches against it."""
+
+    kind: str
+    spec: str
+    xgr_grammar: xgr.CompiledGrammar
+    token_bytes: list[bytes]  # token id -> its bytes as the matcher sees them (shared, read-only)
+    vocab_size: int
 
 
 class GrammarCache:
@@ -59,6 +71,8 @@ class GrammarCache:
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop
         )
         self.vocab_size = vocab_size
+        # Built once here: xgrammar rebuilds this 49k-entry list on every decoded_vocab access.
+        self.token_bytes: list[bytes] = list(self.tokenizer_info.decoded_vocab)
         self.json_any_whitespace = json_any_whitespace
         self.max_entries = max_entries
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=num_threads)
@@ -67,7 +81,7 @@ class GrammarCache:
         self._lock = threading.Lock()
 
     def get_future(self, kind: str, spec: str) -> Future:
-        """Future resolving to an `xgrammar.CompiledGrammar`, or raising ValueError that names the
+        """Future resolving to a CompiledGrammar, or raising ValueError that names the
         kind and the problem. Unknown kinds raise ValueError right away."""
         if kind not in KINDS:
             raise ValueError(f"unknown grammar kind {kind!r}: expected one of {KINDS}")
@@ -85,28 +99,30 @@ class GrammarCache:
                 self._futures.popitem(last=False)
             return fut
 
-    def compile(self, kind: str, spec: str) -> xgr.CompiledGrammar:
+    def compile(self, kind: str, spec: str) -> CompiledGrammar:
         """Blocking form of get_future (tests, offline use)."""
         return self.get_future(kind, spec).result()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _compile(self, kind: str, spec: str) -> xgr.CompiledGrammar:
+    def _compile(self, kind: str, spec: str) -> CompiledGrammar:
         if kind == "json_schema":
             _check_json_schema(spec)
         elif kind == "grammar":
             _check_lark(spec)
         try:
             if kind == "regex":
-                return self._compiler.compile_regex(spec)
-            if kind == "json_schema":
-                return self._compiler.compile_json_schema(
+                grammar = self._compiler.compile_regex(spec)
+            elif kind == "json_schema":
+                grammar = self._compiler.compile_json_schema(
                     spec, any_whitespace=self.json_any_whitespace
                 )
-            return self._compiler.compile_lark(spec)
+            else:
+                grammar = self._compiler.compile_lark(spec)
         except RuntimeError as e:
             raise ValueError(f"invalid {_NAMES[kind]} {_short(spec)}: {_clean(e)}") from None
+        return CompiledGrammar(kind, spec, grammar, self.token_bytes, self.vocab_size)
 
 
 _NAMES = {"regex": "regex", "json_schema": "JSON schema", "grammar": "Lark grammar"}

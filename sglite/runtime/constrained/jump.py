@@ -34,8 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import xgrammar as xgr
-
 from sglite.runtime.constrained.state import GrammarState
 
 
@@ -69,7 +67,7 @@ def jump_forward(
         raise ValueError(
             f"output_ids has {len(output_ids)} tokens but the grammar accepted {state.num_accepted}"
         )
-    table = token_bytes(state.compiled.tokenizer_info)
+    table = state.compiled.token_bytes
     start = _utf8_boundary(table, output_ids, max(0, len(output_ids) - window))
     if start is None:
         return None
@@ -91,18 +89,6 @@ def jump_forward(
         assert restored, "re-accepting previously accepted tokens failed"
         return None
     return JumpForward(num_dropped=num_dropped, new_token_ids=new_tail[keep:], text=forced)
-
-
-_token_bytes: dict[int, tuple[xgr.TokenizerInfo, list[bytes]]] = {}
-
-
-def token_bytes(info: xgr.TokenizerInfo) -> list[bytes]:
-    """Token id → its bytes as the matcher sees them. Cached per TokenizerInfo."""
-    hit = _token_bytes.get(id(info))
-    if hit is None or hit[0] is not info:
-        hit = (info, list(info.decoded_vocab))
-        _token_bytes[id(info)] = hit
-    return hit[1]
 
 
 def _utf8_boundary(table: list[bytes], ids: Sequence[int], start: int) -> int | None:

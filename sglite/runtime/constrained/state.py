@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
+from sglite.runtime.constrained.grammar_cache import CompiledGrammar
+
 
 class GrammarState:
     """A matcher over one compiled grammar: what the request has generated so far.
@@ -27,10 +29,10 @@ class GrammarState:
     After the grammar is complete only the stop tokens are allowed; accepting one terminates the
     state (the request then finishes with that stop token)."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar):
+    def __init__(self, compiled: CompiledGrammar):
         self.compiled = compiled
-        self.vocab_size = compiled.tokenizer_info.vocab_size
-        self.matcher = xgr.GrammarMatcher(compiled)
+        self.vocab_size = compiled.vocab_size
+        self.matcher = xgr.GrammarMatcher(compiled.xgr_grammar)
         self.num_accepted = 0  # tokens accepted so far: the rollback limit
 
     def accept(self, token_id: int) -> bool:
