@@ -13,7 +13,7 @@ E2E_RUNTIME_ARGS = dict(
     # fp32: batched greedy outputs must equal unbatched ones bit for bit in the e2e tests, and bf16
     # rounding makes near-ties flip with the batch shape.
     dtype="float32",
-    max_total_tokens=16384,
+    max_total_tokens=8192,
     max_running_requests=96,
     chunked_prefill_size=512,
     log_interval=5.0,

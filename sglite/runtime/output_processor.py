@@ -77,7 +77,9 @@ class OutputProcessor:
         if not req.is_finished and len(req.output_ids) >= p.max_new_tokens:
             req.finish("length")
         if req.is_finished and not isinstance(req.finish_reason["matched"], str):
-            req.text_buffer += req.stop_matcher.flush()  # no stop string: release held text
+            if req.detok is not None:  # release what the detokenizer and stop matcher hold
+                self.append_text(req, req.detok.flush())
+            req.text_buffer += req.stop_matcher.flush()
 
     def append_text(self, req: Req, text: str) -> None:
         emit, matched = req.stop_matcher.feed(text)

@@ -15,19 +15,21 @@ class Sampling:
         self._bitmask = None  # int32 [rows, words], reused across steps
 
     def sample(self, reqs: list[Req], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """logits [bs, vocab] (modified in place). Returns next ids and, when any request wants
-        logprobs, log_softmax of the (grammar-masked) logits [bs, vocab]."""
+        """logits [bs, vocab] (grammar masks are applied in place). Returns next ids and, when any
+        request wants logprobs, log_softmax of the raw logits [bs, vocab]."""
         logits = logits.float()
-        self._apply_grammars(reqs, logits)
         logprobs = None
-        if any(r.return_logprob for r in reqs):
+        if any(r.return_logprob for r in reqs):  # from the raw logits, as SGLang reports them
             logprobs = torch.log_softmax(logits, dim=-1)
+        self._apply_grammars(reqs, logits)
         if all(_is_plain_greedy(r) for r in reqs):
             return logits.argmax(dim=-1).tolist(), logprobs
         from sglite.runtime.sampler import sample_batch
 
+        needs_prompt = any(r.params.repetition_penalty != 1 for r in reqs)
         ids = sample_batch(logits, [r.params for r in reqs], [r.output_ids for r in reqs],
-                           eos_token_ids=self.eos_token_ids)
+                           eos_token_ids=self.eos_token_ids,
+                           prompt_ids=[r.input_ids for r in reqs] if needs_prompt else None)
         return [int(t) for t in ids], logprobs
 
     def _apply_grammars(self, reqs: list[Req], logits: torch.Tensor) -> None:
