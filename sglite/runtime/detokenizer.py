@@ -1,0 +1,112 @@
+"""Incremental detokenization and stop-string matching for streamed generation.
+
+IncrementalDetokenizer turns output token ids into text deltas with the offset technique of vLLM
+and SGLang: the ids are decoded in a small window that starts a few tokens before the new ones
+(`prefix_offset`), and the delta is the window text past the text already emitted
+(`read_offset`). The context tokens matter for tokenizers whose decode of a lone token drops its
+leading space (sentencepiece "▁word") and for byte-level BPE tokens that carry only part of a
+UTF-8 character: while the window text ends in U+FFFD the delta is held back, so a stream never
+carries broken characters. `flush()` releases what is still held when the stream ends (invalid
+bytes then come out as U+FFFD, as in a whole decode), so
+
+    "".join(d.append(t) for t in ids) + d.flush() == tokenizer.decode(ids, skip_special_tokens=...,
+                                                                     clean_up_tokenization_spaces=False)
+
+Decoding never applies clean_up_tokenization_spaces: that rewrite (" ." -> ".") looks at text that
+has already been streamed, and it changes what the model wrote.
+
+StopMatcher cuts the text at the first stop string (SGLang semantics: the stop string itself is not
+part of the output) and holds back a tail that could still become a stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# Prompt tokens kept as decode context for the first output tokens (vLLM and SGLang use 5).
+_CONTEXT_TOKENS = 5
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        if self._decode(context).endswith(_REPLACEMENT):
+            context = []  # the prompt ends mid-character: output bytes must not complete it
+        self.ids = context  # then every output id
+        self.prefix_offset = 0  # window start
+        self.read_offset = len(self.ids)  # text of ids[:read_offset] has been emitted
+
+    def append(self, token_id: int) -> str:
+        """Add one output token; returns the new text (possibly "")."""
+        self.ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """End of stream: return any held-back text, broken characters included."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        emitted = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        window = self._decode(self.ids[self.prefix_offset:])
+        if len(window) <= len(emitted) or (window.endswith(_REPLACEMENT) and not final):
+            return ""  # nothing new, or a character still incomplete
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return window[len(emitted):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+
+class StopMatcher:
+    """feed(text) -> (emit, matched): `emit` is text that is safe to release; `matched` is the stop
+    string that ended the output (then `emit` stops right before it and later feeds return
+    ("", matched) again). Among stop strings found, the one that ENDS first wins (what a
+    character-by-character stream would see first); on a tie, the longer one."""
+
+    def __init__(self, stops: Sequence[str]):
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        self.stops = list(stops)
+        self.held = ""  # a tail that is a proper prefix of some stop string
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        if self.matched is not None:
+            return "", self.matched
+        buf = self.held + text
+        hit = self._first_match(buf)
+        if hit is not None:
+            start, stop = hit
+            self.held, self.matched = "", stop
+            return buf[:start], stop
+        keep = self._partial_tail_len(buf)
+        self.held = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], None
+
+    def flush(self) -> str:
+        """The stream ended without a (further) match: release the held tail."""
+        held, self.held = self.held, ""
+        return held
+
+    def _first_match(self, buf: str) -> tuple[int, str] | None:
+        best = None  # (end, -len, start, stop)
+        for stop in self.stops:
+            start = buf.find(stop)
+            if start >= 0:
+                cand = (start + len(stop), -len(stop), start, stop)
+                best = cand if best is None or cand < best else best
+        return None if best is None else (best[2], best[3])
+
+    def _partial_tail_len(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buf)), longest, -1):
+                if buf.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
