@@ -145,7 +145,9 @@ class LlamaForCausalLM(nn.Module):
                     f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model "
                     f"{tuple(params[name].shape)}"
                 )
-            params[name].data.copy_(tensor)
+            param = params[name]
+            # adopt the loaded tensor: copying into the fresh buffer would touch every page twice
+            param.data = tensor.to(device=param.device, dtype=param.dtype)
             loaded.add(name)
         missing = [n for n in self._expected_weight_keys() if n not in loaded]
         if missing:
