@@ -65,16 +65,17 @@ def render_jinja(template: str, messages: list[dict], *, add_generation_prompt: 
                                             add_generation_prompt=add_generation_prompt)
 
 
-def chat_template_from_jinja(template: str, *, bos_token: str = "", eos_token: str = "",
+def chat_template_from_jinja(template: str, *, eos_token: str = "",
                              name: str = "model") -> ChatTemplate:
     """Cut sentinel renderings into per-role (prefix, suffix); raises ValueError if they don't cut."""
     import jinja2
 
     def render(roles, **kw) -> str:
-        text = render_jinja(template, [{"role": r, "content": _SENTINEL[r]} for r in roles],
-                            bos_token=bos_token, eos_token=eos_token, **kw)
-        # The runtime's tokenizer adds BOS itself (as for SGLang's templates): never send it as text.
-        return text[len(bos_token):] if bos_token and text.startswith(bos_token) else text
+        # bos_token="": the runtime's tokenizer adds BOS itself when the model wants one (as with
+        # SGLang's templates), so it is never sent as text. (Stripping the BOS text instead would
+        # be wrong for SmolLM2, whose BOS is "<|im_start|>", the start of every role.)
+        return render_jinja(template, [{"role": r, "content": _SENTINEL[r]} for r in roles],
+                            bos_token="", eos_token=eos_token, **kw)
 
     try:
         history: list[str] = ["system"]

@@ -22,6 +22,7 @@ from sglite.lang.tracer import Trace, trace_program
 
 _default_backend: BaseBackend | None = None
 MIN_PRECACHE_CHARS = 64  # SGLang's threshold: shorter prefixes are not worth a request
+PRECACHE_SAMPLE = 4  # programs traced to find the batch's common prefix
 
 
 def set_default_backend(backend: BaseBackend | None) -> None:
@@ -77,7 +78,7 @@ class SglFunction:
             raise TypeError(f"run_batch got unknown keyword arguments {sorted(unknown)}")
         calls = [self._normalize_call(item) for item in batch_kwargs]
         if len(calls) > 1:
-            self._precache(backend, defaults)
+            self._precache(backend, defaults, calls)
         if num_threads == "auto":
             num_threads = max(96, (os.cpu_count() or 1) * 16)
         states: list[ProgramState | None] = [None] * len(calls)
@@ -128,12 +129,18 @@ class SglFunction:
             return dict(zip(self.arg_names, item))
         raise TypeError(f"run_batch items must be dicts or tuples, got {type(item).__name__}")
 
-    def _precache(self, backend: BaseBackend, defaults: ir.GenParams) -> None:
-        # Prefill the constant prefix once, so the batch does not race to prefill it N times.
-        try:
-            prefix = self.trace(backend=backend).constant_prefix
-        except Exception:
-            return
+    def _precache(self, backend: BaseBackend, defaults: ir.GenParams, calls: list[dict]) -> None:
+        """Prefill the batch's shared constant prefix once, so that N programs do not race to
+        prefill it N times. SGLang traces with placeholder arguments and stops at the first one;
+        the common prefix of a few real traces also covers programs that str() an argument."""
+        prefixes = []
+        for kwargs in calls[:PRECACHE_SAMPLE]:
+            try:
+                prefixes.append(trace_program(self, (), {**self.bind_arguments, **kwargs},
+                                              backend=backend, defaults=defaults).constant_prefix)
+            except Exception:
+                return
+        prefix = os.path.commonprefix(prefixes)
         if len(prefix) >= MIN_PRECACHE_CHARS:
             backend.cache_prefix(prefix)
 

@@ -40,8 +40,7 @@ class RuntimeEndpoint(BaseBackend):
                 self._chat_template = get_chat_template(name or "default")
             else:
                 self._chat_template = chat_template_from_jinja(
-                    jinja, bos_token=self.info.get("bos_token") or "",
-                    eos_token=self.info.get("eos_token") or "",
+                    jinja, eos_token=self.info.get("eos_token") or "",
                     name=str(self.info.get("model_path")))
         return self._chat_template
 
