@@ -47,6 +47,10 @@ class SamplingBatch:
     is_greedy: torch.Tensor  # [bs] bool
     generators: list[torch.Generator | None]  # per row, None: global RNG
     device: torch.device
+    # host-side flags, so that choosing a path needs no device sync
+    all_greedy: bool
+    need_sort: bool  # some row uses top_k or top_p
+    need_min_p: bool
 
     @classmethod
     def from_requests(cls, params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]],
@@ -78,6 +82,9 @@ class SamplingBatch:
             is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             generators=[_row_generator(p.seed, len(o), device) for p, o in zip(params, output_ids)],
             device=device,
+            all_greedy=all(greedy),
+            need_sort=any(p.top_k > 0 or p.top_p < 1 for p in params),
+            need_min_p=any(p.min_p > 0 for p in params),
         )
 
     @property
@@ -108,7 +115,7 @@ class SamplingBatch:
         """logits [bs, vocab] -> next token ids int64 [bs]."""
         logits = self.process_logits(logits, allowed_mask)
         greedy_ids = logits.argmax(dim=-1)
-        if bool(self.is_greedy.all()):
+        if self.all_greedy:
             return greedy_ids
         probs = torch.softmax(logits / self.temperatures, dim=-1)
         probs = self._filter(probs)
@@ -135,13 +142,13 @@ class SamplingBatch:
         logits -= freq.view(-1, 1) * counts + pres.view(-1, 1) * (counts > 0)
 
     def _filter(self, probs: torch.Tensor) -> torch.Tensor:
-        if bool((self.top_ks < _NO_TOP_K).any() | (self.top_ps < 1).any()):
+        if self.need_sort:
             sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
             rank = torch.arange(probs.shape[-1], device=self.device).view(1, -1)
             drop = (rank >= self.top_ks) | (sorted_probs.cumsum(-1) - sorted_probs > self.top_ps)
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        if bool((self.min_ps > 0).any()):
+        if self.need_min_p:
             top = probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < top * self.min_ps, 0.0)
         return probs

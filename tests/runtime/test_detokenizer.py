@@ -53,7 +53,7 @@ def test_random_token_ids_match_whole_decode(tokenizer):
     vocab = len(tokenizer)
     valid = tokenizer.encode("".join(PIECES), add_special_tokens=False)
     for skip in (True, False):
-        for _ in range(30):
+        for _ in range(60):
             # random ids (broken UTF-8 included), real multi-byte tokens and special tokens
             ids = [rng.choice([rng.randrange(vocab), rng.choice(valid), rng.randrange(17)])
                    for _ in range(rng.randint(1, 25))]
