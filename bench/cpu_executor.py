@@ -49,6 +49,7 @@ def release(runner, rows):
 
 
 def bench_sglite(runner, bs, prompt_len, steps):
+    release(runner, sglite_prefill(runner, bs, prompt_len)[0])  # warm-up (oneDNN, allocator)
     prefill_s, (rows, _) = timed(lambda: sglite_prefill(runner, bs, prompt_len))
     decode_s, _ = timed(lambda: sglite_decode(runner, rows, prompt_len, steps))
     release(runner, rows)
@@ -60,7 +61,7 @@ def bench_hf(model, bs, prompt_len, steps):
     ids = torch.tensor([[(7 * i + j) % 1000 + 100 for j in range(prompt_len)] for i in range(bs)])
     mask = torch.ones_like(ids)
     gen = dict(do_sample=False, attention_mask=mask, pad_token_id=0, eos_token_id=None)
-    prefill_s, _ = timed(lambda: model(ids, attention_mask=mask, logits_to_keep=1))
+    prefill_s, _ = timed(lambda: model(ids, attention_mask=mask, logits_to_keep=1), repeat=2)
     one_s, _ = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen))
     all_s, _ = timed(lambda: model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **gen))
     return bs * prompt_len / prefill_s, bs * steps / max(all_s - one_s, 1e-9)
@@ -71,7 +72,10 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     from sglite.runtime.model_runner import ModelRunner, resolve_dtype
