@@ -178,6 +178,7 @@ def run_program(program: SglFunction, backend: BaseBackend, args: tuple, kwargs:
     state = ProgramState(executor)
 
     def body():
+        executor.body_thread = threading.get_ident()
         try:
             state.ret_value = program.func(state, *args, **kwargs)
         except Exception as e:

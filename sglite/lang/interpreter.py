@@ -48,7 +48,9 @@ class StreamExecutor:
         self.children: list[StreamExecutor] = []
         self.chunks: list[tuple[str | None, str]] = []  # (variable or None, text): for text_iter
         self.cond = threading.Condition()
-        self.is_finished = False
+        self.is_ended = False  # the program body returned: no more submits
+        self.body_thread: int | None = None  # the thread running the user's function
+        self.is_finished = False  # ... and the worker executed everything
         self.queue: queue.Queue | None = None
         if use_thread:
             self.queue = queue.Queue()
@@ -57,8 +59,10 @@ class StreamExecutor:
     # ---- called from the user's thread -----------------------------------------------------
 
     def submit(self, expr: ir.Expr) -> None:
-        for name in _var_names(expr):
-            self.variable_events[name] = threading.Event()
+        with self.cond:  # get_var may be waiting for a stream=True body to declare the name
+            for name in _var_names(expr):
+                self.variable_events[name] = threading.Event()
+            self.cond.notify_all()
         if self.queue is None:
             self._execute_guarded(expr)
         else:
@@ -72,12 +76,19 @@ class StreamExecutor:
         """No more expressions will come: the worker (and those of un-joined forks) exit."""
         for child in self.children:
             child.end()
+        with self.cond:
+            self.is_ended = True
+            self.cond.notify_all()
         if self.queue is not None:
             self.queue.put(None)
         else:
             self._mark_finished()
 
     def get_var(self, name: str) -> Any:
+        with self.cond:  # another thread may read before a stream=True body declared `name`
+            while name not in self.variable_events and name not in self.variables \
+                    and not self.is_ended and threading.get_ident() != self.body_thread:
+                self.cond.wait()
         event = self.variable_events.get(name)
         if event is not None:
             event.wait()
@@ -113,6 +124,7 @@ class StreamExecutor:
         children = [self._spawn(f"{self.stream_key}.{self.num_forks}.{i}") for i in range(size)]
         self.num_forks += 1
         for child in children:
+            child.body_thread = self.body_thread
             child.text_, child.fork_start_text_pos = self.text_, len(self.text_)
             child.variables, child.meta_info = dict(self.variables), dict(self.meta_info)
             child.messages_, child.cur_role = list(self.messages_), self.cur_role

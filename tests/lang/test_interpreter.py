@@ -172,3 +172,33 @@ def test_template_default_system_prompt_inserted():
     state = prog.run(backend=backend)
     assert state.text() == "<s>system\nDefault.</s>\n<s>user\nhi</s>\n"
     assert state.messages()[0] == {"role": "system", "content": "Default."}
+
+
+def test_reads_race_ahead_of_a_streaming_body_and_typos_fail_fast(backend):
+    @sgl.function
+    def slow_body(s):
+        import time
+
+        time.sleep(0.2)  # the caller reads s["a"] before the body declared it
+        s += "x" + sgl.gen("a")
+
+    assert slow_body.run(backend=backend, stream=True)["a"].startswith("<len:")
+
+    @sgl.function
+    def typo(s):
+        s += "x" + sgl.gen("a")
+        return s["b"]
+
+    with pytest.raises(KeyError, match="'b'"):
+        typo.run(backend=backend)
+
+
+def test_template_never_sends_bos_text():
+    llama3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+              "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+              "{% endif %}")
+    t = chat_template_from_jinja(llama3)
+    assert t.get_prefix_and_suffix("user") == ("<|start_header_id|>user<|end_header_id|>\n\n",
+                                               "<|eot_id|>")
+    assert t.default_system_text == ""
