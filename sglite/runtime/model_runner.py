@@ -2,8 +2,9 @@
 lengths into a ForwardBatch and runs it. The scheduler allocates slots; the runner only writes
 them into req_to_token and computes.
 
-Seam for CUDA graphs: `forward` calls `_run_model(batch)`; a graph runner can replace that for
-decode batches of captured sizes without touching the rest.
+CUDA graphs: on a GPU with a backend that supports them (triton), decode batches of up to
+`cuda_graph_max_bs` requests replay graphs captured at start-up (sglite.runtime.cuda_graph);
+`forward` routes them there and runs everything else eagerly through `_run_model(batch)`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class ModelRunner:
         config_overrides: dict | None = None,
         seed: int = 0,
         skip_tokenizer_init: bool = False,  # weights-only folders (tests, benchmarks)
+        disable_cuda_graph: bool = False,
+        cuda_graph_max_bs: int | None = None,  # None: max_running_requests, at most 256
     ):
         torch.manual_seed(seed)
         self.device = torch.device(device)
@@ -69,6 +72,16 @@ class ModelRunner:
             device=self.device,
         )
         self._log_kv_economy()
+        self.graph_runner = None
+        if self.device.type == "cuda" and not disable_cuda_graph:
+            if getattr(self.attn_backend, "supports_cuda_graph", False):
+                from sglite.runtime.cuda_graph import CudaGraphRunner
+
+                max_bs = cuda_graph_max_bs or min(max_running_requests, 256)
+                self.graph_runner = CudaGraphRunner(self, max_bs=max_bs)
+            else:
+                logger.info("attention backend %r has no CUDA graph support: decode runs eagerly",
+                            attention_backend)
 
     # --- batches ---------------------------------------------------------------------------
     def make_extend_batch(
@@ -98,15 +111,39 @@ class ModelRunner:
         last_token_ids: list[int],
         out_cache_loc: torch.Tensor,  # [bs] int64, the slot of each new token
     ) -> ForwardBatch:
+        bs = len(seq_lens)
+        if not len(req_pool_indices) == len(last_token_ids) == len(out_cache_loc) == bs:
+            raise ValueError(f"decode batch of {bs} lengths got {len(req_pool_indices)} rows, "
+                             f"{len(last_token_ids)} tokens, {len(out_cache_loc)} slots")
+        if bs == 0 or min(seq_lens) < 1 or max(seq_lens) > self.max_context_len:
+            raise ValueError(f"decode lengths must be in [1, max_context_len={self.max_context_len}], got "
+                             f"{min(seq_lens, default=None)}..{max(seq_lens, default=None)}")
         prefix_lens = [s - 1 for s in seq_lens]
-        return self._make_batch(
-            ForwardMode.DECODE, req_pool_indices, prefix_lens, [1] * len(seq_lens),
-            last_token_ids, torch.tensor(prefix_lens), out_cache_loc, False,
+        # one host -> device copy for every per-request int: at bs 128 the per-field (and
+        # per-row req_to_token) copies cost more CPU time than the graph replay itself
+        host = torch.cat([
+            torch.tensor([last_token_ids, prefix_lens, req_pool_indices, seq_lens],
+                         dtype=torch.int64).view(-1),
+            out_cache_loc.to(torch.int64).view(-1),
+        ])
+        ids, positions, rows, lens, loc = host.to(self.device, non_blocking=True).view(5, bs)
+        self.req_to_token.table[rows, positions] = loc.to(torch.int32)
+        lens32 = torch.stack([lens, positions]).to(torch.int32)  # seq_lens, prefix_lens
+        return ForwardBatch(
+            mode=ForwardMode.DECODE, input_ids=ids, positions=positions, req_pool_indices=rows,
+            seq_lens=lens32[0], prefix_lens=lens32[1],
+            extend_lens=torch.ones(bs, dtype=torch.int32, device=self.device),
+            out_cache_loc=loc, req_to_token=self.req_to_token.table,
+            seq_lens_cpu=list(seq_lens), prefix_lens_cpu=prefix_lens, extend_lens_cpu=[1] * bs,
         )
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits float32 [bs, vocab], or [num_tokens, vocab] if batch.return_all_logits."""
+    def forward(self, batch: ForwardBatch, *, use_cuda_graph: bool = True) -> torch.Tensor:
+        """Logits float32 [bs, vocab], or [num_tokens, vocab] if batch.return_all_logits.
+        From a CUDA graph the logits are a view that the next forward overwrites."""
         with torch.inference_mode():
+            graphs = self.graph_runner
+            if use_cuda_graph and graphs is not None and graphs.can_run(batch):
+                return graphs.replay(batch)
             self.attn_backend.init_forward(batch)
             return self._run_model(batch)
 

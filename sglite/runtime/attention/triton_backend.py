@@ -34,6 +34,8 @@ class _DecodeMeta:
 
 
 class TritonAttentionBackend(BaseAttentionBackend):
+    supports_cuda_graph = True
+
     def __init__(self, *, kv_cache, model_config, device):
         self.kv_cache = kv_cache
         self.device = torch.device(device)
@@ -45,6 +47,9 @@ class TritonAttentionBackend(BaseAttentionBackend):
         else:
             self.num_sms = 4  # interpreter: a few splits are enough to exercise the merge
         self._meta: _ExtendMeta | _DecodeMeta | None = None
+        self._graph_context_len = 0
+        self._graph_mid_o: torch.Tensor | None = None  # flat fp32 scratch shared by all graphs
+        self._graph_mid_lse: torch.Tensor | None = None
 
     def init_forward(self, batch: ForwardBatch) -> None:
         if batch.is_decode:
@@ -53,6 +58,25 @@ class TritonAttentionBackend(BaseAttentionBackend):
             starts = torch.zeros(batch.batch_size, dtype=torch.int32)
             starts[1:] = torch.tensor(batch.extend_lens_cpu[:-1], dtype=torch.int32).cumsum(0)
             self._meta = _ExtendMeta(starts.to(self.device, non_blocking=True), max(batch.extend_lens_cpu))
+
+    def init_cuda_graph_state(self, batch_sizes: list[int], *, max_context_len: int) -> None:
+        """Scratch for captured decode forwards, sized for the largest bs x splits of any captured
+        size. All graphs share it: they replay one at a time on one stream."""
+        self._graph_context_len = max_context_len
+        rows = max(bs * self._graph_splits(bs) for bs in batch_sizes)  # (request, split) pairs
+        kw = dict(dtype=torch.float32, device=self.device)
+        self._graph_mid_o = torch.empty(rows * self.num_heads * self.head_dim, **kw)
+        self._graph_mid_lse = torch.empty(rows * self.num_heads, **kw)
+
+    def init_forward_capture(self, batch: ForwardBatch) -> None:
+        """init_forward for a decode batch about to be captured: static scratch, and splits that
+        hold for any lengths up to the context limit."""
+        assert batch.is_decode and self._graph_mid_o is not None, "init_cuda_graph_state first"
+        bs, heads, dim = batch.batch_size, self.num_heads, self.head_dim
+        splits = self._graph_splits(bs)
+        mid_o = self._graph_mid_o[: bs * heads * splits * dim].view(bs, heads, splits, dim)
+        mid_lse = self._graph_mid_lse[: bs * heads * splits].view(bs, heads, splits)
+        self._meta = _DecodeMeta(splits, self._graph_context_len, mid_o, mid_lse)
 
     def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch) -> torch.Tensor:
         k_buf, v_buf = self.kv_cache.get_kv(layer.kv_layer_id)
@@ -88,6 +112,10 @@ class TritonAttentionBackend(BaseAttentionBackend):
         mid_o = torch.empty(bs, self.num_heads, splits, self.head_dim, dtype=torch.float32, device=self.device)
         mid_lse = torch.empty(bs, self.num_heads, splits, dtype=torch.float32, device=self.device)
         return _DecodeMeta(splits, max(batch.seq_lens_cpu), mid_o, mid_lse)
+
+    def _graph_splits(self, bs: int) -> int:
+        return decode_num_splits(bs, self.num_kv_heads, num_sms=self.num_sms,
+                                 max_kv_len=self._graph_context_len)
 
     def _num_splits(self, meta: _DecodeMeta, layer: AttentionLayer) -> int:
         """A windowed layer reads at most W + G keys per request: split only those."""
