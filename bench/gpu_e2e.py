@@ -1,0 +1,270 @@
+"""End to end on GPU (issue 6, plus issue 7's windowed decode), baselines in the same run:
+
+a. batch-1 decode ms/token (CUDA graphs, the runner's whole step incl. batch building and the
+   argmax read-back) vs the weight-bandwidth floor: weight bytes / d2d copy bandwidth (measured);
+b. offline throughput: N requests through the real runtime (`python -m sglite serve` spawned by
+   RuntimeProcess, GenerateReqs over ZMQ) vs transformers `generate` (sdpa, bf16, same shape and
+   N(0, 0.02) init) at batch 128 on a subset, extrapolated as tokens/s;
+c. decode steps/s with B requests of a long context in the pool, sliding window W + G global
+   tokens on every layer vs full attention (same shape, same random KV).
+
+    python bench/gpu_e2e.py                      # H100/H200: llama-3-8b shape
+    python bench/gpu_e2e.py --device cpu --preset tiny --num-requests 8 --prompt-len 16 \\
+        --output-len 8 --hf-batch 4 --hf-batches 1 --context 512 --window 64 --window-bs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+import uuid
+
+import torch
+
+from sglite.runtime.model_runner import ModelRunner
+
+ROWS: list[tuple] = []  # (case, sglite, baseline name, baseline, ratio, note)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(1 << 29, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 2 / sorted(times)[len(times) // 2]
+
+
+def decode_loop(runner, rows, seq_lens, last, steps, **kw) -> float:
+    """Seconds per decode step of the runner's full path: batch build, forward, argmax to host."""
+    seq_lens = list(seq_lens)
+    for i in range(steps + 3):
+        if i == 3:  # warm-up done
+            sync(runner.device)
+            t0 = time.perf_counter()
+        seq_lens = [s + 1 for s in seq_lens]
+        slots = runner.token_pool.alloc(len(rows))
+        logits = runner.forward(runner.make_decode_batch(rows, seq_lens, last, slots), **kw)
+        last = logits.argmax(-1).tolist()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_batch1(args, device, copy_bw):
+    runner = ModelRunner(preset=args.preset, load_format="dummy", device=str(device),
+                         dtype="bfloat16", max_total_tokens=4096, max_running_requests=2,
+                         cuda_graph_max_bs=1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    floor = weight_bytes / copy_bw
+    row = runner.req_to_token.alloc()
+    prompt = torch.randint(0, runner.model_config.vocab_size, (128,)).tolist()
+    batch = runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
+    last = runner.forward(batch).argmax(-1).tolist()
+    steps = args.decode_steps
+    graph_s = decode_loop(runner, [row], [128], last, steps)
+    eager_s = decode_loop(runner, [row], [128 + steps + 3], last, steps, use_cuda_graph=False)
+    note = f"weights {weight_bytes / 1e9:.2f} GB, copy {copy_bw / 1e9:.0f} GB/s"
+    if runner.graph_runner is not None:  # GPU time alone: back-to-back replays, no host work
+        graph = runner.graph_runner.graphs[1]
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        sync(device)
+        replay_s = (time.perf_counter() - t0) / steps
+        note += f"; replay alone {replay_s * 1e3:.2f} ms ({floor / replay_s:.0%} of floor)"
+    ROWS.append((f"a. {args.preset} bs1 decode ms/token (graphs)", graph_s * 1e3,
+                 "weight floor ms", floor * 1e3, floor / graph_s, note))
+    ROWS.append((f"a. {args.preset} bs1 decode ms/token (eager)", eager_s * 1e3,
+                 "weight floor ms", floor * 1e3, floor / eager_s, "no CUDA graphs"))
+    del runner, batch
+
+
+def bench_window(args, device):
+    """Issue 7: decode with long contexts already in the pool, windowed vs full attention."""
+    bs, ctx, steps = args.window_bs, args.context, args.decode_steps
+    results = {}
+    for name, overrides in (("full", {}), ("window", dict(sliding_window=args.window,
+                                                          global_tokens=args.globals_))):
+        runner = ModelRunner(preset=args.preset, load_format="dummy", device=str(device),
+                             dtype="bfloat16", max_total_tokens=bs * (ctx + steps + 8),
+                             max_running_requests=bs, max_context_len=ctx + steps + 8,
+                             cuda_graph_max_bs=bs, config_overrides=overrides)
+        gen = torch.Generator(device).manual_seed(0)
+        for i in range(runner.kv_cache.num_buffers):  # random KV, as if prefilled
+            for buf in runner.kv_cache.get_kv(i):
+                buf.normal_(generator=gen)
+        rows = [runner.req_to_token.alloc() for _ in range(bs)]
+        for r in rows:  # each request's context at shuffled slots (a pool after churn)
+            slots = runner.token_pool.alloc(ctx)
+            runner.req_to_token.write(r, 0, slots[torch.randperm(ctx)])
+        last = torch.randint(0, runner.model_config.vocab_size, (bs,)).tolist()
+        results[name] = decode_loop(runner, rows, [ctx - 1] * bs, last, steps)
+        del runner
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    w = f"W={args.window} + G={args.globals_}"
+    ROWS.append((f"c. {args.preset} bs{bs} x {ctx} ctx decode steps/s, {w}", 1 / results["window"],
+                 "full attention steps/s", 1 / results["full"], results["full"] / results["window"],
+                 f"ms/step {results['window'] * 1e3:.2f} vs {results['full'] * 1e3:.2f}"))
+
+
+def hf_model(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sglite.runtime.config import ModelConfig
+
+    c = ModelConfig.from_preset(args.preset)
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings, initializer_range=0.02,
+        attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.eval(), c.vocab_size
+
+
+def bench_hf(args, device) -> float:
+    model, vocab = hf_model(args, device)
+    kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.output_len,
+              min_new_tokens=args.output_len)  # ignore_eos
+    with torch.inference_mode():
+        model.generate(torch.randint(0, vocab, (2, 8), device=device), **{**kw, "max_new_tokens": 4,
+                                                                           "min_new_tokens": 4})
+        sync(device)
+        t0, tokens = time.perf_counter(), 0
+        for _ in range(args.hf_batches):
+            ids = torch.randint(0, vocab, (args.hf_batch, args.prompt_len), device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            tokens += (out.shape[1] - args.prompt_len) * out.shape[0]
+        sync(device)
+    elapsed = time.perf_counter() - t0
+    del model
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return tokens / elapsed
+
+
+def bench_server(args, device) -> tuple[float, dict, str]:
+    import zmq
+
+    from sglite import protocol
+    from sglite.launch import RuntimeProcess, wait_reply
+
+    server_args = dict(device=str(device), load_format="dummy", preset=args.preset,
+                       max_running_requests=args.max_running,
+                       chunked_prefill_size=args.chunked_prefill, log_interval=5.0)
+    with RuntimeProcess(None, timeout=600, **server_args) as rt:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(rt.address)
+        vocab = rt.info["vocab_size"]
+        prompts = torch.randint(0, vocab, (args.num_requests, args.prompt_len)).tolist()
+        params = dict(max_new_tokens=args.output_len, ignore_eos=True, temperature=0.0)
+        t0 = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            sock.send(protocol.encode(protocol.GenerateReq(rid=f"b{i}-{uuid.uuid4().hex[:6]}",
+                                                           input_ids=ids, sampling_params=params)))
+        done, tokens = 0, 0
+        while done < len(prompts):
+            reply = wait_reply(sock, alive=rt.is_alive, timeout=600, describe=rt.log_tail)
+            if isinstance(reply, protocol.ErrorOut):
+                raise RuntimeError(f"runtime error: {reply.message}")
+            if reply.finished:
+                done += 1
+                tokens += reply.meta_info["completion_tokens"]
+        elapsed = time.perf_counter() - t0
+        sock.send(protocol.encode(protocol.InfoReq(rid="counters")))
+        info = wait_reply(sock, alive=rt.is_alive, timeout=60).info
+        log = open(rt.log_path).read()
+        sock.close()
+    return tokens / elapsed, info, log
+
+
+def run_part(name, fn, *a):
+    print(f"--- {name}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        out = fn(*a)
+    except Exception:
+        traceback.print_exc()
+        out = None
+    print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--parts", default="a,c,b")
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--num-requests", type=int, default=1024)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-running", type=int, default=256)
+    ap.add_argument("--chunked-prefill", type=int, default=4096)
+    ap.add_argument("--hf-batch", type=int, default=128)
+    ap.add_argument("--hf-batches", type=int, default=2)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--globals", dest="globals_", type=int, default=4)
+    ap.add_argument("--window-bs", type=int, default=8)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    parts = args.parts.split(",")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"card: {card}, torch {torch.__version__}", flush=True)
+    copy_bw = copy_bandwidth(device)
+    if "a" in parts:
+        run_part("a: batch-1 decode", bench_batch1, args, device, copy_bw)
+    if "c" in parts:
+        run_part("c: window decode", bench_window, args, device)
+    out_dir, extra = os.environ.get("OUT"), {}
+    if "b" in parts:
+        hf = run_part("b: transformers generate", bench_hf, args, device)
+        srv = run_part("b: sglite runtime", bench_server, args, device)
+        if srv is not None:
+            tps, info, log = srv
+            extra["server_counters"] = info.get("counters", info)
+            if out_dir:
+                open(os.path.join(out_dir, "server.log"), "w").write(log)
+            print("server log tail:\n" + log[-3000:])
+            c = extra["server_counters"]
+            keys = ("num_steps", "schedule_time_s", "prefill_time_s", "decode_time_s",
+                    "num_prefill_tokens", "num_decode_tokens", "num_retractions")
+            print("server counters:", {k: c.get(k) for k in keys}, flush=True)
+            ROWS.append((f"b. {args.num_requests} req x {args.prompt_len}+{args.output_len} out tok/s",
+                         tps, f"HF generate bs{args.hf_batch} x{args.hf_batches} tok/s",
+                         hf or float("nan"), tps / hf if hf else float("nan"),
+                         "HF extrapolated from its subset"))
+    print(f"\ncard: {card}; d2d copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print("| case | sglite | baseline | baseline value | ratio | note |\n|---|---|---|---|---|---|")
+    for case, ours, base_name, base, ratio, note in ROWS:
+        print(f"| {case} | {ours:.3f} | {base_name} | {base:.3f} | {ratio:.2f} | {note} |")
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu_e2e.json"), "w") as f:
+            json.dump({"card": card, "rows": ROWS, **extra}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

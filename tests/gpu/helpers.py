@@ -1,0 +1,25 @@
+"""Shared helpers of the GPU runtime tests: a random-weight 1B runner, prefill and decode."""
+
+import torch
+
+
+def make_runner(**kw):
+    """llama-3.2-1b shape with random bf16 weights (seed 0: every runner gets the same weights)."""
+    from sglite.runtime.model_runner import ModelRunner
+
+    args = dict(preset="llama-3.2-1b", load_format="dummy", device="cuda", dtype="bfloat16",
+                max_total_tokens=16384, max_running_requests=16, max_context_len=2048, seed=0)
+    return ModelRunner(**{**args, **kw})
+
+
+def prefill(runner, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor]:
+    """Extend every prompt from scratch in one batch; returns the rows and the last logits."""
+    rows = [runner.req_to_token.alloc() for _ in prompts]
+    slots = runner.token_pool.alloc(sum(len(p) for p in prompts))
+    batch = runner.make_extend_batch(rows, [0] * len(prompts), prompts, slots)
+    return rows, runner.forward(batch).clone()
+
+
+def decode(runner, rows, seq_lens, last_ids, **kw) -> torch.Tensor:
+    batch = runner.make_decode_batch(rows, seq_lens, last_ids, runner.token_pool.alloc(len(rows)))
+    return runner.forward(batch, **kw).clone()
