@@ -10,6 +10,7 @@ beyond the shared constant prefix; the modes alternate order to cancel drift.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -56,40 +57,56 @@ def time_graph(compiled, backend, topic: str, max_tokens: int) -> tuple[float, s
     return time.perf_counter() - start, text
 
 
+def measure(backend, compiled, max_tokens: int, reps: int, topics) -> dict:
+    eager, graph = [], []
+    for rep in range(reps):
+        a, b = next(topics), next(topics)
+        order = ("eager", "graph") if rep % 2 == 0 else ("graph", "eager")
+        for mode in order:
+            if mode == "eager":
+                eager.append(time_eager(backend, a, max_tokens)[0])
+            else:
+                graph.append(time_graph(compiled, backend, b, max_tokens)[0])
+    diffs = sorted(e - g for e, g in zip(eager, graph))  # paired: cancels slow drift
+    return {"eager": statistics.median(eager), "graph": statistics.median(graph),
+            "saved_per_node_ms": 1000 * statistics.median(diffs) / NUM_GENS}
+
+
+def round_trip_ms(backend, num: int = 200) -> float:
+    """Median client->runtime->client latency of a tiny request (what a graph saves per node)."""
+    times = []
+    for _ in range(num):
+        start = time.perf_counter()
+        backend.get_server_info()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--address", default=None, help="attach to a running runtime")
     args = parser.parse_args()
     backend = sgl.RuntimeEndpoint(args.address) if args.address else sgl.Runtime(dtype="float32")
+    topics = itertools.cycle([f"topic number {i}" for i in range(1000)])
     try:
         compiled = eight_steps.compile(backend=backend)
-        time_eager(backend, "warm-up", args.max_tokens)  # prefix into the cache, lazy inits
-        eager, graph = [], []
-        topics = ["the sea", "volcanoes", "owls", "bread", "glaciers", "trains", "bees", "salt",
-                  "copper", "clouds", "tea", "rivers"]
-        for rep in range(args.reps):
-            a, b = topics[(2 * rep) % len(topics)], topics[(2 * rep + 1) % len(topics)]
-            first_eager = rep % 2 == 0
-            for mode in (("eager", "graph") if first_eager else ("graph", "eager")):
-                topic = a if mode == "eager" else b
-                if mode == "eager":
-                    eager.append(time_eager(backend, topic, args.max_tokens)[0])
-                else:
-                    graph.append(time_graph(compiled, backend, topic, args.max_tokens)[0])
+        time_eager(backend, "warm-up", 2)  # prefix into the cache, lazy inits
         # Same prompt both ways gives the same greedy text (a correctness check on the graph).
-        same = time_eager(backend, "maps", args.max_tokens)[1] == \
-            time_graph(compiled, backend, "maps", args.max_tokens)[1]
-        e, g = statistics.median(eager), statistics.median(graph)
+        same = time_eager(backend, "maps", 4)[1] == time_graph(compiled, backend, "maps", 4)[1]
         print(f"machine: {machine()}; model: {backend.info.get('model_path')}")
-        print(f"program: {NUM_GENS} gens in sequence, max_tokens={args.max_tokens}, "
-              f"reps={args.reps}; identical text both ways: {same}")
-        print(f"| mode | median s | min s |")
-        print(f"|---|---|---|")
-        print(f"| node by node (run) | {e:.3f} | {min(eager):.3f} |")
-        print(f"| request graph (compile().run) | {g:.3f} | {min(graph):.3f} |")
-        print(f"| ratio node-by-node / graph | {e / g:.2f}x | |")
+        print(f"program: {NUM_GENS} gens in sequence; reps={args.reps} interleaved pairs; "
+              f"identical greedy text both ways: {same}")
+        print(f"client round trip (InfoReq over {backend.client.address.split(':')[0]}): "
+              f"{round_trip_ms(backend):.2f} ms median")
+        print("| max_tokens per gen | node by node (run), median s | request graph "
+              "(compile().run), median s | ratio | saved per node, ms |")
+        print("|---|---|---|---|---|")
+        for max_tokens in args.max_tokens:
+            r = measure(backend, compiled, max_tokens, args.reps, topics)
+            print(f"| {max_tokens} | {r['eager']:.3f} | {r['graph']:.3f} | "
+                  f"{r['eager'] / r['graph']:.2f}x | {r['saved_per_node_ms']:.1f} |")
     finally:
         backend.shutdown()
 
