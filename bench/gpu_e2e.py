@@ -122,6 +122,45 @@ def bench_window(args, device):
                  f"ms/step {results['window'] * 1e3:.2f} vs {results['full'] * 1e3:.2f}"))
 
 
+def bench_profile(args, device):
+    """Where a decode step's time goes: bs 1 kernels by total GPU time (eager forward under the
+    profiler: kernel durations, no launch gaps), and bs N = --max-running with contexts of
+    prompt + output/2 tokens: the runner's whole step vs graph replay alone (GPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bs, ctx = args.max_running, args.prompt_len + args.output_len // 2
+    runner = ModelRunner(preset=args.preset, load_format="dummy", device=str(device),
+                         dtype="bfloat16", max_total_tokens=bs * (ctx + 80),
+                         max_running_requests=bs, cuda_graph_max_bs=bs)
+    rows = [runner.req_to_token.alloc() for _ in range(bs)]
+    for r in rows:
+        runner.req_to_token.write(r, 0, runner.token_pool.alloc(ctx))
+    last = torch.randint(0, runner.model_config.vocab_size, (bs,)).tolist()
+    step_s = decode_loop(runner, rows, [ctx - 1] * bs, last, 32)
+    replay_s = float("nan")
+    if runner.graph_runner is not None:
+        graph = runner.graph_runner.graphs[bs]
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(32):
+            graph.replay()
+        sync(device)
+        replay_s = (time.perf_counter() - t0) / 32
+    ROWS.append((f"p. {args.preset} bs{bs} x {ctx} ctx decode ms/step (runner path)", step_s * 1e3,
+                 "graph replay alone ms", replay_s * 1e3, replay_s / step_s,
+                 f"{bs / step_s:.0f} tok/s runner path"))
+    batch_args = ([rows[0]], [ctx + 40], last[:1], runner.token_pool.alloc(1))
+    runner.forward(runner.make_decode_batch(*batch_args), use_cuda_graph=False)
+    sync(device)
+    kind = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[kind]) as prof:
+        for _ in range(3):
+            runner.forward(runner.make_decode_batch(*batch_args), use_cuda_graph=False)
+        sync(device)
+    print(prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=25, max_name_column_width=70))
+    del runner
+
+
 def hf_model(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -239,6 +278,8 @@ def main():
         run_part("a: batch-1 decode", bench_batch1, args, device, copy_bw)
     if "c" in parts:
         run_part("c: window decode", bench_window, args, device)
+    if "p" in parts:
+        run_part("p: decode profile", bench_profile, args, device)
     out_dir, extra = os.environ.get("OUT"), {}
     if "b" in parts:
         hf = run_part("b: transformers generate", bench_hf, args, device)
