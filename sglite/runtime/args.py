@@ -35,6 +35,9 @@ class ServerArgs:
     address: str | None = None  # ZMQ endpoint to bind; None: a fresh ipc:// path
     seed: int = 0
     grammar_threads: int = 2
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None  # None: min(max_running_requests, 256)
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
 
     def __post_init__(self):
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -100,6 +103,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="ZMQ endpoint to bind (default: a fresh ipc:// path; tcp://127.0.0.1:PORT)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--grammar-threads", type=int, default=d.grammar_threads)
+    p.add_argument("--disable-cuda-graph", action="store_true", default=d.disable_cuda_graph)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
+                   help="largest decode batch captured in a CUDA graph")
+    p.add_argument("--num-threads", type=int, default=d.num_threads,
+                   help="torch CPU threads (on a busy machine 1 can beat 2: OpenMP spin-waits)")
     return p
 
 

@@ -114,12 +114,17 @@ def serve(args: ServerArgs) -> None:
     from sglite.runtime.model_runner import ModelRunner
     from sglite.runtime.scheduler import Scheduler
 
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     runner = ModelRunner(
         args.model_path, dtype=args.dtype, device=args.device,
         attention_backend=args.attention_backend, load_format=args.load_format,
         preset=args.preset, max_total_tokens=args.max_total_tokens,
         max_running_requests=args.max_running_requests, max_context_len=args.context_length,
-        seed=args.seed)
+        seed=args.seed, disable_cuda_graph=args.disable_cuda_graph,
+        cuda_graph_max_bs=args.cuda_graph_max_bs)
     grammar_cache = None
     if runner.tokenizer is not None:
         from sglite.runtime.constrained import GrammarCache
