@@ -3,7 +3,9 @@
 KV ranges of one request (positions of `fill_ids`), as the CacheManager maintains them:
 
     [0, tree_len)        KV owned by the radix tree, locked through `last_node` while we run
-    [tree_len, kv_len)   KV slots owned by this request (freed or inserted into the tree by us)
+    [tree_len, kv_len)   KV slots owned by this request (freed or inserted into the tree by us);
+                         with a sliding window, [window_freed_start, window_freed_end) inside it
+                         is already freed (slot 0 in req_to_token, a tombstone when inserted)
     [kv_len, seq_len)    no KV yet: the next extend (or the decode step for the last token)
 """
 
@@ -64,6 +66,11 @@ class Req:
     kv_len: int = 0
     prefix_len_at_admit: int = 0
     num_retractions: int = 0
+    # sliding-window freeing (CacheManager.free_window_kv): request-owned positions
+    # [window_freed_start, window_freed_end) left the window of every query still to come; their
+    # slots are back in the pool and their req_to_token entries point at slot 0
+    window_freed_start: int = 0
+    window_freed_end: int = 0
 
     @property
     def fill_ids(self) -> list[int]:
@@ -72,6 +79,10 @@ class Req:
     @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def num_window_freed(self) -> int:
+        return self.window_freed_end - self.window_freed_start
 
     @property
     def extend_len(self) -> int:
