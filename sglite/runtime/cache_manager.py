@@ -2,7 +2,8 @@
 
 Verbs: `match` (peek, for ordering), `admit` (row + match + lock), `alloc` (slots, evicting from
 the tree when short), `cache_unfinished` (between prefill chunks), `release` (finished or aborted),
-`retract` (give a running request's KV back, keep its tokens), `flush`, `check_integrity`.
+`retract` (give a running request's KV back, keep its tokens), `truncate` (forget the KV of
+replaced trailing tokens: jump-forward), `flush`, `check_integrity`.
 
 Every KV slot is in exactly one of four places, which `check_integrity` verifies:
     free in the pool + evictable in the tree + protected (locked) in the tree
@@ -117,6 +118,26 @@ class CacheManager:
         self.holders.discard(req)
         req.req_pool_idx, req.last_node = None, None
         req.tree_len = req.kv_len = 0
+
+    def truncate(self, req: Req, new_kv_len: int) -> None:
+        """Forget the KV of positions [new_kv_len, kv_len): jump-forward replaced those tokens.
+        Call it before changing req's tokens past new_kv_len (the tree is matched on fill_ids).
+
+            [tree_len, kv_len)   our own slots: freed
+            [new_kv_len, tree_len)  in the tree (old tokens): stays cached, evictable; we move
+                                 our lock up to the node at depth new_kv_len
+        """
+        if new_kv_len >= req.kv_len:
+            return
+        own_from = max(new_kv_len, req.tree_len)
+        self.token_pool.free(self._slots(req, own_from, req.kv_len))
+        if new_kv_len < req.tree_len:
+            m = self.tree.match_prefix(req.fill_ids[:new_kv_len])
+            assert m.length == new_kv_len, f"tree lost tokens: matched {m.length} of {new_kv_len}"
+            self.tree.inc_lock_ref(m.last_node)
+            self.tree.dec_lock_ref(req.last_node)
+            req.last_node, req.tree_len = m.last_node, new_kv_len
+        req.kv_len = new_kv_len
 
     def retract(self, req: Req) -> None:
         """Give a running request's KV back (into the tree, unlocked, so eviction can take it);

@@ -154,3 +154,32 @@ def test_random_cycles_keep_integrity(disable):
         cache.release(req)
     assert cache.flush()
     assert cache.num_free == cache.num_total
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_truncate_frees_replaced_tail_inside_and_outside_the_tree(disable):
+    cache = make_cache(disable=disable)
+    a = make_req(range(1, 11))
+    prefill(cache, a)  # prompt in the tree (tree_len 10)
+    for t in (50, 51, 52):
+        decode(cache, a, t)  # own KV at [10, 13)
+    free_before = cache.num_free
+    cache.truncate(a, 12)  # jump-forward replaced token 52
+    cache.check_integrity()
+    assert a.kv_len == 12 and cache.num_free == free_before + 1
+    cache.truncate(a, 8)  # reaches into the tree: the lock moves up, old tokens stay cached
+    cache.check_integrity()
+    assert a.kv_len == 8 and a.tree_len == (0 if disable else 8)
+    del a.output_ids[:]
+    a.input_ids[8:] = [90, 91]  # the replacement tokens, then their extend
+    slots = cache.alloc(a.extend_len)
+    cache.extend(a, slots)
+    cache.cache_unfinished(a)
+    cache.check_integrity()
+    cache.release(a)
+    cache.check_integrity()
+    assert cache.num_held == 0 and cache.num_protected == 0
+    b = make_req(list(range(1, 11)) + [5])  # the old prompt is still cached
+    assert cache.admit(b) and b.tree_len == (0 if disable else 10)
+    cache.release(b)
+    assert cache.flush() and cache.num_free == cache.num_total
