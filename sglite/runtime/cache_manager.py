@@ -3,28 +3,59 @@
 Verbs: `match` (peek, for ordering), `admit` (row + match + lock), `alloc` (slots, evicting from
 the tree when short), `cache_unfinished` (between prefill chunks), `release` (finished or aborted),
 `retract` (give a running request's KV back, keep its tokens), `truncate` (forget the KV of
-replaced trailing tokens: jump-forward), `flush`, `check_integrity`.
+replaced trailing tokens: jump-forward), `free_window_kv` (sliding window), `flush`,
+`check_integrity`.
 
 Every KV slot is in exactly one of four places, which `check_integrity` verifies:
     free in the pool + evictable in the tree + protected (locked) in the tree
-        + owned by running requests ([tree_len, kv_len) of each) == pool total
+        + owned by running requests ([tree_len, kv_len) of each, minus its window-freed range)
+        == pool total
+
+Sliding-window freeing (issue 7): when every layer is windowed, a key at position j is invisible
+to every query at p >= j + W unless j < G (global). A request whose next query is at kv_len frees
+its own slots for G <= j <= kv_len - W, in chunks of `window_free_chunk` positions, and points
+those req_to_token entries at slot 0 (nothing reads a reused slot; the backends mask them anyway).
+Only request-owned positions (>= tree_len) are freed: the tree owns the locked prefix. On release
+the freed positions reach the tree as 0 slots (tombstones), and RadixCache reuses a prefix only
+up to its first hole, so a later request recomputes what was freed. A request with freed
+positions no longer moves its KV into the tree mid-run (cache_unfinished): past the hole the tree
+could not serve it anyway. Grammar requests keep JUMP_FORWARD_MARGIN more positions, so that a
+jump-forward `truncate` of up to that many tokens still finds the keys its new queries see.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from sglite.runtime.mem.radix_cache import RadixCache
 from sglite.runtime.req import Req
 
+logger = logging.getLogger(__name__)
+
+MAX_WINDOW_FREE_CHUNK = 64  # positions freed at once; at most W // 8, so the slack stays small
+JUMP_FORWARD_MARGIN = 16  # extra positions a grammar request keeps (jump-forward may truncate)
+
 
 class CacheManager:
-    def __init__(self, req_to_token, token_pool, *, disable_radix_cache: bool = False):
+    def __init__(self, req_to_token, token_pool, *, disable_radix_cache: bool = False,
+                 sliding_window: int | None = None, global_tokens: int = 0,
+                 window_free_chunk: int | None = None):
+        """sliding_window: W to free KV behind (only when EVERY layer is windowed; see
+        `freeable_window`), None to keep all KV of running requests."""
         self.req_to_token = req_to_token
         self.token_pool = token_pool
         self.disable_radix_cache = disable_radix_cache
         self.tree = RadixCache(token_pool.free, disable=disable_radix_cache)
         self.holders: set[Req] = set()  # requests that hold a row (and maybe KV)
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        self.sliding_window = sliding_window
+        self.global_tokens = global_tokens
+        if window_free_chunk is None and sliding_window is not None:
+            window_free_chunk = max(1, min(MAX_WINDOW_FREE_CHUNK, sliding_window // 8))
+        self.window_free_chunk = window_free_chunk
 
     # ---- counters
     @property
@@ -41,7 +72,7 @@ class CacheManager:
 
     @property
     def num_held(self) -> int:
-        return sum(r.kv_len - r.tree_len for r in self.holders)
+        return sum(r.kv_len - r.tree_len - r.num_window_freed for r in self.holders)
 
     @property
     def num_total(self) -> int:
@@ -92,7 +123,7 @@ class CacheManager:
 
     def cache_unfinished(self, req: Req) -> None:
         """Move req's own KV into the tree (so peers can share it) and lock it there."""
-        if self.disable_radix_cache or req.kv_len == req.tree_len:
+        if self.disable_radix_cache or req.kv_len == req.tree_len or req.num_window_freed:
             return
         key = req.fill_ids[: req.kv_len]
         self._insert(req, key)
@@ -110,7 +141,7 @@ class CacheManager:
         if req.req_pool_idx is None:
             return
         if self.disable_radix_cache:
-            self.token_pool.free(self._slots(req, 0, req.kv_len))
+            self.token_pool.free(_live(self._slots(req, 0, req.kv_len)))
         else:
             self._insert(req, req.fill_ids[: req.kv_len])
             self.tree.dec_lock_ref(req.last_node)
@@ -118,6 +149,7 @@ class CacheManager:
         self.holders.discard(req)
         req.req_pool_idx, req.last_node = None, None
         req.tree_len = req.kv_len = 0
+        req.window_freed_start = req.window_freed_end = 0
 
     def truncate(self, req: Req, new_kv_len: int) -> None:
         """Forget the KV of positions [new_kv_len, kv_len): jump-forward replaced those tokens.
@@ -129,6 +161,10 @@ class CacheManager:
         """
         if new_kv_len >= req.kv_len:
             return
+        if req.num_window_freed and new_kv_len - self.sliding_window + 1 < req.window_freed_end:
+            raise ValueError(
+                f"cannot truncate request {req.rid} to {new_kv_len} tokens: the sliding window "
+                f"already freed KV up to position {req.window_freed_end} that those queries see")
         own_from = max(new_kv_len, req.tree_len)
         self.token_pool.free(self._slots(req, own_from, req.kv_len))
         if new_kv_len < req.tree_len:
@@ -144,6 +180,25 @@ class CacheManager:
         its tokens stay, and it resumes later by matching whatever is left in the tree."""
         self.release(req)
         req.num_retractions += 1
+
+    def free_window_kv(self, reqs) -> int:
+        """Free the request-owned KV that slid out of the window of every query still to come
+        (positions >= kv_len), once at least `window_free_chunk` positions have. Returns slots
+        freed. A no-op without a freeable window."""
+        if self.sliding_window is None:
+            return 0
+        num_freed = 0
+        for req in reqs:
+            if req.req_pool_idx is None:
+                continue
+            end = req.kv_len - self.sliding_window + 1  # keys j < end: invisible from kv_len on
+            if req.grammar is not None:
+                end -= JUMP_FORWARD_MARGIN
+            start = (req.window_freed_end if req.num_window_freed
+                     else max(self.global_tokens, req.tree_len))
+            if end - start >= self.window_free_chunk:
+                num_freed += self._free_window_range(req, start, end)
+        return num_freed
 
     def flush(self) -> bool:
         """Drop the whole tree. Refused (False) while requests hold KV, as in SGLang."""
@@ -163,6 +218,11 @@ class CacheManager:
             f"protected {self.num_protected} + held {self.num_held} != total {self.num_total}")
         for r in self.holders:
             assert 0 <= r.tree_len <= r.kv_len <= r.seq_len, f"bad lengths in request {r.rid}"
+            if r.num_window_freed:
+                assert r.tree_len <= r.window_freed_start < r.window_freed_end <= r.kv_len, (
+                    f"window-freed range outside the request's own KV in request {r.rid}")
+                freed = self._slots(r, r.window_freed_start, r.window_freed_end)
+                assert not bool(freed.any()), f"a freed position still points at a slot ({r.rid})"
 
     def counters(self) -> dict[str, int]:
         return {"kv_free": self.num_free, "kv_evictable": self.num_evictable,
@@ -174,8 +234,40 @@ class CacheManager:
         slots = self._slots(req, 0, len(key))
         prefix_in_tree = self.tree.insert(key, slots)
         # [tree_len, prefix_in_tree): the tree already had these tokens; our copies are duplicates
-        if prefix_in_tree > req.tree_len:
-            self.token_pool.free(slots[req.tree_len:prefix_in_tree])
+        if prefix_in_tree > req.tree_len:  # (0 = already freed by the window: skip)
+            self.token_pool.free(_live(slots[req.tree_len:prefix_in_tree]))
+
+    def _free_window_range(self, req: Req, start: int, end: int) -> int:
+        slots = self._slots(req, start, end)  # all live: request-owned, not freed before
+        self.token_pool.free(slots)
+        self.req_to_token.write(req.req_pool_idx, start, torch.zeros_like(slots))
+        if not req.num_window_freed:
+            req.window_freed_start = start
+        req.window_freed_end = end
+        return end - start
 
     def _slots(self, req: Req, start: int, end: int) -> torch.Tensor:
         return self.req_to_token.read(req.req_pool_idx, start, end)
+
+
+def freeable_window(model_config) -> int | None:
+    """W if KV behind the window may be freed: only when every layer is windowed, because one
+    pool slot holds the KV of all layers of a position and a full-attention layer reads it all."""
+    cfg = model_config
+    if cfg.sliding_window is None:
+        return None
+    num_windowed = sum(cfg.window_for_layer(i) is not None for i in range(cfg.num_layers))
+    if not cfg.is_all_windowed:
+        logger.info("sliding window %d on %d of %d layers: the full-attention layers read every "
+                    "position, so no KV is freed as text grows", cfg.sliding_window, num_windowed,
+                    cfg.num_layers)
+        return None
+    logger.info("sliding window %d + %d global tokens on every layer: KV behind the window is "
+                "freed while requests run (each holds about W + G slots)", cfg.sliding_window,
+                cfg.global_tokens)
+    return cfg.sliding_window
+
+
+def _live(slots: torch.Tensor) -> torch.Tensor:
+    """Drop 0 entries (positions whose KV the window already freed)."""
+    return slots[slots != 0]
