@@ -79,6 +79,14 @@ class CacheManager:
         return self.token_pool.total_size
 
     @property
+    def window_held_cap(self) -> int | None:
+        """Most slots a request's own KV grows to with window freeing on (None: unbounded)."""
+        if self.sliding_window is None:
+            return None
+        return (self.sliding_window + self.global_tokens + self.window_free_chunk
+                + JUMP_FORWARD_MARGIN + 1)
+
+    @property
     def available_size(self) -> int:
         """Slots an allocation can get, evicting from the tree if needed."""
         return self.num_free + self.num_evictable

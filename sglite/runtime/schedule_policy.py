@@ -33,9 +33,10 @@ def order_waiting(waiting: list[Req], cache: CacheManager, *, policy: str) -> li
     return sorted(waiting, key=lambda r: -matched[r.uid])  # stable: FCFS among equals
 
 
-def decode_reserve(req: Req, new_token_ratio: float) -> int:
-    """KV slots to keep aside for the decode steps a request will probably still take."""
-    return int(min(req.remaining_new_tokens, RESERVE_CLIP) * new_token_ratio)
+def decode_reserve(req: Req, new_token_ratio: float, *, cap: int | None = None) -> int:
+    """KV slots to keep aside for the decode steps a request will probably still take. `cap`:
+    most slots a request ever holds (sliding-window freeing), so long generations still fit."""
+    return int(min(req.remaining_new_tokens, RESERVE_CLIP, cap or RESERVE_CLIP) * new_token_ratio)
 
 
 class AddResult(enum.Enum):
@@ -69,7 +70,8 @@ class PrefillAdder:
             return AddResult.NO_ROOM
         extend_len = min(req.extend_len, self.rem_tokens)
         chunked = extend_len < req.extend_len
-        need_kv = extend_len + (0 if chunked else decode_reserve(req, self.new_token_ratio))
+        need_kv = extend_len + (0 if chunked else decode_reserve(
+            req, self.new_token_ratio, cap=self.cache.window_held_cap))
         slots = self.cache.alloc(extend_len) if need_kv <= self.rem_kv else None
         if slots is None:
             if admitted_now:

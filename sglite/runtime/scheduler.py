@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sglite.runtime.cache_manager import CacheManager
+from sglite.runtime.cache_manager import CacheManager, freeable_window
 from sglite.runtime.output_processor import OutputProcessor
 from sglite.runtime.req import Req, ReqState
 from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
@@ -33,10 +33,14 @@ NEW_TOKEN_RATIO_DECAY = 0.002  # per decode step
 class Scheduler:
     def __init__(self, runner, *, chunked_prefill_size: int = 512, max_running_requests: int = 128,
                  disable_radix_cache: bool = False, schedule_policy: str = "lpm",
-                 grammar_cache=None, log_interval: float = 10.0):
+                 grammar_cache=None, log_interval: float = 10.0,
+                 disable_window_free: bool = False):
         self.runner = runner
-        self.cache = CacheManager(runner.req_to_token, runner.token_pool,
-                                  disable_radix_cache=disable_radix_cache)
+        cfg = runner.model_config
+        self.cache = CacheManager(
+            runner.req_to_token, runner.token_pool, disable_radix_cache=disable_radix_cache,
+            sliding_window=None if disable_window_free else freeable_window(cfg),
+            global_tokens=cfg.global_tokens)
         self.token_budget = chunked_prefill_size if chunked_prefill_size > 0 else 1 << 62
         self.max_running_requests = min(max_running_requests, runner.req_to_token.max_reqs)
         self.schedule_policy = schedule_policy
@@ -63,6 +67,7 @@ class Scheduler:
         if decode:
             self._run_decode(decode)
         self._drop_finished()
+        self.cache.free_window_kv(self.running)  # sliding window: KV no future query sees
         self.stats.record_step(time.perf_counter() - t0 - (self.stats.forward_time - forward_time))
         self.stats.maybe_log(self)
 
@@ -115,7 +120,8 @@ class Scheduler:
         if not continuing and (not self.waiting or len(self.running) >= self.max_running_requests):
             return None
         decoding = [r for r in self.running if r.extend_len <= 1]
-        reserve = sum(decode_reserve(r, self.new_token_ratio) for r in decoding)
+        reserve = sum(decode_reserve(r, self.new_token_ratio, cap=self.cache.window_held_cap)
+                      for r in decoding)
         adder = PrefillAdder(
             self.cache, token_budget=self.token_budget,
             kv_budget=self.cache.available_size - reserve,
