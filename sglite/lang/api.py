@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 from sglite.choices import ChoicesSamplingMethod
@@ -86,28 +87,11 @@ def assistant(expr=None) -> ir.ExprList:
     return _role("assistant", expr)
 
 
-def system_begin() -> ir.RoleBegin:
-    return ir.RoleBegin("system")
-
-
-def system_end() -> ir.RoleEnd:
-    return ir.RoleEnd("system")
-
-
-def user_begin() -> ir.RoleBegin:
-    return ir.RoleBegin("user")
-
-
-def user_end() -> ir.RoleEnd:
-    return ir.RoleEnd("user")
-
-
-def assistant_begin() -> ir.RoleBegin:
-    return ir.RoleBegin("assistant")
-
-
-def assistant_end() -> ir.RoleEnd:
-    return ir.RoleEnd("assistant")
+# sgl.user_begin() / sgl.user_end() etc.: bare role markers, for roles that span several `s +=`.
+system_begin, system_end = partial(ir.RoleBegin, "system"), partial(ir.RoleEnd, "system")
+user_begin, user_end = partial(ir.RoleBegin, "user"), partial(ir.RoleEnd, "user")
+assistant_begin = partial(ir.RoleBegin, "assistant")
+assistant_end = partial(ir.RoleEnd, "assistant")
 
 
 def flush_cache(backend: BaseBackend | None = None) -> None:
