@@ -57,19 +57,43 @@ def time_graph(compiled, backend, topic: str, max_tokens: int) -> tuple[float, s
     return time.perf_counter() - start, text
 
 
-def measure(backend, compiled, max_tokens: int, reps: int, topics) -> dict:
+def time_eager_batch(backend, topics: list[str], max_tokens: int) -> float:
+    start = time.perf_counter()
+    states = [eight_steps.run(t, max_tokens, backend=backend) for t in topics]
+    for state in states:
+        state.sync()
+        if state.error():
+            raise state.error()
+    return time.perf_counter() - start
+
+
+def time_graph_batch(compiled, backend, topics: list[str], max_tokens: int) -> float:
+    start = time.perf_counter()
+    for state in compiled.run_batch([{"topic": t, "num_tokens": max_tokens} for t in topics],
+                                    backend=backend):
+        if state.error():
+            raise state.error()
+    return time.perf_counter() - start
+
+
+def measure(backend, compiled, max_tokens: int, reps: int, topics, num_programs: int) -> dict:
     eager, graph = [], []
     for rep in range(reps):
-        a, b = next(topics), next(topics)
+        a = [next(topics) for _ in range(num_programs)]
+        b = [next(topics) for _ in range(num_programs)]
         order = ("eager", "graph") if rep % 2 == 0 else ("graph", "eager")
         for mode in order:
-            if mode == "eager":
-                eager.append(time_eager(backend, a, max_tokens)[0])
+            if mode == "eager" and num_programs == 1:
+                eager.append(time_eager(backend, a[0], max_tokens)[0])
+            elif mode == "eager":
+                eager.append(time_eager_batch(backend, a, max_tokens))
+            elif num_programs == 1:
+                graph.append(time_graph(compiled, backend, b[0], max_tokens)[0])
             else:
-                graph.append(time_graph(compiled, backend, b, max_tokens)[0])
+                graph.append(time_graph_batch(compiled, backend, b, max_tokens))
     diffs = sorted(e - g for e, g in zip(eager, graph))  # paired: cancels slow drift
     return {"eager": statistics.median(eager), "graph": statistics.median(graph),
-            "saved_per_node_ms": 1000 * statistics.median(diffs) / NUM_GENS}
+            "saved_per_node_ms": 1000 * statistics.median(diffs) / NUM_GENS / num_programs}
 
 
 def round_trip_ms(backend, num: int = 200) -> float:
@@ -86,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batch", type=int, default=8, help="concurrent programs, second table")
     parser.add_argument("--address", default=None, help="attach to a running runtime")
     args = parser.parse_args()
     backend = sgl.RuntimeEndpoint(args.address) if args.address else sgl.Runtime(dtype="float32")
@@ -100,13 +125,15 @@ def main() -> None:
               f"identical greedy text both ways: {same}")
         print(f"client round trip (InfoReq over {backend.client.address.split(':')[0]}): "
               f"{round_trip_ms(backend):.2f} ms median")
-        print("| max_tokens per gen | node by node (run), median s | request graph "
-              "(compile().run), median s | ratio | saved per node, ms |")
-        print("|---|---|---|---|---|")
-        for max_tokens in args.max_tokens:
-            r = measure(backend, compiled, max_tokens, args.reps, topics)
-            print(f"| {max_tokens} | {r['eager']:.3f} | {r['graph']:.3f} | "
-                  f"{r['eager'] / r['graph']:.2f}x | {r['saved_per_node_ms']:.1f} |")
+        print("| programs | max_tokens per gen | node by node (run), median s | request graph "
+              "(compiled run / run_batch), median s | ratio | saved per node, ms |")
+        print("|---|---|---|---|---|---|")
+        for num_programs in (1, args.batch):
+            for max_tokens in args.max_tokens:
+                r = measure(backend, compiled, max_tokens, args.reps, topics, num_programs)
+                print(f"| {num_programs} | {max_tokens} | {r['eager']:.3f} | {r['graph']:.3f} | "
+                      f"{r['eager'] / r['graph']:.2f}x | {r['saved_per_node_ms']:.1f} |",
+                      flush=True)
     finally:
         backend.shutdown()
 
