@@ -1,12 +1,26 @@
-"""Building blocks of the Llama family, numerically matched to transformers' implementations."""
+"""Building blocks of the Llama family, numerically matched to transformers' implementations.
+
+On CUDA the norms, the rotary embedding and the gated activation run as fused Triton kernels
+(sglite.kernels.norm/rotary/activation): a batch-1 decode step is launch-bound, and the torch ops
+cost ~19 small kernels per layer (pow/mean/rsqrt/mul/cast, chunk/cat/mul/add, silu, mul, adds).
+Elsewhere (the CPU executor) the plain torch code runs. SGLITE_FUSED_KERNELS=0 keeps the torch
+code on CUDA too (the before/after benchmark; read at import, or set `layers.FUSED_KERNELS`).
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+FUSED_KERNELS = os.environ.get("SGLITE_FUSED_KERNELS", "1") != "0"
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    return FUSED_KERNELS and x.is_cuda
 
 
 class RMSNorm(nn.Module):
@@ -15,7 +29,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [..., dim] -> normed; with a residual: (normed, x + residual), the fused-residual
+        pattern of the decoder layer. On CUDA with a residual both are updated in place."""
+        if use_fused(x):
+            from sglite.kernels.norm import fused_add_rms_norm, rms_norm
+
+            if residual is not None:
+                return fused_add_rms_norm(x, residual, self.weight, self.eps)
+            rows = x.reshape(-1, x.shape[-1])  # a copy only for strided per-head views (qk_norm)
+            return rms_norm(rows, self.weight, self.eps).view(x.shape)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics, then back to the input dtype before the weight (as transformers does)
         dtype = x.dtype
         x = x.float()
@@ -24,7 +53,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Non-interleaved (rotate_half) rope; cos/sin computed per forward from the positions."""
+    """Non-interleaved (rotate_half) rope; cos/sin computed once per forward from the positions."""
 
     def __init__(self, head_dim: int, *, theta: float, scaling: dict | None = None):
         super().__init__()
@@ -34,16 +63,29 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq: torch.Tensor | None = None
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions [num_tokens] -> cos, sin [num_tokens, 1, head_dim] in dtype."""
+        """positions [num_tokens] -> (cos, sin): fused path fp32 [num_tokens, head_dim / 2];
+        torch path [num_tokens, 1, head_dim] in dtype (as transformers rounds them)."""
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = self.inv_freq_cpu.to(positions.device)
-        freqs = positions.float()[:, None] * self._inv_freq[None, :]
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]  # fp32, as transformers
+        if use_fused(positions):
+            return freqs.cos(), freqs.sin()
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rotate_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, H, D], k [T, KH, D] or None -> rotated (q, k); on CUDA in place, one launch."""
+    if use_fused(q):
+        from sglite.kernels.rotary import apply_rotary_qk
+
+        apply_rotary_qk(q, k, cos, sin)
+        return q, k
+    return apply_rotary(q, cos, sin), (None if k is None else apply_rotary(k, cos, sin))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [num_tokens, heads, head_dim]."""
+    """The torch path: x [num_tokens, heads, head_dim], cos/sin [num_tokens, 1, head_dim]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -84,7 +126,12 @@ class MergedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(offset)) if bias else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(F.linear(x, self.weight, self.bias).split(list(self.shard_sizes.values()), -1))
+        """The shards as views of one output: [T, size] each."""
+        return list(self.fused(x).split(list(self.shard_sizes.values()), -1))
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The unsplit output [T, sum of shard sizes]."""
+        return F.linear(x, self.weight, self.bias)
 
     def load_shard(self, shard: str, kind: str, tensor: torch.Tensor) -> None:
         """kind: "weight" or "bias"."""
@@ -104,5 +151,9 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(x):
+            from sglite.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj.fused(x)))
         gate, up = self.gate_up_proj(x)
         return self.down_proj(F.silu(gate) * up)

@@ -17,7 +17,7 @@ from torch import nn
 
 from sglite.runtime.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
 from sglite.runtime.config import ModelConfig
-from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, rotate_qk
 
 # checkpoint projection -> (fused module, shard name)
 _PACKED = {
@@ -55,19 +55,17 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, batch: ForwardBatch, backend: BaseAttentionBackend):
         num_tokens = x.shape[0]
-        q, *kv = self.qkv_proj(x)
+        q, *kv = self.qkv_proj(x)  # views of one [T, q + 2 kv] output
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        if self.qk_norm:
-            q = self.q_norm(q)
-        q = apply_rotary(q, cos, sin)
         k = v = None
         if self.produces_kv:
             k = kv[0].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
             v = kv[1].view(num_tokens, self.num_kv_heads, self.head_dim)
-            if self.qk_norm:
-                k = self.k_norm(k)
-            k = apply_rotary(k, cos, sin)
-        o = backend.forward(q, k, v, self.attn, batch)  # [T, H, D]
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k) if k is not None else None
+        q, k = rotate_qk(q, k, cos, sin)  # CUDA: in place on the projection output
+        o = backend.forward(q, k, v, self.attn, batch)  # [T, H, D] contiguous: reshape is a view
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -79,9 +77,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, batch, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, batch, backend):
+        """Fused-residual form: x is the previous sublayer's output, not yet added to the
+        residual stream (residual None before the first layer); each norm adds it first."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, batch, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -113,11 +118,14 @@ class LlamaForCausalLM(nn.Module):
         """Logits float32: [bs, vocab] (last new token of each request) or [num_tokens, vocab]."""
         x = self.model.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary(batch.positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, backend)
-        if not batch.return_all_logits:
-            x = x[_last_token_indices(batch, x.device)]
-        x = self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, batch, backend)
+        if not batch.return_all_logits and not batch.is_decode:  # decode: every token is last
+            last = _last_token_indices(batch, x.device)
+            x = x[last]
+            residual = residual[last] if residual is not None else None
+        x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 
@@ -179,8 +187,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _last_token_indices(batch: ForwardBatch, device) -> torch.Tensor:
-    if batch.is_decode:
-        return torch.arange(batch.batch_size, device=device)
+    """Extend batches: the packed index of each request's last new token."""
     ends, total = [], 0
     for n in batch.extend_lens_cpu:
         total += n

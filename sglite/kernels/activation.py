@@ -1,0 +1,49 @@
+"""silu(gate) * up from the fused gate_up projection output, one launch.
+
+x [T, 2I] holds gate in [:, :I] and up in [:, I:]; out [T, I]. Rounding follows the unfused
+`F.silu(gate) * up`: silu in fp32 rounded to the dtype, then the product rounded again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BLOCK_N = 1024
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK_N: tl.constexpr):
+    cur_row = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    gate = tl.load(X + cur_row * stride_x + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    up = tl.load(X + cur_row * stride_x + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty).to(tl.float32)
+    tl.store(Out + cur_row * stride_o + offs_n, (act * up).to(Out.dtype.element_ty), mask=mask_n)
+
+
+def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, 2I] -> [T, I] in x's dtype."""
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(-1) != 1:
+        raise ValueError(f"silu_and_mul: need [T, 2I] with a contiguous last axis, got "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    num_tokens, n = x.shape[0], x.shape[1] // 2
+    if out is None:
+        out = torch.empty(num_tokens, n, dtype=x.dtype, device=x.device)
+    if out.shape != (num_tokens, n) or out.stride(-1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"silu_and_mul: out {tuple(out.shape)} {out.dtype} != ({num_tokens}, {n}) {x.dtype}")
+    if num_tokens == 0:
+        return out
+    block = min(BLOCK_N, triton.next_power_of_2(n))
+    _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](
+        x, out, x.stride(0), out.stride(0), n, BLOCK_N=block, num_warps=4 if x.is_cuda else 1,
+    )
+    return out
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

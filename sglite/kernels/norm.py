@@ -1,0 +1,99 @@
+"""RMSNorm, alone or fused with the residual add before it, one launch per call.
+
+Rounding follows the unfused torch code (transformers' LlamaRMSNorm) step by step, so that the
+fused path only differs from it by the fp32 reduction order:
+  residual = round(x + residual)                      (the `x + residual` of the decoder layer)
+  out = round(round(residual * rsqrt(mean(residual^2) + eps)) * weight)   (statistics in fp32)
+One program normalizes one row held whole in registers (hidden sizes up to MAX_N); rows are
+disjoint and each is read before it is written, so outputs may alias the inputs (in place).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 65536  # one row in registers: 64k fp32 over 16 warps is 128 values per thread
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, Residual, Out, W,
+    stride_x, stride_r, stride_o,
+    N, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cur_row = tl.program_id(0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x = tl.load(X + cur_row * stride_x + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(Residual + cur_row * stride_r + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        x = (x + r).to(Residual.dtype.element_ty)  # rounded as the unfused add rounds
+        tl.store(Residual + cur_row * stride_r + offs_n, x, mask=mask_n)
+        x = x.to(tl.float32)
+    mean_sq = tl.sum(x * x, axis=0) / N
+    rstd = 1.0 / tl.sqrt(mean_sq + eps)
+    w = tl.load(W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    y = (x * rstd).to(Out.dtype.element_ty).to(tl.float32) * w
+    tl.store(Out + cur_row * stride_o + offs_n, y.to(Out.dtype.element_ty), mask=mask_n)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"{name}: need a 2D [rows, hidden] tensor with a contiguous last axis, "
+                         f"got shape {tuple(x.shape)} strides {x.stride()}")
+    if weight.shape != (x.shape[1],):
+        raise ValueError(f"{name}: weight shape {tuple(weight.shape)} != ({x.shape[1]},)")
+    if x.shape[1] > MAX_N:
+        raise ValueError(f"{name}: hidden size {x.shape[1]} > {MAX_N} (one row per program)")
+
+
+def _launch(x, residual, out, weight, eps):
+    rows, n = x.shape
+    if rows == 0:
+        return
+    block_n = triton.next_power_of_2(n)
+    r = residual if residual is not None else x  # unused pointer when HAS_RESIDUAL is off
+    _rms_norm_kernel[(rows,)](
+        x, r, out, weight,
+        x.stride(0), r.stride(0), out.stride(0),
+        n, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
+        num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1,
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, N] -> normalized [rows, N] in x's dtype (into `out`, which may be x)."""
+    _check(x, weight, "rms_norm")
+    out = torch.empty_like(x) if out is None else out
+    if out.shape != x.shape or out.stride(-1) != 1:
+        raise ValueError(f"rms_norm: out {tuple(out.shape)} does not match x {tuple(x.shape)}")
+    _launch(x, None, out, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: residual <- x + residual, x <- rms_norm(residual). Returns (x, residual)."""
+    _check(x, weight, "fused_add_rms_norm")
+    if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
+        raise ValueError(f"fused_add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} "
+                         f"does not match x {tuple(x.shape)} {x.dtype}")
+    _launch(x, residual, x, weight, eps)
+    return x, residual
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None):
+    """Plain torch, same rounding steps; returns out, or (out, new residual) with a residual."""
+    if residual is not None:
+        residual = x + residual
+        x = residual
+    y = x.float()
+    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = (y.float() * weight.float()).to(x.dtype)
+    return out if residual is None else (out, residual)
