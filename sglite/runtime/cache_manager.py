@@ -134,6 +134,8 @@ class CacheManager:
         if self.disable_radix_cache or req.kv_len == req.tree_len or req.num_window_freed:
             return
         key = req.fill_ids[: req.kv_len]
+        if self.sliding_window is not None and self._tree_has_hole_on(key):
+            return  # we keep owning these slots; release() hands them over (or frees them)
         self._insert(req, key)
         m = self.tree.match_prefix(key)
         assert m.length == req.kv_len, f"tree lost tokens: matched {m.length} of {req.kv_len}"
@@ -244,6 +246,14 @@ class CacheManager:
         # [tree_len, prefix_in_tree): the tree already had these tokens; our copies are duplicates
         if prefix_in_tree > req.tree_len:  # (0 = already freed by the window: skip)
             self.token_pool.free(_live(slots[req.tree_len:prefix_in_tree]))
+
+    def _tree_has_hole_on(self, key: list[int]) -> bool:
+        """Does the tree hold `key` past its reusable prefix, on a tombstone? Then insert keeps the
+        tree's hole and counts our live slots there as duplicates: a running request must not
+        insert (it still reads them). (The match stops at a hole or a mismatch; at a hole the
+        next node starts with our next token.)"""
+        m = self.tree.match_prefix(key)
+        return m.length < len(key) and key[m.length] in m.last_node.children
 
     def _free_window_range(self, req: Req, start: int, end: int) -> int:
         slots = self._slots(req, start, end)  # all live: request-owned, not freed before
