@@ -67,7 +67,8 @@ class RotaryEmbedding(nn.Module):
         torch path [num_tokens, 1, head_dim] in dtype (as transformers rounds them)."""
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = self.inv_freq_cpu.to(positions.device)
-        freqs = positions.float()[:, None] * self._inv_freq[None, :]  # fp32, as transformers
+        # int64 * fp32 promotes to fp32 inside the one kernel: the same products as transformers'
+        freqs = positions[:, None] * self._inv_freq[None, :]  # [T, D / 2] fp32
         if use_fused(positions):
             return freqs.cos(), freqs.sin()
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
