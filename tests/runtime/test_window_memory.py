@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from sglite.protocol import SamplingParams
 from sglite.runtime.cache_manager import CacheManager, freeable_window
@@ -27,6 +28,15 @@ class _Sink:
 
     def on_error(self, req, message):
         raise AssertionError(message)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """~1 ms per tiny decode step on one thread vs ~30 ms on two on a busy 2-core machine."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="module")
