@@ -178,27 +178,45 @@ def test_silu_real_shapes(rows):
     assert_close(silu_and_mul(x), silu_and_mul_ref(x), torch.bfloat16)
 
 
+def _logits(runner, prompts):
+    """Extend logits of every prompt, then one decode step's."""
+    rows = [runner.req_to_token.alloc() for _ in prompts]
+    slots = runner.token_pool.alloc(sum(len(p) for p in prompts))
+    extend = runner.forward(runner.make_extend_batch(rows, [0] * len(prompts), prompts, slots)).clone()
+    seq_lens = [len(p) + 1 for p in prompts]
+    batch = runner.make_decode_batch(rows, seq_lens, [1] * len(prompts), runner.token_pool.alloc(len(prompts)))
+    return extend, runner.forward(batch).clone()
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk-norm"])
 def test_model_fused_matches_torch_path(monkeypatch, qk_norm):
-    """Same runner, same batch: logits through the fused kernels vs the torch ops, extend
-    (ragged prompts, llama3 rope) and one decode step; bf16 rounding is the only difference."""
+    """bf16 logits through the fused kernels and through the torch ops, both against the same
+    weights in fp32 (extend of ragged prompts with llama3 rope, then a decode step): the fused
+    path is no less accurate. They cannot be compared bitwise: the fused rotary rotates in fp32
+    with fp32 cos/sin, the torch path rounds cos/sin and each product to bf16, and on these
+    random weights such roundings alone move the logits by ~1e-2 (split-count note, tests/gpu)."""
     from sglite.runtime.model_runner import ModelRunner
 
-    runner = ModelRunner(preset="llama-3.2-1b", load_format="dummy", device="cuda", dtype="bfloat16",
-                         config_overrides=dict(num_layers=3, qk_norm=qk_norm), max_total_tokens=4096,
-                         max_running_requests=4, max_context_len=2048, disable_cuda_graph=True)
+    kw = dict(preset="llama-3.2-1b", load_format="dummy", device="cuda", max_total_tokens=4096,
+              config_overrides=dict(num_layers=3, qk_norm=qk_norm), max_running_requests=4,
+              max_context_len=2048, disable_cuda_graph=True)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128000, (n,), generator=g).tolist() for n in (5, 300, 1200)]
-    rows = [runner.req_to_token.alloc() for _ in prompts]
-    extend = runner.make_extend_batch(rows, [0] * 3, prompts, runner.token_pool.alloc(1505))
-    decode = runner.make_decode_batch(rows, [6, 301, 1201], [1, 2, 3], runner.token_pool.alloc(3))
-    results = {}
+    monkeypatch.setattr(layers, "FUSED_KERNELS", False)
+    runner = ModelRunner(dtype="bfloat16", **kw)
+    exact = ModelRunner(dtype="float32", attention_backend="torch", **kw)  # no tf32 dots
+    for p32, p16 in zip(exact.model.parameters(), runner.model.parameters()):
+        p32.data.copy_(p16.data)
+    ref = _logits(exact, prompts)
+    del exact
+    errs = {}
     for fused in (False, True):  # each forward stores its own K/V before reading them
         monkeypatch.setattr(layers, "FUSED_KERNELS", fused)
-        results[fused] = [runner.forward(extend).clone(), runner.forward(decode).clone()]
-    for name, ref, out in zip(("extend", "decode"), results[False], results[True]):
-        err = rel_err(out, ref)
-        print(f"\nfused vs torch path ({'qk-norm' if qk_norm else 'llama'}), {name}: rel err {err:.1e}")
-        assert err < 1e-2, f"{name}: fused vs torch path rel err {err:.2e}"
+        errs[fused] = [rel_err(out, r) for out, r in zip(_logits(runner, prompts), ref)]
+    print(f"\n{'qk-norm' if qk_norm else 'llama'} rel err vs fp32 (extend, decode): torch path "
+          f"{errs[False][0]:.1e}, {errs[False][1]:.1e}; fused {errs[True][0]:.1e}, {errs[True][1]:.1e}")
+    for i, name in enumerate(("extend", "decode")):
+        assert errs[True][i] < 5e-2, f"{name}: fused path rel err {errs[True][i]:.2e} vs fp32"
+        assert errs[True][i] <= 1.25 * errs[False][i], f"{name}: fused less accurate than torch ops"
