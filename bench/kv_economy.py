@@ -18,6 +18,7 @@ import time
 import torch
 
 from sglite.protocol import SamplingParams
+from sglite.runtime.cache_manager import MAX_WINDOW_FREE_CHUNK
 from sglite.runtime.config import ModelConfig
 from sglite.runtime.mem.kv_cache import KVCache
 
@@ -61,11 +62,13 @@ def pool_sizes(args) -> None:
         pool = KVCache.for_model(cfg, dtype=dtype, device="meta", kv_memory_bytes=budget)
         base = base or pool.capacity
         if cfg.is_all_windowed:
-            # a request holds at most W + G slots (+1 for the token being decoded): KV that
-            # slid out of every layer's window is freed, so length is bounded by the context
-            # limit only, and the pool holds capacity // (W + G + 1) such requests at once
-            resident = cfg.sliding_window + cfg.global_tokens + 1
-            longest = "unbounded (holds <= W+G+1 = %d)" % resident
+            # a request holds at most W + G slots plus the chunk the scheduler frees at once
+            # (CacheManager.free_window_kv): KV that slid out of every layer's window is freed,
+            # so length is bounded by the context limit only, and the pool holds
+            # capacity // (W + G + chunk) such requests at once
+            chunk = max(1, min(MAX_WINDOW_FREE_CHUNK, cfg.sliding_window // 8))
+            resident = cfg.sliding_window + cfg.global_tokens + chunk
+            longest = f"unbounded (holds <= W+G+{chunk} = {resident})"
             concurrent = pool.capacity // min(resident, 8192)
         else:
             longest, concurrent = f"{pool.capacity}", pool.capacity // 8192
