@@ -35,6 +35,7 @@ class ServerArgs:
     address: str | None = None  # ZMQ endpoint to bind; None: a fresh ipc:// path
     seed: int = 0
     grammar_threads: int = 2
+    disable_jump_forward: bool = False  # constrained decoding: no forced-text jumps (comparisons)
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None  # None: min(max_running_requests, 256)
     num_threads: int | None = None  # torch CPU threads; None: torch's default
@@ -103,6 +104,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="ZMQ endpoint to bind (default: a fresh ipc:// path; tcp://127.0.0.1:PORT)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--grammar-threads", type=int, default=d.grammar_threads)
+    p.add_argument("--disable-jump-forward", action="store_true", default=d.disable_jump_forward,
+                   help="constrained decoding: decode forced text token by token")
     p.add_argument("--disable-cuda-graph", action="store_true", default=d.disable_cuda_graph)
     p.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
                    help="largest decode batch captured in a CUDA graph")

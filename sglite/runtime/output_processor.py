@@ -5,11 +5,20 @@ broken UTF-8) and its StopMatcher, which holds back text that may be the start o
 until it is disambiguated; a matched stop string is cut from the text (as SGLang's no_stop_trim
 off). A stop token (EOS unless ignore_eos, or stop_token_ids) ends the request without adding
 its text. Logprob entries are SGLang's [logprob, token_id, token_text] triples.
+
+Constrained requests: a grammar that completes ends the request (the grammar then allows only stop
+tokens; accepting one terminates it, finish_reason "stop" with that token); max_new_tokens and stop
+strings cut it as usual (the text then need not match). min_new_tokens does not apply: the grammar
+decides where the output ends. Jump-forward (constrained/jump.py): after each accepted token, the
+text the grammar forces is appended at once; the tokens it replaces lose their KV
+(`truncate_kv`), the new tokens are prefilled by the scheduler's next extend, the stream gets
+exactly the forced text, and the detokenizer restarts after it. Requests that want logprobs do not
+jump (jumped tokens have no logprobs of their own).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,8 +27,11 @@ from sglite.runtime.sampling import Sampling
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, model_config):
+    def __init__(self, tokenizer, model_config, *, enable_jump_forward: bool = True,
+                 truncate_kv: Callable[[Req, int], None] = lambda req, kv_len: None):
         self.tokenizer = tokenizer
+        self.enable_jump_forward = enable_jump_forward and tokenizer is not None
+        self.truncate_kv = truncate_kv  # (req, n): KV past position n is stale (CacheManager)
         self.eos_ids = set(model_config.eos_token_ids)
         self.vocab_size = model_config.vocab_size
         self.sampling = Sampling(model_config.vocab_size, eos_token_ids=model_config.eos_token_ids)
@@ -27,11 +39,10 @@ class OutputProcessor:
     # ---- per request state
     def init_request(self, req: Req) -> None:
         """Detokenizer and stop matcher (call once, when the request is created)."""
-        from sglite.runtime.detokenizer import IncrementalDetokenizer, StopMatcher
+        from sglite.runtime.detokenizer import StopMatcher
 
         if self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.input_ids,
-                                               skip_special_tokens=req.params.skip_special_tokens)
+            req.detok = self._detokenizer(req, req.input_ids)
         req.stop_matcher = StopMatcher(list(req.params.stop))
 
     def new_grammar_state(self, compiled):
@@ -59,6 +70,7 @@ class OutputProcessor:
             if req.return_logprob:
                 self._record_logprob(req, "output", logprobs[i], token_id)
             self.append_token(req, token_id)
+            self.jump_forward(req)
             self.emit(req)
 
     def append_token(self, req: Req, token_id: int) -> None:
@@ -69,7 +81,8 @@ class OutputProcessor:
         p = req.params
         is_stop_token = token_id in p.stop_token_ids or (token_id in self.eos_ids
                                                          and not p.ignore_eos)
-        if is_stop_token and len(req.output_ids) > p.min_new_tokens or (
+        min_len = 0 if req.grammar is not None else p.min_new_tokens  # see the module docstring
+        if is_stop_token and len(req.output_ids) > min_len or (
                 req.grammar is not None and req.grammar.is_terminated()):
             req.finish("stop", token_id)
         else:
@@ -80,6 +93,33 @@ class OutputProcessor:
             if req.detok is not None:  # release what the detokenizer and stop matcher hold
                 self.append_text(req, req.detok.flush())
             req.text_buffer += req.stop_matcher.flush()
+
+    def jump_forward(self, req: Req) -> None:
+        """Append the text req's grammar forces now, if any (see the module docstring)."""
+        if not (self.enable_jump_forward and req.grammar is not None and not req.is_finished
+                and not req.return_logprob):
+            return
+        from sglite.runtime.constrained import jump_forward
+
+        out = req.output_ids
+        jf = jump_forward(req.grammar, self.tokenizer, out)
+        if jf is None:
+            return
+        kept = len(out) - jf.num_dropped
+        try:
+            if kept + len(jf.new_token_ids) > req.params.max_new_tokens:
+                raise ValueError("over max_new_tokens")  # decode steps then stop exactly there
+            self.truncate_kv(req, len(req.input_ids) + kept)  # may refuse (sliding window)
+        except ValueError:  # undo: the request just decodes normally
+            req.grammar.rollback(len(jf.new_token_ids))
+            assert req.grammar.accept_many(out[kept:]), "re-accepting old tokens failed"
+            return
+        out[kept:] = jf.new_token_ids
+        req.num_jump_forward_tokens += jf.num_jumped
+        # the old tokens' text was all emitted (jump_forward only runs at a character boundary),
+        # and the new tokens spell it plus jf.text: restart with them as context
+        req.detok = self._detokenizer(req, req.fill_ids)
+        self.append_text(req, jf.text)
 
     def append_text(self, req: Req, text: str) -> None:
         emit, matched = req.stop_matcher.feed(text)
@@ -141,6 +181,12 @@ class OutputProcessor:
         req.logprobs.setdefault(f"{kind}_token_logprobs", []).append(
             [logprob, token_id, self._token_text(token_id)])
         req.logprobs.setdefault(f"{kind}_top_logprobs", []).append(top)
+
+    def _detokenizer(self, req: Req, context_ids: list[int]):
+        from sglite.runtime.detokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids=context_ids,
+                                      skip_special_tokens=req.params.skip_special_tokens)
 
     def _token_text(self, token_id: int) -> str:
         if self.tokenizer is None:

@@ -3,6 +3,7 @@ the greedy fast path, and the raw logprobs that the output processor reports."""
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from sglite.runtime.req import Req
@@ -27,7 +28,7 @@ class Sampling:
         from sglite.runtime.sampler import sample_batch
 
         needs_prompt = any(r.params.repetition_penalty != 1 for r in reqs)
-        ids = sample_batch(logits, [r.params for r in reqs], [r.output_ids for r in reqs],
+        ids = sample_batch(logits, [_effective_params(r) for r in reqs], [r.output_ids for r in reqs],
                            eos_token_ids=self.eos_token_ids,
                            prompt_ids=[r.input_ids for r in reqs] if needs_prompt else None)
         return [int(t) for t in ids], logprobs
@@ -44,8 +45,16 @@ class Sampling:
         apply_bitmask(logits, self._bitmask, rows)
 
 
+def _effective_params(req: Req):
+    """A grammar decides where its output ends: masking EOS for min_new_tokens could leave a
+    completed grammar no allowed token, so constrained rows ignore min_new_tokens."""
+    if req.grammar is not None and req.params.min_new_tokens:
+        return msgspec.structs.replace(req.params, min_new_tokens=0)
+    return req.params
+
+
 def _is_plain_greedy(req: Req) -> bool:
     p = req.params
     return ((p.temperature == 0 or p.top_k == 1) and p.frequency_penalty == 0
             and p.presence_penalty == 0 and p.repetition_penalty == 1
-            and len(req.output_ids) >= p.min_new_tokens)
+            and (len(req.output_ids) >= p.min_new_tokens or req.grammar is not None))

@@ -33,7 +33,8 @@ NEW_TOKEN_RATIO_DECAY = 0.002  # per decode step
 class Scheduler:
     def __init__(self, runner, *, chunked_prefill_size: int = 512, max_running_requests: int = 128,
                  disable_radix_cache: bool = False, schedule_policy: str = "lpm",
-                 grammar_cache=None, log_interval: float = 10.0,
+                 grammar_cache=None, enable_jump_forward: bool = True,
+                 log_interval: float = 10.0,
                  disable_window_free: bool = False):
         self.runner = runner
         cfg = runner.model_config
@@ -45,7 +46,9 @@ class Scheduler:
         self.max_running_requests = min(max_running_requests, runner.req_to_token.max_reqs)
         self.schedule_policy = schedule_policy
         self.grammar_cache = grammar_cache
-        self.outputs = OutputProcessor(runner.tokenizer, runner.model_config)
+        self.outputs = OutputProcessor(runner.tokenizer, runner.model_config,
+                                       enable_jump_forward=enable_jump_forward,
+                                       truncate_kv=self.cache.truncate)
         self.stats = Stats(log_interval=log_interval)
         self.waiting: list[Req] = []
         self.grammar_queue: list[Req] = []
@@ -112,6 +115,7 @@ class Scheduler:
                 req.state = ReqState.FINISHED
                 self.outputs.fail(req, str(e))
                 continue
+            self.outputs.jump_forward(req)  # e.g. `{"name": "`: prefilled with the prompt
             req.state = ReqState.WAITING
             self.waiting.append(req)
 

@@ -136,5 +136,6 @@ def serve(args: ServerArgs) -> None:
         runner, chunked_prefill_size=args.chunked_prefill_size,
         max_running_requests=args.max_running_requests,
         disable_radix_cache=args.disable_radix_cache, schedule_policy=args.schedule_policy,
-        grammar_cache=grammar_cache, log_interval=args.log_interval)
+        grammar_cache=grammar_cache, enable_jump_forward=not args.disable_jump_forward,
+        log_interval=args.log_interval)
     Server(args, scheduler).run()
