@@ -184,8 +184,12 @@ def _logits(runner, prompts):
     slots = runner.token_pool.alloc(sum(len(p) for p in prompts))
     extend = runner.forward(runner.make_extend_batch(rows, [0] * len(prompts), prompts, slots)).clone()
     seq_lens = [len(p) + 1 for p in prompts]
-    batch = runner.make_decode_batch(rows, seq_lens, [1] * len(prompts), runner.token_pool.alloc(len(prompts)))
-    return extend, runner.forward(batch).clone()
+    decode_slots = runner.token_pool.alloc(len(prompts))
+    decode = runner.forward(runner.make_decode_batch(rows, seq_lens, [1] * len(prompts), decode_slots)).clone()
+    for row in rows:
+        runner.req_to_token.free(row)
+    runner.token_pool.free(torch.cat([slots, decode_slots]))
+    return extend, decode
 
 
 @pytest.mark.gpu
