@@ -140,8 +140,9 @@ class Scheduler:
                 break
             if result is not AddResult.DEFERRED:
                 if req.num_retractions == 0:
-                    req.num_cached_tokens = req.tree_len
-                    self.stats.record_admission(len(req.input_ids), req.tree_len)
+                    # prompt tokens only (a jump-forward before admission may match further)
+                    req.num_cached_tokens = min(req.tree_len, len(req.input_ids))
+                    self.stats.record_admission(len(req.input_ids), req.num_cached_tokens)
                 self.waiting.remove(req)
                 req.state = ReqState.RUNNING
                 self.running.append(req)
