@@ -197,3 +197,21 @@ def test_interleaved_window_frees_nothing_and_says_so(caplog):
     assert "no KV is freed" in caplog.text
     assert freeable_window(cfg.replace(sliding_window_layers=None)) == 8
     assert freeable_window(ModelConfig.from_preset("tiny")) is None
+
+
+def test_retracted_request_resumes_from_the_live_prefix_only():
+    cache = _cache()
+    req = _request([1, 2, 3, 4], 64)
+    _run(cache, req, 30)
+    assert req.num_window_freed
+    cache.retract(req)
+    cache.check_integrity()
+    assert req.num_window_freed == 0 and cache.num_held == 0
+    assert cache.admit(req)  # resumes: the tree serves the prompt, then the first hole
+    assert req.tree_len == 4
+    cache.extend(req, cache.alloc(req.extend_len))  # recompute the rest (one extend)
+    cache.cache_unfinished(req)  # the tree has these tokens on tombstones: we keep our slots
+    assert req.tree_len == 4
+    cache.check_integrity()
+    cache.release(req)
+    assert cache.flush() and cache.num_free == cache.num_total
