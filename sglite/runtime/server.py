@@ -137,5 +137,5 @@ def serve(args: ServerArgs) -> None:
         max_running_requests=args.max_running_requests,
         disable_radix_cache=args.disable_radix_cache, schedule_policy=args.schedule_policy,
         grammar_cache=grammar_cache, enable_jump_forward=not args.disable_jump_forward,
-        log_interval=args.log_interval)
+        disable_window_free=args.disable_window_free, log_interval=args.log_interval)
     Server(args, scheduler).run()
