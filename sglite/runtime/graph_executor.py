@@ -45,7 +45,7 @@ class GraphJob:
         kids = self.children[node_id]
         if len(kids) > 1 and full_text and self._has_work_below(node_id):
             self._submit(f"fork{node_id}", full_text, protocol.SamplingParams(max_new_tokens=0),
-                         lambda _text: self._start_children(node_id, full_text))
+                         lambda _text, _meta: self._start_children(node_id, full_text))
         else:
             self._start_children(node_id, full_text)
 
@@ -66,7 +66,7 @@ class GraphJob:
             self._resolve(node.id, prompt + node.text)
         elif node.kind == "gen":
             self._submit(f"n{node.id}", prompt, self.params[node.id],
-                         lambda text: self._node_done(node, prompt, text, {}))
+                         lambda text, meta: self._node_done(node, prompt, text, meta))
         else:
             method = choices_mod.get_choices_method(node.choices_method)
             score = protocol.ScoreReq(rid=f"{self.rid}/n{node.id}", text=prompt,
@@ -161,7 +161,7 @@ class _NodeSink:
             return
         if meta["finish_reason"]["type"] == "abort":
             return self.job._fail(self.name, f"aborted: {meta['finish_reason']['matched']}")
-        self.on_text(text)
+        self.on_text(text, meta)
 
     def on_error(self, req, message: str) -> None:
         self.job._fail(self.name, message)
