@@ -106,11 +106,9 @@ class OutputProcessor:
         if jf is None:
             return
         kept = len(out) - jf.num_dropped
-        try:
-            if kept + len(jf.new_token_ids) > req.params.max_new_tokens:
-                raise ValueError("over max_new_tokens")  # decode steps then stop exactly there
-            self.truncate_kv(req, len(req.input_ids) + kept)  # may refuse (sliding window)
-        except ValueError:  # undo: the request just decodes normally
+        # over max_new_tokens, or KV the sliding window freed: undo, and decode step by step
+        fits = kept + len(jf.new_token_ids) <= req.params.max_new_tokens
+        if not (fits and self._truncate_kv(req, len(req.input_ids) + kept)):
             req.grammar.rollback(len(jf.new_token_ids))
             assert req.grammar.accept_many(out[kept:]), "re-accepting old tokens failed"
             return
@@ -181,6 +179,13 @@ class OutputProcessor:
         req.logprobs.setdefault(f"{kind}_token_logprobs", []).append(
             [logprob, token_id, self._token_text(token_id)])
         req.logprobs.setdefault(f"{kind}_top_logprobs", []).append(top)
+
+    def _truncate_kv(self, req: Req, kv_len: int) -> bool:
+        try:
+            self.truncate_kv(req, kv_len)
+        except ValueError:  # CacheManager refuses when the window already freed keys we need
+            return False
+        return True
 
     def _detokenizer(self, req: Req, context_ids: list[int]):
         from sglite.runtime.detokenizer import IncrementalDetokenizer

@@ -67,16 +67,24 @@ def _valid(name: str, text: str) -> bool:
     return True
 
 
-def _run_batch(client, jobs):
-    """jobs: [(case name, i)] sent concurrently → [(name, result)]."""
+def _send_batch(client, jobs) -> list[str]:
+    """jobs: [(case name, i)], sent at once (greedy) → their rids."""
     rids = []
     for name, i in jobs:
         kind, spec, prompt, _, max_new = CASES[name]
         rids.append(client.new_rid())
         client.send(protocol.GenerateReq(rid=rids[-1], text=prompt.format(i=i), sampling_params={
             "temperature": 0, "max_new_tokens": max_new, kind: spec}))
+    return rids
+
+
+def _collect_batch(client, jobs, rids):
     results = client.collect(rids)
     return [(name, results[rid]) for (name, _), rid in zip(jobs, rids)]
+
+
+def _run_batch(client, jobs):
+    return _collect_batch(client, jobs, _send_batch(client, jobs))
 
 
 def _check_all_valid(outs, eos_ids):
@@ -98,6 +106,9 @@ def test_50_constrained_generations_match_and_complete(client, eos_ids):
     _check_all_valid(outs, eos_ids)
     jumped = [r["meta_info"].get("jump_forward_tokens", 0) for name, r in outs if name == "json"]
     assert all(j > 0 for j in jumped), jumped  # fixed keys: `{"name": "`, `", "age": `, ...
+    info = client.info()  # truncated KV went back: nothing held, the pool adds up
+    assert info["num_running_reqs"] == 0 and info["kv_held_by_running"] == 0
+    assert info["kv_free"] + info["kv_evictable"] == info["kv_total"]
 
 
 @pytest.mark.parametrize("kind,spec,names", [
@@ -131,9 +142,12 @@ def test_stop_string_in_forced_text_ends_the_request(client):
 
 def test_streamed_jumps_add_up_to_the_unstreamed_text(client):
     params = {"temperature": 0, "max_new_tokens": 128, "json_schema": json.dumps(PERSON)}
-    full = client.generate("A JSON record of employee 7:\n", sampling_params=params)
-    streamed = client.generate("A JSON record of employee 7:\n", sampling_params=params,
-                               stream=True)
+    rids = [client.new_rid(), client.new_rid()]
+    for rid, stream in zip(rids, (False, True)):
+        client.send(protocol.GenerateReq(rid=rid, text="A JSON record of employee 7:\n",
+                                         sampling_params=params, stream=stream))
+    results = client.collect(rids)
+    full, streamed = results[rids[0]], results[rids[1]]
     assert "".join(streamed["chunks"]) == full["text"] and _valid("json", full["text"])
     assert any('"age": ' in c for c in streamed["chunks"])  # forced text arrives in one piece
 
@@ -148,8 +162,9 @@ def no_jump_runtime():
 
 def test_jump_forward_off_gives_equally_valid_outputs(no_jump_runtime, make_client, client, eos_ids):
     jobs = [(name, i) for name in ("json", "date", "arith") for i in range(4)]
-    on = _run_batch(client, jobs)
-    off = _run_batch(make_client(no_jump_runtime.address, alive=no_jump_runtime.is_alive), jobs)
+    off_client = make_client(no_jump_runtime.address, alive=no_jump_runtime.is_alive)
+    on_rids, off_rids = _send_batch(client, jobs), _send_batch(off_client, jobs)
+    on, off = _collect_batch(client, jobs, on_rids), _collect_batch(off_client, jobs, off_rids)
     _check_all_valid(on, eos_ids)
     _check_all_valid(off, eos_ids)
     assert all("jump_forward_tokens" not in r["meta_info"] for _, r in off)
