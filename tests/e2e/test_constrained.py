@@ -156,7 +156,8 @@ def test_streamed_jumps_add_up_to_the_unstreamed_text(client):
 def no_jump_runtime():
     from conftest import E2E_RUNTIME_ARGS
 
-    with RuntimeProcess(None, timeout=900, **E2E_RUNTIME_ARGS, disable_jump_forward=True) as rt:
+    with RuntimeProcess(None, timeout=900, **E2E_RUNTIME_ARGS, disable_jump_forward=True,
+                        num_threads=1) as rt:  # beside the shared runtime on 2 cores
         yield rt
 
 
