@@ -40,12 +40,12 @@ ADD: "+" | "-"
 MUL: "*" | "/"
 NUMBER: /[0-9]{1,2}/
 """
-CASES = {  # kind, spec, prompt prefix, validity check of the text, max_new_tokens
-    "ipv4": ("regex", IPV4, "The IP address of web server {i} is ", None, 24),
-    "date": ("regex", DATE, "Event {i} happened on the date ", None, 16),
-    "int": ("regex", INT, "The answer to question {i} is the number ", None, 12),
-    "json": ("json_schema", json.dumps(PERSON), "A JSON record of employee {i}:\n", None, 128),
-    "arith": ("grammar", ARITH, "Arithmetic exercise {i}: compute ", None, 40),
+CASES = {  # kind, spec, prompt, max_new_tokens (enough for the longest output + EOS)
+    "ipv4": ("regex", IPV4, "The IP address of web server {i} is ", 24),
+    "date": ("regex", DATE, "Event {i} happened on the date ", 16),
+    "int": ("regex", INT, "The answer to question {i} is the number ", 12),
+    "json": ("json_schema", json.dumps(PERSON), "A JSON record of employee {i}:\n", 128),
+    "arith": ("grammar", ARITH, "Arithmetic exercise {i}: compute ", 40),
 }
 LARK = lark.Lark(ARITH)
 
@@ -71,7 +71,7 @@ def _send_batch(client, jobs) -> list[str]:
     """jobs: [(case name, i)], sent at once (greedy) → their rids."""
     rids = []
     for name, i in jobs:
-        kind, spec, prompt, _, max_new = CASES[name]
+        kind, spec, prompt, max_new = CASES[name]
         rids.append(client.new_rid())
         client.send(protocol.GenerateReq(rid=rids[-1], text=prompt.format(i=i), sampling_params={
             "temperature": 0, "max_new_tokens": max_new, kind: spec}))
