@@ -268,6 +268,8 @@ def main():
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--globals", dest="globals_", type=int, default=4)
     ap.add_argument("--window-bs", type=int, default=8)
+    ap.add_argument("--no-hf", action="store_true", help="part b without the transformers run "
+                    "(e.g. a second runtime version in the same call)")
     args = ap.parse_args()
     device = torch.device(args.device)
     parts = args.parts.split(",")
@@ -282,7 +284,7 @@ def main():
         run_part("p: decode profile", bench_profile, args, device)
     out_dir, extra = os.environ.get("OUT"), {}
     if "b" in parts:
-        hf = run_part("b: transformers generate", bench_hf, args, device)
+        hf = None if args.no_hf else run_part("b: transformers generate", bench_hf, args, device)
         srv = run_part("b: sglite runtime", bench_server, args, device)
         if srv is not None:
             tps, info, log = srv
@@ -297,7 +299,9 @@ def main():
             ROWS.append((f"b. {args.num_requests} req x {args.prompt_len}+{args.output_len} out tok/s",
                          tps, f"HF generate bs{args.hf_batch} x{args.hf_batches} tok/s",
                          hf or float("nan"), tps / hf if hf else float("nan"),
-                         "HF extrapolated from its subset"))
+                         f"HF extrapolated from its subset; server: {c.get('num_steps')} steps, "
+                         f"schedule {c.get('schedule_time_s')} s (incl. waits for the GPU), "
+                         f"extend {c.get('prefill_time_s')} s"))
     print(f"\ncard: {card}; d2d copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     print("| case | sglite | baseline | baseline value | ratio | note |\n|---|---|---|---|---|---|")
     for case, ours, base_name, base, ratio, note in ROWS:

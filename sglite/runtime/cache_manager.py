@@ -124,10 +124,19 @@ class CacheManager:
             self.tree.evict(short)
         return self.token_pool.alloc(num_tokens)
 
-    def extend(self, req: Req, slots: torch.Tensor) -> None:
-        """Positions [kv_len, kv_len + len(slots)) of req now live in `slots`."""
-        self.req_to_token.write(req.req_pool_idx, req.kv_len, slots)
+    def extend(self, req: Req, slots: torch.Tensor, *, written: bool = False) -> None:
+        """Positions [kv_len, kv_len + len(slots)) of req now live in `slots`. written: the
+        caller's batch builder (ModelRunner.make_*_batch) already put them into req_to_token;
+        on a GPU each per-request write is a host-to-device copy plus a kernel launch."""
+        if not written:
+            self.req_to_token.write(req.req_pool_idx, req.kv_len, slots)
         req.kv_len += int(slots.numel())
+
+    def advance_decode(self, reqs: list[Req]) -> None:
+        """Each of reqs got one KV slot for its last token, written into req_to_token by
+        ModelRunner.make_decode_batch (one copy for the whole batch)."""
+        for req in reqs:
+            req.kv_len += 1
 
     def cache_unfinished(self, req: Req) -> None:
         """Move req's own KV into the tree (so peers can share it) and lock it there."""

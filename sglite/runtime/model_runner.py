@@ -155,20 +155,25 @@ class ModelRunner:
         if len(out_cache_loc) != len(input_ids):
             raise ValueError(f"out_cache_loc has {len(out_cache_loc)} slots for {len(input_ids)} tokens")
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-        start = 0
-        for row, prefix_len, extend_len in zip(rows, prefix_lens, extend_lens):
-            self.req_to_token.write(row, prefix_len, out_cache_loc[start : start + extend_len])
-            start += extend_len
+        if max(seq_lens, default=0) > self.max_context_len:
+            raise ValueError(f"position {max(seq_lens) - 1} exceeds "
+                             f"max_context_len={self.max_context_len}")
         dev = self.device
+        # one index_put for all rows (per-row writes cost a host-to-device copy each on a GPU)
+        token_rows = torch.tensor(rows, dtype=torch.int64).repeat_interleave(
+            torch.tensor(extend_lens, dtype=torch.int64))
+        positions = positions.to(device=dev, dtype=torch.int64)
+        out_cache_loc = out_cache_loc.to(device=dev, dtype=torch.int64)
+        self.req_to_token.table[token_rows.to(dev), positions] = out_cache_loc.to(torch.int32)
         return ForwardBatch(
             mode=mode,
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=positions.to(device=dev, dtype=torch.int64),
+            positions=positions,
             req_pool_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32, device=dev),
             extend_lens=torch.tensor(extend_lens, dtype=torch.int32, device=dev),
-            out_cache_loc=out_cache_loc.to(device=dev, dtype=torch.int64),
+            out_cache_loc=out_cache_loc,
             req_to_token=self.req_to_token.table,
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),

@@ -55,17 +55,21 @@ class OutputProcessor:
         """reqs: requests whose every token has KV; logits [len(reqs), vocab] of their last one."""
         rows = []
         for i, req in enumerate(reqs):
-            if req.remaining_new_tokens == 0:  # max_new_tokens=0: prefill only (select, warm-up)
+            if len(req.output_ids) >= req.params.max_new_tokens:  # remaining_new_tokens == 0  # max_new_tokens=0: prefill only (select, warm-up)
                 req.finish("length")
                 self.emit(req)
             else:
                 rows.append(i)
         if not rows:
             return
-        reqs = [reqs[i] for i in rows]
-        next_ids, logprobs = self.sampling.sample(reqs, logits[rows])
+        if len(rows) < len(reqs):
+            reqs, logits = [reqs[i] for i in rows], logits[rows]
+        next_ids, logprobs = self.sampling.sample(reqs, logits)
         for i, (req, token_id) in enumerate(zip(reqs, next_ids)):
             if req.is_finished:  # aborted by a sink earlier in this loop
+                continue
+            if _is_plain(req):
+                self._append_plain(req, token_id)
                 continue
             if req.return_logprob:
                 self._record_logprob(req, "output", logprobs[i], token_id)
@@ -93,6 +97,21 @@ class OutputProcessor:
             if req.detok is not None:  # release what the detokenizer and stop matcher hold
                 self.append_text(req, req.detok.flush())
             req.text_buffer += req.stop_matcher.flush()
+
+    def _append_plain(self, req: Req, token_id: int) -> None:
+        """append_token + emit for a request without text work (no detokenizer, stop strings,
+        grammar or logprobs: dummy weights, token-id clients): a few list and set operations
+        instead of the general path's calls, for every request of every decode step."""
+        out, p = req.output_ids, req.params
+        out.append(token_id)
+        if ((token_id in p.stop_token_ids or token_id in self.eos_ids and not p.ignore_eos)
+                and len(out) > p.min_new_tokens):
+            req.finish("stop", token_id)
+        elif len(out) >= p.max_new_tokens:
+            req.finish("length")
+        else:
+            return
+        self.emit(req)
 
     def jump_forward(self, req: Req) -> None:
         """Append the text req's grammar forces now, if any (see the module docstring)."""
@@ -197,3 +216,8 @@ class OutputProcessor:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode([token_id])
+
+
+def _is_plain(req: Req) -> bool:
+    return (req.detok is None and req.grammar is None and not req.return_logprob
+            and not req.stop_matcher.stops and not req.text_buffer)

@@ -77,6 +77,11 @@ class Req:
         return self.input_ids + self.output_ids
 
     @property
+    def last_token_id(self) -> int:
+        """fill_ids[-1] without building fill_ids (the decode batch needs it every step)."""
+        return self.output_ids[-1] if self.output_ids else self.input_ids[-1]
+
+    @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
 
@@ -87,7 +92,7 @@ class Req:
     @property
     def extend_len(self) -> int:
         """Tokens without KV: the whole remaining prompt while prefilling, 1 while decoding."""
-        return self.seq_len - self.kv_len
+        return len(self.input_ids) + len(self.output_ids) - self.kv_len  # (hot: inlined)
 
     @property
     def is_finished(self) -> bool:

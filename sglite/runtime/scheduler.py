@@ -170,12 +170,12 @@ class Scheduler:
         reqs = adder.reqs
         prefix_lens = [r.kv_len for r in reqs]
         new_ids = [r.fill_ids[r.kv_len: r.kv_len + len(s)] for r, s in zip(reqs, adder.slots)]
-        for req, slots in zip(reqs, adder.slots):
-            self.cache.extend(req, slots)
         return_all = any(r.wants_input_logprobs for r in reqs)
-        batch = self.runner.make_extend_batch(
+        batch = self.runner.make_extend_batch(  # writes the slots into req_to_token
             [r.req_pool_idx for r in reqs], prefix_lens, new_ids, torch.cat(adder.slots),
             return_all_logits=return_all)
+        for req, slots in zip(reqs, adder.slots):
+            self.cache.extend(req, slots, written=True)
         t0 = time.perf_counter()
         logits = self._forward(batch, reqs)
         self.stats.record_extend(batch.num_tokens, time.perf_counter() - t0)
@@ -192,11 +192,11 @@ class Scheduler:
     def _run_decode(self, reqs: list[Req]) -> None:
         slots = self.cache.alloc(len(reqs))
         assert slots is not None, "decode scheduled without room (checked in _schedule_decode)"
-        for i, req in enumerate(reqs):
-            self.cache.extend(req, slots[i: i + 1])
+        self.cache.advance_decode(reqs)
+        # one host-to-device copy for the batch, which also writes the slots into req_to_token
         batch = self.runner.make_decode_batch(
             [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
-            [r.fill_ids[-1] for r in reqs], slots)
+            [r.last_token_id for r in reqs], slots)
         t0 = time.perf_counter()
         logits = self._forward(batch, reqs)
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
