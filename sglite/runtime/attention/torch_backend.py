@@ -64,10 +64,12 @@ class TorchAttentionBackend(BaseAttentionBackend):
             values = v_buf[idx].transpose(0, 1)
             mask = self._mask(layer, batch, i)
             is_causal = mask is None and extend_len > 1
+            # 4-D inputs: on CPU, 3-D ones fall back to SDPA's math path (2x slower at 512 tokens)
             o = F.scaled_dot_product_attention(
-                q_i.to(keys.dtype), keys, values, attn_mask=mask, is_causal=is_causal,
-                scale=layer.scale, enable_gqa=layer.num_heads != layer.num_kv_heads,
-            )
+                q_i.to(keys.dtype)[None], keys[None], values[None], attn_mask=mask,
+                is_causal=is_causal, scale=layer.scale,
+                enable_gqa=layer.num_heads != layer.num_kv_heads,
+            )[0]
             out[start : start + extend_len] = o.transpose(0, 1).to(q.dtype)
             start += extend_len
         return out
