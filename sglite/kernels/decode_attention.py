@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_attention_shapes
+
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 128  # H200, bs 1, W=4096: 17 splits of 256 keys 0.023 ms, 33 of 128 keys 0.015 ms
@@ -203,14 +205,7 @@ def decode_attention_fwd(
 
 
 def _check(q, k_buffer, v_buffer, out, num_splits) -> None:
-    if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.shape != k_buffer.shape:
-        raise ValueError(f"expected q [bs, H, D] and K/V buffers [slots, KH, D], got {tuple(q.shape)}, "
-                         f"{tuple(k_buffer.shape)}, {tuple(v_buffer.shape)}")
-    if q.shape[2] != k_buffer.shape[2] or q.shape[1] % k_buffer.shape[1] != 0:
-        raise ValueError(f"query heads {q.shape[1]} x dim {q.shape[2]} do not fit KV heads "
-                         f"{k_buffer.shape[1]} x dim {k_buffer.shape[2]}")
-    if out.shape != q.shape:
-        raise ValueError(f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
+    check_attention_shapes(q, k_buffer, v_buffer, out, q_layout="[bs, H, D]")
     if any(t.stride(-1) != 1 for t in (q, k_buffer, v_buffer, out)):
         raise ValueError("q, out and the K/V buffers need a contiguous last (head_dim) axis")
     if not 1 <= num_splits <= MAX_SPLITS:

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_attention_shapes
+
 _LOG2E = 1.4426950408889634
 
 
@@ -227,14 +229,7 @@ def extend_attention_fwd(
 
 
 def _check(q, k_extend, v_extend, out, k_buffer, v_buffer, out_cache_loc) -> None:
-    if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.shape != k_buffer.shape:
-        raise ValueError(f"expected q [T, H, D] and K/V buffers [slots, KH, D], got {tuple(q.shape)}, "
-                         f"{tuple(k_buffer.shape)}, {tuple(v_buffer.shape)}")
-    if q.shape[2] != k_buffer.shape[2] or q.shape[1] % k_buffer.shape[1] != 0:
-        raise ValueError(f"query heads {q.shape[1]} x dim {q.shape[2]} do not fit KV heads "
-                         f"{k_buffer.shape[1]} x dim {k_buffer.shape[2]}")
-    if out.shape != q.shape:
-        raise ValueError(f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
+    check_attention_shapes(q, k_buffer, v_buffer, out, q_layout="[T, H, D]")
     if (k_extend is None) != (v_extend is None):
         raise ValueError("pass both k_extend and v_extend, or neither")
     if k_extend is None and out_cache_loc is None:
