@@ -1,0 +1,1 @@
+"""Frontend backends: the ZeroMQ client of the sglite runtime."""

@@ -1,0 +1,1 @@
+"""The runtime process: server, scheduler, memory, executor (imports torch)."""

@@ -1,0 +1,1 @@
+"""KV memory: request table, slot pool, per-layer KV buffers, radix prefix cache."""
