@@ -159,6 +159,9 @@ class CacheManager:
         (evictable), so the next turn of a conversation reuses prompt and answer."""
         if req.req_pool_idx is None:
             return
+        if req.kv_len > req.seq_len:  # the overlapped decode wrote KV for a token never read
+            self.token_pool.free(_live(self._slots(req, req.seq_len, req.kv_len)))
+            req.kv_len = req.seq_len
         if self.disable_radix_cache:
             self.token_pool.free(_live(self._slots(req, 0, req.kv_len)))
         else:

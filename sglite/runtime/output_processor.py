@@ -65,6 +65,10 @@ class OutputProcessor:
         if len(rows) < len(reqs):
             reqs, logits = [reqs[i] for i in rows], logits[rows]
         next_ids, logprobs = self.sampling.sample(reqs, logits)
+        self.apply(reqs, next_ids, logprobs)
+
+    def apply(self, reqs: list[Req], next_ids: list[int], logprobs: torch.Tensor | None = None):
+        """Append each request's sampled token: stop checks, text, jump-forward, replies."""
         for i, (req, token_id) in enumerate(zip(reqs, next_ids)):
             if req.is_finished:  # aborted by a sink earlier in this loop
                 continue
@@ -221,3 +225,15 @@ class OutputProcessor:
 def _is_plain(req: Req) -> bool:
     return (req.detok is None and req.grammar is None and not req.return_logprob
             and not req.stop_matcher.stops and not req.text_buffer)
+
+
+def is_token_independent(req: Req) -> bool:
+    """Whether req's next step needs nothing from its last sampled token on the host: greedy
+    (the argmax stays on the device), and only max_new_tokens can end it (ignore_eos, no stop
+    ids or strings, no grammar, no logprobs). The overlapped decode loop (scheduler) launches
+    such requests' next forward before it reads their last token."""
+    p = req.params
+    return ((p.temperature == 0 or p.top_k == 1) and p.ignore_eos and not p.stop
+            and not p.stop_token_ids and req.grammar is None and not req.return_logprob
+            and p.frequency_penalty == 0 and p.presence_penalty == 0
+            and p.repetition_penalty == 1)

@@ -17,7 +17,7 @@ import time
 import torch
 
 from sglite.runtime.cache_manager import CacheManager, freeable_window
-from sglite.runtime.output_processor import OutputProcessor
+from sglite.runtime.output_processor import OutputProcessor, is_token_independent
 from sglite.runtime.req import Req, ReqState
 from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
                                             order_waiting)
@@ -35,7 +35,7 @@ class Scheduler:
                  disable_radix_cache: bool = False, schedule_policy: str = "lpm",
                  grammar_cache=None, enable_jump_forward: bool = True,
                  log_interval: float = 10.0,
-                 disable_window_free: bool = False):
+                 disable_window_free: bool = False, enable_overlap: bool = True):
         self.runner = runner
         cfg = runner.model_config
         self.cache = CacheManager(
@@ -54,6 +54,8 @@ class Scheduler:
         self.grammar_queue: list[Req] = []
         self.running: list[Req] = []  # holds a request row (and KV); prefilling or decoding
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.enable_overlap = enable_overlap
+        self._pending: PendingDecode | None = None  # a decode whose tokens are not read yet
 
     @property
     def has_work(self) -> bool:
@@ -63,13 +65,14 @@ class Scheduler:
     def step(self) -> None:
         t0, forward_time = time.perf_counter(), self.stats.forward_time
         self._poll_grammars()
+        decoded = self._pending is not None and self._decode_ahead()
         extend = self._schedule_extend()
         if extend:
             self._run_extend(extend)
-        decode = self._schedule_decode()
+        decode = [] if decoded else self._schedule_decode()
         if decode:
             self._run_decode(decode)
-        self._drop_finished()
+        self._drop_finished(queues=False)  # only running requests finish inside a step
         self.cache.free_window_kv(self.running)  # sliding window: KV no future query sees
         self.stats.record_step(time.perf_counter() - t0 - (self.stats.forward_time - forward_time))
         self.stats.maybe_log(self)
@@ -197,13 +200,63 @@ class Scheduler:
         batch = self.runner.make_decode_batch(
             [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
             [r.last_token_id for r in reqs], slots)
+        self._launch_decode(reqs, batch)
+
+    def _launch_decode(self, reqs: list[Req], batch, *,
+                       previous: PendingDecode | None = None) -> None:
+        """previous: the decode before this one, whose tokens are appended once this one is
+        launched (and before this one's own are)."""
         t0 = time.perf_counter()
         logits = self._forward(batch, reqs)
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        if logits is not None and self.enable_overlap and all(map(is_token_independent, reqs)):
+            self._pending = PendingDecode.start(reqs, logits)  # read next step, after the
+            logits = None  # next forward is queued behind this one
+        if previous is not None:
+            self._finish_decode(previous)
         if logits is not None:
             self._sample_and_process(reqs, logits)
+
+    # ---- overlap: the GPU runs decode N+1 while the host appends the tokens of decode N
+    def _decode_ahead(self) -> bool:
+        """Launch the next decode of the pending one's requests, feeding their tokens from the
+        device, then read and append the pending tokens. Only requests that max_new_tokens alone
+        can end are pending (is_token_independent), so which of them continue is known before
+        their tokens are. False (pending flushed first) when that does not fit this step."""
+        pending = self._pending
+        cont = [i for i, r in enumerate(pending.reqs)
+                if not r.is_finished and len(r.output_ids) + 1 < r.params.max_new_tokens]
+        others = [r for r in self.running if r.extend_len == 1 and not r.is_finished]
+        reqs = [pending.reqs[i] for i in cont] + others
+        if not cont or self.cache.available_size < len(reqs):
+            self._finish_pending()
+            return False
+        slots = self.cache.alloc(len(reqs))
+        self.cache.advance_decode(reqs)  # for cont: the KV of the still unread token
+        batch = self.runner.make_decode_batch(
+            [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
+            [0] * len(cont) + [r.last_token_id for r in others], slots)
+        index = torch.tensor(cont, dtype=torch.int64).to(pending.next_ids.device)
+        batch.input_ids[: len(cont)] = pending.next_ids[index]
+        self._pending = None
+        self._launch_decode(reqs, batch, previous=pending)
+        return True
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._finish_decode(pending)
+
+    def _finish_decode(self, pending: PendingDecode) -> None:
+        try:
+            self.outputs.apply(pending.reqs, pending.token_ids())
+        except Exception as e:
+            logger.exception("output processing failed")
+            for req in pending.reqs:
+                if not req.is_finished:
+                    self.fail(req, f"{type(e).__name__}: {e}")
 
     def _forward(self, batch, reqs: list[Req]) -> torch.Tensor | None:
         try:
@@ -228,16 +281,46 @@ class Scheduler:
                 if not req.is_finished:
                     self.fail(req, f"{type(e).__name__}: {e}")
 
-    def _drop_finished(self) -> None:
-        for req in [r for r in self.running if r.is_finished]:
-            self.cache.release(req)
-            self.running.remove(req)
-            req.state = ReqState.FINISHED
-            self.stats.num_finished += 1
+    def _drop_finished(self, *, queues: bool = True) -> None:
+        """queues: also scan the waiting and grammar queues (aborts and failures end queued
+        requests; a step does not, and the waiting queue can be thousands long)."""
+        finished = [r for r in self.running if r.is_finished]
+        if finished:
+            for req in finished:
+                self.cache.release(req)
+                req.state = ReqState.FINISHED
+            self.running = [r for r in self.running if not r.is_finished]
+            self.stats.num_finished += len(finished)
+        if not queues:
+            return
         for q in (self.waiting, self.grammar_queue):
             for req in [r for r in q if r.is_finished]:
                 q.remove(req)
                 req.state = ReqState.FINISHED
+
+
+class PendingDecode:
+    """A launched decode's greedy tokens: on the device (the next decode's inputs) and on their
+    way to pinned host memory (read once the copy's event has completed)."""
+
+    def __init__(self, reqs: list[Req], next_ids: torch.Tensor, host_ids: torch.Tensor, event):
+        self.reqs, self.next_ids, self.host_ids, self.event = reqs, next_ids, host_ids, event
+
+    @classmethod
+    def start(cls, reqs: list[Req], logits: torch.Tensor) -> PendingDecode:
+        next_ids = logits.argmax(dim=-1)  # a new tensor: the graph's logits get overwritten
+        if next_ids.device.type != "cuda":
+            return cls(reqs, next_ids, next_ids, None)
+        host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        host_ids.copy_(next_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(reqs, next_ids, host_ids, event)
+
+    def token_ids(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host_ids.tolist()
 
 
 def _grammar_spec(req: Req) -> tuple[str, str] | None:

@@ -109,7 +109,9 @@ class Server:
 
 
 def serve(args: ServerArgs) -> None:
-    """Load the model and serve until SIGTERM/SIGINT (or the launching process exits)."""
+    """Load the model and serve until SIGTERM/SIGINT (or the launching process exits).
+    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there;
+    SGLITE_DISABLE_OVERLAP=1: the scheduler reads each decode's tokens before the next launch."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from sglite.runtime.model_runner import ModelRunner
     from sglite.runtime.scheduler import Scheduler
@@ -137,5 +139,19 @@ def serve(args: ServerArgs) -> None:
         max_running_requests=args.max_running_requests,
         disable_radix_cache=args.disable_radix_cache, schedule_policy=args.schedule_policy,
         grammar_cache=grammar_cache, enable_jump_forward=not args.disable_jump_forward,
-        disable_window_free=args.disable_window_free, log_interval=args.log_interval)
-    Server(args, scheduler).run()
+        disable_window_free=args.disable_window_free, log_interval=args.log_interval,
+        # A/B switch for benchmarks until ServerArgs has a flag
+        enable_overlap=os.environ.get("SGLITE_DISABLE_OVERLAP") != "1")
+    profile_path = os.environ.get("SGLITE_PROFILE")  # where the loop's cProfile table goes
+    if not profile_path:
+        Server(args, scheduler).run()
+        return
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(Server(args, scheduler).run)
+    finally:
+        with open(profile_path, "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)

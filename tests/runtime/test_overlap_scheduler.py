@@ -1,0 +1,104 @@
+"""The overlapped decode loop (Scheduler enable_overlap): the same tokens and finish reasons as the
+plain loop, KV accounting intact after every step (also with an abort while a decode is pending),
+and no token past max_new_tokens."""
+
+import pytest
+import torch
+
+from sglite.protocol import parse_sampling_params
+from sglite.runtime.req import Req
+
+
+class Sink:
+    def __init__(self):
+        self.finished, self.meta, self.error = 0, None, None
+
+    def on_output(self, req, text, finished, meta):
+        self.finished += finished
+        self.meta = meta
+
+    def on_error(self, req, message):
+        self.error = message
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from sglite.runtime.model_runner import ModelRunner
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # fp32: rows of a batch must not depend on the batch's composition (it differs between loops)
+    yield ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=2048,
+                      max_running_requests=4)
+    torch.set_num_threads(num_threads)
+
+
+def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = None):
+    from sglite.runtime.scheduler import Scheduler
+
+    runner.token_pool.reset()  # the previous run's tree (and its slots) goes with its Scheduler
+    sched = Scheduler(runner, max_running_requests=4, chunked_prefill_size=24, log_interval=0,
+                      enable_overlap=overlap)
+    reqs = {}
+    for rid, prompt, params in specs:
+        req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params(params), sink=Sink())
+        sched.outputs.init_request(req)
+        sched.add_request(req)
+        reqs[rid] = req
+    num_steps, pending_seen = 0, False
+    while sched.has_work:
+        sched.step()
+        num_steps += 1
+        pending_seen |= sched._pending is not None
+        sched.cache.check_integrity()
+        sched.cache.token_pool.check_integrity()
+        if abort_at and num_steps == abort_at[0]:
+            sched.abort(lambda r: r.rid == abort_at[1])
+        assert num_steps < 500
+    for req in reqs.values():
+        assert req.sink.finished == 1 and req.sink.error is None, req.rid
+        assert len(req.output_ids) <= req.params.max_new_tokens
+    return reqs, pending_seen
+
+
+def _specs(runner):
+    gen = torch.Generator().manual_seed(1)
+    vocab = runner.model_config.vocab_size
+
+    def prompt(n):
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    plain = {"temperature": 0, "ignore_eos": True}
+    specs = [(f"p{i}", prompt(5 + 3 * i), {**plain, "max_new_tokens": n})
+             for i, n in enumerate([1, 2, 5, 9, 13, 3, 7])]
+    specs.append(("eos", prompt(6), {"temperature": 0, "max_new_tokens": 11}))
+    specs.append(("seeded", prompt(7), {"temperature": 0.8, "seed": 3, "max_new_tokens": 6,
+                                        "ignore_eos": True}))
+    return specs
+
+
+def test_overlap_matches_plain_loop(runner):
+    specs = _specs(runner)
+    plain, _ = _run(runner, specs, overlap=False)
+    # a stop token the plain loop produced mid-output: that request must stop there in both
+    stop_id = plain["p4"].output_ids[4]
+    specs.append(("stop", specs[4][1], {"temperature": 0, "ignore_eos": True,
+                                        "max_new_tokens": 13, "stop_token_ids": [stop_id]}))
+    plain, _ = _run(runner, specs, overlap=False)
+    over, pending_seen = _run(runner, specs, overlap=True)
+    assert pending_seen
+    assert plain["stop"].finish_reason == {"type": "stop", "matched": stop_id}
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        assert over[rid].finish_reason == req.finish_reason, rid
+        assert over[rid].sink.meta["completion_tokens"] == len(req.output_ids)
+
+
+def test_overlap_abort_while_pending(runner):
+    specs = _specs(runner)
+    plain, _ = _run(runner, specs, overlap=False)
+    over, _ = _run(runner, specs, overlap=True, abort_at=(4, "p4"))
+    assert over["p4"].finish_reason["type"] == "abort"
+    for rid, req in plain.items():
+        if rid != "p4":
+            assert over[rid].output_ids == req.output_ids, rid
