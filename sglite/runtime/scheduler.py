@@ -7,6 +7,15 @@ batch's shape regular while new requests join the running set every iteration (c
 batching). When the pool cannot give each decoding request one slot, requests are retracted:
 their KV goes back (into the radix tree, unlocked), they keep their tokens and rejoin the front of
 the waiting queue.
+
+Overlap (enable_overlap): when every request of a decode batch is greedy and can only end by
+max_new_tokens (`is_token_independent`), its tokens are not read at once: the argmax stays on the
+device and goes to pinned host memory (`PendingDecode`). The next step launches the following
+decode with those device tokens as inputs first (`_decode_ahead`), and appends the pending tokens
+while the GPU runs it. Until they are appended a continued request holds KV for one token the host
+has not seen (kv_len = seq_len + 1); `CacheManager.release` frees that slot if it ends then
+(abort). Anything else (a stop token could end a request, no room, nothing continues) reads the
+pending tokens first and takes the plain path.
 """
 
 from __future__ import annotations
