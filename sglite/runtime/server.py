@@ -110,8 +110,7 @@ class Server:
 
 def serve(args: ServerArgs) -> None:
     """Load the model and serve until SIGTERM/SIGINT (or the launching process exits).
-    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there;
-    SGLITE_DISABLE_OVERLAP=1: the scheduler reads each decode's tokens before the next launch."""
+    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from sglite.runtime.model_runner import ModelRunner
     from sglite.runtime.scheduler import Scheduler
@@ -141,7 +140,7 @@ def serve(args: ServerArgs) -> None:
         grammar_cache=grammar_cache, enable_jump_forward=not args.disable_jump_forward,
         disable_window_free=args.disable_window_free, log_interval=args.log_interval,
         # A/B switch for benchmarks until ServerArgs has a flag
-        enable_overlap=os.environ.get("SGLITE_DISABLE_OVERLAP") != "1")
+        enable_overlap=not args.disable_overlap)
     profile_path = os.environ.get("SGLITE_PROFILE")  # where the loop's cProfile table goes
     if not profile_path:
         Server(args, scheduler).run()
