@@ -1,10 +1,11 @@
 """GPU benchmark of the attention kernels, with their baselines timed in the same run.
 
-    python bench/kernels.py [--sweep]
+    python bench/kernels.py [--sweep [all|decode|decode1|extend]]
 
 Prints the card, then one row per case: time, the rate (GB/s of K+V read for decode, TFLOP/s for
 extend), the baseline (device-to-device copy bandwidth; torch SDPA on the same KV laid out
 densely) and the ratio, plus ||out - ref|| / ||ref|| against the fp32 torch reference.
+Decode rows also time the old version beside (stage-2 merge kernel, 64-key tiles, old split policy).
 --sweep also times a few tile configurations and split counts (for the tile tables).
 Shapes: Llama-3-8B attention (32 query heads, 8 KV heads, d=128), bf16, random slots.
 """
@@ -128,6 +129,9 @@ def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, 
     ms = graph_ms(calls())
     print(f"  {name}: eager (launch-bound) {bench(eager):.3f} ms, graph {ms:.3f} ms, x{copies} sets", flush=True)
     row(name + " vs copy", ms, kv_bytes / ms / 1e6, "GB/s", "d2d copy", copy_bw, err)
+    # the version before issue 6's merge work, timed here beside the current one
+    ms_old = graph_ms(calls(old_splits(bs, read_len, num_sms), OLD_TILES))
+    row(name + " vs old (2 kernels)", ms, kv_bytes / ms / 1e6, "GB/s", "old", kv_bytes / ms_old / 1e6)
     if sdpa:
         kd, vd = dense_kv(k_buf, v_buf, r2t, seq_len)
         q4 = q.unsqueeze(2)
@@ -135,14 +139,36 @@ def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, 
                             for p in part])
         row(name + " vs SDPA", ms, kv_bytes / ms / 1e6, "GB/s", "SDPA dense", kv_bytes / ms_sdpa / 1e6)
         del kd, vd
-    if sweep:
-        for bn, warps, stages in [(32, 4, 4), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
-                                  (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
-            for s in sorted({max(1, splits // 2), splits, min(64, splits * 2)}):
-                t = graph_ms(calls(s, dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)))
-                print(f"    sweep decode bs={bs} BN={bn} w={warps} st={stages} splits={s}: {t:.4f} ms "
-                      f"{kv_bytes / t / 1e6:.0f} GB/s", flush=True)
+    if sweep:  # each config twice over the merges; the old default (64, 4, 2, "kernel") is in the set
+        more = {16, 32, 48} if bs == 1 and window is None else set()
+        for bn, warps, stages in SWEEP_DECODE:
+            for s in sorted({max(1, splits // 2), splits} | more):
+                for merge in ("fused", "kernel"):
+                    tiles = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages, merge=merge)
+                    out.fill_(float("nan"))
+                    try:
+                        t = graph_ms(calls(s, tiles))
+                    except Exception as exc:  # out of shared memory etc.: report and go on
+                        print(f"    sweep decode bs={bs} {tiles} splits={s}: failed {type(exc).__name__}")
+                        continue
+                    print(f"    sweep decode bs={bs} read={read_len} BN={bn} w={warps} st={stages} splits={s} "
+                          f"{merge}: {t:.4f} ms {kv_bytes / t / 1e6:.0f} GB/s err {rel_err(out[:bs], ref):.1e}",
+                          flush=True)
     return ms
+
+
+OLD_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="kernel")  # before the fused merge
+
+
+def old_splits(bs, kv_len, num_sms):
+    """decode_num_splits as it was before the fused merge: ~4 programs per SM, <= 64, >= 128 keys each."""
+    if bs * KH >= 2 * num_sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * num_sms, bs * KH), triton.cdiv(kv_len, 128), 64))
+
+
+# earlier sweeps (H200): 8 warps and 32-key tiles always lost at d=128, so only these remain
+SWEEP_DECODE = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3)]
 
 
 def flash_baseline(q, k, v, scale):
@@ -214,22 +240,24 @@ def bench_store(num_tokens):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="also time alternative tiles and split counts")
-    sweep = parser.parse_args().sweep
+    parser.add_argument("--sweep", nargs="?", const="all", choices=("all", "decode", "decode1", "extend"),
+                        help="also time alternative tiles and split counts (decode1: decode at batch 1 only)")
+    sweep = parser.parse_args().sweep or ""
     props = torch.cuda.get_device_properties(DEV)
     print(f"card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}", flush=True)
     copy_bw = copy_bandwidth()
     print(f"  d2d copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
-    bench_decode(64, 4096, copy_bw, sweep=sweep)
-    full = bench_decode(1, 32768, copy_bw, sweep=sweep)
-    win = bench_decode(1, 32768, copy_bw, window=4096, num_global=4, sdpa=False)
+    bench_decode(64, 4096, copy_bw, sweep=sweep in ("all", "decode"))
+    full = bench_decode(1, 32768, copy_bw, sweep=sweep in ("all", "decode", "decode1"))
+    win = bench_decode(1, 32768, copy_bw, window=4096, num_global=4, sdpa=False,
+                       sweep=sweep in ("all", "decode", "decode1"))
     for bs, seq_len in ((64, 4096), (1, 32768)):  # the layout effect: random vs consecutive slots
         bench_decode(bs, seq_len, copy_bw, sdpa=False, contiguous=True)
     ROWS.append(("decode bs=1 ctx=32768: W=4096 vs full (speed-up)", win, 1 / win, "1/ms", "full", 1 / full,
                  full / win, None))
-    bench_extend(4, 2048, 0, sweep=sweep)
-    bench_extend(4, 2048, 2048, sweep=sweep)
+    bench_extend(4, 2048, 0, sweep=sweep in ("all", "extend"))
+    bench_extend(4, 2048, 2048, sweep=sweep in ("all", "extend"))
     bench_store(64)
     bench_store(8192)
     print(f"\n{props.name} | case | ms | rate | baseline | ratio | rel err")

@@ -3,7 +3,15 @@
 Stage 1 splits each request's visible keys into `num_splits` chunks; a program per
 (split, kv head, request) computes a partial softmax-weighted sum for all query heads of that KV
 head's group (each K/V tile is loaded once and used by the whole group) and writes it with its
-log-sum-exp. Stage 2 merges the splits. With many splits a single long request fills the GPU.
+log-sum-exp. With many splits a single long request fills the GPU. The merge of the splits runs
+in one of three ways (the MERGE constexpr, chosen in decode_attention_fwd):
+- "direct": one split, so the program writes the output itself (no partials, no second kernel);
+- "fused": every program counts itself done on an int32 counter per (request, KV head) (atomic,
+  acq_rel), and the last one merges the group's partials and resets the counter to 0, so the
+  buffer is zero again for the next launch and inside captured CUDA graphs too;
+- "kernel": a second kernel merges (used when no counter buffer is at hand, see _counters).
+The fused merge saves the second launch and the gap before it, which at batch 1 is a visible
+share of the whole (docs/benchmarks.md, issue 6).
 
 Sliding window W + G global tokens: the query at p = seq_len - 1 sees keys [0, G') followed by
 [win_start, seq_len) where win_start = max(seq_len - W, 0) and G' = min(G, win_start). Stage 1
@@ -25,22 +33,24 @@ from .checks import check_attention_shapes
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-MIN_SPLIT_TOKENS = 128  # H200, bs 1, W=4096: 17 splits of 256 keys 0.023 ms, 33 of 128 keys 0.015 ms
+MIN_SPLIT_TOKENS = 128  # H200, bs 1, W=4096, 128-key tiles: 16 splits 0.0140 ms, 33 of 128 keys 0.0134
 
 
 @triton.jit
 def _decode_stage1_kernel(
     Q, K_Buf, V_Buf, Req_to_token, Req_pool_indices, Seq_lens,
     Mid_o, Mid_lse,  # [bs, H, splits, D] fp32, [bs, H, splits] fp32
-    qk_scale, num_splits, sliding_window, num_global,
-    stride_qb, stride_qh,
+    O, Counters,  # [bs, H, D] output (MERGE "direct" / "fused"); [bs * KH] int32, zero between launches
+    qk_scale, num_splits, num_kv_heads, sliding_window, num_global,
+    stride_qb, stride_qh, stride_ob, stride_oh,
     stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
     stride_req,
     stride_mid_ob, stride_mid_oh, stride_mid_os,
     stride_lse_b, stride_lse_h,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+    CHUNK_S: tl.constexpr,
 ):
     cur_split = tl.program_id(0)
     cur_kv_head = tl.program_id(1)
@@ -96,13 +106,89 @@ def _decode_stage1_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # an empty split (short request) writes zeros and LSE -inf, which stage 2 weighs by 0
+    # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
-    lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
-    mid = cur_batch * stride_mid_ob + cur_heads[:, None] * stride_mid_oh + cur_split * stride_mid_os
-    tl.store(Mid_o + mid + offs_d[None, :], acc / l_safe[:, None], mask=mask_q)
-    tl.store(Mid_lse + cur_batch * stride_lse_b + cur_heads * stride_lse_h + cur_split, lse, mask=mask_h)
+    if MERGE == "direct":
+        out_ptr = O + cur_batch * stride_ob + cur_heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask_q)
+    else:
+        lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+        mid = cur_batch * stride_mid_ob + cur_heads[:, None] * stride_mid_oh + cur_split * stride_mid_os
+        tl.store(Mid_o + mid + offs_d[None, :], acc / l_safe[:, None], mask=mask_q)
+        tl.store(Mid_lse + cur_batch * stride_lse_b + cur_heads * stride_lse_h + cur_split, lse, mask=mask_h)
+    if MERGE == "fused":
+        # every thread's partial stores precede the one release below (CUTLASS semaphore pattern)
+        tl.debug_barrier()
+        counter = Counters + cur_batch * num_kv_heads + cur_kv_head
+        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:  # the others' partials are visible after the acquire
+            tl.store(counter, 0)  # ready for the next launch (stream order)
+            _merge_group(Mid_o, Mid_lse, O, cur_batch, cur_kv_head * GROUP, num_splits,
+                         stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
+                         stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK_S)
+
+
+@triton.jit
+def _merge_group(
+    Mid_o, Mid_lse, O, cur_batch, first_head, num_splits,
+    stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    """The fused merge of all GROUP heads at once: one program pulls GROUP x splits partials,
+    so the chunks' loads are independent and unrolled (head by head took 4 serial L2 round trips
+    and lost to the second kernel: H200, bs 1 x 32k, 0.054 vs 0.047 ms)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < GROUP
+    heads = first_head + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_row = Mid_lse + cur_batch * stride_lse_b + heads * stride_lse_h  # [G]
+    # .cg: from L2, never from a stale L1 line (the partials were written by other SMs)
+    lse = tl.load(lse_row[:, None] + offs_s[None, :], mask=mask_g[:, None] & (offs_s < num_splits)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 1)  # split 0 always holds the query's own key: finite
+    m = tl.where(mask_g, m, 0.0)
+    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    offs_c = tl.arange(0, CHUNK_S)
+    mid_row = Mid_o + cur_batch * stride_mid_ob + heads * stride_mid_oh  # [G]
+    for s0 in tl.static_range(0, BLOCK_S, CHUNK_S):
+        mask_c = mask_g[:, None] & (s0 + offs_c < num_splits)[None, :]  # [G, C]
+        lse_c = tl.load(lse_row[:, None] + s0 + offs_c[None, :], mask=mask_c, other=float("-inf"),
+                        cache_modifier=".cg")
+        w = tl.exp2(lse_c - m[:, None])
+        part = tl.load(mid_row[:, None, None] + (s0 + offs_c)[None, :, None] * stride_mid_os
+                       + offs_d[None, None, :], mask=mask_c[:, :, None] & mask_d[None, None, :],
+                       other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w[:, :, None] * part, 1)
+    out = acc / tl.where(mask_g, denom, 1.0)[:, None]
+    tl.store(O + cur_batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _merge_head(
+    Mid_o, Mid_lse, O, cur_batch, cur_head, num_splits,
+    stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """O[cur_batch, cur_head] = the LSE-weighted mean of the head's split partials."""
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    # .cg: read from L2, never from a stale L1 line (the partials were written by other SMs)
+    lse = tl.load(Mid_lse + cur_batch * stride_lse_b + cur_head * stride_lse_h + offs_s,
+                  mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds the query's own key: max is finite
+    mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh
+    part = tl.load(Mid_o + mid + offs_s[:, None] * stride_mid_os + offs_d[None, :],
+                   mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+    out = tl.sum(weight[:, None] * part, 0) / tl.sum(weight, 0)
+    tl.store(O + cur_batch * stride_ob + cur_head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -113,46 +199,58 @@ def _decode_stage2_kernel(
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    cur_head = tl.program_id(0)
-    cur_batch = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < num_splits
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-
-    lse = tl.load(Mid_lse + cur_batch * stride_lse_b + cur_head * stride_lse_h + offs_s,
-                  mask=mask_s, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds the query's own key: max is finite
-    mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh
-    part = tl.load(Mid_o + mid + offs_s[:, None] * stride_mid_os + offs_d[None, :],
-                   mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    out = tl.sum(weight[:, None] * part, 0) / tl.sum(weight, 0)
-    tl.store(O + cur_batch * stride_ob + cur_head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
+    _merge_head(Mid_o, Mid_lse, O, tl.program_id(1), tl.program_id(0), num_splits,
+                stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
+                HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
 def decode_num_splits(batch_size: int, num_kv_heads: int, *, num_sms: int, max_kv_len: int | None = None) -> int:
-    """KV splits per request. A batch with >= 2 (request, KV head) programs per SM needs none
-    (H200, bs 64 x 8 KV heads x 4096: 1 split 0.257 ms, 2 splits 0.268); else enough splits for
-    ~4 programs per SM (bs 1 x 32768: 64 splits 0.046 ms, 32 splits 0.050), at most MAX_SPLITS
-    and, when the longest visible context is known, at least MIN_SPLIT_TOKENS keys each."""
+    """KV splits per request: enough for ~2 (split, KV head, request) programs per SM, never more
+    (128-key tiles hold 2 programs per SM, so more would run in a second wave). H200, bs 1 x 32768,
+    128-key tiles, fused merge: 32 splits 0.0444 ms, 48: 0.0465, 64: 0.0504, 16: 0.0538. A batch
+    with >= 2 programs per SM needs none (bs 64 x 8 KV heads x 4096: 1 split 0.257 ms, 2: 0.268).
+    At most MAX_SPLITS; when the longest visible context is known, at least MIN_SPLIT_TOKENS keys
+    each, and only as many splits as whole MIN_SPLIT_TOKENS tiles leave non-empty (33 -> 32 at 32k)."""
     programs = batch_size * num_kv_heads
-    if programs >= 2 * num_sms:
-        return 1
-    splits = triton.cdiv(4 * num_sms, programs)
-    if max_kv_len is not None:
-        splits = min(splits, triton.cdiv(max_kv_len, MIN_SPLIT_TOKENS))
-    return max(1, min(splits, MAX_SPLITS))
+    splits = max(1, min(2 * num_sms // programs, MAX_SPLITS))
+    if max_kv_len is not None and splits > 1:
+        splits = max(1, min(splits, triton.cdiv(max_kv_len, MIN_SPLIT_TOKENS)))
+        split_len = triton.cdiv(triton.cdiv(max_kv_len, splits), MIN_SPLIT_TOKENS) * MIN_SPLIT_TOKENS
+        splits = triton.cdiv(max_kv_len, split_len)
+    return splits
 
 
-def decode_tiles(head_dim: int, *, device: torch.device) -> dict:
-    """The one tile table of this kernel: BLOCK_N keys per step, warps and pipeline depth.
-    H200, d=128, random slots: 64 keys, 4 warps, 2 stages reads 4170 GB/s at bs 64 x 4096
-    (copy: 4220 GB/s read + write); 8 warps: 3640; 128 keys: 3610 (bench/kernels.py --sweep)."""
+def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1) -> dict:
+    """The one tile table of this kernel: BLOCK_N keys per step, warps, pipeline depth, and how
+    the splits merge ("fused" into the split kernel, or "kernel": a second launch).
+    H200, d=128, random slots (bench/kernels.py --sweep): one split, 64 keys, 4 warps, 2 stages
+    reads 4130-4170 GB/s at bs 64 x 4096 (copy: 4240 GB/s read + write; 128 keys: 3610); split
+    (bs 1 x 32768 at 32 splits): 128 keys 0.0444 ms, 3 stages 0.0453, 64 keys 0.0502; the fused
+    merge 0.0444 vs 0.0457 in a second kernel."""
     if device.type != "cuda":  # interpreter: small tiles so that tiny tests still take several steps
-        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused")
     if head_dim <= 128:
-        return dict(BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=128 if num_splits > 1 else 64, num_warps=4, num_stages=2, merge="fused")
+    return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused")
+
+
+COUNTER_SLOTS = 1 << 14  # (request, KV head) pairs one launch may fuse; more fall back to "kernel"
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed int32 counters for the fused merge, or None where the fused merge
+    must not run: too many (request, KV head) pairs, or first use inside a CUDA-graph capture
+    (a buffer zeroed there would only be zeroed on replay). Each launch leaves them zero again.
+    One buffer per device: decode launches on one device must not run concurrently on two streams."""
+    if needed > COUNTER_SLOTS:
+        return None
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return buf
 
 
 def decode_attention_fwd(
@@ -175,32 +273,50 @@ def decode_attention_fwd(
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     _check(q, k_buffer, v_buffer, out, num_splits)
-    if mid_o is None:
+    cfg = dict(tiles or decode_tiles(head_dim, device=q.device, num_splits=num_splits))
+    merge = cfg.pop("merge", "fused")  # "kernel" keeps two launches even for one split (benchmarks)
+    if merge not in ("fused", "kernel"):
+        raise ValueError(f"tiles['merge'] must be 'fused' or 'kernel', got {merge!r}")
+    counters = None
+    if num_splits == 1 and merge == "fused":
+        merge = "direct"
+    elif merge == "fused":
+        counters = _counters(q.device, bs * num_kv_heads)
+        if counters is None:
+            merge = "kernel"
+    if mid_o is None and merge != "direct":
         mid_o = torch.empty(bs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    if mid_lse is None:
+    if mid_lse is None and merge != "direct":
         mid_lse = torch.empty(bs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    if merge == "direct":  # no partials: any fp32 tensor stands in for the unused pointers
+        mid_o = mid_lse = out.new_empty(1, 1, 1, 1, dtype=torch.float32)
+    if counters is None:
+        counters = seq_lens  # unused pointer
     group = num_heads // num_kv_heads
-    cfg = dict(tiles or decode_tiles(head_dim, device=q.device))
     block_d = triton.next_power_of_2(head_dim)
+    block_s = triton.next_power_of_2(num_splits)
+    block_g = triton.next_power_of_2(group)
     has_window = sliding_window is not None
     _decode_stage1_kernel[(num_splits, num_kv_heads, bs)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
-        scale * _LOG2E, num_splits, sliding_window if has_window else 0, global_tokens,
-        q.stride(0), q.stride(1),
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out, counters,
+        scale * _LOG2E, num_splits, num_kv_heads, sliding_window if has_window else 0, global_tokens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.pop("BLOCK_N"),
-        HAS_WINDOW=has_window, **cfg,
+        HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
+        CHUNK_S=min(block_s, max(1, 16 // block_g)), **cfg,  # fused merge: ~16 partial rows a load
     )
-    _decode_stage2_kernel[(num_heads, bs)](
-        mid_o, mid_lse, out, num_splits,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=4 if q.is_cuda else 1,
-    )
+    if merge == "kernel":
+        _decode_stage2_kernel[(num_heads, bs)](
+            mid_o, mid_lse, out, num_splits,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
+            num_warps=4 if q.is_cuda else 1,
+        )
     return out
 
 

@@ -49,14 +49,81 @@ def test_split_count_independent():
 
 
 def test_num_splits_policy():
-    # batch 1 x 8 KV heads on 132 SMs: as many splits as allowed; a full batch needs few
-    assert decode_num_splits(1, 8, num_sms=132) == MAX_SPLITS
+    # ~2 programs per SM: batch 1 x 8 KV heads on 132 SMs takes 33 splits; a full batch needs none
+    assert decode_num_splits(1, 8, num_sms=132) == 33
     assert decode_num_splits(64, 8, num_sms=132) == 1  # 512 programs already fill 132 SMs
-    assert decode_num_splits(16, 8, num_sms=132) == 5
+    assert decode_num_splits(16, 8, num_sms=132) == 2
     assert decode_num_splits(1, 8, num_sms=132, max_kv_len=1000) == 8  # >= 128 keys per split
+    assert decode_num_splits(1, 8, num_sms=132, max_kv_len=32768) == 32  # 33 would leave one empty
+    assert decode_num_splits(1, 8, num_sms=132, max_kv_len=4100) == 33  # W=4096 + G=4: 128 keys each
+    assert decode_num_splits(1, 8, num_sms=132, max_kv_len=1) == 1
 
 
 def test_decode_rejects_bad_splits():
     sc = decode_scenario([4], num_heads=2, num_kv_heads=1, head_dim=16)
     with pytest.raises(ValueError, match="num_splits"):
         run_decode(sc, num_splits=0)
+
+
+def test_fused_merge_matches_merge_kernel_and_leaves_counters_zero():
+    from sglite.kernels.decode_attention import _COUNTERS
+
+    sc = decode_scenario([1, 9, 40], num_heads=8, num_kv_heads=2, head_dim=32, seed=5)
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1)
+    two = run_decode(sc, num_splits=4, tiles={**tiles, "merge": "kernel"})
+    for _ in range(2):  # a counter left non-zero would make the second launch skip or double a merge
+        fused = run_decode(sc, num_splits=4, tiles={**tiles, "merge": "fused"})
+        assert not fused.isnan().any()
+        assert torch.allclose(fused, two, atol=FP32_TOL)
+    assert not _COUNTERS[sc.q.device].any()
+    # one split: "fused" writes the output directly, "kernel" still merges in a second launch
+    direct = run_decode(sc, num_splits=1, tiles={**tiles, "merge": "fused"})
+    assert torch.allclose(direct, run_decode(sc, num_splits=1, tiles={**tiles, "merge": "kernel"}), atol=FP32_TOL)
+
+
+def test_decode_rejects_bad_merge():
+    sc = decode_scenario([4], num_heads=2, num_kv_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match="merge"):
+        run_decode(sc, num_splits=2, tiles=dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="atomic"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_merge_in_cuda_graph_replays():
+    """Captured as the runtime captures decode: the counters must be zero again at every replay,
+    and the result must follow new inputs (64 splits, as at batch 1 on a long context)."""
+    sc = decode_scenario([3000, 4096], num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, seed=7)
+    rows, lens = sc.tensor(sc.rows, torch.int64), sc.tensor(sc.seq_lens)
+    out = torch.empty_like(sc.q)
+
+    def call():
+        decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, rows, lens,
+                             scale=sc.scale, num_splits=MAX_SPLITS)
+
+    call()  # eager first, as the capture's warm-up does: compiles and allocates the counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        sc.q.copy_(torch.randn_like(sc.q))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
+                                   scale=sc.scale)
+        assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("block_n,num_stages", [(64, 2), (64, 3), (128, 2), (128, 3)])
+@pytest.mark.parametrize("merge", ["fused", "kernel"])
+@pytest.mark.parametrize("num_splits", [1, 33, 64])
+def test_decode_tiles_and_merges_on_gpu(block_n, num_stages, merge, num_splits):
+    """Every tile config that bench/kernels.py --sweep may pick, both merges, at a real shape."""
+    sc = decode_scenario([5, 3000, 9000], num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                         seed=num_splits)
+    tiles = dict(BLOCK_N=block_n, num_warps=4, num_stages=num_stages, merge=merge)
+    out = run_decode(sc, num_splits=num_splits, tiles=tiles)
+    ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
+                               scale=sc.scale)
+    assert rel_err(out, ref) < 1e-2
