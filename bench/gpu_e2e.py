@@ -239,6 +239,55 @@ def bench_server(args, device) -> tuple[float, dict, str]:
     return tokens / elapsed, info, log
 
 
+def bench_server_batch1(args, device, copy_bw):
+    """Batch-1 decode end to end through `sglite serve` (overlapped decode on): the time of a
+    long greedy request minus a 2-token one with the same prompt, per extra token."""
+    import zmq
+
+    from sglite import protocol
+    from sglite.launch import RuntimeProcess, wait_reply
+
+    server_args = dict(device=str(device), load_format="dummy", preset=args.preset,
+                       max_running_requests=4, max_total_tokens=8192, log_interval=0)
+    with RuntimeProcess(None, timeout=600, **server_args) as rt:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(rt.address)
+        prompt = torch.randint(0, rt.info["vocab_size"], (128,)).tolist()
+
+        def timed(num_tokens: int) -> float:
+            params = dict(max_new_tokens=num_tokens, ignore_eos=True, temperature=0.0)
+            t0 = time.perf_counter()
+            sock.send(protocol.encode(protocol.GenerateReq(
+                rid=uuid.uuid4().hex, input_ids=prompt, sampling_params=params)))
+            reply = wait_reply(sock, alive=rt.is_alive, timeout=600, describe=rt.log_tail)
+            if isinstance(reply, protocol.ErrorOut):
+                raise RuntimeError(reply.message)
+            assert reply.meta_info["completion_tokens"] == num_tokens
+            return time.perf_counter() - t0
+
+        long_len = 2 + args.decode_steps * 4
+        timed(long_len)  # warm-up
+        per_token = min((timed(long_len) - timed(2)) / (long_len - 2) for _ in range(3))
+        sock.close()
+    from sglite.runtime.config import ModelConfig
+
+    cfg = ModelConfig.from_preset(args.preset)
+    weight_bytes = 2 * _num_params(cfg)  # bf16
+    floor = weight_bytes / copy_bw
+    ROWS.append((f"s. {args.preset} bs1 decode ms/token through `sglite serve`", per_token * 1e3,
+                 "weight floor ms", floor * 1e3, floor / per_token,
+                 f"(long - 2-token request) / extra tokens, best of 3; weights "
+                 f"{weight_bytes / 1e9:.2f} GB counted from the preset"))
+
+
+def _num_params(cfg) -> int:
+    d, h, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = d * (h + 2 * kv) + h * d + 3 * d * cfg.intermediate_size + 2 * d
+    embed = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
+    return cfg.num_layers * layer + embed + d
+
+
 def run_part(name, fn, *a):
     print(f"--- {name}", flush=True)
     t0 = time.perf_counter()
@@ -282,6 +331,9 @@ def main():
         run_part("c: window decode", bench_window, args, device)
     if "p" in parts:
         run_part("p: decode profile", bench_profile, args, device)
+    if "s" in parts:
+        run_part("s: batch-1 decode through the server", bench_server_batch1, args, device,
+                 copy_bw)
     out_dir, extra = os.environ.get("OUT"), {}
     if "b" in parts:
         hf = None if args.no_hf else run_part("b: transformers generate", bench_hf, args, device)
