@@ -259,13 +259,8 @@ class Scheduler:
             self._finish_decode(pending)
 
     def _finish_decode(self, pending: PendingDecode) -> None:
-        try:
-            self.outputs.apply(pending.reqs, pending.token_ids())
-        except Exception as e:
-            logger.exception("output processing failed")
-            for req in pending.reqs:
-                if not req.is_finished:
-                    self.fail(req, f"{type(e).__name__}: {e}")
+        self._process_outputs(pending.reqs, lambda: self.outputs.apply(pending.reqs,
+                                                                       pending.token_ids()))
 
     def _forward(self, batch, reqs: list[Req]) -> torch.Tensor | None:
         try:
@@ -282,11 +277,15 @@ class Scheduler:
         if not rows:
             return
         ready = [reqs[i] for i in rows]
+        self._process_outputs(ready, lambda: self.outputs.process(ready, logits[rows]))
+
+    def _process_outputs(self, reqs: list[Req], process) -> None:
+        """Run process(); if it raises, fail the batch's unfinished requests, not the runtime."""
         try:
-            self.outputs.process(ready, logits[rows])
+            process()
         except Exception as e:
             logger.exception("output processing failed")
-            for req in ready:
+            for req in reqs:
                 if not req.is_finished:
                     self.fail(req, f"{type(e).__name__}: {e}")
 
