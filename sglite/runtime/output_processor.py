@@ -55,7 +55,7 @@ class OutputProcessor:
         """reqs: requests whose every token has KV; logits [len(reqs), vocab] of their last one."""
         rows = []
         for i, req in enumerate(reqs):
-            if len(req.output_ids) >= req.params.max_new_tokens:  # remaining_new_tokens == 0  # max_new_tokens=0: prefill only (select, warm-up)
+            if len(req.output_ids) >= req.params.max_new_tokens:  # 0: prefill only (select)
                 req.finish("length")
                 self.emit(req)
             else:
@@ -87,10 +87,8 @@ class OutputProcessor:
             req.finish("abort", f"the grammar rejected token {token_id}")
             return
         p = req.params
-        is_stop_token = token_id in p.stop_token_ids or (token_id in self.eos_ids
-                                                         and not p.ignore_eos)
         min_len = 0 if req.grammar is not None else p.min_new_tokens  # see the module docstring
-        if is_stop_token and len(req.output_ids) > min_len or (
+        if self._ends_on(req, token_id, min_len) or (
                 req.grammar is not None and req.grammar.is_terminated()):
             req.finish("stop", token_id)
         else:
@@ -106,16 +104,21 @@ class OutputProcessor:
         """append_token + emit for a request without text work (no detokenizer, stop strings,
         grammar or logprobs: dummy weights, token-id clients): a few list and set operations
         instead of the general path's calls, for every request of every decode step."""
-        out, p = req.output_ids, req.params
-        out.append(token_id)
-        if ((token_id in p.stop_token_ids or token_id in self.eos_ids and not p.ignore_eos)
-                and len(out) > p.min_new_tokens):
+        req.output_ids.append(token_id)
+        if self._ends_on(req, token_id, req.params.min_new_tokens):
             req.finish("stop", token_id)
-        elif len(out) >= p.max_new_tokens:
+        elif len(req.output_ids) >= req.params.max_new_tokens:
             req.finish("length")
         else:
             return
         self.emit(req)
+
+    def _ends_on(self, req: Req, token_id: int, min_len: int) -> bool:
+        """Is the just-appended token a stop token (stop_token_ids, or EOS unless ignore_eos)
+        past min_len output tokens?"""
+        p = req.params
+        return ((token_id in p.stop_token_ids or token_id in self.eos_ids and not p.ignore_eos)
+                and len(req.output_ids) > min_len)
 
     def jump_forward(self, req: Req) -> None:
         """Append the text req's grammar forces now, if any (see the module docstring)."""
