@@ -4,7 +4,9 @@ Use (once per step; building is cheap, it holds no state between steps):
 
     batch = SamplingBatch.from_requests(params, output_ids, prompt_ids, eos_ids=eos, device=dev)
     next_ids = batch.sample(logits, allowed_mask=mask)   # int64 [bs] on logits.device
-    chosen, top = compute_logprobs(logits, next_ids, top_nums=[...])   # from the RAW logits
+
+Logprobs are not computed here: the runtime reports them from the raw logits
+(runtime/sampling.py, runtime/output_processor.py).
 
 `sample` never modifies `logits`. Processing order (SGLang / HF):
 1. penalties on the logits: repetition_penalty (HF: over prompt + output ids, divide a positive
@@ -160,21 +162,6 @@ class SamplingBatch:
                 noise[row] = torch.empty_like(probs[row]).exponential_(generator=gen)
         # a zero draw would make 0/0 = nan win the argmax for a filtered token
         return noise.clamp_min_(1e-20)
-
-
-def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *,
-                     top_nums: Sequence[int] = ()) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """From RAW logits [n, vocab]: the logprob of token_ids [n] per row, and per row the top
-    top_nums[i] (token_id, logprob) pairs (empty lists when top_nums is empty or 0)."""
-    logprobs = logits.to(torch.float32).log_softmax(dim=-1)
-    chosen = logprobs.gather(1, token_ids.view(-1, 1).to(logprobs.device)).squeeze(1).tolist()
-    k = max(top_nums, default=0)
-    if k == 0:
-        return chosen, [[] for _ in chosen]
-    values, indices = logprobs.topk(k, dim=-1)
-    values, indices = values.tolist(), indices.tolist()
-    top = [list(zip(indices[i][:n], values[i][:n])) for i, n in enumerate(top_nums)]
-    return chosen, top
 
 
 def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],

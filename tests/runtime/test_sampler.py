@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sglite.protocol import SamplingParams
-from sglite.runtime.sampler import SamplingBatch, compute_logprobs, sample_batch
+from sglite.runtime.sampler import SamplingBatch, sample_batch
 
 VOCAB = 50
 
@@ -111,16 +111,6 @@ def test_allowed_mask_respected():
         batch.sample(logits, allowed_mask=torch.zeros_like(mask))
     with pytest.raises(ValueError, match="allowed_mask must be bool"):
         batch.sample(logits, allowed_mask=mask[:, :10])
-
-
-def test_logprobs_from_raw_logits():
-    logits = _logits(2)
-    ref = logits.log_softmax(-1)
-    chosen, top = compute_logprobs(logits, torch.tensor([5, 6]), top_nums=[3, 0])
-    assert chosen == pytest.approx([ref[0, 5].item(), ref[1, 6].item()], abs=1e-6)
-    ids = ref[0].argsort(descending=True)[:3].tolist()
-    assert [t for t, _ in top[0]] == ids and top[1] == []
-    assert [lp for _, lp in top[0]] == pytest.approx(ref[0, ids].tolist(), abs=1e-6)
 
 
 def test_sample_batch_one_call_form():
