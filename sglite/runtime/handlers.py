@@ -157,7 +157,7 @@ class RequestHandler:
             "eos_token": getattr(tok, "eos_token", None),
             "max_total_tokens": self.scheduler.cache.num_total,
             "disable_radix_cache": self.scheduler.cache.disable_radix_cache,
-            "pid": __import__("os").getpid(),
+            "pid": os.getpid(),
         }
         info.update(self.scheduler.stats.counters(self.scheduler))
         return info

@@ -1,16 +1,14 @@
 """Constrained decoding: regex / JSON schema / Lark grammar → per-step token bitmasks (xgrammar),
 plus jump-forward over forced text. See grammar_cache.py, state.py, jump.py.
+(`gen(dtype=...)` becomes a regex in the frontend: sglite/lang/ir.py.)
 
-Names are loaded lazily so that `sglite.runtime.constrained.dtypes` imports without torch or
-xgrammar (the frontend may use it)."""
+Names are loaded lazily: importing the package loads neither torch nor xgrammar."""
 
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "DTYPE_REGEX": "dtypes",
-    "dtype_to_regex": "dtypes",
     "KINDS": "grammar_cache",
     "GrammarCache": "grammar_cache",
     "CompiledGrammar": "grammar_cache",
