@@ -7,6 +7,7 @@ the runtime keeps serving everyone else.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import msgspec
