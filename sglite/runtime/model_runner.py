@@ -126,7 +126,7 @@ class ModelRunner:
                          dtype=torch.int64).view(-1),
             out_cache_loc.to(torch.int64).view(-1),
         ])
-        ids, positions, rows, lens, loc = host.to(self.device, non_blocking=True).view(5, bs)
+        ids, positions, rows, lens, loc = to_device_async(host, self.device).view(5, bs)
         self.req_to_token.table[rows, positions] = loc.to(torch.int32)
         lens32 = torch.stack([lens, positions]).to(torch.int32)  # seq_lens, prefix_lens
         return ForwardBatch(
@@ -242,3 +242,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: CUDA copies from pageable memory
+    synchronize with the stream (the host would wait for the forward in flight, and the overlapped
+    decode loop would leave the GPU idle until it launches the next one), so the copy goes
+    through pinned memory from torch's caching host allocator, which keeps the block until the
+    copy has run."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -26,6 +26,7 @@ import time
 import torch
 
 from sglite.runtime.cache_manager import CacheManager, freeable_window
+from sglite.runtime.model_runner import to_device_async
 from sglite.runtime.output_processor import OutputProcessor, is_token_independent
 from sglite.runtime.req import Req, ReqState
 from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
@@ -247,8 +248,11 @@ class Scheduler:
         batch = self.runner.make_decode_batch(
             [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
             [0] * len(cont) + [r.last_token_id for r in others], slots)
-        index = torch.tensor(cont, dtype=torch.int64).to(pending.next_ids.device)
-        batch.input_ids[: len(cont)] = pending.next_ids[index]
+        if len(cont) == len(pending.reqs):  # all continue: no gather (and no index to copy)
+            batch.input_ids[: len(cont)] = pending.next_ids
+        else:
+            index = to_device_async(torch.tensor(cont, dtype=torch.int64), pending.next_ids.device)
+            batch.input_ids[: len(cont)] = pending.next_ids[index]
         self._pending = None
         self._launch_decode(reqs, batch, previous=pending)
         return True
