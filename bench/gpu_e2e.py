@@ -129,7 +129,7 @@ def bench_profile(args, device):
     prompt + output/2 tokens: the runner's whole step vs graph replay alone (GPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    bs, ctx = args.max_running, args.prompt_len + args.output_len // 2
+    bs, ctx = args.max_running or 256, args.prompt_len + args.output_len // 2
     runner = ModelRunner(preset=args.preset, load_format="dummy", device=str(device),
                          dtype="bfloat16", max_total_tokens=bs * (ctx + 80),
                          max_running_requests=bs, cuda_graph_max_bs=bs)
@@ -209,31 +209,43 @@ def bench_server(args, device) -> tuple[float, dict, str]:
     from sglite import protocol
     from sglite.launch import RuntimeProcess, wait_reply
 
-    server_args = dict(device=str(device), load_format="dummy", preset=args.preset,
-                       max_running_requests=args.max_running,
-                       chunked_prefill_size=args.chunked_prefill, log_interval=5.0)
+    server_args = dict(device=str(device), load_format="dummy", preset=args.preset, log_interval=5.0,
+                       max_running_requests=args.max_running, cuda_graph_max_bs=args.cuda_graph_max_bs,
+                       chunked_prefill_size=args.chunked_prefill)  # None: the server's defaults
     with RuntimeProcess(None, timeout=600, **server_args) as rt:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(rt.address)
         vocab = rt.info["vocab_size"]
+
+        def run(prompts, max_new_tokens) -> int:
+            """Send all, wait for all; the completion tokens."""
+            params = dict(max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.0)
+            for i, ids in enumerate(prompts):
+                sock.send(protocol.encode(protocol.GenerateReq(rid=f"b{i}-{uuid.uuid4().hex[:6]}",
+                                                               input_ids=ids, sampling_params=params)))
+            done, tokens = 0, 0
+            while done < len(prompts):
+                reply = wait_reply(sock, alive=rt.is_alive, timeout=600, describe=rt.log_tail)
+                if isinstance(reply, protocol.ErrorOut):
+                    raise RuntimeError(f"runtime error: {reply.message}")
+                if reply.finished:
+                    done += 1
+                    tokens += reply.meta_info["completion_tokens"]
+            return tokens
+
+        # warm-up, untimed: Triton compiles each kernel specialization on first use (a cold
+        # machine's first run spent ~2.7 s more in extend forwards: H200, 14.8 vs 12.0 s)
+        run(torch.randint(0, vocab, (min(64, args.num_requests), args.prompt_len)).tolist(), 16)
         prompts = torch.randint(0, vocab, (args.num_requests, args.prompt_len)).tolist()
-        params = dict(max_new_tokens=args.output_len, ignore_eos=True, temperature=0.0)
         t0 = time.perf_counter()
-        for i, ids in enumerate(prompts):
-            sock.send(protocol.encode(protocol.GenerateReq(rid=f"b{i}-{uuid.uuid4().hex[:6]}",
-                                                           input_ids=ids, sampling_params=params)))
-        done, tokens = 0, 0
-        while done < len(prompts):
-            reply = wait_reply(sock, alive=rt.is_alive, timeout=600, describe=rt.log_tail)
-            if isinstance(reply, protocol.ErrorOut):
-                raise RuntimeError(f"runtime error: {reply.message}")
-            if reply.finished:
-                done += 1
-                tokens += reply.meta_info["completion_tokens"]
+        tokens = run(prompts, args.output_len)
         elapsed = time.perf_counter() - t0
         sock.send(protocol.encode(protocol.InfoReq(rid="counters")))
         info = wait_reply(sock, alive=rt.is_alive, timeout=60).info
+        info["server_args"] = (f"max running {rt.args.max_running_requests}, chunked prefill "
+                               f"{rt.args.chunked_prefill_size}, graphs up to bs "
+                               f"{rt.args.cuda_graph_max_bs or min(rt.args.max_running_requests, 512)}")
         log = open(rt.log_path).read()
         sock.close()
     return tokens / elapsed, info, log
@@ -340,8 +352,12 @@ def main():
     ap.add_argument("--num-requests", type=int, default=1024)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--max-running", type=int, default=256)
-    ap.add_argument("--chunked-prefill", type=int, default=4096)
+    ap.add_argument("--max-running", type=int, default=None,
+                    help="part b's server (default: the server's own; part p: 256)")
+    ap.add_argument("--chunked-prefill", type=int, default=None, help="part b's server (default: the server's own)")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                    help="part b's server: largest decode batch replayed from a CUDA graph "
+                    "(default: the server's own)")
     ap.add_argument("--hf-batch", type=int, default=128)
     ap.add_argument("--hf-batches", type=int, default=2)
     ap.add_argument("--context", type=int, default=32768)
@@ -383,7 +399,7 @@ def main():
             ROWS.append((f"b. {args.num_requests} req x {args.prompt_len}+{args.output_len} out tok/s",
                          tps, f"HF generate bs{args.hf_batch} x{args.hf_batches} tok/s",
                          hf or float("nan"), tps / hf if hf else float("nan"),
-                         f"HF extrapolated from its subset; server: {c.get('num_steps')} steps, "
+                         f"HF extrapolated from its subset; server ({info['server_args']}): {c.get('num_steps')} steps, "
                          f"schedule {c.get('schedule_time_s')} s (incl. waits for the GPU), "
                          f"extend {c.get('prefill_time_s')} s"))
             if roof and hf:

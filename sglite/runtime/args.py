@@ -17,6 +17,16 @@ from dataclasses import dataclass
 SCHEDULE_POLICIES = ("lpm", "fcfs")
 
 
+# Throughput knobs that depend on the device. CUDA (H200, Llama-3-8B, 1024 x (512 + 256) requests,
+# bench/gpu_e2e.py part b): 4096-token extend forwards run near the matmul roof, and decode batches
+# of 512 (CUDA graphs up to 512) gave 10558-10598 tok/s vs 10199-10222 at 256 (docs/benchmarks.md).
+# The CPU executor is slow per token: small batches keep each request's latency bounded.
+DEVICE_DEFAULTS = {
+    "cuda": dict(max_running_requests=512, chunked_prefill_size=4096),
+    "cpu": dict(max_running_requests=128, chunked_prefill_size=512),
+}
+
+
 @dataclass(frozen=True)
 class ServerArgs:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -26,8 +36,8 @@ class ServerArgs:
     load_format: str = "auto"  # auto | dummy (random weights, for benchmarks)
     preset: str | None = None  # a ModelConfig preset name (with load_format=dummy)
     max_total_tokens: int | None = None  # KV pool size in tokens; None: sized by the runner
-    max_running_requests: int = 128
-    chunked_prefill_size: int = 512  # tokens per extend forward; -1: no chunking
+    max_running_requests: int | None = None  # None: 512 on CUDA, 128 on the CPU (DEVICE_DEFAULTS)
+    chunked_prefill_size: int | None = None  # tokens per extend forward; -1: no chunking; None: as above
     context_length: int | None = None  # None: the model's max_position_embeddings
     disable_radix_cache: bool = False
     schedule_policy: str = "lpm"
@@ -39,10 +49,15 @@ class ServerArgs:
     disable_window_free: bool = False  # keep out-of-window KV of windowed models (comparisons)
     disable_jump_forward: bool = False  # constrained decoding: no forced-text jumps (comparisons)
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None  # None: min(max_running_requests, 256)
+    cuda_graph_max_bs: int | None = None  # None: max_running_requests, at most 512
     num_threads: int | None = None  # torch CPU threads; None: torch's default
 
     def __post_init__(self):
+        # unset knobs take the device's defaults; frozen, hence object.__setattr__
+        defaults = DEVICE_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, "
                              f"got {self.schedule_policy!r}")
@@ -94,9 +109,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=d.preset, help="ModelConfig preset (with --load-format dummy)")
     p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
                    help="KV pool size in tokens")
-    p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    p.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
+                   help="requests decoding at once (default: 512 on CUDA, 128 on the CPU)")
     p.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
-                   help="token budget of one extend forward (-1: no chunking)")
+                   help="token budget of one extend forward (-1: no chunking; default: 4096 on "
+                   "CUDA, 512 on the CPU)")
     p.add_argument("--context-length", type=int, default=d.context_length)
     p.add_argument("--disable-radix-cache", action="store_true", default=d.disable_radix_cache)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=SCHEDULE_POLICIES)

@@ -49,7 +49,7 @@ class ModelRunner:
         seed: int = 0,
         skip_tokenizer_init: bool = False,  # weights-only folders (tests, benchmarks)
         disable_cuda_graph: bool = False,
-        cuda_graph_max_bs: int | None = None,  # None: max_running_requests, at most 256
+        cuda_graph_max_bs: int | None = None,  # None: max_running_requests, at most 512
     ):
         torch.manual_seed(seed)
         self.device = torch.device(device)
@@ -75,9 +75,9 @@ class ModelRunner:
         self.graph_runner = None
         if self.device.type == "cuda" and not disable_cuda_graph:
             if getattr(self.attn_backend, "supports_cuda_graph", False):
-                from sglite.runtime.cuda_graph import CudaGraphRunner
+                from sglite.runtime.cuda_graph import MAX_CAPTURE_BS, CudaGraphRunner
 
-                max_bs = cuda_graph_max_bs or min(max_running_requests, 256)
+                max_bs = cuda_graph_max_bs or min(max_running_requests, MAX_CAPTURE_BS)
                 self.graph_runner = CudaGraphRunner(self, max_bs=max_bs)
             else:
                 logger.info("attention backend %r has no CUDA graph support: decode runs eagerly",
