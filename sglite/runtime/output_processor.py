@@ -70,8 +70,8 @@ class OutputProcessor:
     def apply(self, reqs: list[Req], next_ids: list[int], logprobs: torch.Tensor | None = None):
         """Append each request's sampled token: stop checks, text, jump-forward, replies."""
         for i, (req, token_id) in enumerate(zip(reqs, next_ids)):
-            if req.is_finished:  # aborted by a sink earlier in this loop
-                continue
+            if req.is_finished:  # aborted by a sink earlier in this loop, or ended by a stop
+                continue  # token before this (overlapped) decode was read
             if _is_plain(req):
                 self._append_plain(req, token_id)
                 continue
@@ -230,13 +230,15 @@ def _is_plain(req: Req) -> bool:
             and not req.stop_matcher.stops and not req.text_buffer)
 
 
-def is_token_independent(req: Req) -> bool:
-    """Whether req's next step needs nothing from its last sampled token on the host: greedy
-    (the argmax stays on the device), and only max_new_tokens can end it (ignore_eos, no stop
-    ids or strings, no grammar, no logprobs). The overlapped decode loop (scheduler) launches
-    such requests' next forward before it reads their last token."""
+def can_decode_ahead(req: Req) -> bool:
+    """Whether req's next decode can be launched before the host reads its last token: greedy
+    (the argmax stays on the device), and nothing on the host shapes the next token (no grammar,
+    no logprobs, no penalties, no EOS mask left from min_new_tokens). A stop token or string may
+    still end req at the token being read: the step launched ahead is then wasted for req (its
+    token is dropped; the KV it wrote for req's last token goes into the tree with the rest).
+    The overlapped decode loop (scheduler) runs such requests."""
     p = req.params
-    return ((p.temperature == 0 or p.top_k == 1) and p.ignore_eos and not p.stop
-            and not p.stop_token_ids and req.grammar is None and not req.return_logprob
+    return ((p.temperature == 0 or p.top_k == 1) and req.grammar is None and not req.return_logprob
+            and len(req.output_ids) >= p.min_new_tokens
             and p.frequency_penalty == 0 and p.presence_penalty == 0
             and p.repetition_penalty == 1)

@@ -8,14 +8,16 @@ batching). When the pool cannot give each decoding request one slot, requests ar
 their KV goes back (into the radix tree, unlocked), they keep their tokens and rejoin the front of
 the waiting queue.
 
-Overlap (enable_overlap): when every request of a decode batch is greedy and can only end by
-max_new_tokens (`is_token_independent`), its tokens are not read at once: the argmax stays on the
-device and goes to pinned host memory (`PendingDecode`). The next step launches the following
+Overlap (enable_overlap): when every request of a decode batch is greedy and nothing on the host
+shapes its next token (`can_decode_ahead`), its tokens are not read at once: the argmax stays on
+the device and goes to pinned host memory (`PendingDecode`). The next step launches the following
 decode with those device tokens as inputs first (`_decode_ahead`), and appends the pending tokens
-while the GPU runs it. Until they are appended a continued request holds KV for one token the host
-has not seen (kv_len = seq_len + 1); `CacheManager.release` frees that slot if it ends then
-(abort). Anything else (a stop token could end a request, no room, nothing continues) reads the
-pending tokens first and takes the plain path.
+while the GPU runs it. Every request that max_new_tokens lets continue is launched ahead; one that
+a stop token or string ends at the pending token wasted its row of that decode (its token is
+dropped, the KV written for its last token is cached with the rest). Until they are appended a
+continued request holds KV for one token the host has not seen (kv_len = seq_len + 1);
+`CacheManager.release` frees that slot if it ends then (abort). Anything else (no room, nothing
+continues) reads the pending tokens first and takes the plain path.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from sglite.runtime.cache_manager import CacheManager, freeable_window
 from sglite.runtime.model_runner import to_device_async
-from sglite.runtime.output_processor import OutputProcessor, is_token_independent
+from sglite.runtime.output_processor import OutputProcessor, can_decode_ahead
 from sglite.runtime.req import Req, ReqState
 from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
                                             order_waiting)
@@ -221,7 +223,7 @@ class Scheduler:
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        if logits is not None and self.enable_overlap and all(map(is_token_independent, reqs)):
+        if logits is not None and self.enable_overlap and all(map(can_decode_ahead, reqs)):
             self._pending = PendingDecode.start(reqs, logits)  # read next step, after the
             logits = None  # next forward is queued behind this one
         if previous is not None:
@@ -232,9 +234,10 @@ class Scheduler:
     # ---- overlap: the GPU runs decode N+1 while the host appends the tokens of decode N
     def _decode_ahead(self) -> bool:
         """Launch the next decode of the pending one's requests, feeding their tokens from the
-        device, then read and append the pending tokens. Only requests that max_new_tokens alone
-        can end are pending (is_token_independent), so which of them continue is known before
-        their tokens are. False (pending flushed first) when that does not fit this step."""
+        device, then read and append the pending tokens. Which requests max_new_tokens lets
+        continue is known before their tokens are; a stop token among the pending ones ends its
+        request after the launch (its row of the new decode is wasted, see the module docstring).
+        False (pending flushed first) when that does not fit this step."""
         pending = self._pending
         cont = [i for i, r in enumerate(pending.reqs)
                 if not r.is_finished and len(r.output_ids) + 1 < r.params.max_new_tokens]

@@ -102,3 +102,37 @@ def test_overlap_abort_while_pending(runner):
     for rid, req in plain.items():
         if rid != "p4":
             assert over[rid].output_ids == req.output_ids, rid
+
+
+@pytest.fixture(scope="module")
+def varied_runner():
+    """Untied embeddings: tiny random weights with tied ones repeat one token under greedy
+    decoding, so a stop token could only end a request at its first token."""
+    from sglite.runtime.model_runner import ModelRunner
+
+    return ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=2048,
+                       max_running_requests=4, config_overrides=dict(tie_word_embeddings=False))
+
+
+def test_stop_token_ends_a_request_launched_ahead(varied_runner):
+    """Greedy requests that a stop token can end run overlapped too: the decode launched ahead
+    of reading the stop token is wasted for that request, nothing else changes (same tokens and
+    finish reasons as the plain loop, KV accounting checked every step in _run)."""
+    runner = varied_runner
+    gen = torch.Generator().manual_seed(7)
+    vocab = runner.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (6, 9, 12)]
+    greedy = {"temperature": 0, "max_new_tokens": 13}
+    specs = [(f"g{i}", p, {**greedy, "ignore_eos": True}) for i, p in enumerate(prompts)]
+    plain, _ = _run(runner, specs, overlap=False)
+    out = plain["g1"].output_ids
+    first = next(i for i in range(3, 12) if out[i] not in out[:i])  # a token new mid-output
+    specs.append(("stop", prompts[1], {**greedy, "stop_token_ids": [out[first]]}))  # EOS can end it too
+    plain, _ = _run(runner, specs, overlap=False)
+    over, pending_seen = _run(runner, specs, overlap=True)
+    assert pending_seen
+    assert plain["stop"].finish_reason == {"type": "stop", "matched": out[first]}
+    assert plain["stop"].output_ids == out[: first + 1]
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        assert over[rid].finish_reason == req.finish_reason, rid
