@@ -19,6 +19,7 @@ from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_
 from sglite.runtime.mem.req_to_token import ReqToToken
 from sglite.runtime.mem.token_pool import TokenPool
 from sglite.runtime.models.llama import LlamaForCausalLM
+from sglite.runtime.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -242,14 +243,3 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the GPU: CUDA copies from pageable memory
-    synchronize with the stream (the host would wait for the forward in flight, and the overlapped
-    decode loop would leave the GPU idle until it launches the next one), so the copy goes
-    through pinned memory from torch's caching host allocator, which keeps the block until the
-    copy has run."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from sglite.protocol import SamplingParams
+from sglite.runtime.transfer import tensor_async
 
 _NO_TOP_K = 1 << 30
 
@@ -57,18 +58,22 @@ class SamplingBatch:
     @classmethod
     def from_requests(cls, params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]],
                       prompt_ids: Sequence[Sequence[int]] | None = None, *,
-                      eos_ids: Sequence[int] = (), device: str | torch.device = "cpu"):
+                      eos_ids: Sequence[int] = (), device: str | torch.device = "cpu",
+                      steps: Sequence[int] | None = None):
         """params / output_ids / prompt_ids: one entry per row. prompt_ids may be None when no row
-        uses repetition_penalty. eos_ids: the model's EOS ids (masked until min_new_tokens)."""
+        uses repetition_penalty. eos_ids: the model's EOS ids (masked until min_new_tokens).
+        steps: the index of the token each row samples (seeds its RNG stream); default
+        len(output_ids[row]) (the overlapped decode samples one token past its host view)."""
         if len(output_ids) != len(params) or (prompt_ids is not None and len(prompt_ids) != len(params)):
             raise ValueError("params, output_ids and prompt_ids need one entry per request")
         if prompt_ids is None and any(p.repetition_penalty != 1 for p in params):
             raise ValueError("repetition_penalty needs prompt_ids")
         device = torch.device(device)
         greedy = [p.temperature == 0 or p.top_k == 1 for p in params]
+        steps = [len(o) for o in output_ids] if steps is None else list(steps)
 
         def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
+            return tensor_async(values, dtype, device).view(-1, 1)
 
         return cls(
             params=list(params),
@@ -81,8 +86,8 @@ class SamplingBatch:
             top_ps=column([p.top_p for p in params], torch.float32),
             top_ks=column([_NO_TOP_K if p.top_k < 0 else p.top_k for p in params], torch.int64),
             min_ps=column([p.min_p for p in params], torch.float32),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            generators=[_row_generator(p.seed, len(o), device) for p, o in zip(params, output_ids)],
+            is_greedy=tensor_async(greedy, torch.bool, device),
+            generators=[_row_generator(p.seed, step, device) for p, step in zip(params, steps)],
             device=device,
             all_greedy=all(greedy),
             need_sort=any(p.top_k > 0 or p.top_p < 1 for p in params),
@@ -102,8 +107,9 @@ class SamplingBatch:
             self._apply_repetition_penalty(logits)
         if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in self.params):
             self._apply_frequency_presence(logits)
-        rows, cols = _row_col(self.banned_ids, self.device)
-        logits[rows, cols] = float("-inf")
+        if any(self.banned_ids):
+            rows, cols = _row_col(self.banned_ids, self.device)
+            logits[rows, cols] = float("-inf")
         if allowed_mask is not None:
             if allowed_mask.shape != logits.shape or allowed_mask.dtype != torch.bool:
                 raise ValueError(f"allowed_mask must be bool {list(logits.shape)}, "
@@ -130,7 +136,7 @@ class SamplingBatch:
         ids = [p + o for p, o in zip(self.prompt_ids, self.output_ids)]
         seen = torch.zeros_like(logits, dtype=torch.bool)
         seen[_row_col(ids, self.device)] = True
-        penalty = torch.tensor([p.repetition_penalty for p in self.params], device=self.device)
+        penalty = tensor_async([p.repetition_penalty for p in self.params], torch.float32, self.device)
         penalty = penalty.view(-1, 1)
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, penalized, logits))
@@ -139,8 +145,8 @@ class SamplingBatch:
         rows, cols = _row_col(self.output_ids, self.device)
         counts = torch.zeros_like(logits)
         counts.index_put_((rows, cols), torch.ones_like(rows, dtype=logits.dtype), accumulate=True)
-        freq = torch.tensor([p.frequency_penalty for p in self.params], device=self.device)
-        pres = torch.tensor([p.presence_penalty for p in self.params], device=self.device)
+        freq = tensor_async([p.frequency_penalty for p in self.params], torch.float32, self.device)
+        pres = tensor_async([p.presence_penalty for p in self.params], torch.float32, self.device)
         logits -= freq.view(-1, 1) * counts + pres.view(-1, 1) * (counts > 0)
 
     def _filter(self, probs: torch.Tensor) -> torch.Tensor:
@@ -186,5 +192,4 @@ def _row_col(ids_per_row: Sequence[Sequence[int]], device) -> tuple[torch.Tensor
     """Flattened (row, column) index tensors for a ragged list of id lists."""
     rows = [r for r, ids in enumerate(ids_per_row) for _ in ids]
     cols = [i for ids in ids_per_row for i in ids]
-    return (torch.tensor(rows, dtype=torch.int64, device=device),
-            torch.tensor(cols, dtype=torch.int64, device=device))
+    return tensor_async(rows, torch.int64, device), tensor_async(cols, torch.int64, device)

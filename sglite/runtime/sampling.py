@@ -33,6 +33,20 @@ class Sampling:
                            prompt_ids=[r.input_ids for r in reqs] if needs_prompt else None)
         return [int(t) for t in ids], logprobs
 
+    def next_ids_on_device(self, reqs: list[Req], logits: torch.Tensor, *, ahead: int = 0) -> torch.Tensor:
+        """Each request's next token, left on the device (the overlapped decode; requests that
+        pass `output_processor.can_decode_ahead`): the argmax when all are greedy, else the
+        sampler. The first `ahead` rows have a pending token that output_ids lack yet: they
+        sample token len(output_ids) + 1 (their seeded streams are keyed by that index)."""
+        if all(_is_plain_greedy(r) for r in reqs):
+            return logits.argmax(dim=-1)
+        from sglite.runtime.sampler import SamplingBatch
+
+        batch = SamplingBatch.from_requests(
+            [r.params for r in reqs], [r.output_ids for r in reqs], eos_ids=self.eos_token_ids,
+            device=logits.device, steps=[len(r.output_ids) + (i < ahead) for i, r in enumerate(reqs)])
+        return batch.sample(logits.float())
+
     def _apply_grammars(self, reqs: list[Req], logits: torch.Tensor) -> None:
         states = [r.grammar for r in reqs]
         if all(s is None for s in states):

@@ -8,11 +8,11 @@ batching). When the pool cannot give each decoding request one slot, requests ar
 their KV goes back (into the radix tree, unlocked), they keep their tokens and rejoin the front of
 the waiting queue.
 
-Overlap (enable_overlap): when every request of a decode batch is greedy and nothing on the host
-shapes its next token (`can_decode_ahead`), its tokens are not read at once: the argmax stays on
-the device and goes to pinned host memory (`PendingDecode`). The next step launches the following
-decode with those device tokens as inputs first (`_decode_ahead`), and appends the pending tokens
-while the GPU runs it. Every request that max_new_tokens lets continue is launched ahead; one that
+Overlap (enable_overlap): when nothing on the host shapes the next token of any request of a
+decode batch (`can_decode_ahead`), its tokens are not read at once: they are sampled on the
+device (argmax, or the sampler for sampled rows) and go to pinned host memory (`PendingDecode`).
+The next step launches the following decode with those device tokens as inputs first
+(`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every request that max_new_tokens lets continue is launched ahead; one that
 a stop token or string ends at the pending token wasted its row of that decode (its token is
 dropped, the KV written for its last token is cached with the rest). Until they are appended a
 continued request holds KV for one token the host has not seen (kv_len = seq_len + 1);
@@ -28,7 +28,7 @@ import time
 import torch
 
 from sglite.runtime.cache_manager import CacheManager, freeable_window
-from sglite.runtime.model_runner import to_device_async
+from sglite.runtime.transfer import to_device_async
 from sglite.runtime.output_processor import OutputProcessor, can_decode_ahead
 from sglite.runtime.req import Req, ReqState
 from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
@@ -217,14 +217,17 @@ class Scheduler:
     def _launch_decode(self, reqs: list[Req], batch, *,
                        previous: PendingDecode | None = None) -> None:
         """previous: the decode before this one, whose tokens are appended once this one is
-        launched (and before this one's own are)."""
+        launched (and before this one's own are); the first len(previous.continued) of reqs are
+        its continuing requests."""
         t0 = time.perf_counter()
         logits = self._forward(batch, reqs)
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         if logits is not None and self.enable_overlap and all(map(can_decode_ahead, reqs)):
-            self._pending = PendingDecode.start(reqs, logits)  # read next step, after the
+            ahead = 0 if previous is None else previous.continued
+            next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, ahead=ahead)
+            self._pending = PendingDecode.start(reqs, next_ids)  # read next step, after the
             logits = None  # next forward is queued behind this one
         if previous is not None:
             self._finish_decode(previous)
@@ -257,6 +260,7 @@ class Scheduler:
             index = to_device_async(torch.tensor(cont, dtype=torch.int64), pending.next_ids.device)
             batch.input_ids[: len(cont)] = pending.next_ids[index]
         self._pending = None
+        pending.continued = len(cont)
         self._launch_decode(reqs, batch, previous=pending)
         return True
 
@@ -320,10 +324,11 @@ class PendingDecode:
 
     def __init__(self, reqs: list[Req], next_ids: torch.Tensor, host_ids: torch.Tensor, event):
         self.reqs, self.next_ids, self.host_ids, self.event = reqs, next_ids, host_ids, event
+        self.continued = 0  # how many of reqs the next decode continues (set when it launches)
 
     @classmethod
-    def start(cls, reqs: list[Req], logits: torch.Tensor) -> PendingDecode:
-        next_ids = logits.argmax(dim=-1)  # a new tensor: the graph's logits get overwritten
+    def start(cls, reqs: list[Req], next_ids: torch.Tensor) -> PendingDecode:
+        """next_ids: a new device tensor (the graph's logits get overwritten by the next replay)."""
         if next_ids.device.type != "cuda":
             return cls(reqs, next_ids, next_ids, None)
         host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)

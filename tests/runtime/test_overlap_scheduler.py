@@ -1,6 +1,6 @@
 """The overlapped decode loop (Scheduler enable_overlap): the same tokens and finish reasons as the
-plain loop, KV accounting intact after every step (also with an abort while a decode is pending),
-and no token past max_new_tokens."""
+plain loop (greedy and seeded sampled requests, stop tokens), KV accounting intact after every step
+(also with an abort while a decode is pending), and no token past max_new_tokens."""
 
 import pytest
 import torch
@@ -74,6 +74,9 @@ def _specs(runner):
     specs.append(("eos", prompt(6), {"temperature": 0, "max_new_tokens": 11}))
     specs.append(("seeded", prompt(7), {"temperature": 0.8, "seed": 3, "max_new_tokens": 6,
                                         "ignore_eos": True}))
+    # sampled on the device while overlapped: seeded streams keyed by the token index
+    specs.append(("nucleus", prompt(8), {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.01,
+                                         "seed": 11, "max_new_tokens": 12}))
     return specs
 
 
