@@ -12,12 +12,13 @@ Overlap (enable_overlap): when nothing on the host shapes the next token of any 
 decode batch (`can_decode_ahead`), its tokens are not read at once: they are sampled on the
 device (argmax, or the sampler for sampled rows) and go to pinned host memory (`PendingDecode`).
 The next step launches the following decode with those device tokens as inputs first
-(`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every request that max_new_tokens lets continue is launched ahead; one that
-a stop token or string ends at the pending token wasted its row of that decode (its token is
-dropped, the KV written for its last token is cached with the rest). Until they are appended a
-continued request holds KV for one token the host has not seen (kv_len = seq_len + 1);
-`CacheManager.release` frees that slot if it ends then (abort). Anything else (no room, nothing
-continues) reads the pending tokens first and takes the plain path.
+(`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every request that
+max_new_tokens lets continue is launched ahead; one that a stop token or string ends at the
+pending token wasted its row of that decode (its token is dropped, the KV written for its last
+token is cached with the rest). Until they are appended a continued request holds KV for one
+token the host has not seen (kv_len = seq_len + 1); `CacheManager.release` frees that slot if it
+ends then (abort). Anything else (no room, nothing continues) reads the pending tokens first and
+takes the plain path.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import time
 import torch
 
 from sglite.runtime.cache_manager import CacheManager, freeable_window
-from sglite.runtime.transfer import to_device_async
 from sglite.runtime.output_processor import OutputProcessor, can_decode_ahead
 from sglite.runtime.req import Req, ReqState
 from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
                                             order_waiting)
 from sglite.runtime.stats import Stats
+from sglite.runtime.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +218,8 @@ class Scheduler:
     def _launch_decode(self, reqs: list[Req], batch, *,
                        previous: PendingDecode | None = None) -> None:
         """previous: the decode before this one, whose tokens are appended once this one is
-        launched (and before this one's own are); the first len(previous.continued) of reqs are
-        its continuing requests."""
+        launched (and before this one's own are); the first previous.continued of reqs are its
+        continuing requests."""
         t0 = time.perf_counter()
         logits = self._forward(batch, reqs)
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
