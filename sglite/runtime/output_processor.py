@@ -232,14 +232,11 @@ def _is_plain(req: Req) -> bool:
 
 def can_decode_ahead(req: Req) -> bool:
     """Whether req's next decode can be launched before the host reads its last token: nothing
-    on the host shapes the next token (no grammar, no logprobs, no penalties over the output so
-    far, no EOS mask left from min_new_tokens), so it is sampled on the device from the logits
-    alone (`Sampling.next_ids_on_device`). A stop token or string may still end req at the token
-    being read: the step launched ahead is then wasted for req (its token is dropped; the KV it
-    wrote for req's last token goes into the tree with the rest). The overlapped decode loop
-    (scheduler) runs such requests."""
-    p = req.params
-    return (req.grammar is None and not req.return_logprob
-            and len(req.output_ids) >= p.min_new_tokens
-            and p.frequency_penalty == 0 and p.presence_penalty == 0
-            and p.repetition_penalty == 1)
+    but the logits and the tokens so far shapes the next token (no grammar, whose matcher runs on
+    the host; no logprobs, which the host reads from each step's logits), so it is sampled on the
+    device (`Sampling.next_ids_on_device`, penalties and min_new_tokens counting the token still
+    in flight). A stop token or string may still end req at the token being read: the step
+    launched ahead is then wasted for req (its token is dropped; the KV it wrote for req's last
+    token goes into the tree with the rest). The overlapped decode loop (scheduler) runs such
+    requests."""
+    return req.grammar is None and not req.return_logprob

@@ -42,6 +42,7 @@ class SamplingBatch:
     params: list[SamplingParams]
     output_ids: list[list[int]]
     prompt_ids: list[list[int]] | None
+    pending_ids: torch.Tensor | None  # [k] device tokens of the first k rows not in output_ids
     banned_ids: list[list[int]]  # per row: ids masked for min_new_tokens (empty once reached)
     temperatures: torch.Tensor  # [bs, 1] float32, 1.0 on greedy rows
     top_ps: torch.Tensor  # [bs, 1] float32
@@ -59,11 +60,13 @@ class SamplingBatch:
     def from_requests(cls, params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]],
                       prompt_ids: Sequence[Sequence[int]] | None = None, *,
                       eos_ids: Sequence[int] = (), device: str | torch.device = "cpu",
-                      steps: Sequence[int] | None = None):
+                      steps: Sequence[int] | None = None, pending_ids: torch.Tensor | None = None):
         """params / output_ids / prompt_ids: one entry per row. prompt_ids may be None when no row
         uses repetition_penalty. eos_ids: the model's EOS ids (masked until min_new_tokens).
         steps: the index of the token each row samples (seeds its RNG stream); default
-        len(output_ids[row]) (the overlapped decode samples one token past its host view)."""
+        len(output_ids[row]) (the overlapped decode samples one token past its host view).
+        pending_ids: [k] device tokens that the first k rows generated but output_ids lack yet
+        (the overlapped decode): penalties and min_new_tokens count them."""
         if len(output_ids) != len(params) or (prompt_ids is not None and len(prompt_ids) != len(params)):
             raise ValueError("params, output_ids and prompt_ids need one entry per request")
         if prompt_ids is None and any(p.repetition_penalty != 1 for p in params):
@@ -71,6 +74,8 @@ class SamplingBatch:
         device = torch.device(device)
         greedy = [p.temperature == 0 or p.top_k == 1 for p in params]
         steps = [len(o) for o in output_ids] if steps is None else list(steps)
+        num_pending = 0 if pending_ids is None else len(pending_ids)
+        generated = [len(o) + (row < num_pending) for row, o in enumerate(output_ids)]
 
         def column(values, dtype):
             return tensor_async(values, dtype, device).view(-1, 1)
@@ -79,8 +84,9 @@ class SamplingBatch:
             params=list(params),
             output_ids=[list(o) for o in output_ids],
             prompt_ids=None if prompt_ids is None else [list(x) for x in prompt_ids],
-            banned_ids=[[*eos_ids, *p.stop_token_ids] if len(o) < p.min_new_tokens else []
-                        for p, o in zip(params, output_ids)],
+            pending_ids=pending_ids,
+            banned_ids=[[*eos_ids, *p.stop_token_ids] if n < p.min_new_tokens else []
+                        for p, n in zip(params, generated)],
             temperatures=column([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                                 torch.float32),
             top_ps=column([p.top_p for p in params], torch.float32),
@@ -136,6 +142,8 @@ class SamplingBatch:
         ids = [p + o for p, o in zip(self.prompt_ids, self.output_ids)]
         seen = torch.zeros_like(logits, dtype=torch.bool)
         seen[_row_col(ids, self.device)] = True
+        if self.pending_ids is not None:
+            seen[torch.arange(len(self.pending_ids), device=self.device), self.pending_ids] = True
         penalty = tensor_async([p.repetition_penalty for p in self.params], torch.float32, self.device)
         penalty = penalty.view(-1, 1)
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -145,6 +153,10 @@ class SamplingBatch:
         rows, cols = _row_col(self.output_ids, self.device)
         counts = torch.zeros_like(logits)
         counts.index_put_((rows, cols), torch.ones_like(rows, dtype=logits.dtype), accumulate=True)
+        if self.pending_ids is not None:
+            pending_rows = torch.arange(len(self.pending_ids), device=self.device)
+            counts.index_put_((pending_rows, self.pending_ids),
+                              torch.ones_like(pending_rows, dtype=logits.dtype), accumulate=True)
         freq = tensor_async([p.frequency_penalty for p in self.params], torch.float32, self.device)
         pres = tensor_async([p.presence_penalty for p in self.params], torch.float32, self.device)
         logits -= freq.view(-1, 1) * counts + pres.view(-1, 1) * (counts > 0)

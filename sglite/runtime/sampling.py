@@ -33,18 +33,24 @@ class Sampling:
                            prompt_ids=[r.input_ids for r in reqs] if needs_prompt else None)
         return [int(t) for t in ids], logprobs
 
-    def next_ids_on_device(self, reqs: list[Req], logits: torch.Tensor, *, ahead: int = 0) -> torch.Tensor:
+    def next_ids_on_device(self, reqs: list[Req], logits: torch.Tensor, *,
+                           pending_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Each request's next token, left on the device (the overlapped decode; requests that
-        pass `output_processor.can_decode_ahead`): the argmax when all are greedy, else the
-        sampler. The first `ahead` rows have a pending token that output_ids lack yet: they
-        sample token len(output_ids) + 1 (their seeded streams are keyed by that index)."""
-        if all(_is_plain_greedy(r) for r in reqs):
+        pass `output_processor.can_decode_ahead`): the argmax when all are plain greedy, else the
+        sampler. pending_ids: [k] device tokens that the first k requests generated but whose
+        output_ids lack them yet: they sample token len(output_ids) + 1 (seeded streams are keyed
+        by that index), and penalties and min_new_tokens count the pending token."""
+        ahead = 0 if pending_ids is None else len(pending_ids)
+        if all(_is_plain_greedy(r, pending=i < ahead) for i, r in enumerate(reqs)):
             return logits.argmax(dim=-1)
         from sglite.runtime.sampler import SamplingBatch
 
+        needs_prompt = any(r.params.repetition_penalty != 1 for r in reqs)
         batch = SamplingBatch.from_requests(
-            [r.params for r in reqs], [r.output_ids for r in reqs], eos_ids=self.eos_token_ids,
-            device=logits.device, steps=[len(r.output_ids) + (i < ahead) for i, r in enumerate(reqs)])
+            [r.params for r in reqs], [r.output_ids for r in reqs],
+            [r.input_ids for r in reqs] if needs_prompt else None, eos_ids=self.eos_token_ids,
+            device=logits.device, steps=[len(r.output_ids) + (i < ahead) for i, r in enumerate(reqs)],
+            pending_ids=pending_ids if ahead else None)
         return batch.sample(logits.float())
 
     def _apply_grammars(self, reqs: list[Req], logits: torch.Tensor) -> None:
@@ -67,8 +73,10 @@ def _effective_params(req: Req):
     return req.params
 
 
-def _is_plain_greedy(req: Req) -> bool:
+def _is_plain_greedy(req: Req, *, pending: bool = False) -> bool:
+    """Greedy with nothing to mask or penalize: the argmax of the raw logits. pending: one
+    generated token is not in output_ids yet (the overlapped decode)."""
     p = req.params
     return ((p.temperature == 0 or p.top_k == 1) and p.frequency_penalty == 0
             and p.presence_penalty == 0 and p.repetition_penalty == 1
-            and (len(req.output_ids) >= p.min_new_tokens or req.grammar is not None))
+            and (len(req.output_ids) + pending >= p.min_new_tokens or req.grammar is not None))

@@ -8,9 +8,10 @@ batching). When the pool cannot give each decoding request one slot, requests ar
 their KV goes back (into the radix tree, unlocked), they keep their tokens and rejoin the front of
 the waiting queue.
 
-Overlap (enable_overlap): when nothing on the host shapes the next token of any request of a
-decode batch (`can_decode_ahead`), its tokens are not read at once: they are sampled on the
-device (argmax, or the sampler for sampled rows) and go to pinned host memory (`PendingDecode`).
+Overlap (enable_overlap): when no request of a decode batch needs the host between its tokens
+(`can_decode_ahead`: no grammar, no logprobs), its tokens are not read at once: they are sampled
+on the device (argmax, or the sampler with penalties counting the token in flight) and go to
+pinned host memory (`PendingDecode`).
 The next step launches the following decode with those device tokens as inputs first
 (`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every request that
 max_new_tokens lets continue is launched ahead; one that a stop token or string ends at the
@@ -226,8 +227,9 @@ class Scheduler:
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         if logits is not None and self.enable_overlap and all(map(can_decode_ahead, reqs)):
-            ahead = 0 if previous is None else previous.continued
-            next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, ahead=ahead)
+            # the continued requests' pending tokens are this decode's first inputs
+            pending_ids = batch.input_ids[: previous.continued] if previous is not None else None
+            next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
             self._pending = PendingDecode.start(reqs, next_ids)  # read next step, after the
             logits = None  # next forward is queued behind this one
         if previous is not None:

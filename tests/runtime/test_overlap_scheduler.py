@@ -139,3 +139,30 @@ def test_stop_token_ends_a_request_launched_ahead(varied_runner):
     for rid, req in plain.items():
         assert over[rid].output_ids == req.output_ids, rid
         assert over[rid].finish_reason == req.finish_reason, rid
+
+
+def test_penalties_and_min_new_tokens_launched_ahead(varied_runner):
+    """Penalties and min_new_tokens run overlapped too: the sampler on the device counts the
+    token still in flight (penalties, EOS/stop mask), so the tokens equal the plain loop's."""
+    runner = varied_runner
+    gen = torch.Generator().manual_seed(11)
+    vocab = runner.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (7, 10, 5, 8)]
+    plain_greedy = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    early = _run(runner, [("probe", prompts[3], plain_greedy)], overlap=False)[0]["probe"].output_ids[1]
+    specs = [
+        ("rep", prompts[0], {**plain_greedy, "repetition_penalty": 1.5}),
+        ("freq", prompts[1], {**plain_greedy, "frequency_penalty": 0.8, "presence_penalty": 0.5}),
+        ("seeded", prompts[2], {**plain_greedy, "temperature": 0.9, "seed": 5, "frequency_penalty": 0.4}),
+        # the early token may not end it before 6 tokens: masked while in flight too
+        ("min_new", prompts[3], {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 6,
+                                 "stop_token_ids": [early]}),
+    ]
+    plain, _ = _run(runner, specs, overlap=False)
+    over, pending_seen = _run(runner, specs, overlap=True)
+    assert pending_seen
+    assert len(plain["min_new"].output_ids) >= 6
+    assert plain["rep"].output_ids != _run(runner, [("x", prompts[0], plain_greedy)], overlap=False)[0]["x"].output_ids
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        assert over[rid].finish_reason == req.finish_reason, rid

@@ -117,3 +117,27 @@ def test_sample_batch_one_call_form():
     logits = _logits(2)
     out = sample_batch(logits, [SamplingParams(temperature=0)] * 2, [[], []], eos_token_ids=[0])
     assert out.tolist() == logits.argmax(-1).tolist()
+
+
+def test_pending_tokens_count_like_appended_ones():
+    """The overlapped decode's rows whose last token is still on the device (pending_ids) get the
+    same penalties, min_new_tokens mask and seeded draw as if it were in output_ids."""
+    params = [SamplingParams(temperature=0.9, seed=7, repetition_penalty=1.4, frequency_penalty=0.7,
+                             presence_penalty=0.3, min_new_tokens=3),
+              SamplingParams(temperature=0, frequency_penalty=-1.0, min_new_tokens=4, stop_token_ids=[9]),
+              SamplingParams(temperature=0, repetition_penalty=1.2)]
+    outputs = [[4, 4], [9, 2], [1]]
+    prompts = [[3, 8], [5], [6, 6]]
+    pending = torch.tensor([12, 11])  # rows 0 and 1 generated these (new tokens); row 2: none
+    logits = _logits(3, seed=5)
+    ahead = SamplingBatch.from_requests(params, outputs, prompts, eos_ids=[0], pending_ids=pending,
+                                        steps=[len(o) + (i < 2) for i, o in enumerate(outputs)])
+    appended = [o + [int(t)] for o, t in zip(outputs, pending)] + outputs[2:]
+    plain = SamplingBatch.from_requests(params, appended, prompts, eos_ids=[0])
+    # row 0: the pending token is its 3rd, so min_new_tokens no longer masks EOS; row 1: 3 of 4
+    assert ahead.banned_ids == plain.banned_ids == [[], [0, 9], []]
+    unaware = SamplingBatch.from_requests(params, outputs, prompts, eos_ids=[0])
+    assert unaware.banned_ids[0] == [0] and not torch.equal(unaware.process_logits(logits),
+                                                            plain.process_logits(logits))
+    assert torch.equal(ahead.process_logits(logits), plain.process_logits(logits))
+    assert torch.equal(ahead.sample(logits), plain.sample(logits))
