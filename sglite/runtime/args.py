@@ -45,7 +45,7 @@ class ServerArgs:
     address: str | None = None  # ZMQ endpoint to bind; None: a fresh ipc:// path
     seed: int = 0
     grammar_threads: int = 2
-    disable_overlap: bool = False  # read each decode's tokens before launching the next
+    disable_overlap: bool = False  # CUDA: read each decode's tokens before launching the next
     disable_window_free: bool = False  # keep out-of-window KV of windowed models (comparisons)
     disable_jump_forward: bool = False  # constrained decoding: no forced-text jumps (comparisons)
     disable_cuda_graph: bool = False
@@ -124,7 +124,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--grammar-threads", type=int, default=d.grammar_threads)
     p.add_argument("--disable-overlap", action="store_true", default=d.disable_overlap,
-                   help="no overlapped decode (the host reads each step's tokens first)")
+                   help="no overlapped decode on CUDA (the host reads each step's tokens first; "
+                   "the CPU never overlaps: its forwards run as they are launched)")
     p.add_argument("--disable-window-free", action="store_true", default=d.disable_window_free,
                    help="keep KV that left every sliding window (for comparisons)")
     p.add_argument("--disable-jump-forward", action="store_true", default=d.disable_jump_forward,

@@ -139,8 +139,9 @@ def serve(args: ServerArgs) -> None:
         disable_radix_cache=args.disable_radix_cache, schedule_policy=args.schedule_policy,
         grammar_cache=grammar_cache, enable_jump_forward=not args.disable_jump_forward,
         disable_window_free=args.disable_window_free, log_interval=args.log_interval,
-        # A/B switch for benchmarks until ServerArgs has a flag
-        enable_overlap=not args.disable_overlap)
+        # on the CPU a forward runs as it is launched, so a decode launched ahead only delays the
+        # tokens read after it (and is wasted when EOS ends the request)
+        enable_overlap=not args.disable_overlap and runner.device.type == "cuda")
     profile_path = os.environ.get("SGLITE_PROFILE")  # where the loop's cProfile table goes
     if not profile_path:
         Server(args, scheduler).run()
