@@ -9,14 +9,13 @@ their KV goes back (into the radix tree, unlocked), they keep their tokens and r
 the waiting queue.
 
 Overlap (enable_overlap): when no request of a decode batch needs the host between its tokens
-(`can_decode_ahead`: no grammar, no logprobs), its tokens are not read at once: they are sampled
-on the device (argmax, or the sampler with penalties counting the token in flight) and go to
-pinned host memory (`PendingDecode`).
-The next step launches the following decode with those device tokens as inputs first
-(`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every request that
-max_new_tokens lets continue is launched ahead; one that a stop token or string ends at the
-pending token wasted its row of that decode (its token is dropped, the KV written for its last
-token is cached with the rest). Until they are appended a continued request holds KV for one
+(`can_decode_ahead`: no grammar, no logprobs), its tokens are not read at once: they are sampled on
+the device (argmax, or the sampler with penalties counting the token in flight) and go to pinned
+host memory (`PendingDecode`). The next step launches the following decode with those device tokens
+as inputs first (`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every
+request that max_new_tokens lets continue is launched ahead; one that a stop token or string ends
+at the pending token wasted its row of that decode (its token is dropped, the KV written for its
+last token is cached with the rest). Until they are appended a continued request holds KV for one
 token the host has not seen (kv_len = seq_len + 1); `CacheManager.release` frees that slot if it
 ends then (abort). Anything else (no room, nothing continues) reads the pending tokens first and
 takes the plain path.
