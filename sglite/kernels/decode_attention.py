@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_attention_shapes
+from .online_softmax import online_softmax_step
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -98,13 +99,8 @@ def _decode_stage1_kernel(
         k = tl.load(k_base + slots[:, None] * stride_buf_kt + offs_d[None, :], mask=mask_kv, other=0.0)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slots[:, None] * stride_buf_vt + offs_d[None, :], mask=mask_kv, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_buf_vt + offs_d[None, :],
+                                            mask_kv, m_i, l_i, acc)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_attention_shapes
+from .online_softmax import online_softmax_step
 
 _LOG2E = 1.4426950408889634
 
@@ -55,13 +56,8 @@ def _attend_range(
             visible = visible & ((k_pos[None, :] > q_pos[:, None] - sliding_window)
                                  | (k_pos[None, :] < num_global))
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + rows[:, None] * stride_vt + offs_d[None, :], mask=mask_kv, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(qk, V + rows[:, None] * stride_vt + offs_d[None, :], mask_kv,
+                                            m_i, l_i, acc)
     return acc, l_i, m_i
 
 
