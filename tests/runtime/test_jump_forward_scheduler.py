@@ -8,6 +8,7 @@ import pytest
 
 from sglite.protocol import parse_sampling_params
 from sglite.runtime.req import Req
+from tests.runtime.sinks import RecordingSink
 
 SCHEMA = json.dumps({
     "type": "object",
@@ -16,18 +17,6 @@ SCHEMA = json.dumps({
                    "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 2}},
     "required": ["name", "age", "pets"],
 })
-
-
-class Sink:
-    def __init__(self):
-        self.text, self.finished, self.meta, self.error = "", False, None, None
-
-    def on_output(self, req, text, finished, meta):
-        self.text += text
-        self.finished, self.meta = finished, meta
-
-    def on_error(self, req, message):
-        self.error = message
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +61,7 @@ def _run(runner, grammar_cache, *, jump: bool, stream: bool, n: int = 3):
         ids = runner.tokenizer(f"The pet owner {i} as JSON:\n").input_ids
         params = parse_sampling_params({"temperature": 0, "max_new_tokens": 64,
                                         "json_schema": SCHEMA})
-        reqs.append(Req(rid=str(i), input_ids=ids, params=params, sink=Sink(), stream=stream))
+        reqs.append(Req(rid=str(i), input_ids=ids, params=params, sink=RecordingSink(), stream=stream))
         sched.outputs.init_request(reqs[-1])
         sched.add_request(reqs[-1])
     for req in reqs:  # compiled off the loop; don't spin the scheduler against the compiler

@@ -7,18 +7,7 @@ import torch
 
 from sglite.protocol import parse_sampling_params
 from sglite.runtime.req import Req
-
-
-class Sink:
-    def __init__(self):
-        self.finished, self.meta, self.error = 0, None, None
-
-    def on_output(self, req, text, finished, meta):
-        self.finished += finished
-        self.meta = meta
-
-    def on_error(self, req, message):
-        self.error = message
+from tests.runtime.sinks import RecordingSink
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = Non
                       enable_overlap=overlap)
     reqs = {}
     for rid, prompt, params in specs:
-        req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params(params), sink=Sink())
+        req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params(params), sink=RecordingSink())
         sched.outputs.init_request(req)
         sched.add_request(req)
         reqs[rid] = req
