@@ -243,9 +243,8 @@ def bench_server(args, device) -> tuple[float, dict, str]:
         elapsed = time.perf_counter() - t0
         sock.send(protocol.encode(protocol.InfoReq(rid="counters")))
         info = wait_reply(sock, alive=rt.is_alive, timeout=60).info
-        info["server_args"] = (f"max running {rt.args.max_running_requests}, chunked prefill "
-                               f"{rt.args.chunked_prefill_size}, graphs up to bs "
-                               f"{rt.args.cuda_graph_max_bs or min(rt.args.max_running_requests, 512)}")
+        info["server_args"] = (f"max running {info['max_running_requests']}, chunked prefill "
+                               f"{rt.args.chunked_prefill_size}, graphs up to bs {info['cuda_graph_max_bs']}")
         log = open(rt.log_path).read()
         sock.close()
     return tokens / elapsed, info, log

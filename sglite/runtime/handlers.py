@@ -158,6 +158,9 @@ class RequestHandler:
             "eos_token": getattr(tok, "eos_token", None),
             "max_total_tokens": self.scheduler.cache.num_total,
             "disable_radix_cache": self.scheduler.cache.disable_radix_cache,
+            "max_running_requests": self.scheduler.max_running_requests,
+            "cuda_graph_max_bs": (max(self.runner.graph_runner.batch_sizes)
+                                  if self.runner.graph_runner is not None else None),
             "pid": os.getpid(),
         }
         info.update(self.scheduler.stats.counters(self.scheduler))

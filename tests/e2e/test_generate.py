@@ -38,6 +38,7 @@ def test_64_concurrent_requests_match_each_alone_and_pool_comes_back(client):
         assert t["meta_info"]["finish_reason"] == a["meta_info"]["finish_reason"]
     info = client.info()
     assert info["num_running_reqs"] == 0 and info["kv_held_by_running"] == 0
+    assert info["max_running_requests"] == 96 and info["cuda_graph_max_bs"] is None  # CPU: no graphs
     assert info["cache_hit_rate"] > 0.3  # 48 prompts share long prefixes
     assert client.request(protocol.FlushCacheReq(rid="flush")).rid == "flush"
     info = client.info()
@@ -103,3 +104,4 @@ def test_abort_frees_the_requests_kv(client):
     assert reply.meta_info["finish_reason"]["type"] == "abort"
     info = client.info()
     assert info["num_running_reqs"] == 0 and info["kv_held_by_running"] == 0
+    assert info["max_running_requests"] == 96 and info["cuda_graph_max_bs"] is None  # CPU: no graphs
