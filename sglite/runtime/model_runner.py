@@ -159,21 +159,29 @@ class ModelRunner:
         if max(seq_lens, default=0) > self.max_context_len:
             raise ValueError(f"position {max(seq_lens) - 1} exceeds "
                              f"max_context_len={self.max_context_len}")
-        dev = self.device
-        # one index_put for all rows (per-row writes cost a host-to-device copy each on a GPU)
+        # one host-to-device copy for every per-token and per-request int (as make_decode_batch),
+        # and one index_put for all rows (per-row writes cost a host-to-device copy each on a GPU)
+        num_tokens, bs = len(input_ids), len(rows)
         token_rows = torch.tensor(rows, dtype=torch.int64).repeat_interleave(
             torch.tensor(extend_lens, dtype=torch.int64))
-        positions = positions.to(device=dev, dtype=torch.int64)
-        out_cache_loc = out_cache_loc.to(device=dev, dtype=torch.int64)
-        self.req_to_token.table[token_rows.to(dev), positions] = out_cache_loc.to(torch.int32)
+        host = torch.cat([
+            torch.tensor(input_ids, dtype=torch.int64), positions.to(torch.int64), token_rows,
+            out_cache_loc.to(torch.int64).view(-1),
+            torch.tensor([rows, seq_lens, prefix_lens, extend_lens], dtype=torch.int64).view(-1),
+        ])
+        packed = to_device_async(host, self.device)
+        ids, positions, token_rows, out_cache_loc = packed[: 4 * num_tokens].view(4, num_tokens)
+        per_req = packed[4 * num_tokens:].view(4, bs)
+        lens32 = per_req[1:].to(torch.int32)  # seq_lens, prefix_lens, extend_lens
+        self.req_to_token.table[token_rows, positions] = out_cache_loc.to(torch.int32)
         return ForwardBatch(
             mode=mode,
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            input_ids=ids,
             positions=positions,
-            req_pool_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32, device=dev),
-            extend_lens=torch.tensor(extend_lens, dtype=torch.int32, device=dev),
+            req_pool_indices=per_req[0],
+            seq_lens=lens32[0],
+            prefix_lens=lens32[1],
+            extend_lens=lens32[2],
             out_cache_loc=out_cache_loc,
             req_to_token=self.req_to_token.table,
             seq_lens_cpu=seq_lens,

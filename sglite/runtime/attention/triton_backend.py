@@ -55,9 +55,9 @@ class TritonAttentionBackend(BaseAttentionBackend):
         if batch.is_decode:
             self._meta = self._decode_meta(batch)
         else:
-            starts = torch.zeros(batch.batch_size, dtype=torch.int32)
-            starts[1:] = torch.tensor(batch.extend_lens_cpu[:-1], dtype=torch.int32).cumsum(0)
-            self._meta = _ExtendMeta(starts.to(self.device, non_blocking=True), max(batch.extend_lens_cpu))
+            # exclusive prefix sum on the device: no host-to-device copy
+            starts = (batch.extend_lens.cumsum(0) - batch.extend_lens).to(torch.int32)
+            self._meta = _ExtendMeta(starts, max(batch.extend_lens_cpu))
 
     def init_cuda_graph_state(self, batch_sizes: list[int], *, max_context_len: int) -> None:
         """Scratch for captured decode forwards, sized for the largest bs x splits of any captured
