@@ -1,4 +1,4 @@
-"""Plain-torch versions of the attention kernels; the tests compare the Triton kernels against them.
+"""Plain-torch versions of the kernels; the tests compare the Triton kernels against them.
 
 Everything is computed per request in float32 (or the input's dtype when that is float64), reading
 K/V through `req_to_token`. Keys a query cannot see are zeroed before use, so garbage (even NaN) in
@@ -91,3 +91,17 @@ def store_kv_ref(k_buffer, v_buffer, loc, k, v) -> None:
     """k/v [num_tokens, KH, D] written at k_buffer[loc], v_buffer[loc]."""
     k_buffer[loc] = k
     v_buffer[loc] = v
+
+
+def unpack_decode_batch_ref(staged, fed_ids, req_to_token) -> dict[str, torch.Tensor]:
+    """decode_batch.unpack_decode_batch in plain indexing: the forward's tensors by name; writes
+    the real rows' slots into req_to_token."""
+    token, source, position, row, seq_len, slot = staged
+    fed = source >= 0
+    ids = token.clone()
+    ids[fed] = fed_ids[source[fed]]
+    real = slot >= 0
+    req_to_token[row[real], position[real]] = slot[real].to(req_to_token.dtype)
+    return dict(input_ids=ids, positions=position.clone(), rows=row.clone(),
+                seq_lens=seq_len.to(torch.int32), prefix_lens=position.to(torch.int32),
+                out_cache_loc=slot.clamp(min=0))

@@ -5,14 +5,20 @@ longer than the kernels (each only streams a few MB of weights), so the GPU idle
 graph replays the whole forward with one launch.
 
 A graph bakes in its tensors' addresses and shapes, so:
-- inputs live in static buffers sized for the largest captured batch; `replay` copies the batch
-  into their first `bs` rows and runs the smallest captured size >= bs ("padded" size);
-- pad rows [bs, padded) decode a harmless dummy: request row 0 (any row holds valid slot numbers,
-  the table starts zeroed), length 1, and the new token's K/V go to the reserved padding slot 0, so
-  a pad never writes into a live request's KV; their logits are dropped;
+- a decode step stages its whole batch as one int64 block (sglite.kernels.decode_batch: tokens,
+  positions, rows, lengths, slots) and copies it to the device in one host-to-device copy; each
+  graph starts with the kernel that unpacks the block into the forward's static input buffers and
+  writes the new slots into req_to_token (~10 small ops outside the graph before, each a kernel
+  on the critical path at batch 1); a size-P graph reads the first 6 * P entries of the block;
+- tokens sampled on the device (the overlapped decode) are fed through a static buffer the graph
+  reads (`fed_ids`): one device-to-device copy, no gather op;
+- the smallest captured size >= bs runs ("padded" size); pad rows [bs, padded) decode a harmless
+  dummy (PAD_ROW): request row 0 (any row holds valid slot numbers, the table starts zeroed),
+  length 1, K/V into the reserved padding slot 0, nothing written into req_to_token; their logits
+  are dropped;
 - the attention backend fixes its split count and scratch per captured size
   (`init_cuda_graph_state`, `init_forward_capture`), independent of the captured lengths.
-The returned logits are a view into the graph's output buffer: valid until the next forward.
+The returned logits and input ids are views into the graph's buffers: valid until the next forward.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import time
 
 import torch
 
+from sglite.kernels.decode_batch import PAD_ROW, STAGED_FIELDS, unpack_decode_batch
 from sglite.runtime.attention.base import ForwardBatch, ForwardMode
+from sglite.runtime.transfer import copy_to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,10 @@ class CudaGraphRunner:
         self.batch_sizes = capture_batch_sizes(max_bs)
         self.max_bs = max_bs
         dev = runner.device
+        self.staged = torch.zeros(STAGED_FIELDS * max_bs, dtype=torch.int64, device=dev)
+        self.fed_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self._pad_rows = torch.tensor(PAD_ROW, dtype=torch.int64).view(-1, 1).expand(-1, max_bs)
+        # the forward's inputs: written by the unpack kernel at the start of each graph
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.req_pool_indices = torch.zeros(max_bs, dtype=torch.int64, device=dev)
@@ -65,17 +77,42 @@ class CudaGraphRunner:
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.is_decode and not batch.return_all_logits and batch.batch_size <= self.max_bs
 
+    def padded_size(self, bs: int) -> int:
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
+
+    def replay_decode(self, rows: list[int], seq_lens: list[int], token_ids: list[int],
+                      out_cache_loc: torch.Tensor, *, fed_ids: torch.Tensor | None = None,
+                      fed_index: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step from host lists (ModelRunner.forward_decode checked them): one
+        host-to-device copy of the staged block (plus one device copy of fed_ids), one replay.
+        Returns (logits float32 [bs, vocab], input ids [bs]), views the next replay overwrites."""
+        bs = len(rows)
+        padded = self.padded_size(bs)
+        sources = [-1] * bs
+        if fed_ids is not None:
+            index = range(len(fed_ids)) if fed_index is None else fed_index
+            sources[: len(index)] = index
+            self.fed_ids[: len(fed_ids)].copy_(fed_ids, non_blocking=True)
+        host = torch.empty(STAGED_FIELDS, padded, dtype=torch.int64)
+        host[:5, :bs] = torch.tensor([token_ids, sources, [s - 1 for s in seq_lens], rows, seq_lens],
+                                     dtype=torch.int64)
+        host[5, :bs] = out_cache_loc
+        host[:, bs:] = self._pad_rows[:, : padded - bs]
+        copy_to_device_async(self.staged[: STAGED_FIELDS * padded], host.view(-1))
+        self.graphs[padded].replay()
+        return self.logits[padded][:bs], self.input_ids[:bs]
+
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits float32 [bs, vocab] (a view, overwritten by the next replay)."""
+        """A decode ForwardBatch already on the device (tests, benchmarks), staged by device copies.
+        Logits float32 [bs, vocab] (a view, overwritten by the next replay)."""
         bs = batch.batch_size
-        padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
-        for dst, src in ((self.input_ids, batch.input_ids), (self.positions, batch.positions),
-                         (self.req_pool_indices, batch.req_pool_indices),
-                         (self.seq_lens, batch.seq_lens), (self.out_cache_loc, batch.out_cache_loc)):
-            dst[:bs].copy_(src, non_blocking=True)
-        if padded > bs:  # stale pad rows could hold a live request's slot or a long length
-            self.seq_lens[bs:padded].fill_(1)
-            self.out_cache_loc[bs:padded].fill_(0)
+        padded = self.padded_size(bs)
+        staged = self.staged[: STAGED_FIELDS * padded].view(STAGED_FIELDS, padded)
+        staged[:, bs:] = self._pad_rows[:, : padded - bs].to(staged.device, non_blocking=True)
+        staged[1, :bs] = -1
+        for field, src in ((0, batch.input_ids), (2, batch.positions), (3, batch.req_pool_indices),
+                           (4, batch.seq_lens), (5, batch.out_cache_loc)):
+            staged[field, :bs].copy_(src, non_blocking=True)
         self.graphs[padded].replay()
         return self.logits[padded][:bs]
 
@@ -95,6 +132,15 @@ class CudaGraphRunner:
             extend_lens_cpu=[1] * bs,
         )
 
+    def _run_staged(self, batch: ForwardBatch) -> torch.Tensor:
+        """What a graph holds: unpack the staged block into the batch's buffers, then the model."""
+        bs = batch.batch_size
+        unpack_decode_batch(
+            self.staged[: STAGED_FIELDS * bs].view(STAGED_FIELDS, bs), self.fed_ids,
+            batch.input_ids, batch.positions, batch.req_pool_indices, batch.seq_lens,
+            batch.prefix_lens, batch.out_cache_loc, batch.req_to_token)
+        return self.runner._run_model(batch)
+
     def _capture_all(self) -> None:
         backend, pool = self.runner.attn_backend, torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
@@ -103,12 +149,14 @@ class CudaGraphRunner:
             for bs in reversed(self.batch_sizes):
                 batch = self._static_batch(bs)
                 backend.init_forward_capture(batch)
+                # pad rows only: the warm-up really runs, and must not touch live KV or tables
+                self.staged[: STAGED_FIELDS * bs].view(STAGED_FIELDS, bs).copy_(self._pad_rows[:, :bs])
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):  # warm-up: compiles kernels, settles the allocator
-                    self.runner._run_model(batch)
+                    self._run_staged(batch)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[bs] = self.runner._run_model(batch)
+                    self.logits[bs] = self._run_staged(batch)
                 self.graphs[bs] = graph
         torch.cuda.synchronize(self.runner.device)

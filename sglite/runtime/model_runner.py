@@ -112,13 +112,7 @@ class ModelRunner:
         last_token_ids: list[int],
         out_cache_loc: torch.Tensor,  # [bs] int64, the slot of each new token
     ) -> ForwardBatch:
-        bs = len(seq_lens)
-        if not len(req_pool_indices) == len(last_token_ids) == len(out_cache_loc) == bs:
-            raise ValueError(f"decode batch of {bs} lengths got {len(req_pool_indices)} rows, "
-                             f"{len(last_token_ids)} tokens, {len(out_cache_loc)} slots")
-        if bs == 0 or min(seq_lens) < 1 or max(seq_lens) > self.max_context_len:
-            raise ValueError(f"decode lengths must be in [1, max_context_len={self.max_context_len}], got "
-                             f"{min(seq_lens, default=None)}..{max(seq_lens, default=None)}")
+        bs = self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
         prefix_lens = [s - 1 for s in seq_lens]
         # one host -> device copy for every per-request int: at bs 128 the per-field (and
         # per-row req_to_token) copies cost more CPU time than the graph replay itself
@@ -137,6 +131,48 @@ class ModelRunner:
             out_cache_loc=loc, req_to_token=self.req_to_token.table,
             seq_lens_cpu=list(seq_lens), prefix_lens_cpu=prefix_lens, extend_lens_cpu=[1] * bs,
         )
+
+    def forward_decode(
+        self,
+        req_pool_indices: list[int],
+        seq_lens: list[int],  # including the new token
+        last_token_ids: list[int],  # placeholders where the ids are fed from the device
+        out_cache_loc: torch.Tensor,  # [bs] int64, the slot of each new token
+        *,
+        fed_ids: torch.Tensor | None = None,
+        fed_index: list[int] | None = None,
+        use_cuda_graph: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step, which also writes the new slots into req_to_token. fed_ids: tokens
+        still on the device (sampled by the previous step, not read back): the first k requests'
+        input ids are fed_ids[fed_index] (k = len(fed_index)), or fed_ids itself (k = its length)
+        without an index. Returns (logits float32 [bs, vocab], the input ids on the device [bs]);
+        from a CUDA graph both are views that the next forward overwrites."""
+        bs = self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
+        graphs = self.graph_runner
+        if (use_cuda_graph and graphs is not None and bs <= graphs.max_bs
+                and (fed_ids is None or len(fed_ids) <= graphs.max_bs)):
+            with torch.inference_mode():
+                return graphs.replay_decode(req_pool_indices, seq_lens, last_token_ids,
+                                            out_cache_loc, fed_ids=fed_ids, fed_index=fed_index)
+        batch = self.make_decode_batch(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
+        if fed_ids is not None:
+            if fed_index is None:
+                batch.input_ids[: len(fed_ids)] = fed_ids
+            else:
+                index = to_device_async(torch.tensor(fed_index, dtype=torch.int64), fed_ids.device)
+                batch.input_ids[: len(fed_index)] = fed_ids[index]
+        return self.forward(batch, use_cuda_graph=False), batch.input_ids
+
+    def _check_decode(self, req_pool_indices, seq_lens, last_token_ids, out_cache_loc) -> int:
+        bs = len(seq_lens)
+        if not len(req_pool_indices) == len(last_token_ids) == len(out_cache_loc) == bs:
+            raise ValueError(f"decode batch of {bs} lengths got {len(req_pool_indices)} rows, "
+                             f"{len(last_token_ids)} tokens, {len(out_cache_loc)} slots")
+        if bs == 0 or min(seq_lens) < 1 or max(seq_lens) > self.max_context_len:
+            raise ValueError(f"decode lengths must be in [1, max_context_len={self.max_context_len}], got "
+                             f"{min(seq_lens, default=None)}..{max(seq_lens, default=None)}")
+        return bs
 
     def forward(self, batch: ForwardBatch, *, use_cuda_graph: bool = True) -> torch.Tensor:
         """Logits float32 [bs, vocab], or [num_tokens, vocab] if batch.return_all_logits.

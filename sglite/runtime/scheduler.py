@@ -34,7 +34,6 @@ from sglite.runtime.req import Req, ReqState
 from sglite.runtime.schedule_policy import (AddResult, PrefillAdder, decode_reserve,
                                             order_waiting)
 from sglite.runtime.stats import Stats
-from sglite.runtime.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ class Scheduler:
         for req, slots in zip(reqs, adder.slots):
             self.cache.extend(req, slots, written=True)
         t0 = time.perf_counter()
-        logits = self._forward(batch, reqs)
+        logits = self._forward(reqs, lambda: self.runner.forward(batch))
         self.stats.record_extend(batch.num_tokens, time.perf_counter() - t0)
         if logits is None:
             return
@@ -209,25 +208,25 @@ class Scheduler:
         slots = self.cache.alloc(len(reqs))
         assert slots is not None, "decode scheduled without room (checked in _schedule_decode)"
         self.cache.advance_decode(reqs)
-        # one host-to-device copy for the batch, which also writes the slots into req_to_token
-        batch = self.runner.make_decode_batch(
-            [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
-            [r.last_token_id for r in reqs], slots)
-        self._launch_decode(reqs, batch)
+        self._launch_decode(reqs, [r.last_token_id for r in reqs], slots)
 
-    def _launch_decode(self, reqs: list[Req], batch, *,
-                       previous: PendingDecode | None = None) -> None:
-        """previous: the decode before this one, whose tokens are appended once this one is
-        launched (and before this one's own are); the first previous.continued of reqs are its
-        continuing requests."""
+    def _launch_decode(self, reqs: list[Req], last_token_ids: list[int], slots: torch.Tensor, *,
+                       previous: PendingDecode | None = None, fed_index: list[int] | None = None) -> None:
+        """One host-to-device copy for the batch, which also writes the slots into req_to_token.
+        previous: the decode before this one, whose tokens are appended once this one is launched
+        (and before this one's own are); the first previous.continued of reqs are its continuing
+        requests, fed their input ids from previous.next_ids[fed_index] on the device."""
         t0 = time.perf_counter()
-        logits = self._forward(batch, reqs)
+        fed = {} if previous is None else dict(fed_ids=previous.next_ids, fed_index=fed_index)
+        out = self._forward(reqs, lambda: self.runner.forward_decode(
+            [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], last_token_ids, slots, **fed))
+        logits, input_ids = (None, None) if out is None else out
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         if logits is not None and self.enable_overlap and all(map(can_decode_ahead, reqs)):
             # the continued requests' pending tokens are this decode's first inputs
-            pending_ids = batch.input_ids[: previous.continued] if previous is not None else None
+            pending_ids = input_ids[: previous.continued] if previous is not None else None
             next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
             self._pending = PendingDecode.start(reqs, next_ids)  # read next step, after the
             logits = None  # next forward is queued behind this one
@@ -253,17 +252,11 @@ class Scheduler:
             return False
         slots = self.cache.alloc(len(reqs))
         self.cache.advance_decode(reqs)  # for cont: the KV of the still unread token
-        batch = self.runner.make_decode_batch(
-            [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs],
-            [0] * len(cont) + [r.last_token_id for r in others], slots)
-        if len(cont) == len(pending.reqs):  # all continue: no gather (and no index to copy)
-            batch.input_ids[: len(cont)] = pending.next_ids
-        else:
-            index = to_device_async(torch.tensor(cont, dtype=torch.int64), pending.next_ids.device)
-            batch.input_ids[: len(cont)] = pending.next_ids[index]
         self._pending = None
         pending.continued = len(cont)
-        self._launch_decode(reqs, batch, previous=pending)
+        self._launch_decode(reqs, [0] * len(cont) + [r.last_token_id for r in others], slots,
+                            previous=pending,
+                            fed_index=None if len(cont) == len(pending.reqs) else cont)
         return True
 
     def _finish_pending(self) -> None:
@@ -275,10 +268,12 @@ class Scheduler:
         self._process_outputs(pending.reqs, lambda: self.outputs.apply(pending.reqs,
                                                                        pending.token_ids()))
 
-    def _forward(self, batch, reqs: list[Req]) -> torch.Tensor | None:
+    def _forward(self, reqs: list[Req], run):
+        """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not
+        the runtime)."""
         try:
-            return self.runner.forward(batch)
-        except Exception as e:  # a broken forward fails its batch, not the runtime
+            return run()
+        except Exception as e:
             logger.exception("forward failed")
             for req in reqs:
                 self.fail(req, f"forward failed: {type(e).__name__}: {e}")

@@ -25,3 +25,11 @@ def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 def tensor_async(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.tensor(values, dtype=dtype, device=device) without the synchronizing copy."""
     return to_device_async(torch.tensor(values, dtype=dtype), device)
+
+
+def copy_to_device_async(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """dst.copy_(host) without the synchronizing copy (dst on the device, host on the CPU)."""
+    if dst.device.type != "cuda":
+        dst.copy_(host)
+    else:
+        dst.copy_(host.pin_memory(), non_blocking=True)
