@@ -60,7 +60,7 @@ def decode_loop(runner, rows, seq_lens, last, steps, **kw) -> float:
             t0 = time.perf_counter()
         seq_lens = [s + 1 for s in seq_lens]
         slots = runner.token_pool.alloc(len(rows))
-        logits = runner.forward(runner.make_decode_batch(rows, seq_lens, last, slots), **kw)
+        logits, _ = runner.forward_decode(rows, seq_lens, last, slots, **kw)
         last = logits.argmax(-1).tolist()
     return (time.perf_counter() - t0) / steps
 
@@ -271,6 +271,8 @@ def bench_server_batch1(args, device, copy_bw):
             params = dict(max_new_tokens=num_tokens, ignore_eos=kind != "eos", temperature=0.0)
             if kind == "sampled":
                 params.update(temperature=0.7, top_p=0.9)
+            elif kind == "penalized":
+                params.update(repetition_penalty=1.1, frequency_penalty=0.2)
             t0 = time.perf_counter()
             sock.send(protocol.encode(protocol.GenerateReq(
                 rid=uuid.uuid4().hex, input_ids=prompt, sampling_params=params)))
@@ -294,7 +296,8 @@ def bench_server_batch1(args, device, copy_bw):
         # greedy + ignore_eos: only max_new_tokens ends it; "eos": EOS could (random weights
         # hardly ever pick it: the usual chat request); "sampled": temperature 0.7, top_p 0.9
         kinds = {"greedy": "greedy, ignore_eos", "eos": "greedy, EOS can stop it",
-                 "sampled": "temperature 0.7 top_p 0.9, ignore_eos"}
+                 "sampled": "temperature 0.7 top_p 0.9, ignore_eos",
+                 "penalized": "greedy, repetition 1.1 + frequency 0.2 penalties, ignore_eos"}
         per_token = {kind: seconds_per_token(kind) for kind in kinds}
         sock.close()
     cfg = ModelConfig.from_preset(args.preset)
