@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from sglite.protocol import SamplingParams
-from sglite.runtime.transfer import tensor_async
+from sglite.runtime.transfer import tensor_async, to_device_async
 
 _NO_TOP_K = 1 << 30
 
@@ -40,15 +40,20 @@ _NO_TOP_K = 1 << 30
 @dataclass
 class SamplingBatch:
     params: list[SamplingParams]
-    output_ids: list[list[int]]
-    prompt_ids: list[list[int]] | None
-    pending_ids: torch.Tensor | None  # [k] device tokens of the first k rows not in output_ids
     banned_ids: list[list[int]]  # per row: ids masked for min_new_tokens (empty once reached)
     temperatures: torch.Tensor  # [bs, 1] float32, 1.0 on greedy rows
     top_ps: torch.Tensor  # [bs, 1] float32
     top_ks: torch.Tensor  # [bs, 1] int64, _NO_TOP_K when off
     min_ps: torch.Tensor  # [bs, 1] float32
+    repetition: torch.Tensor  # [bs, 1] float32 repetition penalties
+    frequency: torch.Tensor  # [bs, 1] float32
+    presence: torch.Tensor  # [bs, 1] float32
     is_greedy: torch.Tensor  # [bs] bool
+    seen: torch.Tensor | None  # [2, n] int64 (row, id): prompt + output ids of repetition rows
+    counted: torch.Tensor | None  # [2, n] int64 (row, id): output ids of frequency/presence rows
+    banned: torch.Tensor | None  # [2, n] int64 (row, id): banned_ids
+    pending_ids: torch.Tensor | None  # [k] device tokens of the first k rows not in output_ids
+    pending_counts: tuple[bool, bool]  # whether pending ids count for (repetition, frequency)
     generators: list[torch.Generator | None]  # per row, None: global RNG
     device: torch.device
     # host-side flags, so that choosing a path needs no device sync
@@ -66,33 +71,48 @@ class SamplingBatch:
         steps: the index of the token each row samples (seeds its RNG stream); default
         len(output_ids[row]) (the overlapped decode samples one token past its host view).
         pending_ids: [k] device tokens that the first k rows generated but output_ids lack yet
-        (the overlapped decode): penalties and min_new_tokens count them."""
+        (the overlapped decode): penalties and min_new_tokens count them.
+
+        Everything per row goes to the device in two host-to-device copies (floats, ints): each
+        copy costs the host ~50 us, and a batch with penalties took 12 of them."""
         if len(output_ids) != len(params) or (prompt_ids is not None and len(prompt_ids) != len(params)):
             raise ValueError("params, output_ids and prompt_ids need one entry per request")
         if prompt_ids is None and any(p.repetition_penalty != 1 for p in params):
             raise ValueError("repetition_penalty needs prompt_ids")
         device = torch.device(device)
+        bs = len(params)
         greedy = [p.temperature == 0 or p.top_k == 1 for p in params]
         steps = [len(o) for o in output_ids] if steps is None else list(steps)
         num_pending = 0 if pending_ids is None else len(pending_ids)
         generated = [len(o) + (row < num_pending) for row, o in enumerate(output_ids)]
-
-        def column(values, dtype):
-            return tensor_async(values, dtype, device).view(-1, 1)
-
+        banned_ids = [[*eos_ids, *p.stop_token_ids] if n < p.min_new_tokens else []
+                      for p, n in zip(params, generated)]
+        rep_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1]
+        freq_rows = [r for r, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
+        pairs = {  # (row, id) lists, uploaded only when some row needs them
+            "seen": _pairs({r: [*prompt_ids[r], *output_ids[r]] for r in rep_rows}),
+            "counted": _pairs({r: output_ids[r] for r in freq_rows}),
+            "banned": _pairs(dict(enumerate(banned_ids))),
+        }
+        floats = torch.tensor([[1.0 if g else p.temperature, p.top_p, p.min_p, p.repetition_penalty,
+                                p.frequency_penalty, p.presence_penalty] for p, g in zip(params, greedy)],
+                              dtype=torch.float32).T.reshape(-1)
+        ints = [[_NO_TOP_K if p.top_k < 0 else p.top_k for p in params], [int(g) for g in greedy]]
+        ints += [[*rows, *ids] for rows, ids in pairs.values()]
+        floats = to_device_async(floats, device).view(6, bs, 1)
+        flat = tensor_async([x for part in ints for x in part], torch.int64, device)
+        sizes = [len(part) for part in ints]
+        top_ks, is_greedy, *pair_tensors = flat.split(sizes)
         return cls(
             params=list(params),
-            output_ids=[list(o) for o in output_ids],
-            prompt_ids=None if prompt_ids is None else [list(x) for x in prompt_ids],
+            banned_ids=banned_ids,
+            temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
+            repetition=floats[3], frequency=floats[4], presence=floats[5],
+            top_ks=top_ks.view(-1, 1),
+            is_greedy=is_greedy.bool(),
+            **{name: t.view(2, -1) if t.numel() else None for name, t in zip(pairs, pair_tensors)},
             pending_ids=pending_ids,
-            banned_ids=[[*eos_ids, *p.stop_token_ids] if n < p.min_new_tokens else []
-                        for p, n in zip(params, generated)],
-            temperatures=column([1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                                torch.float32),
-            top_ps=column([p.top_p for p in params], torch.float32),
-            top_ks=column([_NO_TOP_K if p.top_k < 0 else p.top_k for p in params], torch.int64),
-            min_ps=column([p.min_p for p in params], torch.float32),
-            is_greedy=tensor_async(greedy, torch.bool, device),
+            pending_counts=(bool(rep_rows), bool(freq_rows)),
             generators=[_row_generator(p.seed, step, device) for p, step in zip(params, steps)],
             device=device,
             all_greedy=all(greedy),
@@ -105,17 +125,21 @@ class SamplingBatch:
         return len(self.params)
 
     def process_logits(self, logits: torch.Tensor, allowed_mask: torch.Tensor | None = None):
-        """Steps 1-2 on a float32 copy of logits [bs, vocab]; returns the copy."""
+        """Steps 1-2 on a float32 copy of logits [bs, vocab]; returns the copy. No op here waits
+        for the device: indices are scattered, never index_put with a host scalar."""
         if logits.dim() != 2 or logits.shape[0] != self.batch_size:
             raise ValueError(f"logits must be [{self.batch_size}, vocab], got {list(logits.shape)}")
         logits = logits.to(torch.float32, copy=True)
-        if any(p.repetition_penalty != 1 for p in self.params):
-            self._apply_repetition_penalty(logits)
-        if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in self.params):
-            self._apply_frequency_presence(logits)
-        if any(self.banned_ids):
-            rows, cols = _row_col(self.banned_ids, self.device)
-            logits[rows, cols] = float("-inf")
+        rep, freq = self.pending_counts
+        if rep:
+            seen = self._scatter_count(logits, self.seen, torch.bool)
+            penalized = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+            logits = torch.where(seen, penalized, logits)
+        if freq:
+            counts = self._scatter_count(logits, self.counted, torch.float32)
+            logits -= self.frequency * counts + self.presence * (counts > 0)
+        if self.banned is not None:
+            logits.view(-1).scatter_(0, self._flat(self.banned, logits.shape[1]), float("-inf"))
         if allowed_mask is not None:
             if allowed_mask.shape != logits.shape or allowed_mask.dtype != torch.bool:
                 raise ValueError(f"allowed_mask must be bool {list(logits.shape)}, "
@@ -138,28 +162,26 @@ class SamplingBatch:
 
     # ---- private ------------------------------------------------------------------------------
 
-    def _apply_repetition_penalty(self, logits: torch.Tensor) -> None:
-        ids = [p + o for p, o in zip(self.prompt_ids, self.output_ids)]
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        seen[_row_col(ids, self.device)] = True
+    def _scatter_count(self, logits: torch.Tensor, pairs: torch.Tensor | None, dtype) -> torch.Tensor:
+        """How often each (row, id) of pairs (plus each pending token) occurs, as [bs, vocab] of
+        dtype (bool: whether it occurs). Rows outside pairs may count their pending token: their
+        penalty is neutral."""
+        bs, vocab = logits.shape
+        counts = torch.zeros(bs * vocab, dtype=dtype, device=logits.device)
+        flat = [] if pairs is None else [self._flat(pairs, vocab)]
         if self.pending_ids is not None:
-            seen[torch.arange(len(self.pending_ids), device=self.device), self.pending_ids] = True
-        penalty = tensor_async([p.repetition_penalty for p in self.params], torch.float32, self.device)
-        penalty = penalty.view(-1, 1)
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits.copy_(torch.where(seen, penalized, logits))
+            rows = torch.arange(len(self.pending_ids), device=logits.device)
+            flat.append(rows * vocab + self.pending_ids)
+        for index in flat:
+            if dtype == torch.bool:
+                counts.scatter_(0, index, True)
+            else:
+                counts.scatter_add_(0, index, torch.ones(index.shape, dtype=dtype, device=index.device))
+        return counts.view(bs, vocab)
 
-    def _apply_frequency_presence(self, logits: torch.Tensor) -> None:
-        rows, cols = _row_col(self.output_ids, self.device)
-        counts = torch.zeros_like(logits)
-        counts.index_put_((rows, cols), torch.ones_like(rows, dtype=logits.dtype), accumulate=True)
-        if self.pending_ids is not None:
-            pending_rows = torch.arange(len(self.pending_ids), device=self.device)
-            counts.index_put_((pending_rows, self.pending_ids),
-                              torch.ones_like(pending_rows, dtype=logits.dtype), accumulate=True)
-        freq = tensor_async([p.frequency_penalty for p in self.params], torch.float32, self.device)
-        pres = tensor_async([p.presence_penalty for p in self.params], torch.float32, self.device)
-        logits -= freq.view(-1, 1) * counts + pres.view(-1, 1) * (counts > 0)
+    @staticmethod
+    def _flat(pairs: torch.Tensor, vocab: int) -> torch.Tensor:
+        return pairs[0] * vocab + pairs[1]
 
     def _filter(self, probs: torch.Tensor) -> torch.Tensor:
         if self.need_sort:
@@ -200,8 +222,7 @@ def _row_generator(seed: int | None, step: int, device: torch.device) -> torch.G
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def _row_col(ids_per_row: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened (row, column) index tensors for a ragged list of id lists."""
-    rows = [r for r, ids in enumerate(ids_per_row) for _ in ids]
-    cols = [i for ids in ids_per_row for i in ids]
-    return tensor_async(rows, torch.int64, device), tensor_async(cols, torch.int64, device)
+def _pairs(ids_by_row: dict[int, Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Flattened (rows, ids) lists for a ragged {row: ids} mapping."""
+    rows = [r for r, ids in ids_by_row.items() for _ in ids]
+    return rows, [i for ids in ids_by_row.values() for i in ids]
