@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from sglite.protocol import SamplingParams
 
 _next_id = itertools.count()
@@ -71,6 +73,15 @@ class Req:
     # slots are back in the pool and their req_to_token entries point at slot 0
     window_freed_start: int = 0
     window_freed_end: int = 0
+    _prompt_array: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def prompt_array(self) -> np.ndarray:
+        """input_ids as int64 numpy, built once: the sampler uploads a repetition-penalized
+        request's prompt every step (input_ids never change after the request is made)."""
+        if self._prompt_array is None:
+            self._prompt_array = np.asarray(self.input_ids, dtype=np.int64)
+        return self._prompt_array
 
     @property
     def fill_ids(self) -> list[int]:

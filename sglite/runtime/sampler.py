@@ -29,10 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from sglite.protocol import SamplingParams
-from sglite.runtime.transfer import tensor_async, to_device_async
+from sglite.runtime.transfer import to_device_async
 
 _NO_TOP_K = 1 << 30
 
@@ -89,20 +90,19 @@ class SamplingBatch:
                       for p, n in zip(params, generated)]
         rep_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1]
         freq_rows = [r for r, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
-        pairs = {  # (row, id) lists, uploaded only when some row needs them
-            "seen": _pairs({r: [*prompt_ids[r], *output_ids[r]] for r in rep_rows}),
-            "counted": _pairs({r: output_ids[r] for r in freq_rows}),
-            "banned": _pairs(dict(enumerate(banned_ids))),
+        pairs = {  # (row, id) pairs, uploaded only when some row needs them
+            "seen": _pairs([(r, ids[r]) for r in rep_rows for ids in (prompt_ids, output_ids)]),
+            "counted": _pairs([(r, output_ids[r]) for r in freq_rows]),
+            "banned": _pairs([(r, ids) for r, ids in enumerate(banned_ids) if ids]),
         }
         floats = torch.tensor([[1.0 if g else p.temperature, p.top_p, p.min_p, p.repetition_penalty,
                                 p.frequency_penalty, p.presence_penalty] for p, g in zip(params, greedy)],
                               dtype=torch.float32).T.reshape(-1)
-        ints = [[_NO_TOP_K if p.top_k < 0 else p.top_k for p in params], [int(g) for g in greedy]]
-        ints += [[*rows, *ids] for rows, ids in pairs.values()]
+        ints = [np.array([_NO_TOP_K if p.top_k < 0 else p.top_k for p in params], dtype=np.int64),
+                np.array(greedy, dtype=np.int64), *(pair.reshape(-1) for pair in pairs.values())]
         floats = to_device_async(floats, device).view(6, bs, 1)
-        flat = tensor_async([x for part in ints for x in part], torch.int64, device)
-        sizes = [len(part) for part in ints]
-        top_ks, is_greedy, *pair_tensors = flat.split(sizes)
+        flat = to_device_async(torch.from_numpy(np.concatenate(ints)), device)
+        top_ks, is_greedy, *pair_tensors = flat.split([len(part) for part in ints])
         return cls(
             params=list(params),
             banned_ids=banned_ids,
@@ -222,7 +222,11 @@ def _row_generator(seed: int | None, step: int, device: torch.device) -> torch.G
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def _pairs(ids_by_row: dict[int, Sequence[int]]) -> tuple[list[int], list[int]]:
-    """Flattened (rows, ids) lists for a ragged {row: ids} mapping."""
-    rows = [r for r, ids in ids_by_row.items() for _ in ids]
-    return rows, [i for ids in ids_by_row.values() for i in ids]
+def _pairs(entries: list[tuple[int, Sequence[int]]]) -> np.ndarray:
+    """[2, n] int64 (row, id) pairs of (row, ids) entries (a row may come more than once).
+    Through numpy: at bs 64 with 800 ids a row, Python lists took 12 ms of host time a step."""
+    if not entries:
+        return np.empty((2, 0), dtype=np.int64)
+    arrays = [np.asarray(ids, dtype=np.int64) for _, ids in entries]
+    rows = np.repeat(np.array([r for r, _ in entries], dtype=np.int64), [len(a) for a in arrays])
+    return np.stack([rows, np.concatenate(arrays)])

@@ -30,7 +30,7 @@ class Sampling:
         needs_prompt = any(r.params.repetition_penalty != 1 for r in reqs)
         ids = sample_batch(logits, [_effective_params(r) for r in reqs], [r.output_ids for r in reqs],
                            eos_token_ids=self.eos_token_ids,
-                           prompt_ids=[r.input_ids for r in reqs] if needs_prompt else None)
+                           prompt_ids=[r.prompt_array for r in reqs] if needs_prompt else None)
         return [int(t) for t in ids], logprobs
 
     def next_ids_on_device(self, reqs: list[Req], logits: torch.Tensor, *,
@@ -48,7 +48,7 @@ class Sampling:
         needs_prompt = any(r.params.repetition_penalty != 1 for r in reqs)
         batch = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.output_ids for r in reqs],
-            [r.input_ids for r in reqs] if needs_prompt else None, eos_ids=self.eos_token_ids,
+            [r.prompt_array for r in reqs] if needs_prompt else None, eos_ids=self.eos_token_ids,
             device=logits.device, steps=[len(r.output_ids) + (i < ahead) for i, r in enumerate(reqs)],
             pending_ids=pending_ids if ahead else None)
         return batch.sample(logits.float())
