@@ -6,6 +6,11 @@ cos/sin come precomputed in fp32 per token (the model computes them once per for
 positions and its possibly llama3-scaled inv_freq), and the rotation runs in fp32 with one
 rounding at the store. q and k may be strided views into a fused QKV projection output: only the
 head_dim axis must be contiguous. One program rotates every q and k head of one token.
+
+With the KV pool's buffers and the tokens' slots (`k_buffer`, `v_buffer`, `loc`, and `v`), the
+same launch also stores the rotated k and v at the slots, which store_kv did in a launch of its
+own: at batch 1 that launch and the gap before it cost ~70 us of a Llama-3-8B decode step (32
+layers; H200, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,36 +21,55 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(X, stride_t, stride_h, cur_token, cos, sin, num_heads,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HALF: tl.constexpr):
+def _rotate_heads(X, stride_t, stride_h, cur_token, cos, sin, num_heads, Dst, stride_dst_h,
+                  HAS_DST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  HALF: tl.constexpr):
+    """Rotate X[cur_token] in place; with HAS_DST also write the result at Dst (a pool row)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h < num_heads)[:, None] & (offs_d < HALF)[None, :]
     ptr1 = X + cur_token * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
     x1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr1, (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=mask)
-    tl.store(ptr1 + HALF, (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=mask)
+    y1 = (x1 * cos - x2 * sin).to(X.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(X.dtype.element_ty)
+    tl.store(ptr1, y1, mask=mask)
+    tl.store(ptr1 + HALF, y2, mask=mask)
+    if HAS_DST:
+        dst1 = Dst + offs_h[:, None] * stride_dst_h + offs_d[None, :]
+        tl.store(dst1, y1.to(Dst.dtype.element_ty), mask=mask)
+        tl.store(dst1 + HALF, y2.to(Dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    Q, K, Cos, Sin,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
+    Q, K, V, Cos, Sin, K_Buf, V_Buf, Loc,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
+    stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
     num_q_heads, num_k_heads,
-    HAS_K: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+    HAS_K: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     cur_token = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask_d = offs_d < HALF
     cos = tl.load(Cos + cur_token * stride_cos + offs_d, mask=mask_d, other=0.0)[None, :]
     sin = tl.load(Sin + cur_token * stride_sin + offs_d, mask=mask_d, other=0.0)[None, :]
-    _rotate_heads(Q, stride_qt, stride_qh, cur_token, cos, sin, num_q_heads,
-                  BLOCK_QH, BLOCK_HALF, HALF)
+    _rotate_heads(Q, stride_qt, stride_qh, cur_token, cos, sin, num_q_heads, Q, 0,
+                  False, BLOCK_QH, BLOCK_HALF, HALF)
     if HAS_K:
+        slot = 0
+        if STORE_KV:
+            slot = tl.load(Loc + cur_token).to(tl.int64)
         _rotate_heads(K, stride_kt, stride_kh, cur_token, cos, sin, num_k_heads,
-                      BLOCK_KH, BLOCK_HALF, HALF)
+                      K_Buf + slot * stride_buf_kt, stride_buf_kh, STORE_KV, BLOCK_KH, BLOCK_HALF, HALF)
+        if STORE_KV:  # v as it is, one row per KV head
+            offs_h = tl.arange(0, BLOCK_KH)
+            offs_v = tl.arange(0, BLOCK_D)
+            mask = (offs_h < num_k_heads)[:, None] & (offs_v < HEAD_DIM)[None, :]
+            v = tl.load(V + cur_token * stride_vt + offs_h[:, None] * stride_vh + offs_v[None, :], mask=mask)
+            tl.store(V_Buf + slot * stride_buf_vt + offs_h[:, None] * stride_buf_vh + offs_v[None, :],
+                     v.to(V_Buf.dtype.element_ty), mask=mask)
 
 
 def _check_qk(x: torch.Tensor, name: str, num_tokens: int, head_dim: int) -> None:
@@ -59,6 +83,11 @@ def apply_rotary_qk(
     k: torch.Tensor | None,  # [T, KH, D], rotated in place; None: a layer that produces no KV
     cos: torch.Tensor,  # [T, D / 2] fp32
     sin: torch.Tensor,  # [T, D / 2] fp32
+    *,
+    v: torch.Tensor | None = None,  # [T, KH, D]: with the pool buffers, stored as it is
+    k_buffer: torch.Tensor | None = None,  # [num_slots, KH, D] pool buffers: rotated k and v
+    v_buffer: torch.Tensor | None = None,  # are stored at loc (in the buffers' dtype)
+    loc: torch.Tensor | None = None,  # [T] int slots
 ) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     _check_qk(q, "q", num_tokens, head_dim)
@@ -71,19 +100,40 @@ def apply_rotary_qk(
         if head_dim % 2 or t.shape != (num_tokens, half) or t.stride(-1) != 1 or t.dtype != torch.float32:
             raise ValueError(f"rotary: {name} must be fp32 [{num_tokens}, {half}] (even head_dim "
                              f"{head_dim}), got {t.dtype} {tuple(t.shape)}")
+    store = k_buffer is not None
+    if store:
+        _check_store(k, v, k_buffer, v_buffer, loc, num_tokens)
     if num_tokens == 0:
         return
-    k_arg = k if k is not None else q  # unused pointer when HAS_K is off
+    k_arg = k if k is not None else q  # unused pointers when HAS_K / STORE_KV are off
+    v_arg, kb, vb = (v, k_buffer, v_buffer) if store else (k_arg, k_arg, k_arg)
     num_k_heads = k.shape[1] if k is not None else 0
     _rotary_kernel[(num_tokens,)](
-        q, k_arg, cos, sin,
-        q.stride(0), q.stride(1), k_arg.stride(0), k_arg.stride(1), cos.stride(0), sin.stride(0),
+        q, k_arg, v_arg, cos, sin, kb, vb, loc if store else cos,
+        q.stride(0), q.stride(1), k_arg.stride(0), k_arg.stride(1), v_arg.stride(0), v_arg.stride(1),
+        cos.stride(0), sin.stride(0),
+        kb.stride(0), kb.stride(1), vb.stride(0), vb.stride(1),
         num_q_heads, num_k_heads,
-        HAS_K=k is not None, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+        HAS_K=k is not None, STORE_KV=store, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(max(num_k_heads, 1)),
+        BLOCK_D=triton.next_power_of_2(head_dim), HEAD_DIM=head_dim,
         num_warps=4 if q.is_cuda else 1,
     )
+
+
+def _check_store(k, v, k_buffer, v_buffer, loc, num_tokens) -> None:
+    if k is None or v is None or v_buffer is None or loc is None:
+        raise ValueError("rotary: storing into the pool needs k, v, both buffers and loc")
+    if v.shape != k.shape or v.stride(-1) != 1:
+        raise ValueError(f"rotary: v {tuple(v.shape)} must match k {tuple(k.shape)} with a contiguous head_dim")
+    if k_buffer.shape[1:] != k.shape[1:] or v_buffer.shape != k_buffer.shape:
+        raise ValueError(f"rotary: K/V {tuple(k.shape)} do not fit the buffers {tuple(k_buffer.shape)}/"
+                         f"{tuple(v_buffer.shape)}")
+    if k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:
+        raise ValueError("rotary: the buffers need a contiguous head_dim axis")
+    if loc.shape != (num_tokens,):
+        raise ValueError(f"rotary: loc has shape {tuple(loc.shape)}, expected ({num_tokens},)")
 
 
 def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

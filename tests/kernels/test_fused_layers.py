@@ -91,6 +91,27 @@ def test_rotary_in_place_on_views(dtype, with_k):
     assert torch.equal(v, before[:, 96:].view(3, 2, 16)), "v must stay untouched"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_stores_kv_into_the_pool(dtype):
+    """With the pool buffers, the same launch stores the rotated k and v at the tokens' slots
+    (what store_kv does) and leaves every other slot alone."""
+    qkv, q, k, v = qkv_views(4, 4, 2, 16, dtype, seed=3)
+    cos, sin = cos_sin(torch.tensor([3, 0, 77, 2048], device=DEVICE), 16)
+    ref_q, ref_k = apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+    ref_v = v.clone()
+    k_buf, v_buf = randn(10, 2, 16, dtype=dtype, seed=4), randn(10, 2, 16, dtype=dtype, seed=5)
+    expected_k, expected_v = k_buf.clone(), v_buf.clone()
+    loc = torch.tensor([7, 2, 9, 4], device=DEVICE)
+    apply_rotary_qk(q, k, cos, sin, v=v, k_buffer=k_buf, v_buffer=v_buf, loc=loc)
+    assert_close(q, ref_q, dtype)
+    assert_close(k, ref_k, dtype)
+    assert torch.equal(k_buf[loc], k) and torch.equal(v_buf[loc], ref_v)
+    others = torch.tensor([i for i in range(10) if i not in loc.tolist()], device=DEVICE)
+    assert torch.equal(k_buf[others], expected_k[others]) and torch.equal(v_buf[others], expected_v[others])
+    with pytest.raises(ValueError, match="needs k, v"):
+        apply_rotary_qk(q, k, cos, sin, k_buffer=k_buf, v_buffer=v_buf, loc=loc)
+
+
 def test_rotary_ref_matches_model_layout():
     """Half-width fp32 cos/sin on [x1, x2] == the model's rotate_half with duplicated cos/sin.
     The reference computes in fp32: an absolute tolerance at fp32 rounding (a wrong layout is

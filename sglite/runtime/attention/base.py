@@ -78,6 +78,12 @@ class BaseAttentionBackend(ABC):
         """Called once per forward before the first layer: build per-batch metadata
         (indices, split sizes). Must not modify the KV pool."""
 
+    def kv_destination(self, layer: AttentionLayer, batch: ForwardBatch):
+        """(k_buffer, v_buffer, slots) where layer's new K/V belong, for a model that stores
+        them in the launch that computes them (the fused rotary kernel), then passes
+        kv_stored=True to forward; None (the default): forward stores them."""
+        return None
+
     @abstractmethod
     def forward(
         self,
@@ -86,7 +92,9 @@ class BaseAttentionBackend(ABC):
         v: torch.Tensor | None,
         layer: AttentionLayer,
         batch: ForwardBatch,
+        *,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Store k/v at batch.out_cache_loc into buffer layer.kv_layer_id (if given), then
-        attend each new token to positions [0, its position] of its request (causal), masked by
-        the layer's sliding window and global tokens."""
+        """Store k/v at batch.out_cache_loc into buffer layer.kv_layer_id (if given and not
+        kv_stored already), then attend each new token to positions [0, its position] of its
+        request (causal), masked by the layer's sliding window and global tokens."""

@@ -35,8 +35,9 @@ class TorchAttentionBackend(BaseAttentionBackend):
                 for row, seq_len in zip(rows.tolist(), batch.seq_lens_cpu)
             ]
 
-    def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch) -> torch.Tensor:
-        if k is not None:
+    def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch, *,
+                kv_stored: bool = False) -> torch.Tensor:
+        if k is not None and not kv_stored:
             self.kv_cache.store(layer.kv_layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = self.kv_cache.get_kv(layer.kv_layer_id)
         if batch.is_decode:

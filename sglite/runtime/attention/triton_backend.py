@@ -78,11 +78,16 @@ class TritonAttentionBackend(BaseAttentionBackend):
         mid_lse = self._graph_mid_lse[: bs * heads * splits].view(bs, heads, splits)
         self._meta = _DecodeMeta(splits, self._graph_context_len, mid_o, mid_lse)
 
-    def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch) -> torch.Tensor:
+    def kv_destination(self, layer: AttentionLayer, batch: ForwardBatch):
+        return (*self.kv_cache.get_kv(layer.kv_layer_id), batch.out_cache_loc)
+
+    def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch, *,
+                kv_stored: bool = False) -> torch.Tensor:
         k_buf, v_buf = self.kv_cache.get_kv(layer.kv_layer_id)
         if k is not None:
             k, v = k.to(k_buf.dtype), v.to(v_buf.dtype)
-            store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+            if not kv_stored:
+                store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         q = q.to(k_buf.dtype)
         out = torch.empty_like(q)
         window = dict(sliding_window=layer.sliding_window, global_tokens=layer.global_tokens)

@@ -75,14 +75,19 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
-    """q [T, H, D], k [T, KH, D] or None -> rotated (q, k); on CUDA in place, one launch."""
+def rotate_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, *,
+              v: torch.Tensor | None = None, kv_destination=None):
+    """q [T, H, D], k [T, KH, D] or None -> (q, k, stored): rotated, on CUDA in place in one
+    launch. kv_destination: (k_buffer, v_buffer, slots) from the attention backend; on CUDA that
+    launch also stores the rotated k and v there, and stored says whether it did."""
     if use_fused(q):
         from sglite.kernels.rotary import apply_rotary_qk
 
-        apply_rotary_qk(q, k, cos, sin)
-        return q, k
-    return apply_rotary(q, cos, sin), (None if k is None else apply_rotary(k, cos, sin))
+        store = kv_destination is not None and k is not None
+        dest = dict(zip(("k_buffer", "v_buffer", "loc"), kv_destination)) if store else {}
+        apply_rotary_qk(q, k, cos, sin, v=v if store else None, **dest)
+        return q, k, store
+    return apply_rotary(q, cos, sin), (None if k is None else apply_rotary(k, cos, sin)), False
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

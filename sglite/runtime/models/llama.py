@@ -64,8 +64,10 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k) if k is not None else None
-        q, k = rotate_qk(q, k, cos, sin)  # CUDA: in place on the projection output
-        o = backend.forward(q, k, v, self.attn, batch)  # [T, H, D] contiguous: reshape is a view
+        # CUDA: in place on the projection output, K/V stored into the pool in the same launch
+        dest = backend.kv_destination(self.attn, batch) if k is not None else None
+        q, k, stored = rotate_qk(q, k, cos, sin, v=v, kv_destination=dest)
+        o = backend.forward(q, k, v, self.attn, batch, kv_stored=stored)  # [T, H, D] contiguous
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
