@@ -8,7 +8,11 @@ in one of three ways (the MERGE constexpr, chosen in decode_attention_fwd):
 - "direct": one split, so the program writes the output itself (no partials, no second kernel);
 - "fused": every program counts itself done on an int32 counter per (request, KV head) (atomic,
   acq_rel), and the last one merges the group's partials and resets the counter to 0, so the
-  buffer is zero again for the next launch and inside captured CUDA graphs too;
+  buffer is zero again for the next launch and inside captured CUDA graphs too. Only the splits
+  that hold keys take part: a short request in a launch sized for long ones (a CUDA graph is
+  captured for the context limit) leaves the empty splits at once, and one with a single
+  non-empty split writes its output directly (Llama-3-8B bs 1 at 512 tokens: 32 splits captured,
+  5 hold keys);
 - "kernel": a second kernel merges (used when no counter buffer is at hand, see _counters).
 The fused merge saves the second launch and the gap before it, which at batch 1 is a visible
 share of the whole (docs/benchmarks.md, issue 6).
@@ -77,6 +81,12 @@ def _decode_stage1_kernel(
     split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     split_start = cur_split * split_len
     split_end = tl.minimum(split_start + split_len, kv_len)
+    # splits that hold keys: a short request in a launch sized for long ones (CUDA graphs) has
+    # few; with the fused merge the others leave at once and only these count and get merged
+    active = tl.cdiv(kv_len, split_len)
+    if MERGE == "fused":
+        if cur_split >= active:
+            return
 
     mask_q = mask_h[:, None] & mask_d[None, :]
     q = tl.load(Q + cur_batch * stride_qb + cur_heads[:, None] * stride_qh + offs_d[None, :],
@@ -105,24 +115,26 @@ def _decode_stage1_kernel(
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
+    out_ptr = O + cur_batch * stride_ob + cur_heads[:, None] * stride_oh + offs_d[None, :]
     if MERGE == "direct":
-        out_ptr = O + cur_batch * stride_ob + cur_heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask_q)
+    elif MERGE == "fused" and active == 1:  # the only split: no partials, no counter
         tl.store(out_ptr, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask_q)
     else:
         lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
         mid = cur_batch * stride_mid_ob + cur_heads[:, None] * stride_mid_oh + cur_split * stride_mid_os
         tl.store(Mid_o + mid + offs_d[None, :], acc / l_safe[:, None], mask=mask_q)
         tl.store(Mid_lse + cur_batch * stride_lse_b + cur_heads * stride_lse_h + cur_split, lse, mask=mask_h)
-    if MERGE == "fused":
-        # every thread's partial stores precede the one release below (CUTLASS semaphore pattern)
-        tl.debug_barrier()
-        counter = Counters + cur_batch * num_kv_heads + cur_kv_head
-        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if done == num_splits - 1:  # the others' partials are visible after the acquire
-            tl.store(counter, 0)  # ready for the next launch (stream order)
-            _merge_group(Mid_o, Mid_lse, O, cur_batch, cur_kv_head * GROUP, num_splits,
-                         stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
-                         stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK_S)
+        if MERGE == "fused":
+            # every thread's partial stores precede the one release below (CUTLASS semaphore pattern)
+            tl.debug_barrier()
+            counter = Counters + cur_batch * num_kv_heads + cur_kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == active - 1:  # the others' partials are visible after the acquire
+                tl.store(counter, 0)  # ready for the next launch (stream order)
+                _merge_group(Mid_o, Mid_lse, O, cur_batch, cur_kv_head * GROUP, active,
+                             stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
+                             stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK_S)
 
 
 @triton.jit
