@@ -11,11 +11,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .pdl import pdl_options, wait_for_previous
+
 BLOCK_N = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK_N: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_for_previous(USE_PDL)
     cur_row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -40,6 +43,7 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     block = min(BLOCK_N, triton.next_power_of_2(n))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](
         x, out, x.stride(0), out.stride(0), n, BLOCK_N=block, num_warps=4 if x.is_cuda else 1,
+        **pdl_options(x),
     )
     return out
 

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_options, wait_for_previous
+
 from .checks import check_attention_shapes
 from .online_softmax import online_softmax_step
 
@@ -56,7 +58,9 @@ def _decode_stage1_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous(USE_PDL)
     cur_split = tl.program_id(0)
     cur_kv_head = tl.program_id(1)
     cur_batch = tl.program_id(2)
@@ -206,7 +210,9 @@ def _decode_stage2_kernel(
     stride_lse_b, stride_lse_h,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous(USE_PDL)
     _merge_head(Mid_o, Mid_lse, O, tl.program_id(1), tl.program_id(0), num_splits,
                 stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
                 HEAD_DIM, BLOCK_D, BLOCK_S)
@@ -316,6 +322,7 @@ def decode_attention_fwd(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.pop("BLOCK_N"),
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)), **cfg,  # fused merge: ~16 partial rows a load
+        **pdl_options(q),
     )
     if merge == "kernel":
         _decode_stage2_kernel[(num_heads, bs)](
@@ -323,7 +330,7 @@ def decode_attention_fwd(
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
-            num_warps=4 if q.is_cuda else 1,
+            num_warps=4 if q.is_cuda else 1, **pdl_options(q),
         )
     return out
 

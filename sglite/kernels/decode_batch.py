@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_options, wait_for_previous
+
 STAGED_FIELDS = 6
 PAD_ROW = (0, -1, 0, 0, 1, -1)  # a harmless decode: row 0's first key, K/V into slot 0
 
@@ -29,7 +31,9 @@ PAD_ROW = (0, -1, 0, 0, 1, -1)  # a harmless decode: row 0's first key, K/V into
 def _unpack_decode_batch_kernel(
     Staged, Fed_ids, Input_ids, Positions, Rows, Seq_lens, Prefix_lens, Out_cache_loc,
     Req_to_token, num_rows, stride_req, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_rows
     token = tl.load(Staged + offs, mask=mask, other=0)
@@ -74,5 +78,5 @@ def unpack_decode_batch(
     _unpack_decode_batch_kernel[(triton.cdiv(num_rows, block),)](
         staged, fed_ids, input_ids, positions, rows, seq_lens, prefix_lens, out_cache_loc,
         req_to_token, num_rows, req_to_token.stride(0), BLOCK=block,
-        num_warps=4 if staged.is_cuda else 1,
+        num_warps=4 if staged.is_cuda else 1, **pdl_options(staged),
     )

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_options, wait_for_previous
+
 MAX_N = 65536  # one row in registers: 64k fp32 over 16 warps is 128 values per thread
 
 
@@ -23,7 +25,9 @@ def _rms_norm_kernel(
     stride_x, stride_r, stride_o,
     N, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous(USE_PDL)
     cur_row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -61,7 +65,7 @@ def _launch(x, residual, out, weight, eps):
         x.stride(0), r.stride(0), out.stride(0),
         n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
-        num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1,
+        num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1, **pdl_options(x),
     )
 
 

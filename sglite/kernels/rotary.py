@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_options, wait_for_previous
+
 
 @triton.jit
 def _rotate_heads(X, stride_t, stride_h, cur_token, cos, sin, num_heads, Dst, stride_dst_h,
@@ -49,7 +51,9 @@ def _rotary_kernel(
     num_q_heads, num_k_heads,
     HAS_K: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous(USE_PDL)
     cur_token = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask_d = offs_d < HALF
@@ -118,7 +122,7 @@ def apply_rotary_qk(
         BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(max(num_k_heads, 1)),
         BLOCK_D=triton.next_power_of_2(head_dim), HEAD_DIM=head_dim,
-        num_warps=4 if q.is_cuda else 1,
+        num_warps=4 if q.is_cuda else 1, **pdl_options(q),
     )
 
 

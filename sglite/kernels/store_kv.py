@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_options, wait_for_previous
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -17,7 +19,9 @@ def _store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous(USE_PDL)
     cur_token = tl.program_id(0)
     slot = tl.load(Loc + cur_token).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -55,5 +59,5 @@ def store_kv(
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4 if k.is_cuda else 1,
+        num_warps=4 if k.is_cuda else 1, **pdl_options(k),
     )
