@@ -54,7 +54,7 @@ class SamplingBatch:
     counted: torch.Tensor | None  # [2, n] int64 (row, id): output ids of frequency/presence rows
     banned: torch.Tensor | None  # [2, n] int64 (row, id): banned_ids
     pending_ids: torch.Tensor | None  # [k] device tokens of the first k rows not in output_ids
-    pending_counts: tuple[bool, bool]  # whether pending ids count for (repetition, frequency)
+    uses_penalty: tuple[bool, bool]  # some row uses (repetition, frequency or presence)
     generators: list[torch.Generator | None]  # per row, None: global RNG
     device: torch.device
     # host-side flags, so that choosing a path needs no device sync
@@ -112,7 +112,7 @@ class SamplingBatch:
             is_greedy=is_greedy.bool(),
             **{name: t.view(2, -1) if t.numel() else None for name, t in zip(pairs, pair_tensors)},
             pending_ids=pending_ids,
-            pending_counts=(bool(rep_rows), bool(freq_rows)),
+            uses_penalty=(bool(rep_rows), bool(freq_rows)),
             generators=[_row_generator(p.seed, step, device) for p, step in zip(params, steps)],
             device=device,
             all_greedy=all(greedy),
@@ -130,7 +130,7 @@ class SamplingBatch:
         if logits.dim() != 2 or logits.shape[0] != self.batch_size:
             raise ValueError(f"logits must be [{self.batch_size}, vocab], got {list(logits.shape)}")
         logits = logits.to(torch.float32, copy=True)
-        rep, freq = self.pending_counts
+        rep, freq = self.uses_penalty
         if rep:
             seen = self._scatter_count(logits, self.seen, torch.bool)
             penalized = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
