@@ -9,8 +9,8 @@ head_dim axis must be contiguous. One program rotates every q and k head of one 
 
 With the KV pool's buffers and the tokens' slots (`k_buffer`, `v_buffer`, `loc`, and `v`), the
 same launch also stores the rotated k and v at the slots, which store_kv did in a launch of its
-own: at batch 1 that launch and the gap before it cost ~70 us of a Llama-3-8B decode step (32
-layers; H200, docs/benchmarks.md).
+own: at batch 1 that launch and the gap before it cost 18-62 us of a ~4.5 ms Llama-3-8B decode
+step (32 layers; H200, interleaved graph replays, docs/benchmarks.md).
 """
 
 from __future__ import annotations
