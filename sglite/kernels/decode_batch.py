@@ -1,7 +1,7 @@
 """Unpack a decode batch staged as one int64 block into the tensors a decode forward reads, and
 record each new token's KV slot in req_to_token: one launch where torch took ~10 small ops (casts,
-an index_put, copies), each its own kernel on the GPU's critical path at batch 1. The decode CUDA
-graphs start with it, so a decode step costs one host-to-device copy and one graph launch.
+an index_put, copies). The decode CUDA graphs start with it, so a decode step costs one
+host-to-device copy and one graph launch.
 
 The staged block is [6, P] (P rows, pad rows included), one row per field:
 

@@ -8,8 +8,9 @@ A graph bakes in its tensors' addresses and shapes, so:
 - a decode step stages its whole batch as one int64 block (sglite.kernels.decode_batch: tokens,
   positions, rows, lengths, slots) and copies it to the device in one host-to-device copy; each
   graph starts with the kernel that unpacks the block into the forward's static input buffers and
-  writes the new slots into req_to_token (~10 small ops outside the graph before, each a kernel
-  on the critical path at batch 1); a size-P graph reads the first 6 * P entries of the block;
+  writes the new slots into req_to_token (before: ~10 small ops outside the graph, though the
+  served bs-1 time did not measurably change, docs/benchmarks.md); a size-P graph reads the
+  first 6 * P entries of the block;
 - tokens sampled on the device (the overlapped decode) are fed through a static buffer the graph
   reads (`fed_ids`): one device-to-device copy, no gather op;
 - the smallest captured size >= bs runs ("padded" size); pad rows [bs, padded) decode a harmless
