@@ -60,7 +60,7 @@ def _decode_stage1_kernel(
     CHUNK_S: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    wait_for_previous(USE_PDL)
+    # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
     cur_kv_head = tl.program_id(1)
     cur_batch = tl.program_id(2)
@@ -91,6 +91,7 @@ def _decode_stage1_kernel(
     if MERGE == "fused":
         if cur_split >= active:
             return
+    wait_for_previous(USE_PDL)  # q and the new token's K/V come from the kernel before
 
     mask_q = mask_h[:, None] & mask_d[None, :]
     q = tl.load(Q + cur_batch * stride_qb + cur_heads[:, None] * stride_qh + offs_d[None, :],

@@ -4,12 +4,19 @@ At batch 1 a decode step is ~350 launches, most of them a few microseconds long,
 for its predecessor to finish before the GPU even starts launching it. A kernel launched with
 PDL may be launched while its predecessor still runs; its programs then block in
 `wait_for_previous()` (PTX griddepcontrol.wait: the predecessor has completed and its writes are
-visible) before touching anything the predecessor wrote. Every kernel here calls it first, and
-none signals its dependents early, so each kernel still starts its real work only after the one
-before it has finished: the order and the results are those of plain launches. Captured into
-CUDA graphs, the launches become programmatic edges.
+visible) before touching anything the predecessor wrote. Every kernel here calls it before it
+reads any tensor a kernel of the same forward computed.
 
-`SGLITE_PDL=0` turns it off (read at import; the before/after benchmark).
+Early launch: a kernel's dependents launch only once all its programs have exited or called
+`allow_dependents()`. The rotary kernel calls it right after its own wait, so decode attention
+(which follows it) is launched while rotary runs and reads its batch metadata (lengths, request
+rows) before waiting. The rule that keeps this safe: code before `wait_for_previous()` reads
+only what was written before the forward's matmuls began (the batch's inputs, req_to_token);
+every matmul is a plain launch, which starts only after everything before it has completed.
+Captured into CUDA graphs, the launches become programmatic edges.
+
+`SGLITE_PDL=0` turns PDL off, `SGLITE_PDL_EARLY=0` only the early launch (read at import; the
+before/after benchmarks).
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import triton
 import triton.language as tl
 
 try:
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
     from triton.language.extra.cuda import gdc_wait as _gdc_wait
 except ImportError:  # an older triton: no PDL
-    _gdc_wait = None
+    _gdc_wait = _gdc_launch_dependents = None
 
 ENABLED = os.environ.get("SGLITE_PDL", "1") != "0" and _gdc_wait is not None
+EARLY_LAUNCH = os.environ.get("SGLITE_PDL_EARLY", "1") != "0"
 
 
 def use_pdl(t: torch.Tensor) -> bool:
@@ -41,12 +50,24 @@ def _capability_major(index: int | None) -> int:
 
 @triton.jit
 def wait_for_previous(USE_PDL: tl.constexpr):
-    """First statement of every kernel here: with PDL, wait until the previous kernel has completed."""
+    """With PDL, wait until the previous kernel has completed and its writes are visible."""
     if USE_PDL:
         _gdc_wait()
+
+
+@triton.jit
+def allow_dependents(EARLY: tl.constexpr):
+    """Let the next kernel launch now (it still waits for this one before reading its output)."""
+    if EARLY:
+        _gdc_launch_dependents()
 
 
 def pdl_options(t: torch.Tensor) -> dict:
     """Launch options for a kernel that calls wait_for_previous, computing on t's device: its
     USE_PDL constexpr and triton's launch_pdl (none on a CPU or a pre-Hopper GPU)."""
     return dict(USE_PDL=True, launch_pdl=True) if use_pdl(t) else {}
+
+
+def early_launch(t: torch.Tensor) -> bool:
+    """The EARLY constexpr of a kernel that calls allow_dependents, computing on t's device."""
+    return EARLY_LAUNCH and use_pdl(t)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_options, wait_for_previous
+from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 
 @triton.jit
@@ -51,9 +51,11 @@ def _rotary_kernel(
     num_q_heads, num_k_heads,
     HAS_K: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EARLY: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)  # decode attention launches now and reads its batch metadata
     cur_token = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask_d = offs_d < HALF
@@ -121,7 +123,7 @@ def apply_rotary_qk(
         HAS_K=k is not None, STORE_KV=store, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(max(num_k_heads, 1)),
-        BLOCK_D=triton.next_power_of_2(head_dim), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), HEAD_DIM=head_dim, EARLY=early_launch(q),
         num_warps=4 if q.is_cuda else 1, **pdl_options(q),
     )
 
