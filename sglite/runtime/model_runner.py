@@ -19,7 +19,7 @@ from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_
 from sglite.runtime.mem.req_to_token import ReqToToken
 from sglite.runtime.mem.token_pool import TokenPool
 from sglite.runtime.models.llama import LlamaForCausalLM
-from sglite.runtime.transfer import to_device_async
+from sglite.runtime.transfer import tensor_async, to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class ModelRunner:
             if fed_index is None:
                 batch.input_ids[: len(fed_ids)] = fed_ids
             else:
-                index = to_device_async(torch.tensor(fed_index, dtype=torch.int64), fed_ids.device)
+                index = tensor_async(fed_index, torch.int64, fed_ids.device)
                 batch.input_ids[: len(fed_index)] = fed_ids[index]
         return self.forward(batch, use_cuda_graph=False), batch.input_ids
 

@@ -27,10 +27,8 @@ class Sampling:
             return logits.argmax(dim=-1).tolist(), logprobs
         from sglite.runtime.sampler import sample_batch
 
-        needs_prompt = any(r.params.repetition_penalty != 1 for r in reqs)
         ids = sample_batch(logits, [_effective_params(r) for r in reqs], [r.output_ids for r in reqs],
-                           eos_token_ids=self.eos_token_ids,
-                           prompt_ids=[r.prompt_array for r in reqs] if needs_prompt else None)
+                           eos_token_ids=self.eos_token_ids, prompt_ids=_prompt_ids(reqs))
         return [int(t) for t in ids], logprobs
 
     def next_ids_on_device(self, reqs: list[Req], logits: torch.Tensor, *,
@@ -45,10 +43,9 @@ class Sampling:
             return logits.argmax(dim=-1)
         from sglite.runtime.sampler import SamplingBatch
 
-        needs_prompt = any(r.params.repetition_penalty != 1 for r in reqs)
         batch = SamplingBatch.from_requests(
-            [r.params for r in reqs], [r.output_ids for r in reqs],
-            [r.prompt_array for r in reqs] if needs_prompt else None, eos_ids=self.eos_token_ids,
+            [r.params for r in reqs], [r.output_ids for r in reqs], _prompt_ids(reqs),
+            eos_ids=self.eos_token_ids,
             device=logits.device, steps=[len(r.output_ids) + (i < ahead) for i, r in enumerate(reqs)],
             pending_ids=pending_ids if ahead else None)
         return batch.sample(logits.float())
@@ -63,6 +60,13 @@ class Sampling:
             self._bitmask = allocate_bitmask(max(len(reqs), 8), self.vocab_size)
         rows = fill_bitmask(self._bitmask, states)
         apply_bitmask(logits, self._bitmask, rows)
+
+
+def _prompt_ids(reqs: list[Req]):
+    """The prompts the sampler needs (some row uses repetition_penalty), else None."""
+    if any(r.params.repetition_penalty != 1 for r in reqs):
+        return [r.prompt_array for r in reqs]
+    return None
 
 
 def _effective_params(req: Req):
