@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
+from .store_kv import copy_token_heads
 
 
 @triton.jit
@@ -69,13 +70,9 @@ def _rotary_kernel(
             slot = tl.load(Loc + cur_token).to(tl.int64)
         _rotate_heads(K, stride_kt, stride_kh, cur_token, cos, sin, num_k_heads,
                       K_Buf + slot * stride_buf_kt, stride_buf_kh, STORE_KV, BLOCK_KH, BLOCK_HALF, HALF)
-        if STORE_KV:  # v as it is, one row per KV head
-            offs_h = tl.arange(0, BLOCK_KH)
-            offs_v = tl.arange(0, BLOCK_D)
-            mask = (offs_h < num_k_heads)[:, None] & (offs_v < HEAD_DIM)[None, :]
-            v = tl.load(V + cur_token * stride_vt + offs_h[:, None] * stride_vh + offs_v[None, :], mask=mask)
-            tl.store(V_Buf + slot * stride_buf_vt + offs_h[:, None] * stride_buf_vh + offs_v[None, :],
-                     v.to(V_Buf.dtype.element_ty), mask=mask)
+        if STORE_KV:  # v as it is
+            copy_token_heads(V + cur_token * stride_vt, stride_vh, V_Buf + slot * stride_buf_vt,
+                             stride_buf_vh, num_k_heads, BLOCK_KH, BLOCK_D, HEAD_DIM)
 
 
 def _check_qk(x: torch.Tensor, name: str, num_tokens: int, head_dim: int) -> None:

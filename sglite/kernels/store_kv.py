@@ -14,6 +14,18 @@ from .pdl import pdl_options, wait_for_previous
 
 
 @triton.jit
+def copy_token_heads(Src, stride_src_h, Dst, stride_dst_h, num_heads,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One token's [num_heads, HEAD_DIM] rows from Src to Dst (each pointing at the token's first
+    head), in Dst's dtype. Also the rotary kernel's store of v."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < num_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = tl.load(Src + offs_h[:, None] * stride_src_h + offs_d[None, :], mask=mask)
+    tl.store(Dst + offs_h[:, None] * stride_dst_h + offs_d[None, :], x.to(Dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_kv_kernel(
     K, V, K_Buf, V_Buf, Loc,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -24,14 +36,11 @@ def _store_kv_kernel(
     wait_for_previous(USE_PDL)
     cur_token = tl.program_id(0)
     slot = tl.load(Loc + cur_token).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
     src = cur_token.to(tl.int64)
-    k = tl.load(K + src * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    tl.store(K_Buf + slot * stride_buf_kt + offs_h[:, None] * stride_buf_kh + offs_d[None, :], k, mask=mask)
-    v = tl.load(V + src * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    tl.store(V_Buf + slot * stride_buf_vt + offs_h[:, None] * stride_buf_vh + offs_d[None, :], v, mask=mask)
+    copy_token_heads(K + src * stride_kt, stride_kh, K_Buf + slot * stride_buf_kt, stride_buf_kh,
+                     NUM_KV_HEADS, BLOCK_H, BLOCK_D, HEAD_DIM)
+    copy_token_heads(V + src * stride_vt, stride_vh, V_Buf + slot * stride_buf_vt, stride_buf_vh,
+                     NUM_KV_HEADS, BLOCK_H, BLOCK_D, HEAD_DIM)
 
 
 def store_kv(
