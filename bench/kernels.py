@@ -7,7 +7,9 @@ extend), the baseline (device-to-device copy bandwidth; torch SDPA on the same K
 densely) and the ratio, plus ||out - ref|| / ||ref|| against the fp32 torch reference.
 Decode rows also time the old version beside (stage-2 merge kernel, 64-key tiles, old split policy).
 --sweep also times a few tile configurations and split counts (for the tile tables).
-Shapes: Llama-3-8B attention (32 query heads, 8 KV heads, d=128), bf16, random slots.
+Shapes: Llama-3-8B attention (32 query heads, 8 KV heads, d=128), bf16. Decode KV layouts: pages of
+128 slots in random order (the GPU server's paged pool), every token on a random slot (a pool of
+page_size 1), one consecutive run per request.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits  # noqa: E402
+from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits, decode_tiles  # noqa: E402
 from sglite.kernels.extend_attention import extend_attention_fwd  # noqa: E402
 from sglite.kernels.reference import decode_attention_ref, extend_attention_ref  # noqa: E402
 from sglite.kernels.store_kv import store_kv  # noqa: E402
@@ -55,19 +57,33 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def make_pool(seq_lens: list[int], *, new_tokens: list[int] | None = None, seed=0, contiguous=False):
-    """Requests over random (or consecutive) pool slots; returns buffers, req_to_token and the
-    new tokens' slots."""
+PAGE = 128  # the GPU server's default page_size
+
+
+def make_pool(seq_lens: list[int], *, new_tokens: list[int] | None = None, seed=0, layout="random"):
+    """Requests over the pool: every token on a random slot ("random", a page_size 1 pool after
+    churn), pages of PAGE slots in random order ("pages", the paged pool after churn), or one
+    run ("consecutive"); returns buffers, req_to_token and the new tokens' slots."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     total = sum(seq_lens)
-    k_buf = torch.randn(total + 1, KH, D, device=DEV, dtype=DTYPE, generator=gen)
-    v_buf = torch.randn(total + 1, KH, D, device=DEV, dtype=DTYPE, generator=gen)
-    slots = torch.arange(total, device=DEV) if contiguous else torch.randperm(total, device=DEV, generator=gen)
-    slots = slots.int() + 1
+    num_slots = (sum(triton.cdiv(n, PAGE) for n in seq_lens) + 1) * PAGE if layout == "pages" else total + 1
+    k_buf = torch.randn(num_slots, KH, D, device=DEV, dtype=DTYPE, generator=gen)
+    v_buf = torch.randn(num_slots, KH, D, device=DEV, dtype=DTYPE, generator=gen)
+    if layout == "pages":  # page 0 holds the padding slot
+        pages = torch.randperm(num_slots // PAGE - 1, device=DEV, generator=gen) + 1
+    else:
+        slots = torch.arange(total, device=DEV) if layout == "consecutive" else torch.randperm(
+            total, device=DEV, generator=gen)
+        slots = slots.int() + 1
     req_to_token = torch.zeros(len(seq_lens), max(seq_lens), dtype=torch.int32, device=DEV)
-    start, locs = 0, []
+    start, first_page, locs = 0, 0, []
     for i, n in enumerate(seq_lens):
-        req_to_token[i, :n] = slots[start : start + n]
+        if layout == "pages":
+            own = pages[first_page : first_page + triton.cdiv(n, PAGE)]
+            first_page += len(own)
+            req_to_token[i, :n] = (own[:, None] * PAGE + torch.arange(PAGE, device=DEV)).flatten()[:n].int()
+        else:
+            req_to_token[i, :n] = slots[start : start + n]
         if new_tokens is not None:
             locs.append(req_to_token[i, n - new_tokens[i] : n].long())
         start += n
@@ -96,7 +112,7 @@ def graph_ms(calls) -> float:
     return bench(graph.replay) / len(calls)
 
 
-def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, sweep=False, contiguous=False):
+def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, sweep=False, layout="random"):
     read_len = seq_len if window is None else min(seq_len, window + num_global)
     kv_bytes = 2 * bs * read_len * KH * D * 2
     # distinct request sets, one launch each, in one graph: a replay reads >= 32x the L2 (no cache
@@ -105,7 +121,8 @@ def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, 
     # each kernel: H200 bs 1 x 32k, ours 45.6 vs 40.7 us at 16 sets, SDPA 44.3 vs 38.5)
     l2 = torch.cuda.get_device_properties(DEV).L2_cache_size
     copies = min(16, max(2, triton.cdiv(32 * l2, kv_bytes)))
-    k_buf, v_buf, r2t, _ = make_pool([seq_len] * (bs * copies), contiguous=contiguous)
+    k_buf, v_buf, r2t, _ = make_pool([seq_len] * (bs * copies), layout=layout)
+    page_size = PAGE if layout == "pages" else 1  # what the runtime's backend passes
     q = torch.randn(bs * copies, H, D, device=DEV, dtype=DTYPE)
     out = torch.empty_like(q)
     rows = torch.arange(bs * copies, device=DEV)
@@ -119,8 +136,8 @@ def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, 
         mid_lse = torch.empty(bs, H, num_splits, device=DEV, dtype=torch.float32)
         return [lambda p=p: decode_attention_fwd(
             q[p], k_buf, v_buf, out[p], r2t, rows[p], lens[p], scale=D**-0.5, num_splits=num_splits,
-            sliding_window=window, global_tokens=num_global, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles)
-            for p in part]
+            sliding_window=window, global_tokens=num_global, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles,
+            page_size=page_size) for p in part]
 
     eager = calls()[0]
     eager()
@@ -128,10 +145,14 @@ def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, 
                                sliding_window=window, global_tokens=num_global)
     err = rel_err(out[:bs], ref)
     name = (f"decode bs={bs} ctx={seq_len}" + (f" W={window} G={num_global}" if window else "")
-            + f" splits={splits}" + (" consecutive slots" if contiguous else ""))
+            + f" splits={splits}" + {"random": " random slots", "pages": f" pages of {PAGE}",
+                                     "consecutive": " consecutive slots"}[layout])
     ms = graph_ms(calls())
     print(f"  {name}: eager (launch-bound) {bench(eager):.3f} ms, graph {ms:.3f} ms, x{copies} sets", flush=True)
     row(name + " vs copy", ms, kv_bytes / ms / 1e6, "GB/s", "d2d copy", copy_bw, err)
+    if layout == "pages":  # the same kernel gathering every tile row by row (before the paged pool)
+        ms_gather = graph_ms(calls(splits, {**decode_tiles(D, device=DEV, num_splits=splits), "tma": False}))
+        row(name + " vs gathers", ms, kv_bytes / ms / 1e6, "GB/s", "gathers", kv_bytes / ms_gather / 1e6)
     # the version before issue 6's merge work, timed here beside the current one
     ms_old = graph_ms(calls(old_splits(bs, read_len, num_sms), OLD_TILES))
     row(name + " vs old (2 kernels)", ms, kv_bytes / ms / 1e6, "GB/s", "old", kv_bytes / ms_old / 1e6)
@@ -160,7 +181,7 @@ def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, 
     return ms
 
 
-OLD_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="kernel")  # before the fused merge
+OLD_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="kernel", tma=False)  # before the fused merge
 
 
 def old_splits(bs, kv_len, num_sms):
@@ -251,13 +272,15 @@ def main():
           f"triton {triton.__version__}", flush=True)
     copy_bw = copy_bandwidth()
     print(f"  d2d copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
-    bench_decode(64, 4096, copy_bw, sweep=sweep in ("all", "decode"))
-    full = bench_decode(1, 32768, copy_bw, sweep=sweep in ("all", "decode", "decode1"))
+    # the GPU server's paged pool (pages in random order), then single random slots (--page-size 1)
+    for layout in ("random", "pages"):
+        bench_decode(64, 4096, copy_bw, sweep=sweep in ("all", "decode"), layout=layout)
+        full = bench_decode(1, 32768, copy_bw, sweep=sweep in ("all", "decode", "decode1"), layout=layout)
     win = bench_decode(1, 32768, copy_bw, window=4096, num_global=4, sdpa=False,
-                       sweep=sweep in ("all", "decode", "decode1"))
-    for bs, seq_len in ((64, 4096), (1, 32768)):  # the layout effect: random vs consecutive slots
-        bench_decode(bs, seq_len, copy_bw, sdpa=False, contiguous=True)
-    ROWS.append(("decode bs=1 ctx=32768: W=4096 vs full (speed-up)", win, 1 / win, "1/ms", "full", 1 / full,
+                       sweep=sweep in ("all", "decode", "decode1"), layout="pages")
+    for bs, seq_len in ((64, 4096), (1, 32768)):  # one run per request
+        bench_decode(bs, seq_len, copy_bw, sdpa=False, layout="consecutive")
+    ROWS.append(("decode bs=1 ctx=32768 pages: W=4096 vs full (speed-up)", win, 1 / win, "1/ms", "full", 1 / full,
                  full / win, None))
     bench_extend(4, 2048, 0, sweep=sweep in ("all", "extend"))
     bench_extend(4, 2048, 2048, sweep=sweep in ("all", "extend"))

@@ -29,23 +29,31 @@ in log2 units.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # an older triton: gathers only
+    TensorDescriptor = None
+
 from .pdl import pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
-from .online_softmax import online_softmax_step
+from .online_softmax import online_softmax_step, softmax_weights
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+_MAX_SLOT = tl.constexpr(2**31 - 1)  # above any slot id (req_to_token is int32)
 MIN_SPLIT_TOKENS = 128  # H200, bs 1, W=4096, 128-key tiles: 16 splits 0.0140 ms, 33 of 128 keys 0.0134
 
 
 @triton.jit
 def _decode_stage1_kernel(
-    Q, K_Buf, V_Buf, Req_to_token, Req_pool_indices, Seq_lens,
+    Q, K_Buf, V_Buf, K_desc, V_desc, Req_to_token, Req_pool_indices, Seq_lens,
     Mid_o, Mid_lse,  # [bs, H, splits, D] fp32, [bs, H, splits] fp32
     O, Counters,  # [bs, H, D] output (MERGE "direct" / "fused"); [bs * KH] int32, zero between launches
     qk_scale, num_splits, num_kv_heads, sliding_window, num_global,
@@ -57,7 +65,7 @@ def _decode_stage1_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-    CHUNK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
@@ -100,22 +108,17 @@ def _decode_stage1_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    req_slots = Req_to_token + req_row * stride_req
     k_base = K_Buf + cur_kv_head * stride_buf_kh
     v_base = V_Buf + cur_kv_head * stride_buf_vh
-    for start_n in range(split_start, split_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < split_end
-        if HAS_WINDOW:
-            pos = tl.where(offs_n < num_head, offs_n, offs_n - num_head + win_start)
-        else:
-            pos = offs_n
-        slots = tl.load(Req_to_token + req_row * stride_req + pos, mask=mask_n, other=0).to(tl.int64)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_buf_kt + offs_d[None, :], mask=mask_kv, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_buf_vt + offs_d[None, :],
-                                            mask_kv, m_i, l_i, acc)
+    if USE_TMA and _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
+                                      BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
+        acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
+                                   cur_kv_head * HEAD_DIM, qk_scale, m_i, l_i, acc, HAS_WINDOW, BLOCK_N)
+    else:
+        acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start,
+                                     offs_d, mask_d, qk_scale, stride_buf_kt, stride_buf_vt, m_i, l_i, acc,
+                                     HAS_WINDOW, BLOCK_N)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -140,6 +143,66 @@ def _decode_stage1_kernel(
                 _merge_group(Mid_o, Mid_lse, O, cur_batch, cur_kv_head * GROUP, active,
                              stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
                              stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK_S)
+
+
+@triton.jit
+def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
+    """Positions of points on the visible axis: the global head [0, num_head), then the window."""
+    if HAS_WINDOW:
+        return tl.where(offs < num_head, offs, offs - num_head + win_start)
+    return offs
+
+
+@triton.jit
+def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
+                 qk_scale, stride_kt, stride_vt, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
+    for start_n in range(split_start, split_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < split_end
+        slots = tl.load(req_slots + _visible_pos(offs_n, num_head, win_start, HAS_WINDOW), mask=mask_n,
+                        other=0).to(tl.int64)
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
+        qk = tl.where(mask_n[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
+                                            mask_kv, m_i, l_i, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
+                       HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_N: tl.constexpr):
+    """Whether every BLOCK_N tile of the split has its live keys on consecutive slots, reading
+    the slot ids CHECK_N at a time (a pass over 1/64 of the bytes the split's K and V hold)."""
+    ok = (split_start >= 0).to(tl.int32)
+    for c0 in range(split_start, split_end, CHECK_N):
+        offs = c0 + tl.arange(0, CHECK_N)
+        live = offs < split_end
+        slots = tl.load(req_slots + _visible_pos(offs, num_head, win_start, HAS_WINDOW), mask=live, other=0)
+        run = slots - tl.arange(0, CHECK_N) % BLOCK_N  # one value per tile iff consecutive
+        lo = tl.min(tl.reshape(tl.where(live, run, _MAX_SLOT), [CHECK_N // BLOCK_N, BLOCK_N]), 1)
+        hi = tl.max(tl.reshape(tl.where(live, run, -1), [CHECK_N // BLOCK_N, BLOCK_N]), 1)
+        ok = ok & tl.min(((lo == hi) | (hi == -1)).to(tl.int32), 0)
+    return ok != 0
+
+
+@triton.jit
+def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
+               m_i, l_i, acc, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
+    and for V from the tile's first slot. Masked rows past the request's end read whatever
+    follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
+    zeros."""
+    for start_n in range(split_start, split_end, BLOCK_N):
+        first = tl.load(req_slots + _visible_pos(start_n, num_head, win_start, HAS_WINDOW))
+        k = K_desc.load([first, kv_col])
+        v = V_desc.load([first, kv_col])
+        mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
+        qk = tl.where(mask_n[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -284,7 +347,12 @@ def decode_attention_fwd(
     mid_o: torch.Tensor | None = None,  # [bs, H, >= num_splits, D] fp32 scratch
     mid_lse: torch.Tensor | None = None,  # [bs, H, >= num_splits] fp32 scratch
     tiles: dict | None = None,  # overrides decode_tiles() (benchmarks)
+    page_size: int = 1,  # the pool hands out runs of this many consecutive slots (see below)
 ) -> torch.Tensor:
+    """With page_size a multiple of the tile, a request's tiles lie on consecutive slots as a
+    rule: a split whose every tile does (checked in the kernel) then loads each with one TMA bulk
+    copy for K and one for V (Hopper; the interpreter emulates them); other splits gather row by
+    row. Any layout stays correct."""
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     _check(q, k_buffer, v_buffer, out, num_splits)
@@ -312,17 +380,28 @@ def decode_attention_fwd(
     block_s = triton.next_power_of_2(num_splits)
     block_g = triton.next_power_of_2(group)
     has_window = sliding_window is not None
+    block_n = cfg.pop("BLOCK_N")
+    # bulk loads where they pay (H200, pages of 128 in random order, bench/kernels.py): split
+    # requests (bs 1 x 32k: 0.038 vs 0.040 ms gathering the same pages); not a batch that needs no
+    # splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms). tiles["tma"]
+    # True/False overrides (tests, benchmarks).
+    tma = cfg.pop("tma", None)
+    if tma is None:
+        tma = num_splits > 1 and not has_window
+    paged = page_size > 1 and page_size % block_n == 0
+    descs = _descriptors(k_buffer, v_buffer, block_n) if paged and tma else None
+    k_desc, v_desc = descs or (k_buffer, v_buffer)  # without TMA: unused pointers
     _decode_stage1_kernel[(num_splits, num_kv_heads, bs)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out, counters,
+        q, k_buffer, v_buffer, k_desc, v_desc, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out, counters,
         scale * _LOG2E, num_splits, num_kv_heads, sliding_window if has_window else 0, global_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.pop("BLOCK_N"),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
-        CHUNK_S=min(block_s, max(1, 16 // block_g)), **cfg,  # fused merge: ~16 partial rows a load
+        CHUNK_S=min(block_s, max(1, 16 // block_g)), USE_TMA=descs is not None, **cfg,  # fused merge: ~16 partial rows a load
         **pdl_options(q),
     )
     if merge == "kernel":
@@ -334,6 +413,41 @@ def decode_attention_fwd(
             num_warps=4 if q.is_cuda else 1, **pdl_options(q),
         )
     return out
+
+
+TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
+_DESCRIPTORS: dict[tuple, tuple] = {}
+
+
+def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -> tuple | None:
+    """Host TMA descriptors of the K and V pools seen as [slots, KV heads * head_dim] with
+    [block_n, head_dim] boxes (one KV head's rows of a tile), or None where the kernel must gather
+    every tile: no Hopper GPU (the interpreter emulates them, so CI runs this path), SGLITE_TMA=0,
+    or a pool whose rows are not dense and 16-byte aligned. Cached per pool: the pools live as
+    long as the runtime, and a CUDA graph keeps the descriptors it was captured with."""
+    num_slots, num_kv_heads, head_dim = k_buffer.shape
+    if not (TMA_ENABLED and TensorDescriptor is not None and _tma_device(k_buffer.device)):
+        return None
+    if head_dim != triton.next_power_of_2(head_dim) or head_dim * k_buffer.element_size() < 16:
+        return None
+    for buf in (k_buffer, v_buffer):
+        if buf.stride() != (num_kv_heads * head_dim, head_dim, 1) or buf.data_ptr() % 16:
+            return None
+    key = (k_buffer.data_ptr(), v_buffer.data_ptr(), num_slots, num_kv_heads, head_dim, k_buffer.dtype, block_n)
+    descs = _DESCRIPTORS.get(key)
+    if descs is None:
+        if len(_DESCRIPTORS) >= 64:  # tests make many small pools; a runtime has a few
+            _DESCRIPTORS.clear()
+        shape, strides = [num_slots, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
+        descs = _DESCRIPTORS[key] = tuple(TensorDescriptor(buf, shape, strides, [block_n, head_dim])
+                                          for buf in (k_buffer, v_buffer))
+    return descs
+
+
+def _tma_device(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check(q, k_buffer, v_buffer, out, num_splits) -> None:

@@ -9,10 +9,18 @@ def online_softmax_step(qk, v_ptrs, mask_kv, m_i, l_i, acc):
     """Fold one tile of keys into the running (m_i, l_i, acc): qk [R, N] scores already scaled by
     scale * log2(e) and masked with -inf; v_ptrs/mask_kv [N, D] the tile's values, loaded here
     (after the score math, as the kernels issued them before). Returns (acc, l_i, m_i)."""
+    p, alpha, l_i, m_new = softmax_weights(qk, m_i, l_i)
+    v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def softmax_weights(qk, m_i, l_i):
+    """The tile's weights p [R, N], the rescale alpha [R] of what came before, and the new
+    (l_i, m_i): the part of the step before the values (for callers that load them their way)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+    return p, alpha, l_i, m_new

@@ -45,12 +45,17 @@ class Scenario:
 
 def make_scenario(
     prefix_lens, extend_lens, *, num_heads, num_kv_heads, head_dim, sliding_window=None,
-    global_tokens=0, dtype=torch.float32, device=DEVICE, seed=0,
+    global_tokens=0, dtype=torch.float32, device=DEVICE, seed=0, page_size=None,
 ) -> Scenario:
+    """page_size: requests hold whole pages of that many consecutive slots (pages in random
+    order), as the runtime's pool hands them out on a GPU; None: every token on a random slot."""
     gen = torch.Generator().manual_seed(seed)
     bs = len(prefix_lens)
     total = sum(prefix_lens) + sum(extend_lens)
     num_slots = total + 8
+    if page_size is not None:
+        pages_per_req = [-(-(p + e) // page_size) for p, e in zip(prefix_lens, extend_lens)]
+        num_slots = (sum(pages_per_req) + 2) * page_size  # page 0 holds the padding slot
     max_context = max(p + e for p, e in zip(prefix_lens, extend_lens)) + 3
 
     def randn(*shape):
@@ -62,6 +67,14 @@ def make_scenario(
     v_buffer[0] = float("nan")
     rows = torch.randperm(bs + 2, generator=gen)[:bs].tolist()
     slots = (torch.randperm(num_slots - 1, generator=gen) + 1)[:total]
+    if page_size is not None:
+        pages = torch.randperm(num_slots // page_size - 1, generator=gen) + 1
+        runs, first = [], 0
+        for row_pages, p, e in zip(pages_per_req, prefix_lens, extend_lens):
+            page_ids = pages[first : first + row_pages]
+            runs.append((page_ids[:, None] * page_size + torch.arange(page_size)).flatten()[: p + e])
+            first += row_pages
+        slots = torch.cat(runs)
     req_to_token = torch.zeros(bs + 2, max_context, dtype=torch.int32)
     start, locs = 0, []
     for row, prefix_len, extend_len in zip(rows, prefix_lens, extend_lens):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sglite.kernels.decode_attention import MAX_SPLITS, decode_attention_fwd, decode_num_splits
+from sglite.kernels import decode_attention
+from sglite.kernels.decode_attention import MAX_SPLITS, decode_attention_fwd, decode_num_splits, decode_tiles
 from sglite.kernels.reference import decode_attention_ref
 from tests.kernels.pool import FP32_TOL, make_scenario, rel_err
 
@@ -12,12 +13,12 @@ def decode_scenario(seq_lens, **kw):
     return make_scenario([n - 1 for n in seq_lens], [1] * len(seq_lens), **kw)
 
 
-def run_decode(sc, *, num_splits, sliding_window=None, global_tokens=0, tiles=None):
+def run_decode(sc, *, num_splits, sliding_window=None, global_tokens=0, tiles=None, page_size=1):
     out = torch.full_like(sc.q, float("nan"))
     decode_attention_fwd(
         sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
         sc.tensor(sc.seq_lens), scale=sc.scale, num_splits=num_splits,
-        sliding_window=sliding_window, global_tokens=global_tokens, tiles=tiles,
+        sliding_window=sliding_window, global_tokens=global_tokens, tiles=tiles, page_size=page_size,
     )
     return out
 
@@ -40,6 +41,42 @@ def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, window, num
                                scale=sc.scale, sliding_window=window, global_tokens=num_global)
     assert not out.isnan().any()
     assert rel_err(out, ref) < FP32_TOL
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,num_global,num_splits", CASES)
+def test_decode_over_pages_matches_reference(num_heads, num_kv_heads, head_dim, window, num_global, num_splits):
+    """Tiles whose keys sit in consecutive slots take the bulk (TMA) loads, the others gather:
+    pages of 16 and 32 slots (tiles of 16 keys under the interpreter), and a pool announced as
+    paged whose runs are only 8 long (the runtime's fallback when no whole page is free)."""
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=True)  # also where the policy gathers
+    for layout, announced in ((16, 16), (32, 32), (8, 16)):
+        sc = decode_scenario([1, 9, 40, 70], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                             sliding_window=window, global_tokens=num_global, page_size=layout, seed=layout)
+        out = run_decode(sc, num_splits=num_splits, sliding_window=window, global_tokens=num_global,
+                         page_size=announced, tiles=tiles)
+        ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
+                                   scale=sc.scale, sliding_window=window, global_tokens=num_global)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < FP32_TOL
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN tiles, under the interpreter
+def test_consecutive_tiles_take_the_bulk_loads(monkeypatch):
+    """Mutation check that the TMA path runs: descriptors over NaN copies of the pools poison the
+    outputs of requests whose tiles lie in consecutive slots, and only those."""
+    sc = decode_scenario([40, 70], num_heads=4, num_kv_heads=2, head_dim=16, page_size=16, seed=1)
+    real = decode_attention._descriptors
+    assert real(sc.k_buffer, sc.v_buffer, 16) is not None, "no TMA on this test device"
+    poisoned = (torch.full_like(sc.k_buffer, float("nan")), torch.full_like(sc.v_buffer, float("nan")))
+    monkeypatch.setattr(decode_attention, "_descriptors", lambda k, v, n: real(*poisoned, n))
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused")  # the interpreter's, also on a GPU
+    assert run_decode(sc, num_splits=2, page_size=16, tiles=tiles).isnan().all()
+    assert not run_decode(sc, num_splits=2, tiles=tiles).isnan().any()  # not announced as paged: gathers
+    scattered = decode_scenario([32, 48], num_heads=4, num_kv_heads=2, head_dim=16, seed=1)  # full tiles, random slots
+    out = run_decode(scattered, num_splits=2, page_size=16, tiles=tiles)
+    ref = decode_attention_ref(scattered.q, scattered.k_buffer, scattered.v_buffer, scattered.req_to_token,
+                               scattered.rows, scattered.seq_lens, scale=scattered.scale)
+    assert rel_err(out, ref) < FP32_TOL  # gathered: the poisoned descriptors never read
 
 
 def test_split_count_independent():
@@ -127,3 +164,37 @@ def test_decode_tiles_and_merges_on_gpu(block_n, num_stages, merge, num_splits):
     ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
                                scale=sc.scale)
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head_dim,layout,window", [(128, 128, None), (128, 64, None), (64, 128, None),
+                                                    (128, 128, (1000, 4)), (256, 128, None)])
+@pytest.mark.parametrize("num_splits", [1, 32])
+def test_decode_over_pages_on_gpu(head_dim, layout, window, num_splits):
+    """Real TMA loads at real shapes (forced on where the launcher's policy would gather): pages of
+    128 (whole tiles), runs of 64 in a pool announced as paged by 128 (gathers), head_dim 64/256,
+    a window, and inside a CUDA graph."""
+    w, g = window or (None, 0)
+    sc = decode_scenario([5, 3000, 9000], num_heads=32, num_kv_heads=8, head_dim=head_dim, dtype=torch.bfloat16,
+                         sliding_window=w, global_tokens=g, page_size=layout, seed=num_splits + layout)
+    rows, lens = sc.tensor(sc.rows, torch.int64), sc.tensor(sc.seq_lens)
+    out = torch.full_like(sc.q, float("nan"))
+
+    tiles = dict(decode_tiles(head_dim, device=sc.q.device, num_splits=num_splits), tma=True)
+
+    def call():
+        decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, rows, lens, scale=sc.scale,
+                             num_splits=num_splits, sliding_window=w, global_tokens=g, page_size=128, tiles=tiles)
+
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(2):
+        sc.q.copy_(torch.randn_like(sc.q))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
+                                   scale=sc.scale, sliding_window=w, global_tokens=g)
+        assert rel_err(out, ref) < 1e-2
