@@ -211,7 +211,8 @@ def bench_server(args, device) -> tuple[float, dict, str]:
 
     server_args = dict(device=str(device), load_format="dummy", preset=args.preset, log_interval=5.0,
                        max_running_requests=args.max_running, cuda_graph_max_bs=args.cuda_graph_max_bs,
-                       chunked_prefill_size=args.chunked_prefill)  # None: the server's defaults
+                       chunked_prefill_size=args.chunked_prefill,
+                       page_size=args.page_size)  # None: the server's defaults
     with RuntimeProcess(None, timeout=600, **server_args) as rt:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -244,7 +245,8 @@ def bench_server(args, device) -> tuple[float, dict, str]:
         sock.send(protocol.encode(protocol.InfoReq(rid="counters")))
         info = wait_reply(sock, alive=rt.is_alive, timeout=60).info
         info["server_args"] = (f"max running {info['max_running_requests']}, chunked prefill "
-                               f"{rt.args.chunked_prefill_size}, graphs up to bs {info['cuda_graph_max_bs']}")
+                               f"{rt.args.chunked_prefill_size}, graphs up to bs {info['cuda_graph_max_bs']}, "
+                               f"page size {rt.args.page_size}")
         log = open(rt.log_path).read()
         sock.close()
     return tokens / elapsed, info, log
@@ -259,7 +261,8 @@ def bench_server_batch1(args, device, copy_bw):
     from sglite.launch import RuntimeProcess, wait_reply
 
     server_args = dict(device=str(device), load_format="dummy", preset=args.preset,
-                       max_running_requests=4, max_total_tokens=8192, log_interval=0)
+                       max_running_requests=4, max_total_tokens=8192, log_interval=0,
+                       page_size=args.page_size)
     with RuntimeProcess(None, timeout=600, **server_args) as rt:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -382,6 +385,8 @@ def main():
     ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
                     help="part b's server: largest decode batch replayed from a CUDA graph "
                     "(default: the server's own)")
+    ap.add_argument("--page-size", type=int, default=None,
+                    help="parts b and s: the server's KV page size (default: the server's own)")
     ap.add_argument("--hf-batch", type=int, default=128)
     ap.add_argument("--hf-batches", type=int, default=2)
     ap.add_argument("--context", type=int, default=32768)

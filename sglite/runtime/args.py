@@ -22,8 +22,8 @@ SCHEDULE_POLICIES = ("lpm", "fcfs")
 # of 512 (CUDA graphs up to 512) gave 10558-10598 tok/s vs 10199-10222 at 256 (docs/benchmarks.md).
 # The CPU executor is slow per token: small batches keep each request's latency bounded.
 DEVICE_DEFAULTS = {
-    "cuda": dict(max_running_requests=512, chunked_prefill_size=4096),
-    "cpu": dict(max_running_requests=128, chunked_prefill_size=512),
+    "cuda": dict(max_running_requests=512, chunked_prefill_size=4096, page_size=128),
+    "cpu": dict(max_running_requests=128, chunked_prefill_size=512, page_size=1),
 }
 
 
@@ -39,6 +39,7 @@ class ServerArgs:
     max_running_requests: int | None = None  # None: 512 on CUDA, 128 on the CPU (DEVICE_DEFAULTS)
     chunked_prefill_size: int | None = None  # tokens per extend forward; -1: no chunking; None: as above
     context_length: int | None = None  # None: the model's max_position_embeddings
+    page_size: int | None = None  # KV slots a request takes at once; None: 128 on CUDA, 1 on the CPU
     disable_radix_cache: bool = False
     schedule_policy: str = "lpm"
     log_interval: float = 10.0  # seconds between stats log lines (0: never)
@@ -66,6 +67,8 @@ class ServerArgs:
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ValueError("chunked_prefill_size must be -1 (off) or >= 1, "
                              f"got {self.chunked_prefill_size}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.max_total_tokens is not None and self.max_total_tokens < 1:
             raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
         if self.address is not None and not self.address.startswith(("ipc://", "tcp://")):
@@ -115,6 +118,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="token budget of one extend forward (-1: no chunking; default: 4096 on "
                    "CUDA, 512 on the CPU)")
     p.add_argument("--context-length", type=int, default=d.context_length)
+    p.add_argument("--page-size", type=int, default=d.page_size,
+                   help="KV slots a request takes at once, so that its keys lie in runs decode "
+                   "attention reads in bulk (default: 128 on CUDA, 1 on the CPU)")
     p.add_argument("--disable-radix-cache", action="store_true", default=d.disable_radix_cache)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=SCHEDULE_POLICIES)
     p.add_argument("--log-interval", type=float, default=d.log_interval,

@@ -1,15 +1,24 @@
 """The only code that combines ReqToToken, TokenPool and RadixCache.
 
-Verbs: `match` (peek, for ordering), `admit` (row + match + lock), `alloc` (slots, evicting from
-the tree when short), `cache_unfinished` (between prefill chunks), `release` (finished or aborted),
+Verbs: `match` (peek, for ordering), `admit` (row + match + lock), `alloc_for` / `alloc_decode`
+(slots for a request's next positions, evicting from the tree when short), `cache_unfinished` (between prefill chunks), `release` (finished or aborted),
 `retract` (give a running request's KV back, keep its tokens), `truncate` (forget the KV of
 replaced trailing tokens: jump-forward), `free_window_kv` (sliding window), `flush`,
 `check_integrity`.
 
 Every KV slot is in exactly one of four places, which `check_integrity` verifies:
     free in the pool + evictable in the tree + protected (locked) in the tree
-        + owned by running requests ([tree_len, kv_len) of each, minus its window-freed range)
+        + owned by running requests ([tree_len, kv_len) of each, minus its window-freed range,
+          plus the reserved rest of its last page)
         == pool total
+
+Paged pool (page_size > 1, the GPU default): position p of a request lives at offset p % P of a
+page, and a request takes a whole page when it enters one, holding the page's unused rest
+(`Req.kv_tail_*`) for its next positions; so each tile of keys decode attention reads is one
+run of consecutive slots (one bulk copy) wherever the request lies in the pool. A prefix from
+the tree that ends inside a page continues on a fresh page at the same offset (the slots before
+it go back to the pool). When no whole page is left, even after evicting, allocation falls back
+to single slots: the layout only changes speed, never results.
 
 Sliding-window freeing (issue 7): when every layer is windowed, a key at position j is invisible
 to every query at p >= j + W unless j < G (global). A request whose next query is at kv_len frees
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from sglite.runtime.mem.radix_cache import RadixCache
@@ -72,7 +82,11 @@ class CacheManager:
 
     @property
     def num_held(self) -> int:
-        return sum(r.kv_len - r.tree_len - r.num_window_freed for r in self.holders)
+        return sum(r.kv_len - r.tree_len - r.num_window_freed + r.kv_tail_len for r in self.holders)
+
+    @property
+    def page_size(self) -> int:
+        return getattr(self.token_pool, "page_size", 1)
 
     @property
     def num_total(self) -> int:
@@ -107,6 +121,7 @@ class CacheManager:
         req.req_pool_idx = idx
         req.tree_len = req.kv_len = 0
         req.last_node = None
+        req.kv_tail_len = 0
         if not self.disable_radix_cache:
             m = self.tree.match_prefix(req.fill_ids[: req.max_prefix_len])
             self.tree.inc_lock_ref(m.last_node)
@@ -118,12 +133,59 @@ class CacheManager:
         return True
 
     def alloc(self, num_tokens: int) -> torch.Tensor | None:
-        """num_tokens fresh slots, evicting unlocked tree leaves (LRU) when the pool is short."""
+        """num_tokens fresh slots anywhere, evicting unlocked tree leaves (LRU) when the pool is
+        short."""
         short = num_tokens - self.token_pool.available_size
         if short > 0 and not self.disable_radix_cache:
             self.tree.evict(short)
         return self.token_pool.alloc(num_tokens)
 
+    def alloc_for(self, req: Req, num_tokens: int) -> torch.Tensor | None:
+        """Slots for req's positions [kv_len, kv_len + num_tokens) (the caller then calls
+        `extend`), or None (nothing taken). On a paged pool: the rest of the request's page, then
+        whole pages (see the module docstring)."""
+        if self.page_size == 1 or num_tokens == 0:
+            return self.alloc(num_tokens)
+        out = [self._take_tail(req, num_tokens)]
+        rest = num_tokens - len(out[0])
+        if rest:
+            pos, size = req.kv_len + len(out[0]), self.page_size
+            pages = self._alloc_pages(-(-(pos % size + rest) // size))
+            if pages is None:
+                slots = self.alloc(rest)
+                if slots is None:
+                    self._give_back_tail(req, out[0])
+                    return None
+                out.append(slots)
+            else:
+                out.append(self._place_on_pages(req, pos, rest, pages))
+        return torch.cat(out)
+
+    def alloc_decode(self, reqs: list[Req]) -> torch.Tensor | None:
+        """One slot each for reqs' positions kv_len (the caller then calls `advance_decode`), or
+        None (nothing taken) if the pool is short."""
+        if self.page_size == 1:
+            return self.alloc(len(reqs))
+        slots = np.zeros(len(reqs), dtype=np.int64)
+        has_tail = [r.kv_tail_len > 0 for r in reqs]
+        need = [i for i, t in enumerate(has_tail) if not t]
+        if len(need) > self.available_size:
+            return None
+        pages = self._alloc_pages(len(need)) if need else None
+        if need and pages is None:
+            loose = self.alloc(len(need))
+            if loose is None:
+                return None
+            slots[need] = loose.numpy()
+        elif need:
+            for j, i in enumerate(need):
+                slots[i] = self._place_on_pages(reqs[i], reqs[i].kv_len, 1, pages[j : j + 1])[0]
+        for i, req in enumerate(reqs):
+            if has_tail[i]:
+                slots[i] = req.kv_tail_start
+                req.kv_tail_start += 1
+                req.kv_tail_len -= 1
+        return torch.from_numpy(slots)
     def extend(self, req: Req, slots: torch.Tensor, *, written: bool = False) -> None:
         """Positions [kv_len, kv_len + len(slots)) of req now live in `slots`. written: the
         caller's batch builder (ModelRunner.make_*_batch) already put them into req_to_token;
@@ -159,6 +221,7 @@ class CacheManager:
         (evictable), so the next turn of a conversation reuses prompt and answer."""
         if req.req_pool_idx is None:
             return
+        self._free_tail(req)
         if req.kv_len > req.seq_len:  # the overlapped decode wrote KV for a token never read
             self.token_pool.free(_live(self._slots(req, req.seq_len, req.kv_len)))
             req.kv_len = req.seq_len
@@ -188,6 +251,7 @@ class CacheManager:
                 f"cannot truncate request {req.rid} to {new_kv_len} tokens: the sliding window "
                 f"already freed KV up to position {req.window_freed_end} that those queries see")
         own_from = max(new_kv_len, req.tree_len)
+        self._free_tail(req)  # it continued from the old kv_len
         self.token_pool.free(self._slots(req, own_from, req.kv_len))
         if new_kv_len < req.tree_len:
             m = self.tree.match_prefix(req.fill_ids[:new_kv_len])
@@ -258,6 +322,43 @@ class CacheManager:
         # [tree_len, prefix_in_tree): the tree already had these tokens; our copies are duplicates
         if prefix_in_tree > req.tree_len:  # (0 = already freed by the window: skip)
             self.token_pool.free(_live(slots[req.tree_len:prefix_in_tree]))
+
+    def _alloc_pages(self, k: int) -> np.ndarray | None:
+        """k whole pages, evicting from the tree to make them; None: single slots must do."""
+        pool = self.token_pool
+        if pool.num_whole_pages() < k and not self.disable_radix_cache and self.tree.evictable_size:
+            self.tree.evict(k * self.page_size)
+        return pool.alloc_pages(k)
+
+    def _place_on_pages(self, req: Req, pos: int, n: int, pages: np.ndarray) -> torch.Tensor:
+        """Positions [pos, pos + n) at their offsets on `pages` (fresh, whole, all allocated):
+        the slots before offset pos % P go back to the pool, the rest after the last position
+        becomes req's tail."""
+        size = self.page_size
+        run = (pages[:, None] * size + np.arange(size)).ravel()
+        head, end = pos % size, pos % size + n
+        if head:
+            self.token_pool.free(torch.from_numpy(run[:head]))
+        req.kv_tail_start, req.kv_tail_len = int(run[end - 1]) + 1, len(run) - end
+        if req.kv_tail_len == 0:
+            req.kv_tail_start = 0
+        return torch.from_numpy(run[head:end])
+
+    def _take_tail(self, req: Req, n: int) -> torch.Tensor:
+        take = min(n, req.kv_tail_len)
+        slots = torch.arange(req.kv_tail_start, req.kv_tail_start + take, dtype=torch.int64)
+        req.kv_tail_start += take
+        req.kv_tail_len -= take
+        return slots
+
+    def _give_back_tail(self, req: Req, taken: torch.Tensor) -> None:
+        if len(taken):
+            req.kv_tail_start, req.kv_tail_len = int(taken[0]), req.kv_tail_len + len(taken)
+
+    def _free_tail(self, req: Req) -> None:
+        if req.kv_tail_len:
+            self.token_pool.free(torch.arange(req.kv_tail_start, req.kv_tail_start + req.kv_tail_len))
+        req.kv_tail_start = req.kv_tail_len = 0
 
     def _tree_has_hole_on(self, key: list[int]) -> bool:
         """Does the tree hold `key` past its reusable prefix, on a tombstone? Then insert keeps the

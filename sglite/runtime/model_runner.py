@@ -17,7 +17,7 @@ from sglite.runtime.attention import ForwardBatch, ForwardMode, create_attention
 from sglite.runtime.config import ModelConfig
 from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_token
 from sglite.runtime.mem.req_to_token import ReqToToken
-from sglite.runtime.mem.token_pool import TokenPool
+from sglite.runtime.mem.token_pool import PagedTokenPool, TokenPool
 from sglite.runtime.models.llama import LlamaForCausalLM
 from sglite.runtime.transfer import tensor_async, to_device_async
 
@@ -46,6 +46,7 @@ class ModelRunner:
         kv_memory_bytes: int | None = None,
         max_running_requests: int = 256,
         max_context_len: int | None = None,
+        page_size: int = 1,  # > 1: a paged KV pool (mem/token_pool.py), the GPU server's default
         config_overrides: dict | None = None,
         seed: int = 0,
         skip_tokenizer_init: bool = False,  # weights-only folders (tests, benchmarks)
@@ -61,7 +62,9 @@ class ModelRunner:
         )
         self.model = self._load_model(load_format, seed)
         self.kv_cache = self._make_kv_cache(max_total_tokens, kv_memory_bytes)
-        self.token_pool = TokenPool(self.kv_cache.capacity)
+        self.token_pool = (TokenPool(self.kv_cache.capacity) if page_size == 1
+                           else PagedTokenPool(self.kv_cache.capacity, page_size))
+        self.kv_cache.page_size = page_size
         if max_context_len is None:
             max_context_len = self.model_config.max_position_embeddings
             if not self.model_config.is_all_windowed:  # no request outgrows the pool

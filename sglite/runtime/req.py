@@ -7,6 +7,9 @@ KV ranges of one request (positions of `fill_ids`), as the CacheManager maintain
                          with a sliding window, [window_freed_start, window_freed_end) inside it
                          is already freed (slot 0 in req_to_token, a tombstone when inserted)
     [kv_len, seq_len)    no KV yet: the next extend (or the decode step for the last token)
+
+With a paged pool the request also holds the rest of its last page (`kv_tail_*`), the slots
+its next positions will take.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class Req:
     # slots are back in the pool and their req_to_token entries point at slot 0
     window_freed_start: int = 0
     window_freed_end: int = 0
+    # paged pool (CacheManager.alloc_for): slots [kv_tail_start, + kv_tail_len) of the request's
+    # last page, allocated and reserved for positions kv_len, kv_len + 1, ...
+    kv_tail_start: int = 0
+    kv_tail_len: int = 0
     _prompt_array: np.ndarray | None = field(default=None, repr=False)
 
     @property

@@ -72,7 +72,7 @@ class PrefillAdder:
         chunked = extend_len < req.extend_len
         need_kv = extend_len + (0 if chunked else decode_reserve(
             req, self.new_token_ratio, cap=self.cache.window_held_cap))
-        slots = self.cache.alloc(extend_len) if need_kv <= self.rem_kv else None
+        slots = self.cache.alloc_for(req, extend_len) if need_kv <= self.rem_kv else None
         if slots is None:
             if admitted_now:
                 self.cache.release(req)  # nothing computed yet: undo the admission

@@ -205,7 +205,7 @@ class Scheduler:
         self._sample_and_process(reqs, logits)
 
     def _run_decode(self, reqs: list[Req]) -> None:
-        slots = self.cache.alloc(len(reqs))
+        slots = self.cache.alloc_decode(reqs)
         assert slots is not None, "decode scheduled without room (checked in _schedule_decode)"
         self.cache.advance_decode(reqs)
         self._launch_decode(reqs, [r.last_token_id for r in reqs], slots)
@@ -250,7 +250,7 @@ class Scheduler:
         if not cont or self.cache.available_size < len(reqs):
             self._finish_pending()
             return False
-        slots = self.cache.alloc(len(reqs))
+        slots = self.cache.alloc_decode(reqs)
         self.cache.advance_decode(reqs)  # for cont: the KV of the still unread token
         self._pending = None
         pending.continued = len(cont)

@@ -124,7 +124,7 @@ def serve(args: ServerArgs) -> None:
         attention_backend=args.attention_backend, load_format=args.load_format,
         preset=args.preset, max_total_tokens=args.max_total_tokens,
         max_running_requests=args.max_running_requests, max_context_len=args.context_length,
-        seed=args.seed, disable_cuda_graph=args.disable_cuda_graph,
+        page_size=args.page_size, seed=args.seed, disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs)
     grammar_cache = None
     if runner.tokenizer is not None:

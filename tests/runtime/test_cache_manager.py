@@ -8,12 +8,13 @@ import pytest
 from sglite.protocol import SamplingParams
 from sglite.runtime.cache_manager import CacheManager
 from sglite.runtime.mem.req_to_token import ReqToToken
-from sglite.runtime.mem.token_pool import TokenPool
+from sglite.runtime.mem.token_pool import PagedTokenPool, TokenPool
 from sglite.runtime.req import Req
 
 
-def make_cache(total=64, rows=8, *, disable=False):
-    return CacheManager(ReqToToken(rows, 128), TokenPool(total), disable_radix_cache=disable)
+def make_cache(total=64, rows=8, *, disable=False, page_size=1):
+    pool = TokenPool(total) if page_size == 1 else PagedTokenPool(total, page_size)
+    return CacheManager(ReqToToken(rows, 128), pool, disable_radix_cache=disable)
 
 
 def make_req(ids, max_new=8):
@@ -23,7 +24,7 @@ def make_req(ids, max_new=8):
 def prefill(cache, req):
     """Admit and give KV to the whole prompt, as one extend forward would."""
     assert cache.admit(req)
-    slots = cache.alloc(req.extend_len)
+    slots = cache.alloc_for(req, req.extend_len)
     assert slots is not None
     cache.extend(req, slots)
     cache.cache_unfinished(req)
@@ -32,7 +33,7 @@ def prefill(cache, req):
 
 def decode(cache, req, token):
     req.output_ids.append(token)
-    slots = cache.alloc(1)
+    slots = cache.alloc_decode([req])
     assert slots is not None
     cache.extend(req, slots)
     cache.check_integrity()
@@ -113,10 +114,11 @@ def test_flush_refused_while_requests_hold_kv():
     assert cache.flush() and cache.num_free == cache.num_total
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
 @pytest.mark.parametrize("disable", [False, True])
-def test_random_cycles_keep_integrity(disable):
+def test_random_cycles_keep_integrity(disable, page_size):
     rng = random.Random(0)
-    cache = make_cache(total=120, rows=6, disable=disable)
+    cache = make_cache(total=120, rows=6, disable=disable, page_size=page_size)
     running: list[Req] = []
     for step in range(400):
         op = rng.random()
@@ -125,7 +127,7 @@ def test_random_cycles_keep_integrity(disable):
             stem = [rng.randint(1, 3)] * rng.randint(0, 12)
             req = make_req(stem + [rng.randint(1, 50) for _ in range(rng.randint(1, 10))])
             if cache.admit(req):
-                slots = cache.alloc(req.extend_len)
+                slots = cache.alloc_for(req, req.extend_len)
                 if slots is None:
                     cache.release(req)
                 else:
@@ -136,7 +138,7 @@ def test_random_cycles_keep_integrity(disable):
             req = rng.choice(running)
             req.output_ids.append(rng.randint(1, 50))
             if req.extend_len == 1:
-                slots = cache.alloc(1)
+                slots = cache.alloc_decode([req])
                 if slots is None:
                     cache.retract(req)
                     running.remove(req)

@@ -97,7 +97,7 @@ class TritonAttentionBackend(BaseAttentionBackend):
             decode_attention_fwd(
                 q, k_buf, v_buf, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                 scale=layer.scale, num_splits=self._num_splits(meta, layer), mid_o=meta.mid_o,
-                mid_lse=meta.mid_lse,
+                mid_lse=meta.mid_lse, page_size=self.kv_cache.page_size,
                 **window,
             )
         else:

@@ -27,6 +27,9 @@ class KVCache:
         self.head_dim = head_dim
         self.num_slots = num_slots
         self.dtype = dtype
+        # runs of consecutive slots the allocator hands out (its owner sets it; decode attention
+        # loads a tile that lies in one run in bulk)
+        self.page_size = 1
         shape = (num_slots, num_kv_heads, head_dim)
         # zeros, not empty: masked-out slots still enter the softmax as 0 * value, and a NaN
         # left in uninitialized memory would poison the whole row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -60,3 +61,127 @@ class TokenPool:
         assert not bool(self._is_allocated[free].any()), "a slot is both free and allocated"
         num_allocated = int(self._is_allocated.sum())
         assert free.numel() + num_allocated == self.total_size, "slots were lost"
+
+
+class PagedTokenPool(TokenPool):
+    """A TokenPool that also hands out whole pages: runs of `page_size` consecutive slots starting
+    at a multiple of page_size, so that a request's keys lie in long consecutive runs and decode
+    attention reads a tile of them with one bulk copy (sglite/kernels/decode_attention.py).
+
+    Slots stay the unit of ownership (the radix tree, window freeing and jump-forward free single
+    slots); a page is "whole" while all its slots are free, and `alloc_pages` takes only whole
+    pages. `alloc(n)` (any n free slots) takes from broken pages first and breaks whole pages
+    only when those run out, so that pages stay whole for as long as the pool allows. Page 0 holds
+    the padding slot and is never whole; slots after the last full page are loose too.
+    """
+
+    def __init__(self, total_size: int, page_size: int):
+        if page_size < 2:
+            raise ValueError(f"PagedTokenPool needs page_size >= 2, got {page_size}")
+        if total_size < 1:
+            raise ValueError(f"TokenPool needs at least one usable slot, got {total_size}")
+        self.total_size = total_size
+        self.page_size = page_size
+        self.num_pages = (total_size + 1) // page_size  # pages wholly inside slots 0..total_size
+        self._is_free = np.ones(total_size + 1, dtype=bool)
+        self._is_free[0] = False
+        self._num_free = total_size
+        self._page_free = np.full(self.num_pages, page_size, dtype=np.int32)
+        self._page_free[0] = page_size - 1
+        self._whole: list[int] = list(range(self.num_pages - 1, 0, -1))  # a stack; entries may be stale
+        self._cursor = 0  # where the next scan for loose slots starts
+
+    @property
+    def available_size(self) -> int:
+        return self._num_free
+
+    def num_whole_pages(self) -> int:
+        return int((self._page_free[1:] == self.page_size).sum())
+
+    def alloc_pages(self, k: int) -> np.ndarray | None:
+        """k whole pages (their ids; page p holds slots [p * page_size, (p + 1) * page_size)), all
+        their slots now allocated; or None (nothing taken) if fewer than k are whole."""
+        pages: list[int] = []
+        while len(pages) < k and self._whole:
+            p = self._whole.pop()
+            if self._page_free[p] == self.page_size and p not in pages:
+                pages.append(p)
+        if len(pages) < k:
+            self._whole.extend(reversed(pages))
+            return None
+        ids = np.asarray(pages, dtype=np.int64)
+        slots = (ids[:, None] * self.page_size + np.arange(self.page_size)).ravel()
+        self._take(slots)
+        return ids
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """n free slots anywhere, from broken pages first; None (nothing taken) if fewer are free."""
+        if n > self._num_free:
+            return None
+        if n == 0:
+            return torch.empty(0, dtype=torch.int64)
+        found = self._scan(n, skip_whole=True)
+        if len(found) < n:  # break whole pages for the rest
+            rest = self._scan(n - len(found), skip_whole=False, exclude=found)
+            found = np.concatenate([found, rest])
+        self._take(found)
+        return torch.from_numpy(found)
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        s = slots.to(device="cpu", dtype=torch.int64).flatten().numpy()
+        assert s.min() > 0, "slot 0 is reserved and can never be freed"
+        assert s.max() <= self.total_size, f"slot {int(s.max())} is outside the pool"
+        assert not self._is_free[s].any(), "double free or freeing an unallocated slot"
+        assert len(np.unique(s)) == len(s), "the same slot is freed twice in one call"
+        self._is_free[s] = True
+        self._num_free += len(s)
+        paged = s[s < self.num_pages * self.page_size] // self.page_size
+        if len(paged):
+            pages, counts = np.unique(paged, return_counts=True)
+            self._page_free[pages] += counts.astype(np.int32)
+            self._whole.extend(pages[self._page_free[pages] == self.page_size].tolist())
+        if len(self._whole) > 2 * self.num_pages:  # drop stale entries now and then
+            self._whole = np.flatnonzero(self._page_free == self.page_size)[::-1].tolist()
+
+    def reset(self) -> None:
+        self.__init__(self.total_size, self.page_size)
+
+    def check_integrity(self) -> None:
+        assert not self._is_free[0], "slot 0 is on the free list"
+        assert int(self._is_free.sum()) == self._num_free, "free count out of date"
+        per_page = self._is_free[: self.num_pages * self.page_size].reshape(-1, self.page_size).sum(1)
+        assert (per_page == self._page_free).all(), "per-page free counts out of date"
+        whole = set(np.flatnonzero(self._page_free == self.page_size).tolist())
+        assert whole <= set(self._whole), "a whole page is missing from the stack"
+
+    # ---- private
+    def _take(self, slots: np.ndarray) -> None:
+        assert self._is_free[slots].all(), "allocating a slot that is not free"
+        self._is_free[slots] = False
+        self._num_free -= len(slots)
+        paged = slots[slots < self.num_pages * self.page_size] // self.page_size
+        if len(paged):
+            pages, counts = np.unique(paged, return_counts=True)
+            self._page_free[pages] -= counts.astype(np.int32)
+
+    def _scan(self, n: int, *, skip_whole: bool, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Up to n free slots, scanning the pool in chunks from the cursor round to it."""
+        size, chunk, found, num = self.total_size + 1, 1 << 16, [], 0
+        for a, b in ((self._cursor, size), (0, self._cursor)):
+            for lo in range(a, b, chunk):
+                hi = min(lo + chunk, b)
+                idx = np.flatnonzero(self._is_free[lo:hi]) + lo
+                if skip_whole:
+                    inside = idx < self.num_pages * self.page_size
+                    page = np.minimum(idx // self.page_size, self.num_pages - 1)
+                    idx = idx[~inside | (self._page_free[page] < self.page_size)]
+                if exclude is not None and len(exclude):
+                    idx = idx[~np.isin(idx, exclude)]
+                found.append(idx[: n - num])
+                num += len(found[-1])
+                if num >= n:
+                    self._cursor = int(found[-1][-1]) + 1 if len(found[-1]) else hi
+                    return np.concatenate(found)
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
