@@ -23,6 +23,10 @@ walks this "visible axis" (length G' + seq_len - win_start) and maps it to posit
 outside the window (possibly freed, pointing at the padding slot 0) are never loaded, and the
 splits divide only the visible keys.
 
+Over a paged pool (page_size a multiple of the tile), a split whose every tile lies on consecutive
+slots loads each tile with one TMA bulk copy for K and one for V instead of gathering 256-byte
+rows by slot id: what separated this kernel from cuDNN on dense KV (docs/benchmarks.md, issue 6).
+
 All exponentials are base 2: scores are pre-multiplied by scale * log2(e), and the stored LSE is
 in log2 units.
 """
@@ -116,9 +120,9 @@ def _decode_stage1_kernel(
         acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
                                    cur_kv_head * HEAD_DIM, qk_scale, m_i, l_i, acc, HAS_WINDOW, BLOCK_N)
     else:
-        acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start,
-                                     offs_d, mask_d, qk_scale, stride_buf_kt, stride_buf_vt, m_i, l_i, acc,
-                                     HAS_WINDOW, BLOCK_N)
+        acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
+                                     win_start, offs_d, mask_d, qk_scale, stride_buf_kt, stride_buf_vt,
+                                     m_i, l_i, acc, HAS_WINDOW, BLOCK_N)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -155,7 +159,8 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
-                 qk_scale, stride_kt, stride_vt, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+                 qk_scale, stride_kt, stride_vt, m_i, l_i, acc,
+                 HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -392,7 +397,8 @@ def decode_attention_fwd(
     descs = _descriptors(k_buffer, v_buffer, block_n) if paged and tma else None
     k_desc, v_desc = descs or (k_buffer, v_buffer)  # without TMA: unused pointers
     _decode_stage1_kernel[(num_splits, num_kv_heads, bs)](
-        q, k_buffer, v_buffer, k_desc, v_desc, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out, counters,
+        q, k_buffer, v_buffer, k_desc, v_desc, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out,
+        counters,
         scale * _LOG2E, num_splits, num_kv_heads, sliding_window if has_window else 0, global_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
@@ -401,7 +407,8 @@ def decode_attention_fwd(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
-        CHUNK_S=min(block_s, max(1, 16 // block_g)), USE_TMA=descs is not None, **cfg,  # fused merge: ~16 partial rows a load
+        CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
+        USE_TMA=descs is not None, **cfg,
         **pdl_options(q),
     )
     if merge == "kernel":
@@ -416,15 +423,14 @@ def decode_attention_fwd(
 
 
 TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
-_DESCRIPTORS: dict[tuple, tuple] = {}
 
 
 def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -> tuple | None:
     """Host TMA descriptors of the K and V pools seen as [slots, KV heads * head_dim] with
     [block_n, head_dim] boxes (one KV head's rows of a tile), or None where the kernel must gather
     every tile: no Hopper GPU (the interpreter emulates them, so CI runs this path), SGLITE_TMA=0,
-    or a pool whose rows are not dense and 16-byte aligned. Cached per pool: the pools live as
-    long as the runtime, and a CUDA graph keeps the descriptors it was captured with."""
+    or a pool whose rows are not dense and 16-byte aligned. Made per call (~1.5 us each; a CUDA
+    graph keeps those it was captured with): a cache would keep dead pools alive."""
     num_slots, num_kv_heads, head_dim = k_buffer.shape
     if not (TMA_ENABLED and TensorDescriptor is not None and _tma_device(k_buffer.device)):
         return None
@@ -433,15 +439,8 @@ def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -
     for buf in (k_buffer, v_buffer):
         if buf.stride() != (num_kv_heads * head_dim, head_dim, 1) or buf.data_ptr() % 16:
             return None
-    key = (k_buffer.data_ptr(), v_buffer.data_ptr(), num_slots, num_kv_heads, head_dim, k_buffer.dtype, block_n)
-    descs = _DESCRIPTORS.get(key)
-    if descs is None:
-        if len(_DESCRIPTORS) >= 64:  # tests make many small pools; a runtime has a few
-            _DESCRIPTORS.clear()
-        shape, strides = [num_slots, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
-        descs = _DESCRIPTORS[key] = tuple(TensorDescriptor(buf, shape, strides, [block_n, head_dim])
-                                          for buf in (k_buffer, v_buffer))
-    return descs
+    shape, strides = [num_slots, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
+    return tuple(TensorDescriptor(buf, shape, strides, [block_n, head_dim]) for buf in (k_buffer, v_buffer))
 
 
 def _tma_device(device: torch.device) -> bool:

@@ -1,10 +1,10 @@
 """The only code that combines ReqToToken, TokenPool and RadixCache.
 
 Verbs: `match` (peek, for ordering), `admit` (row + match + lock), `alloc_for` / `alloc_decode`
-(slots for a request's next positions, evicting from the tree when short), `cache_unfinished` (between prefill chunks), `release` (finished or aborted),
-`retract` (give a running request's KV back, keep its tokens), `truncate` (forget the KV of
-replaced trailing tokens: jump-forward), `free_window_kv` (sliding window), `flush`,
-`check_integrity`.
+(slots for a request's next positions, evicting from the tree when short), `cache_unfinished`
+(between prefill chunks), `release` (finished or aborted), `retract` (give a running request's KV
+back, keep its tokens), `truncate` (forget the KV of replaced trailing tokens: jump-forward),
+`free_window_kv` (sliding window), `flush`, `check_integrity`.
 
 Every KV slot is in exactly one of four places, which `check_integrity` verifies:
     free in the pool + evictable in the tree + protected (locked) in the tree
@@ -186,6 +186,7 @@ class CacheManager:
                 req.kv_tail_start += 1
                 req.kv_tail_len -= 1
         return torch.from_numpy(slots)
+
     def extend(self, req: Req, slots: torch.Tensor, *, written: bool = False) -> None:
         """Positions [kv_len, kv_len + len(slots)) of req now live in `slots`. written: the
         caller's batch builder (ModelRunner.make_*_batch) already put them into req_to_token;

@@ -48,7 +48,8 @@ def test_decode_over_pages_matches_reference(num_heads, num_kv_heads, head_dim, 
     """Tiles whose keys sit in consecutive slots take the bulk (TMA) loads, the others gather:
     pages of 16 and 32 slots (tiles of 16 keys under the interpreter), and a pool announced as
     paged whose runs are only 8 long (the runtime's fallback when no whole page is free)."""
-    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=True)  # also where the policy gathers
+    # the interpreter's tiles; bulk loads also where the launcher's policy would gather
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=True)
     for layout, announced in ((16, 16), (32, 32), (8, 16)):
         sc = decode_scenario([1, 9, 40, 70], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                              sliding_window=window, global_tokens=num_global, page_size=layout, seed=layout)
@@ -72,7 +73,8 @@ def test_consecutive_tiles_take_the_bulk_loads(monkeypatch):
     tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused")  # the interpreter's, also on a GPU
     assert run_decode(sc, num_splits=2, page_size=16, tiles=tiles).isnan().all()
     assert not run_decode(sc, num_splits=2, tiles=tiles).isnan().any()  # not announced as paged: gathers
-    scattered = decode_scenario([32, 48], num_heads=4, num_kv_heads=2, head_dim=16, seed=1)  # full tiles, random slots
+    # full tiles on random slots
+    scattered = decode_scenario([32, 48], num_heads=4, num_kv_heads=2, head_dim=16, seed=1)
     out = run_decode(scattered, num_splits=2, page_size=16, tiles=tiles)
     ref = decode_attention_ref(scattered.q, scattered.k_buffer, scattered.v_buffer, scattered.req_to_token,
                                scattered.rows, scattered.seq_lens, scale=scattered.scale)
@@ -137,16 +139,22 @@ def test_fused_merge_in_cuda_graph_replays():
         decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, rows, lens,
                              scale=sc.scale, num_splits=MAX_SPLITS)
 
-    call()  # eager first, as the capture's warm-up does: compiles and allocates the counters
+    check_graph_replays(sc, call, out, replays=3)
+
+
+def check_graph_replays(sc, call, out, *, replays, **window):
+    """Capture call() (eager first, as the runtime's warm-up: compiles, allocates the counters) in
+    a CUDA graph, then replay it on fresh queries against the reference."""
+    call()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    for _ in range(3):
+    for _ in range(replays):
         sc.q.copy_(torch.randn_like(sc.q))
         out.fill_(float("nan"))
         graph.replay()
         ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
-                                   scale=sc.scale)
+                                   scale=sc.scale, **window)
         assert rel_err(out, ref) < 1e-2
 
 
@@ -180,21 +188,10 @@ def test_decode_over_pages_on_gpu(head_dim, layout, window, num_splits):
                          sliding_window=w, global_tokens=g, page_size=layout, seed=num_splits + layout)
     rows, lens = sc.tensor(sc.rows, torch.int64), sc.tensor(sc.seq_lens)
     out = torch.full_like(sc.q, float("nan"))
-
     tiles = dict(decode_tiles(head_dim, device=sc.q.device, num_splits=num_splits), tma=True)
 
     def call():
         decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, rows, lens, scale=sc.scale,
                              num_splits=num_splits, sliding_window=w, global_tokens=g, page_size=128, tiles=tiles)
 
-    call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    for _ in range(2):
-        sc.q.copy_(torch.randn_like(sc.q))
-        out.fill_(float("nan"))
-        graph.replay()
-        ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
-                                   scale=sc.scale, sliding_window=w, global_tokens=g)
-        assert rel_err(out, ref) < 1e-2
+    check_graph_replays(sc, call, out, replays=2, sliding_window=w, global_tokens=g)

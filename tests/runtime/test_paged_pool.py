@@ -33,6 +33,15 @@ def test_pool_hands_out_whole_pages_and_keeps_them_whole():
         pool.free(torch.tensor([0]))
 
 
+def test_a_pool_smaller_than_a_page_hands_out_single_slots():
+    pool = PagedTokenPool(50, 128)
+    assert pool.num_whole_pages() == 0 and pool.alloc_pages(1) is None
+    slots = pool.alloc(50)
+    assert sorted(slots.tolist()) == list(range(1, 51)) and pool.alloc(1) is None
+    pool.free(slots)
+    pool.check_integrity()
+
+
 def test_positions_sit_at_their_page_offsets_with_the_rest_of_the_page_reserved():
     cache = make_cache(total=255, page_size=8)
     a = make_req(range(1, 21))  # 20 prompt tokens: pages for 0-7, 8-15, 16-23 (4 reserved)

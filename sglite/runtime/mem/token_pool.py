@@ -87,7 +87,8 @@ class PagedTokenPool(TokenPool):
         self._is_free[0] = False
         self._num_free = total_size
         self._page_free = np.full(self.num_pages, page_size, dtype=np.int32)
-        self._page_free[0] = page_size - 1
+        if self.num_pages:
+            self._page_free[0] -= 1  # the padding slot
         self._whole: list[int] = list(range(self.num_pages - 1, 0, -1))  # a stack; entries may be stale
         self._cursor = 0  # where the next scan for loose slots starts
 
@@ -173,7 +174,7 @@ class PagedTokenPool(TokenPool):
             for lo in range(a, b, chunk):
                 hi = min(lo + chunk, b)
                 idx = np.flatnonzero(self._is_free[lo:hi]) + lo
-                if skip_whole:
+                if skip_whole and self.num_pages:
                     inside = idx < self.num_pages * self.page_size
                     page = np.minimum(idx // self.page_size, self.num_pages - 1)
                     idx = idx[~inside | (self._page_free[page] < self.page_size)]
