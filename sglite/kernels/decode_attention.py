@@ -251,40 +251,20 @@ def _merge_group(
 
 
 @triton.jit
-def _merge_head(
-    Mid_o, Mid_lse, O, cur_batch, cur_head, num_splits,
-    stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """O[cur_batch, cur_head] = the LSE-weighted mean of the head's split partials."""
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < num_splits
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    # .cg: read from L2, never from a stale L1 line (the partials were written by other SMs)
-    lse = tl.load(Mid_lse + cur_batch * stride_lse_b + cur_head * stride_lse_h + offs_s,
-                  mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds the query's own key: max is finite
-    mid = cur_batch * stride_mid_ob + cur_head * stride_mid_oh
-    part = tl.load(Mid_o + mid + offs_s[:, None] * stride_mid_os + offs_d[None, :],
-                   mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-    out = tl.sum(weight[:, None] * part, 0) / tl.sum(weight, 0)
-    tl.store(O + cur_batch * stride_ob + cur_head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
-
-
-@triton.jit
 def _decode_stage2_kernel(
     Mid_o, Mid_lse, O, num_splits,
     stride_mid_ob, stride_mid_oh, stride_mid_os,
     stride_lse_b, stride_lse_h,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
+    """The merge as a kernel of its own: one program per (head, request), the fused merge's code
+    for a group of one head."""
     wait_for_previous(USE_PDL)
-    _merge_head(Mid_o, Mid_lse, O, tl.program_id(1), tl.program_id(0), num_splits,
-                stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
-                HEAD_DIM, BLOCK_D, BLOCK_S)
+    _merge_group(Mid_o, Mid_lse, O, tl.program_id(1), tl.program_id(0), num_splits,
+                 stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
+                 1, 1, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK_S)
 
 
 def decode_num_splits(batch_size: int, num_kv_heads: int, *, num_sms: int, max_kv_len: int | None = None) -> int:
@@ -416,7 +396,7 @@ def decode_attention_fwd(
             mid_o, mid_lse, out, num_splits,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK_S=min(block_s, 16),
             num_warps=4 if q.is_cuda else 1, **pdl_options(q),
         )
     return out
