@@ -272,7 +272,7 @@ def main():
           f"triton {triton.__version__}", flush=True)
     copy_bw = copy_bandwidth()
     print(f"  d2d copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
-    # the GPU server's paged pool (pages in random order), then single random slots (--page-size 1)
+    # every token on a random slot (--page-size 1), then the GPU server's paged pool (pages in random order)
     for layout in ("random", "pages"):
         bench_decode(64, 4096, copy_bw, sweep=sweep in ("all", "decode"), layout=layout)
         full = bench_decode(1, 32768, copy_bw, sweep=sweep in ("all", "decode", "decode1"), layout=layout)
