@@ -125,3 +125,31 @@ def test_truncate_and_retract_give_the_tail_back():
     cache.retract(a)
     assert a.kv_tail_len == 0 and cache.num_held == 0
     cache.check_integrity()
+
+
+def test_scheduler_on_a_tight_paged_pool_gives_the_same_tokens():
+    """The whole loop (chunked prefill, overlapped and plain decode, stop tokens, seeded sampling)
+    on a pool of pages of 4 too small for every request's pages: allocation falls back to single
+    slots and requests get retracted, and every request still gets the tokens it gets on an
+    unpaged pool (fp32, one thread: rows do not depend on the batch's composition)."""
+    from sglite.runtime.model_runner import ModelRunner
+    from tests.runtime.test_overlap_scheduler import _run, _specs
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outputs = {}
+        for page_size in (1, 4):
+            # 40 slots: the longest request (26 + 13 tokens) fits, four at once do not
+            runner = ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=40,
+                                 max_running_requests=4, page_size=page_size)
+            specs = _specs(runner)
+            for overlap in (False, True):
+                reqs, _ = _run(runner, specs, overlap=overlap)
+                outputs[page_size, overlap] = {rid: (r.output_ids, r.finish_reason) for rid, r in reqs.items()}
+                if page_size > 1:
+                    assert sum(r.num_retractions for r in reqs.values()) > 0  # the pool was tight
+        assert outputs[4, False] == outputs[1, False]
+        assert outputs[4, True] == outputs[1, True]
+    finally:
+        torch.set_num_threads(num_threads)
