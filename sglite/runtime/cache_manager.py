@@ -86,7 +86,7 @@ class CacheManager:
 
     @property
     def page_size(self) -> int:
-        return getattr(self.token_pool, "page_size", 1)
+        return self.token_pool.page_size
 
     @property
     def num_total(self) -> int:

@@ -293,20 +293,24 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _aligned_rows(blocks: list[torch.Tensor], n: int) -> torch.Tensor:
     """The rows of blocks ([k, n] int64 each) as one flat int64 tensor whose rows all start on
-    32 bytes (width n rounded up to a multiple of 4, so that their int32 casts' rows start on 16
-    bytes too). Triton specializes a kernel on whether each pointer
-    argument is 16-byte aligned, so views at odd offsets of a packed batch made every batch with
-    an odd token count compile (or load from disk) the rotary and extend kernels anew, stalling
-    the server mid-run (H200, offline 1024 requests: 9196 tok/s with a cold kernel cache)."""
-    width = -(-n // 4) * 4
+    32 bytes (width `_row_width(n)`, so that their int32 casts' rows start on 16 bytes too).
+    Triton specializes a kernel on whether each pointer argument is 16-byte aligned, so views at
+    odd offsets of a packed batch made every batch with an odd token count compile (or load from
+    disk) the rotary and extend kernels anew, stalling the server mid-run (H200, offline 1024
+    requests: 9196 tok/s with a cold kernel cache)."""
     rows = torch.cat(blocks)
-    out = torch.zeros(len(rows), width, dtype=torch.int64)
+    out = torch.zeros(len(rows), _row_width(n), dtype=torch.int64)
     out[:, :n] = rows
     return out.view(-1)
 
 
 def _row_views(packed: torch.Tensor, start: int, k: int, n: int, *, padded: bool = False) -> torch.Tensor:
     """The k rows of n ints that _aligned_rows put at packed[start:] (padded: with their padding)."""
-    width = -(-n // 4) * 4
+    width = _row_width(n)
     rows = packed[start : start + k * width].view(k, width)
     return rows if padded else rows[:, :n]
+
+
+def _row_width(n: int) -> int:
+    """n rounded up to a multiple of 4 ints: the staged rows' width."""
+    return -(-n // 4) * 4

@@ -13,6 +13,8 @@ class TokenPool:
     needs them, so that many small frees cost one concatenation instead of one each.
     """
 
+    page_size = 1  # hands out single slots only (PagedTokenPool: whole pages too)
+
     def __init__(self, total_size: int):
         if total_size < 1:
             raise ValueError(f"TokenPool needs at least one usable slot, got {total_size}")
