@@ -1,7 +1,8 @@
 """Unpack a decode batch staged as one int64 block into the tensors a decode forward reads, and
 record each new token's KV slot in req_to_token: one launch where torch took ~10 small ops (casts,
 an index_put, copies). The decode CUDA graphs start with it, so a decode step costs one
-host-to-device copy and one graph launch.
+host-to-device copy and one graph launch; an eager decode (past the largest graph, or on the CPU)
+stages the same block (`stage_decode_batch`) and unpacks it into new tensors.
 
 The staged block is [6, P] (P rows, pad rows included), one row per field:
 
@@ -22,9 +23,28 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_options, wait_for_previous
+from .reference import unpack_decode_batch_ref
 
 STAGED_FIELDS = 6
 PAD_ROW = (0, -1, 0, 0, 1, -1)  # a harmless decode: row 0's first key, K/V into slot 0
+
+
+def stage_decode_batch(token_ids: list[int], seq_lens: list[int], rows: list[int], slots: torch.Tensor,
+                       *, num_rows: int, num_fed: int = 0, fed_index: list[int] | None = None) -> torch.Tensor:
+    """The host block [STAGED_FIELDS, num_rows] int64 of a decode batch of len(seq_lens) requests
+    (seq_lens include the new token), the rows past them pad rows. The first k requests take their
+    input id from the device tokens: fed_ids[fed_index[i]] (k = len(fed_index)), or fed_ids[i]
+    without an index (k = num_fed)."""
+    bs = len(seq_lens)
+    sources = [-1] * bs
+    fed = range(num_fed) if fed_index is None else fed_index
+    sources[: len(fed)] = fed
+    block = torch.empty(STAGED_FIELDS, num_rows, dtype=torch.int64)
+    block[:5, :bs] = torch.tensor([token_ids, sources, [s - 1 for s in seq_lens], rows, seq_lens],
+                                  dtype=torch.int64)
+    block[5, :bs] = slots
+    block[:, bs:] = torch.tensor(PAD_ROW, dtype=torch.int64).view(-1, 1)
+    return block
 
 
 @triton.jit
@@ -80,3 +100,23 @@ def unpack_decode_batch(
         req_to_token, num_rows, req_to_token.stride(0), BLOCK=block,
         num_warps=4 if staged.is_cuda else 1, **pdl_options(staged),
     )
+
+
+def unpack_decode_batch_new(staged: torch.Tensor, fed_ids: torch.Tensor | None,
+                            req_to_token: torch.Tensor) -> dict[str, torch.Tensor]:
+    """unpack_decode_batch into new tensors (an eager decode): the forward's tensors by name
+    (input_ids, positions, rows, seq_lens, prefix_lens, out_cache_loc). On a CUDA device the
+    kernel; elsewhere (the CPU runtime) plain indexing, which is also the kernel's reference."""
+    if fed_ids is None:
+        fed_ids = staged[0]  # read by no row (every source is -1)
+    if not staged.is_cuda:
+        return unpack_decode_batch_ref(staged, fed_ids, req_to_token)
+    num_rows, dev = staged.shape[1], staged.device
+    out = dict(input_ids=torch.empty(num_rows, dtype=torch.int64, device=dev),
+               positions=torch.empty(num_rows, dtype=torch.int64, device=dev),
+               rows=torch.empty(num_rows, dtype=torch.int64, device=dev),
+               seq_lens=torch.empty(num_rows, dtype=torch.int32, device=dev),
+               prefix_lens=torch.empty(num_rows, dtype=torch.int32, device=dev),
+               out_cache_loc=torch.empty(num_rows, dtype=torch.int64, device=dev))
+    unpack_decode_batch(staged, fed_ids, **out, req_to_token=req_to_token)
+    return out

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from sglite.kernels.decode_batch import PAD_ROW, STAGED_FIELDS, unpack_decode_batch
+from sglite.kernels.decode_batch import PAD_ROW, STAGED_FIELDS, stage_decode_batch, unpack_decode_batch
 from sglite.runtime.attention.base import ForwardBatch, ForwardMode
 from sglite.runtime.transfer import copy_to_device_async
 
@@ -89,16 +89,10 @@ class CudaGraphRunner:
         Returns (logits float32 [bs, vocab], input ids [bs]), views the next replay overwrites."""
         bs = len(rows)
         padded = self.padded_size(bs)
-        sources = [-1] * bs
         if fed_ids is not None:
-            index = range(len(fed_ids)) if fed_index is None else fed_index
-            sources[: len(index)] = index
             self.fed_ids[: len(fed_ids)].copy_(fed_ids, non_blocking=True)
-        host = torch.empty(STAGED_FIELDS, padded, dtype=torch.int64)
-        host[:5, :bs] = torch.tensor([token_ids, sources, [s - 1 for s in seq_lens], rows, seq_lens],
-                                     dtype=torch.int64)
-        host[5, :bs] = out_cache_loc
-        host[:, bs:] = self._pad_rows[:, : padded - bs]
+        host = stage_decode_batch(token_ids, seq_lens, rows, out_cache_loc, num_rows=padded,
+                                  num_fed=0 if fed_ids is None else len(fed_ids), fed_index=fed_index)
         copy_to_device_async(self.staged[: STAGED_FIELDS * padded], host.view(-1))
         self.graphs[padded].replay()
         return self.logits[padded][:bs], self.input_ids[:bs]

@@ -13,13 +13,14 @@ import logging
 
 import torch
 
+from sglite.kernels.decode_batch import stage_decode_batch, unpack_decode_batch_new
 from sglite.runtime.attention import ForwardBatch, ForwardMode, create_attention_backend
 from sglite.runtime.config import ModelConfig
 from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_token
 from sglite.runtime.mem.req_to_token import ReqToToken
 from sglite.runtime.mem.token_pool import PagedTokenPool, TokenPool
 from sglite.runtime.models.llama import LlamaForCausalLM
-from sglite.runtime.transfer import tensor_async, to_device_async
+from sglite.runtime.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -112,25 +113,26 @@ class ModelRunner:
         self,
         req_pool_indices: list[int],
         seq_lens: list[int],  # including the new token
-        last_token_ids: list[int],
+        last_token_ids: list[int],  # placeholders where the ids are fed from the device
         out_cache_loc: torch.Tensor,  # [bs] int64, the slot of each new token
+        *,
+        fed_ids: torch.Tensor | None = None,
+        fed_index: list[int] | None = None,
     ) -> ForwardBatch:
+        """An eager decode batch, staged as the CUDA graphs stage theirs (one host block, one
+        host-to-device copy, then the unpack that also writes the slots into req_to_token); fed_ids
+        and fed_index as in forward_decode."""
         bs = self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
-        prefix_lens = [s - 1 for s in seq_lens]
-        # one host -> device copy for every per-request int: at bs 128 the per-field (and
-        # per-row req_to_token) copies cost more CPU time than the graph replay itself
-        host = _aligned_rows([torch.tensor([last_token_ids, prefix_lens, req_pool_indices, seq_lens],
-                                           dtype=torch.int64), out_cache_loc.to(torch.int64).view(1, -1)], bs)
-        padded = _row_views(to_device_async(host, self.device), 0, 5, bs, padded=True)
-        ids, positions, rows, lens, loc = padded[:, :bs]
-        self.req_to_token.table[rows, positions] = loc.to(torch.int32)
-        lens32 = padded[[3, 1]].to(torch.int32)[:, :bs]  # seq_lens, prefix_lens (aligned rows)
+        host = stage_decode_batch(last_token_ids, seq_lens, req_pool_indices, out_cache_loc, num_rows=bs,
+                                  num_fed=0 if fed_ids is None else len(fed_ids), fed_index=fed_index)
+        staged = to_device_async(host, self.device)
+        t = unpack_decode_batch_new(staged, fed_ids, self.req_to_token.table)
         return ForwardBatch(
-            mode=ForwardMode.DECODE, input_ids=ids, positions=positions, req_pool_indices=rows,
-            seq_lens=lens32[0], prefix_lens=lens32[1],
+            mode=ForwardMode.DECODE, input_ids=t["input_ids"], positions=t["positions"],
+            req_pool_indices=t["rows"], seq_lens=t["seq_lens"], prefix_lens=t["prefix_lens"],
             extend_lens=torch.ones(bs, dtype=torch.int32, device=self.device),
-            out_cache_loc=loc, req_to_token=self.req_to_token.table,
-            seq_lens_cpu=list(seq_lens), prefix_lens_cpu=prefix_lens, extend_lens_cpu=[1] * bs,
+            out_cache_loc=t["out_cache_loc"], req_to_token=self.req_to_token.table,
+            seq_lens_cpu=list(seq_lens), prefix_lens_cpu=[s - 1 for s in seq_lens], extend_lens_cpu=[1] * bs,
         )
 
     def forward_decode(
@@ -156,13 +158,8 @@ class ModelRunner:
             with torch.inference_mode():
                 return graphs.replay_decode(req_pool_indices, seq_lens, last_token_ids,
                                             out_cache_loc, fed_ids=fed_ids, fed_index=fed_index)
-        batch = self.make_decode_batch(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
-        if fed_ids is not None:
-            if fed_index is None:
-                batch.input_ids[: len(fed_ids)] = fed_ids
-            else:
-                index = tensor_async(fed_index, torch.int64, fed_ids.device)
-                batch.input_ids[: len(fed_index)] = fed_ids[index]
+        batch = self.make_decode_batch(req_pool_indices, seq_lens, last_token_ids, out_cache_loc,
+                                       fed_ids=fed_ids, fed_index=fed_index)
         return self.forward(batch, use_cuda_graph=False), batch.input_ids
 
     def _check_decode(self, req_pool_indices, seq_lens, last_token_ids, out_cache_loc) -> int:

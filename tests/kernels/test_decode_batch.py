@@ -4,7 +4,7 @@ host tokens, tokens fed from the device, pad rows that must leave req_to_token a
 import pytest
 import torch
 
-from sglite.kernels.decode_batch import PAD_ROW, unpack_decode_batch
+from sglite.kernels.decode_batch import PAD_ROW, stage_decode_batch, unpack_decode_batch
 from sglite.kernels.reference import unpack_decode_batch_ref
 from tests.kernels.pool import DEVICE
 
@@ -33,6 +33,19 @@ def test_unpack_matches_reference(num_rows):
     assert torch.equal(table.cpu(), expected_table)  # pad rows wrote nothing (row 0, position 0)
     if num_rows > real:
         assert (out["out_cache_loc"][real:] == 0).all() and (out["seq_lens"][real:] == 1).all()
+
+
+@pytest.mark.parametrize("fed", [dict(), dict(num_fed=2), dict(num_fed=5, fed_index=[2, 0])],
+                         ids=["host", "fed", "fed-indexed"])
+def test_stage_decode_batch(fed):
+    """The host block both decode paths copy: one column per request, sources for the fed
+    requests (the first ones), pad rows after."""
+    block = stage_decode_batch([11, 12, 13], [4, 9, 2], [5, 0, 7], torch.tensor([40, 41, 42]), num_rows=5, **fed)
+    sources = {"num_fed": [0, 1, -1], "fed_index": [2, 0, -1]}
+    expected_sources = sources["fed_index" if "fed_index" in fed else "num_fed"] if fed else [-1, -1, -1]
+    assert block.dtype == torch.int64 and block.shape == (6, 5) and block.is_contiguous()
+    assert block[:, :3].tolist() == [[11, 12, 13], expected_sources, [3, 8, 1], [5, 0, 7], [4, 9, 2], [40, 41, 42]]
+    assert block[:, 3:].T.tolist() == [list(PAD_ROW)] * 2
 
 
 def test_unpack_rejects_bad_block():

@@ -53,3 +53,21 @@ def test_decode_batch_fields_are_aligned(runner, bs):
     finally:
         for r in rows:
             runner.req_to_token.free(r)
+
+
+def test_eager_decode_feeds_device_tokens(runner):
+    """The eager decode stages its batch as the CUDA graphs do: input ids fed from a device tensor
+    through an index for the first requests, host ids for the rest, slots into req_to_token."""
+    rows = [runner.req_to_token.alloc() for _ in range(3)]
+    try:
+        slots = runner.token_pool.alloc(3)
+        fed_ids = torch.tensor([70, 71, 72, 73])
+        batch = runner.make_decode_batch(rows, [5, 6, 7], [0, 0, 9], slots, fed_ids=fed_ids, fed_index=[3, 1])
+        assert batch.input_ids.tolist() == [73, 71, 9]
+        assert runner.req_to_token.table[rows, [4, 5, 6]].tolist() == slots.tolist()
+        batch = runner.make_decode_batch(rows[:2], [5, 6], [0, 8], slots[:2], fed_ids=fed_ids[:1])
+        assert batch.input_ids.tolist() == [70, 8]
+        runner.token_pool.free(slots)
+    finally:
+        for r in rows:
+            runner.req_to_token.free(r)
