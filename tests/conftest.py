@@ -1,5 +1,13 @@
 """Shared fixtures: ONE runtime process on the embedded default model for every end-to-end test
-(`runtime_address`, used by tests/e2e and tests/lang), plus a small protocol client."""
+(`runtime_address`, used by tests/e2e and tests/lang), plus a small protocol client.
+
+Without a GPU the Triton kernels run under the interpreter (tests/kernels, and the runtime's
+kernels where a test asks for them). TRITON_INTERPRET must be set before triton and any module
+that decorates with @triton.jit are imported, hence here, first: a conftest further down loads
+only when pytest reaches its folder, after the test modules collected before it (some import the
+sampler, which imports a kernel) had imported triton without it. On a CUDA machine the kernels
+compile for real and the `gpu`-marked tests run at real shapes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,10 @@ import os
 import uuid
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 E2E_RUNTIME_ARGS = dict(
     # fp32: batched greedy outputs must equal unbatched ones bit for bit in the e2e tests, and bf16
