@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits  # noqa: E402
 from kernels import PAGE, make_pool  # noqa: E402  (bench/kernels.py)
+from timing import event_ms as timed  # noqa: E402
 
 DEV = torch.device("cuda")
 H, KH, D, HIDDEN, FFN = 32, 8, 128, 4096, 14336
@@ -64,21 +65,6 @@ def green_streams(num_sms: int) -> list[tuple[torch.cuda.ExternalStream, int]]:
         check(cu.cuGreenCtxStreamCreate(ctypes.byref(stream), ctx, 1, 0), "cuGreenCtxStreamCreate")
         out.append((torch.cuda.ExternalStream(stream.value), int.from_bytes(part.raw[96:100], "little")))
     return out
-
-
-def timed(fn, reps: int = 5) -> float:
-    """Median ms of eager runs between events (the host queues a step far faster than it runs)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
 
 
 class DecodeStep:

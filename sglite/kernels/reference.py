@@ -105,3 +105,14 @@ def unpack_decode_batch_ref(staged, fed_ids, req_to_token) -> dict[str, torch.Te
     return dict(input_ids=ids, positions=position.clone(), rows=row.clone(),
                 seq_lens=seq_len.to(torch.int32), prefix_lens=position.to(torch.int32),
                 out_cache_loc=slot.clamp(min=0))
+
+
+def top_k_top_p_filter_ref(probs, top_ks, top_ps) -> torch.Tensor:
+    """top_k_top_p.top_k_top_p_filter by a stable descending sort: keep rank r (from 0) while
+    r < k and (top_p >= 1 or the mass ranked before it <= top_p); zero the rest. (top_p = 1 must
+    not cut: a float32 cumulative sum over 128k probabilities passes 1.0 well before the end.)"""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device).view(1, -1)
+    top_ps = top_ps.view(-1, 1)
+    drop = (rank >= top_ks.view(-1, 1)) | ((sorted_probs.cumsum(-1) - sorted_probs > top_ps) & (top_ps < 1))
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))

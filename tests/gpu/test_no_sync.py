@@ -32,17 +32,17 @@ def test_sampler_never_waits_for_the_gpu():
     params = [SamplingParams(temperature=0, repetition_penalty=1.2, frequency_penalty=0.3),
               SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, seed=3,
                              presence_penalty=0.5),
-              SamplingParams(temperature=0, min_new_tokens=5, stop_token_ids=[11])]
-    outputs = [[5, 6, 5], [7], [8, 9]]
-    prompts = [np.arange(3, 40), np.arange(2), np.arange(7)]
-    logits = torch.randn(3, 32000, device="cuda")
+              SamplingParams(temperature=0, min_new_tokens=5, stop_token_ids=[11])] * 2
+    outputs = [[5, 6, 5], [7], [8, 9]] * 2
+    prompts = [np.arange(3, 40), np.arange(2), np.arange(7)] * 2
+    logits = torch.randn(6, 32000, device="cuda")  # 6 rows: the top-k/top-p search kernel's path
     pending = torch.tensor([12, 13], device="cuda")
     SamplingBatch.from_requests(params, outputs, prompts, eos_ids=[2], device="cuda",
                                 pending_ids=pending).sample(logits)  # warm-up: allocations
     with no_sync():
         ids = SamplingBatch.from_requests(params, outputs, prompts, eos_ids=[2], device="cuda",
                                           pending_ids=pending).sample(logits)
-    assert ids.shape == (3,)
+    assert ids.shape == (6,)
 
 
 def test_graph_decode_step_never_waits_for_the_gpu():
