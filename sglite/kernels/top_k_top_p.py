@@ -31,8 +31,8 @@ import triton.language as tl
 NO_TOP_K = 1 << 30  # a top_k that keeps every token
 ONE_BITS = tl.constexpr(0x3F800000)  # bit pattern of 1.0, the largest probability
 # tokens per step, thresholds per pass, tokens copied, warps. H200, sweeps of 7 tiles (docs/
-# benchmarks.md, fifth session): one row 0.22-0.29 ms, 64 rows 0.27-0.29, 256 rows 0.60; 16 warps,
-# 16k copies, 2 or 8 thresholds a pass: no better
+# benchmarks.md, fifth session), bench/sampling.py: one row 0.27-0.33 ms, 64 rows 0.30-0.35, 256
+# rows 0.62-0.69; 16 warps, 16k copies, 2 or 8 thresholds a pass: no better
 TILE = dict(BLOCK=4096, NC=4, CAP=4096, num_warps=8)
 SEARCH_PASSES = 16  # per loop; 5^14 > 2^30 (the bit patterns of [0, 1]), plus rounding of the spread
 
@@ -43,9 +43,11 @@ def _count_and_mass(ptr, n, cand, BLOCK: tl.constexpr):
     each. Lanes accumulate and reduce once, so the loop only loads, compares and adds."""
     count = tl.zeros((cand.shape[0], BLOCK), dtype=tl.int32)
     mass = tl.zeros((cand.shape[0], BLOCK), dtype=tl.float32)
+    p_next = tl.load(ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < n, other=-1.0)
     for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        p = tl.load(ptr + offs, mask=offs < n, other=-1.0)
+        p = p_next  # the next step's load is in flight while this one is counted
+        offs_next = start + BLOCK + tl.arange(0, BLOCK)
+        p_next = tl.load(ptr + offs_next, mask=offs_next < n, other=-1.0)
         hit = p.to(tl.int32, bitcast=True)[None, :] >= cand[:, None]  # -1.0's bits are < 0
         count += hit.to(tl.int32)
         mass += tl.where(hit, p[None, :], 0.0)
@@ -87,9 +89,11 @@ def _top_k_top_p_kernel(Probs, Out, TopK, TopP, vocab, stride_p, stride_o,
     # neither can is hi (bounds padded by float rounding)
     e = tl.arange(0, 256)
     hist = tl.zeros((256,), dtype=tl.int32)
+    p_next = tl.load(row_ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < vocab, other=1.0)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=1.0)
+        p = p_next  # (each loop over the row loads one step ahead)
+        p_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < vocab, other=1.0)
         exponent = tl.where(offs < vocab, p.to(tl.int32, bitcast=True) >> 23, 255)  # 0..127 for p in [0, 1]
         hist += tl.histogram(exponent, 256)
     hist = tl.where(e < 128, hist, 0)
@@ -115,9 +119,11 @@ def _top_k_top_p_kernel(Probs, Out, TopK, TopP, vocab, stride_p, stride_o,
     lo_bits, hi_bits = lo.to(tl.int32), hi.to(tl.int32)
     n_in = tl.zeros((), dtype=tl.int32)
     base_mass = tl.zeros((BLOCK,), dtype=tl.float32)
+    p_next = tl.load(row_ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < vocab, other=-1.0)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=-1.0)
+        p = p_next
+        p_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < vocab, other=-1.0)
         bits = p.to(tl.int32, bitcast=True)
         inside = (bits >= lo_bits) & (bits < hi_bits)
         num_inside = tl.sum(inside.to(tl.int32), axis=0)
@@ -150,10 +156,12 @@ def _top_k_top_p_kernel(Probs, Out, TopK, TopP, vocab, stride_p, stride_o,
     tl.debug_barrier()  # every thread has read the copies before the output overwrites them
 
     ties_before = tl.zeros((), dtype=tl.int32)
+    p_next = tl.load(row_ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < vocab, other=0.0)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < vocab
-        p = tl.load(row_ptr + offs, mask=mask, other=0.0)
+        p = p_next
+        p_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < vocab, other=0.0)
         bits = p.to(tl.int32, bitcast=True)
         if m >= n_tie:  # every tie at tau is kept (the rule): no ranks to count
             keep = bits >= tau_bits

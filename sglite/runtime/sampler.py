@@ -37,7 +37,7 @@ from sglite.kernels.top_k_top_p import NO_TOP_K, top_k_top_p_filter
 from sglite.protocol import SamplingParams
 from sglite.runtime.transfer import to_device_async
 
-TOP_K_TOP_P_KERNEL_MIN_BS = 4  # H200: bs 1 sort 0.19 ms vs search 0.22-0.29; bs 8 0.38 vs 0.24-0.29
+TOP_K_TOP_P_KERNEL_MIN_BS = 4  # H200 filter alone: bs 1 sort 0.18-0.19 ms vs search 0.27-0.33; bs 8 0.38 vs 0.30-0.33
 
 
 @dataclass
@@ -188,7 +188,7 @@ class SamplingBatch:
     def _filter(self, probs: torch.Tensor) -> torch.Tensor:
         if self.need_top_k_top_p:
             # on a GPU by a threshold search (sorting the vocabulary took more time than the rest
-            # of sampling together; the search costs a row ~0.25 ms, so at bs < 4 the sort is
+            # of sampling together; the search costs a row ~0.3 ms, so at bs < 4 the sort is
             # still faster); on the CPU by the sort, the kernel's reference
             search = probs.is_cuda and probs.shape[0] >= TOP_K_TOP_P_KERNEL_MIN_BS
             select = top_k_top_p_filter if search else top_k_top_p_filter_ref
