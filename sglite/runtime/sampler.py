@@ -16,8 +16,9 @@ Logprobs are not computed here: the runtime reports them from the raw logits
    and tokens outside `allowed_mask` (constrained decoding; each row must allow one token);
 3. greedy rows (temperature 0 or top_k 1) take the argmax; whole-greedy batches stop here;
 4. other rows: softmax(logits / temperature), keep top_k, top_p (the smallest set whose mass
-   reaches top_p; the top token always stays), min_p (prob >= min_p * max prob), then draw with
-   the exponential trick argmax(p / E), E ~ Exp(1) i.i.d.
+   exceeds top_p, ties ranked by token id; the top token always stays; top_p = 1 keeps all), on
+   a GPU by a threshold search (sglite.kernels.top_k_top_p) from 4 rows, else by a sort; min_p
+   (prob >= min_p * max prob); then draw with the exponential trick argmax(p / E), E ~ Exp(1) i.i.d.
 
 Seeds: a seeded row draws its noise from a generator seeded with (seed, number of output ids so
 far), so its tokens depend only on its own logits and seed: the same across runs and whatever
