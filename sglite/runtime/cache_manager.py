@@ -146,15 +146,16 @@ class CacheManager:
         whole pages (see the module docstring)."""
         if self.page_size == 1 or num_tokens == 0:
             return self.alloc(num_tokens)
-        out = [self._take_tail(req, num_tokens)]
-        rest = num_tokens - len(out[0])
+        start, take = self._take_tail(req, num_tokens)
+        out = [torch.arange(start, start + take, dtype=torch.int64)]
+        rest = num_tokens - take
         if rest:
             pos, size = req.kv_len + len(out[0]), self.page_size
             pages = self._alloc_pages(-(-(pos % size + rest) // size))
             if pages is None:
                 slots = self.alloc(rest)
                 if slots is None:
-                    self._give_back_tail(req, out[0])
+                    self._give_back_tail(req, start, take)
                     return None
                 out.append(slots)
             else:
@@ -182,9 +183,7 @@ class CacheManager:
                 slots[i] = self._place_on_pages(reqs[i], reqs[i].kv_len, 1, pages[j : j + 1])[0]
         for i, req in enumerate(reqs):
             if has_tail[i]:
-                slots[i] = req.kv_tail_start
-                req.kv_tail_start += 1
-                req.kv_tail_len -= 1
+                slots[i] = self._take_tail(req, 1)[0]
         return torch.from_numpy(slots)
 
     def extend(self, req: Req, slots: torch.Tensor, *, written: bool = False) -> None:
@@ -345,16 +344,17 @@ class CacheManager:
             req.kv_tail_start = 0
         return torch.from_numpy(run[head:end])
 
-    def _take_tail(self, req: Req, n: int) -> torch.Tensor:
-        take = min(n, req.kv_tail_len)
-        slots = torch.arange(req.kv_tail_start, req.kv_tail_start + take, dtype=torch.int64)
+    def _take_tail(self, req: Req, n: int) -> tuple[int, int]:
+        """Up to n slots from the front of req's tail: (first slot, how many)."""
+        start, take = req.kv_tail_start, min(n, req.kv_tail_len)
         req.kv_tail_start += take
         req.kv_tail_len -= take
-        return slots
+        return start, take
 
-    def _give_back_tail(self, req: Req, taken: torch.Tensor) -> None:
-        if len(taken):
-            req.kv_tail_start, req.kv_tail_len = int(taken[0]), req.kv_tail_len + len(taken)
+    def _give_back_tail(self, req: Req, start: int, take: int) -> None:
+        """Undo _take_tail(req, ...) that returned (start, take)."""
+        if take:
+            req.kv_tail_start, req.kv_tail_len = start, req.kv_tail_len + take
 
     def _free_tail(self, req: Req) -> None:
         if req.kv_tail_len:
