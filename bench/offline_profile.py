@@ -31,6 +31,7 @@ from sglite.runtime.model_runner import ModelRunner  # noqa: E402
 from sglite.runtime.req import Req  # noqa: E402
 from sglite.runtime.scheduler import Scheduler  # noqa: E402
 from tests.runtime.sinks import RecordingSink  # noqa: E402
+from timing import event_ms  # noqa: E402  (bench/timing.py)
 
 NUM_REQUESTS, PROMPT_LEN, NEW_TOKENS, MAX_RUNNING = 1024, 512, 256, 512
 GROUPS = (  # kernel name pattern -> group, first match wins
@@ -55,17 +56,10 @@ def best_matmul_rate(runner) -> float:
     best = 0.0
     for w in {tuple(p.shape): p for n, p in runner.model.named_parameters() if p.dim() == 2 and "embed" not in n}.values():
         x = torch.randn(4096, w.shape[1], device=w.device, dtype=w.dtype)
-        for _ in range(3):
+        for _ in range(2):  # (event_ms warms up once more)
             torch.nn.functional.linear(x, w)
-        times = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            torch.nn.functional.linear(x, w)
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        best = max(best, 2 * x.shape[0] * w.numel() / sorted(times)[10] / 1e9)
+        ms = event_ms(lambda: torch.nn.functional.linear(x, w), reps=20)  # noqa: B023 (called here)
+        best = max(best, 2 * x.shape[0] * w.numel() / ms / 1e9)
     return best
 
 
@@ -73,15 +67,7 @@ def copy_rate() -> float:
     """GB/s of a 512 MiB device-to-device copy, bytes read plus written (median of 20)."""
     src = torch.empty(1 << 28, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return 2 * src.numel() * 2 / sorted(times)[10] / 1e6
+    return 2 * src.numel() * 2 / event_ms(lambda: dst.copy_(src), reps=20) / 1e6
 
 
 def main():

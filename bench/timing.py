@@ -1,4 +1,4 @@
-"""Timing shared by the GPU benchmarks that time whole eager sequences (not single kernels)."""
+"""The event timer the GPU benchmarks share where they do not use triton's do_bench (bench/kernels.py)."""
 
 from __future__ import annotations
 
