@@ -3,7 +3,7 @@
 For a batch of 1 and 16 requests (every row constrained by a JSON schema, at different points of
 their outputs), times one step's grammar work: fill the token bitmask, apply it to the logits,
 accept the sampled tokens, look for a jump-forward string. Beside it, in the same run, the
-unconstrained step's sampling cost (sglite.runtime.sampler at temperature 1, the baseline), and the
+unconstrained step's sampling cost (sglite.runtime.sampling.sampler at temperature 1, the baseline), and the
 ratio. Also: the bool-mask path (bitmask_to_bool, for samplers that take allowed_mask).
 
     .venv/bin/python bench/constrained.py [--iters 200]
@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from sglite.runtime.constrained import (
+from sglite.runtime.sampling.constrained import (
     GrammarCache,
     GrammarState,
     allocate_bitmask,
@@ -48,7 +48,7 @@ SCHEMA = {
 
 
 def load_tokenizer():
-    from sglite.runtime.model_loader import load_tokenizer as load, resolve_model
+    from sglite.runtime.models.loader import load_tokenizer as load, resolve_model
 
     return load(resolve_model(None))  # the runtime's own tokenizer (embedded model)
 
@@ -77,7 +77,7 @@ def _time(fn, iters: int) -> float:
 
 def bench_masks(iters: int) -> list[tuple]:
     from sglite.protocol import SamplingParams
-    from sglite.runtime.sampler import SamplingBatch
+    from sglite.runtime.sampling.sampler import SamplingBatch
 
     tok = load_tokenizer()
     cache = GrammarCache(tok, VOCAB, stop_token_ids=[2])

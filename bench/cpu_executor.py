@@ -78,7 +78,7 @@ def main():
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    from sglite.runtime.model_runner import ModelRunner, resolve_dtype
+    from sglite.runtime.executor.model_runner import ModelRunner, resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory() as cache:  # fresh cache: the first load converts the GGUF

@@ -24,8 +24,8 @@ import uuid
 
 import torch
 
-from sglite.runtime.config import ModelConfig
-from sglite.runtime.model_runner import ModelRunner
+from sglite.runtime.models.config import ModelConfig
+from sglite.runtime.executor.model_runner import ModelRunner
 
 ROWS: list[tuple] = []  # (case, sglite, baseline name, baseline, ratio, note)
 

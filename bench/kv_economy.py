@@ -18,8 +18,8 @@ import time
 import torch
 
 from sglite.protocol import SamplingParams
-from sglite.runtime.cache_manager import MAX_WINDOW_FREE_CHUNK
-from sglite.runtime.config import ModelConfig
+from sglite.runtime.scheduler.cache_manager import MAX_WINDOW_FREE_CHUNK
+from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.mem.kv_cache import KVCache
 
 VARIANTS = {
@@ -85,9 +85,9 @@ class _Sink:
 
 
 def long_generation(args) -> None:
-    from sglite.runtime.model_runner import ModelRunner
-    from sglite.runtime.req import Req
-    from sglite.runtime.scheduler import Scheduler
+    from sglite.runtime.executor.model_runner import ModelRunner
+    from sglite.runtime.scheduler.req import Req
+    from sglite.runtime.scheduler.scheduler import Scheduler
 
     torch.set_num_threads(args.threads)
     context = args.prompt_len + args.gen_tokens + 64

@@ -27,10 +27,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglite.protocol import parse_sampling_params  # noqa: E402
-from sglite.runtime.model_runner import ModelRunner  # noqa: E402
-from sglite.runtime.req import Req  # noqa: E402
-from sglite.runtime.scheduler import Scheduler  # noqa: E402
-from tests.runtime.sinks import RecordingSink  # noqa: E402
+from sglite.runtime.executor.model_runner import ModelRunner  # noqa: E402
+from sglite.runtime.scheduler.req import Req  # noqa: E402
+from sglite.runtime.scheduler.scheduler import Scheduler  # noqa: E402
+from tests.runtime.scheduler.sinks import RecordingSink  # noqa: E402
 from timing import event_ms  # noqa: E402  (bench/timing.py)
 
 NUM_REQUESTS, PROMPT_LEN, NEW_TOKENS, MAX_RUNNING = 1024, 512, 256, 512

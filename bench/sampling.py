@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sglite.runtime.sampler as sampler_module  # noqa: E402
+import sglite.runtime.sampling.sampler as sampler_module  # noqa: E402
 from sglite.kernels.reference import top_k_top_p_filter_ref  # noqa: E402
 from sglite.kernels.top_k_top_p import NO_TOP_K, top_k_top_p_filter  # noqa: E402
 from sglite.protocol import SamplingParams  # noqa: E402
-from sglite.runtime.sampler import SamplingBatch  # noqa: E402
+from sglite.runtime.sampling.sampler import SamplingBatch  # noqa: E402
 from timing import event_ms  # noqa: E402  (bench/timing.py)
 
 VOCAB = 128256

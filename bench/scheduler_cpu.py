@@ -19,9 +19,9 @@ import time
 import torch
 
 from sglite.protocol import parse_sampling_params
-from sglite.runtime.model_runner import ModelRunner
-from sglite.runtime.req import Req
-from sglite.runtime.scheduler import Scheduler
+from sglite.runtime.executor.model_runner import ModelRunner
+from sglite.runtime.scheduler.req import Req
+from sglite.runtime.scheduler.scheduler import Scheduler
 
 
 class Sink:

@@ -15,10 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] != "serve":
         print(f"sglite: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
-    from sglite.runtime.args import parse_args
+    from sglite.runtime.server.args import parse_args
 
     args = parse_args(argv[1:])
-    from sglite.runtime.server import serve  # imports torch: after argument errors are reported
+    from sglite.runtime.server.zmq_server import serve  # imports torch: after argument errors are reported
 
     serve(args)
     return 0

@@ -26,7 +26,7 @@ import weakref
 import zmq
 
 from sglite import protocol
-from sglite.runtime.args import ServerArgs, default_address
+from sglite.runtime.server.args import ServerArgs, default_address
 
 
 class RuntimeDied(RuntimeError):

@@ -45,7 +45,7 @@ class _Attached:
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
     """The tokenizer the runtime itself uses: the embedded model's converted folder (built once)."""
-    from sglite.runtime.model_loader import load_tokenizer, resolve_model
+    from sglite.runtime.models.loader import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(None))
 

@@ -5,7 +5,7 @@ import torch
 
 def make_runner(**kw):
     """llama-3.2-1b shape with random bf16 weights (seed 0: every runner gets the same weights)."""
-    from sglite.runtime.model_runner import ModelRunner
+    from sglite.runtime.executor.model_runner import ModelRunner
 
     args = dict(preset="llama-3.2-1b", load_format="dummy", device="cuda", dtype="bfloat16",
                 max_total_tokens=16384, max_running_requests=16, max_context_len=2048, seed=0)

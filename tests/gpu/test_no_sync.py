@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sglite.protocol import SamplingParams
-from sglite.runtime.sampler import SamplingBatch
+from sglite.runtime.sampling.sampler import SamplingBatch
 from tests.gpu.helpers import make_runner, prefill
 
 pytestmark = pytest.mark.gpu

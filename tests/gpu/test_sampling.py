@@ -4,9 +4,9 @@ and more) draws the same seeded tokens as the sort-based filter, on Llama-3's vo
 import pytest
 import torch
 
-import sglite.runtime.sampler as sampler_module
+import sglite.runtime.sampling.sampler as sampler_module
 from sglite.protocol import SamplingParams
-from sglite.runtime.sampler import SamplingBatch
+from sglite.runtime.sampling.sampler import SamplingBatch
 
 pytestmark = pytest.mark.gpu
 

@@ -148,7 +148,7 @@ def test_model_dispatch_through_kernels_on_cpu(monkeypatch):
     """The model's fused branches (in-place residual, q/k rotated in the projection output,
     qk_norm on per-head views, CLA layers without K) driven through the interpreted kernels on
     the CPU: same logits as the torch path in fp32."""
-    from sglite.runtime.model_runner import ModelRunner
+    from sglite.runtime.executor.model_runner import ModelRunner
 
     runner = ModelRunner(preset="tiny", load_format="dummy", device="cpu", dtype="float32",
                          config_overrides=dict(qk_norm=True, cla_factor=2), max_total_tokens=256,
@@ -225,7 +225,7 @@ def test_model_fused_matches_torch_path(monkeypatch, qk_norm):
     path is no less accurate. They cannot be compared bitwise: the fused rotary rotates in fp32
     with fp32 cos/sin, the torch path rounds cos/sin and each product to bf16, and on these
     random weights such roundings alone move the logits by ~1e-2 (split-count note, tests/gpu)."""
-    from sglite.runtime.model_runner import ModelRunner
+    from sglite.runtime.executor.model_runner import ModelRunner
 
     kw = dict(preset="llama-3.2-1b", load_format="dummy", device="cuda", max_total_tokens=4096,
               config_overrides=dict(num_layers=3, qk_norm=qk_norm), max_running_requests=4,

@@ -4,10 +4,10 @@ sliding window + global tokens (its new K/V come from the pool)."""
 
 import torch
 
-from sglite.runtime.attention.base import AttentionLayer, ForwardBatch, ForwardMode
-from sglite.runtime.attention.torch_backend import TorchAttentionBackend
-from sglite.runtime.attention.triton_backend import TritonAttentionBackend
-from sglite.runtime.config import ModelConfig
+from sglite.runtime.executor.attention.base import AttentionLayer, ForwardBatch, ForwardMode
+from sglite.runtime.executor.attention.torch_backend import TorchAttentionBackend
+from sglite.runtime.executor.attention.triton_backend import TritonAttentionBackend
+from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.mem.kv_cache import KVCache
 from tests.kernels.pool import DEVICE, FP32_TOL, rel_err
 

@@ -86,7 +86,7 @@ class RuntimeEndpoint(BaseBackend):
 
 class Runtime(RuntimeEndpoint):
     """Start a runtime process (the embedded SmolLM2-135M-Instruct when model_path is None) and
-    use it as a backend; server_args are sglite.runtime.args.ServerArgs fields."""
+    use it as a backend; server_args are sglite.runtime.server.args.ServerArgs fields."""
 
     def __init__(self, model_path: str | None = None, *, chat_template_name: str | None = None,
                  launch_timeout: float = 600.0, **server_args):

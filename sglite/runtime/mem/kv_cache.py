@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sglite.runtime.config import ModelConfig
+from sglite.runtime.models.config import ModelConfig
 
 
 class KVCache:

@@ -1,5 +1,3 @@
-"""Native torch models. One class covers the Llama family (Llama, SmolLM2, Qwen2/3, Mistral)."""
+"""Model families: config, loading (safetensors, GGUF), shared layers, one module per family.
 
-from sglite.runtime.models.llama import LlamaForCausalLM
-
-__all__ = ["LlamaForCausalLM"]
+Imports nothing at package level, so that the KV pool can read `models.config` without the model code."""

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglite.runtime.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
-from sglite.runtime.config import ModelConfig
+from sglite.runtime.executor.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
+from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, rotate_qk
 
 # checkpoint projection -> (fused module, shard name)

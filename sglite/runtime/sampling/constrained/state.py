@@ -1,0 +1,143 @@
+"""Per-request grammar state and the batched token-bitmask helpers the scheduler calls each step.
+
+One decode step for a batch with some constrained rows:
+
+    bitmask = allocate_bitmask(len(reqs), vocab_size)             # int32 [bs, ceil(vocab/32)], CPU
+    rows = fill_bitmask(bitmask, [r.grammar for r in reqs])       # None for unconstrained rows
+    apply_bitmask(logits, bitmask, rows)                          # in place, CPU or CUDA
+    next_ids = sample(logits)
+    for r, t in zip(reqs, next_ids): r.grammar and r.grammar.accept(t)
+
+Unconstrained rows are neither filled nor applied, and the whole batch goes through one fill call
+(xgrammar's BatchGrammarMatcher, threaded in C++) and one apply kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import xgrammar as xgr
+
+from sglite.runtime.sampling.constrained.grammar_cache import CompiledGrammar
+
+
+class GrammarState:
+    """A matcher over one compiled grammar: what the request has generated so far.
+
+    After the grammar is complete only the stop tokens are allowed; accepting one terminates the
+    state (the request then finishes with that stop token)."""
+
+    def __init__(self, compiled: CompiledGrammar):
+        self.compiled = compiled
+        self.vocab_size = compiled.vocab_size
+        self.matcher = xgr.GrammarMatcher(compiled.xgr_grammar)
+        self.num_accepted = 0  # tokens accepted so far: the rollback limit
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one token. False (and no state change) if the grammar forbids it."""
+        ok = self.matcher.accept_token(int(token_id))
+        self.num_accepted += ok
+        return ok
+
+    def accept_many(self, token_ids: Sequence[int]) -> bool:
+        """Accept all or nothing: on the first rejected token, roll the accepted ones back."""
+        for i, t in enumerate(token_ids):
+            if not self.accept(t):
+                self.rollback(i)
+                return False
+        return True
+
+    def rollback(self, num_tokens: int) -> None:
+        if not 0 <= num_tokens <= self.num_accepted:
+            raise ValueError(f"cannot roll back {num_tokens} of {self.num_accepted} tokens")
+        if num_tokens:
+            self.matcher.rollback(num_tokens)
+            self.num_accepted -= num_tokens
+
+    def reset(self) -> None:
+        """Back to the start (e.g. a retracted request that will be re-run)."""
+        self.matcher.reset()
+        self.num_accepted = 0
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def is_completed(self) -> bool:
+        """The text so far is a full match (a stop token is allowed next)."""
+        return self.matcher.is_completed()
+
+    def jump_forward_text(self) -> str:
+        """The longest string every continuation must start with ("" if none): see jump_forward."""
+        if self.matcher.is_terminated():
+            return ""
+        return self.matcher.find_jump_forward_string()
+
+    def fill_allowed(self, bitmask: torch.Tensor, row: int = 0) -> bool:
+        """Write this state's allowed tokens into bitmask[row] (int32, CPU). Returns False when
+        every token is allowed (nothing to apply)."""
+        return self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def allowed_mask(self) -> torch.Tensor:
+        """bool [vocab_size], True = allowed (for samplers that take a boolean mask)."""
+        bitmask = allocate_bitmask(1, self.vocab_size)
+        self.fill_allowed(bitmask, 0)
+        return bitmask_to_bool(bitmask, self.vocab_size)[0]
+
+
+def allocate_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
+    """int32 [batch_size, ceil(vocab_size / 32)] on CPU, all bits set (= everything allowed).
+    Reuse one across steps: fill_bitmask overwrites the rows it uses."""
+    return xgr.allocate_token_bitmask(batch_size, vocab_size)
+
+
+_batch_matcher: xgr.BatchGrammarMatcher | None = None
+
+
+def fill_bitmask(
+    bitmask: torch.Tensor, states: Sequence[GrammarState | None]
+) -> list[int]:
+    """Fill bitmask[i] for every constrained row i (states[i] not None and not terminated).
+    Returns those row indices, the `rows` for apply_bitmask. Rows of other requests are left as
+    they are and are never applied."""
+    global _batch_matcher
+    if bitmask.shape[0] < len(states):
+        raise ValueError(f"bitmask has {bitmask.shape[0]} rows for a batch of {len(states)}")
+    rows = [i for i, s in enumerate(states) if s is not None and not s.is_terminated()]
+    if len(rows) == 1:
+        states[rows[0]].fill_allowed(bitmask, rows[0])
+    elif rows:
+        if _batch_matcher is None:
+            _batch_matcher = xgr.BatchGrammarMatcher(max_threads="auto")
+        _batch_matcher.batch_fill_next_token_bitmask(
+            [states[i].matcher for i in rows], bitmask, rows
+        )
+    return rows
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """Set disallowed logits of `rows` to -inf, in place. logits: float [bs, vocab] on CPU or
+    CUDA (its width is the model's vocab_size, which the bitmask was sized for); bitmask: the CPU
+    int32 tensor fill_bitmask wrote (copied to the logits' device here)."""
+    if not rows:
+        return
+    if logits.dim() != 2 or bitmask.shape[1] * 32 < logits.shape[1]:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not fit bitmask {tuple(bitmask.shape)}: "
+            "allocate the bitmask with the model's vocab_size"
+        )
+    if bitmask.device != logits.device:
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(
+        logits, bitmask, vocab_size=logits.shape[1], indices=list(rows)
+    )
+
+
+def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [bs, words] bitmask → bool [bs, vocab_size] on CPU (bit j of word w is token
+    32*w + j). numpy's unpackbits over the little-endian bytes: ~0.1 ms for the 49k vocab, where
+    torch shifts or table lookups take milliseconds."""
+    as_bytes = bitmask.cpu().contiguous().numpy().view(np.uint8)  # [bs, 4 * words]
+    bits = np.unpackbits(as_bytes, axis=-1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool)

@@ -1,0 +1,242 @@
+"""After a forward: grammar masks, sampling, stop checks, detokenization, logprobs, replies.
+
+Text leaves in deltas: each sampled token goes through the request's IncrementalDetokenizer (never
+broken UTF-8) and its StopMatcher, which holds back text that may be the start of a stop string
+until it is disambiguated; a matched stop string is cut from the text (as SGLang's no_stop_trim
+off). A stop token (EOS unless ignore_eos, or stop_token_ids) ends the request without adding
+its text. Logprob entries are SGLang's [logprob, token_id, token_text] triples.
+
+Constrained requests: a grammar that completes ends the request (the grammar then allows only stop
+tokens; accepting one terminates it, finish_reason "stop" with that token); max_new_tokens and stop
+strings cut it as usual (the text then need not match). min_new_tokens does not apply: the grammar
+decides where the output ends. Jump-forward (constrained/jump.py): after each accepted token, the
+text the grammar forces is appended at once; the tokens it replaces lose their KV
+(`truncate_kv`), the new tokens are prefilled by the scheduler's next extend, the stream gets
+exactly the forced text, and the detokenizer restarts after it. Requests that want logprobs do not
+jump (jumped tokens have no logprobs of their own).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from sglite.runtime.scheduler.req import Req
+from sglite.runtime.scheduler.sampling import Sampling
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, model_config, *, enable_jump_forward: bool = True,
+                 truncate_kv: Callable[[Req, int], None] = lambda req, kv_len: None):
+        self.tokenizer = tokenizer
+        self.enable_jump_forward = enable_jump_forward and tokenizer is not None
+        self.truncate_kv = truncate_kv  # (req, n): KV past position n is stale (CacheManager)
+        self.eos_ids = set(model_config.eos_token_ids)
+        self.vocab_size = model_config.vocab_size
+        self.sampling = Sampling(model_config.vocab_size, eos_token_ids=model_config.eos_token_ids)
+
+    # ---- per request state
+    def init_request(self, req: Req) -> None:
+        """Detokenizer and stop matcher (call once, when the request is created)."""
+        from sglite.runtime.sampling.detokenizer import StopMatcher
+
+        if self.tokenizer is not None:
+            req.detok = self._detokenizer(req, req.input_ids)
+        req.stop_matcher = StopMatcher(list(req.params.stop))
+
+    def new_grammar_state(self, compiled):
+        from sglite.runtime.sampling.constrained import GrammarState
+
+        return GrammarState(compiled)
+
+    # ---- after a forward
+    def process(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        """reqs: requests whose every token has KV; logits [len(reqs), vocab] of their last one."""
+        rows = []
+        for i, req in enumerate(reqs):
+            if len(req.output_ids) >= req.params.max_new_tokens:  # 0: prefill only (select)
+                req.finish("length")
+                self.emit(req)
+            else:
+                rows.append(i)
+        if not rows:
+            return
+        if len(rows) < len(reqs):
+            reqs, logits = [reqs[i] for i in rows], logits[rows]
+        next_ids, logprobs = self.sampling.sample(reqs, logits)
+        self.apply(reqs, next_ids, logprobs)
+
+    def apply(self, reqs: list[Req], next_ids: list[int], logprobs: torch.Tensor | None = None):
+        """Append each request's sampled token: stop checks, text, jump-forward, replies."""
+        for i, (req, token_id) in enumerate(zip(reqs, next_ids)):
+            if req.is_finished:  # aborted by a sink earlier in this loop, or ended by a stop
+                continue  # token before this (overlapped) decode was read
+            if _is_plain(req):
+                self._append_plain(req, token_id)
+                continue
+            if req.return_logprob:
+                self._record_logprob(req, "output", logprobs[i], token_id)
+            self.append_token(req, token_id)
+            self.jump_forward(req)
+            self.emit(req)
+
+    def append_token(self, req: Req, token_id: int) -> None:
+        req.output_ids.append(token_id)
+        if req.grammar is not None and not req.grammar.accept(token_id):
+            req.finish("abort", f"the grammar rejected token {token_id}")
+            return
+        p = req.params
+        min_len = 0 if req.grammar is not None else p.min_new_tokens  # see the module docstring
+        if self._ends_on(req, token_id, min_len) or (
+                req.grammar is not None and req.grammar.is_terminated()):
+            req.finish("stop", token_id)
+        else:
+            self.append_text(req, req.detok.append(token_id) if req.detok else "")
+        if not req.is_finished and len(req.output_ids) >= p.max_new_tokens:
+            req.finish("length")
+        if req.is_finished and not isinstance(req.finish_reason["matched"], str):
+            if req.detok is not None:  # release what the detokenizer and stop matcher hold
+                self.append_text(req, req.detok.flush())
+            req.text_buffer += req.stop_matcher.flush()
+
+    def _append_plain(self, req: Req, token_id: int) -> None:
+        """append_token + emit for a request without text work (no detokenizer, stop strings,
+        grammar or logprobs: dummy weights, token-id clients): a few list and set operations
+        instead of the general path's calls, for every request of every decode step."""
+        req.output_ids.append(token_id)
+        if self._ends_on(req, token_id, req.params.min_new_tokens):
+            req.finish("stop", token_id)
+        elif len(req.output_ids) >= req.params.max_new_tokens:
+            req.finish("length")
+        else:
+            return
+        self.emit(req)
+
+    def _ends_on(self, req: Req, token_id: int, min_len: int) -> bool:
+        """Is the just-appended token a stop token (stop_token_ids, or EOS unless ignore_eos)
+        past min_len output tokens?"""
+        p = req.params
+        return ((token_id in p.stop_token_ids or token_id in self.eos_ids and not p.ignore_eos)
+                and len(req.output_ids) > min_len)
+
+    def jump_forward(self, req: Req) -> None:
+        """Append the text req's grammar forces now, if any (see the module docstring)."""
+        if not (self.enable_jump_forward and req.grammar is not None and not req.is_finished
+                and not req.return_logprob):
+            return
+        from sglite.runtime.sampling.constrained import jump_forward
+
+        out = req.output_ids
+        jf = jump_forward(req.grammar, self.tokenizer, out)
+        if jf is None:
+            return
+        kept = len(out) - jf.num_dropped
+        # over max_new_tokens, or KV the sliding window freed: undo, and decode step by step
+        fits = kept + len(jf.new_token_ids) <= req.params.max_new_tokens
+        if not (fits and self._truncate_kv(req, len(req.input_ids) + kept)):
+            req.grammar.rollback(len(jf.new_token_ids))
+            assert req.grammar.accept_many(out[kept:]), "re-accepting old tokens failed"
+            return
+        out[kept:] = jf.new_token_ids
+        req.num_jump_forward_tokens += jf.num_jumped
+        # the old tokens' text was all emitted (jump_forward only runs at a character boundary),
+        # and the new tokens spell it plus jf.text: restart with them as context
+        req.detok = self._detokenizer(req, req.fill_ids)
+        self.append_text(req, jf.text)
+
+    def append_text(self, req: Req, text: str) -> None:
+        emit, matched = req.stop_matcher.feed(text)
+        req.text_buffer += emit
+        if matched is not None:
+            req.finish("stop", matched)
+
+    def emit(self, req: Req) -> None:
+        """Send what the client should see now: every delta when streaming, else the end."""
+        if not (req.is_finished or req.stream and req.text_buffer):
+            return
+        text, req.text_buffer = req.text_buffer, ""
+        req.sink.on_output(req, text, req.is_finished, self.meta_info(req))
+
+    def fail(self, req: Req, message: str) -> None:
+        req.sink.on_error(req, message)
+
+    def meta_info(self, req: Req) -> dict[str, Any]:
+        meta = {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.output_ids),
+                "cached_tokens": req.num_cached_tokens}
+        if req.num_jump_forward_tokens:
+            meta["jump_forward_tokens"] = req.num_jump_forward_tokens
+        if req.is_finished:
+            meta["finish_reason"] = dict(req.finish_reason)
+            if req.return_logprob:
+                for key in ("input_token_logprobs", "input_top_logprobs",
+                            "output_token_logprobs", "output_top_logprobs"):
+                    meta[key] = req.logprobs.get(key, [])
+        return meta
+
+    # ---- logprobs
+    def input_logprobs(self, reqs: list[Req], prefix_lens: list[int], new_ids: list[list[int]],
+                       logits: torch.Tensor) -> None:
+        """logits: [num_tokens, vocab], every new token of every request of an extend forward.
+        The row of position p scores input token p + 1; token 0 has no logprob (None)."""
+        offset = 0
+        for req, prefix_len, ids in zip(reqs, prefix_lens, new_ids):
+            if req.wants_input_logprobs:
+                start = req.logprob_start_len
+                if prefix_len == 0 and start == 0:
+                    self._append_lp(req, "input", None, req.input_ids[0], [])
+                lp = torch.log_softmax(logits[offset: offset + len(ids)].float(), dim=-1)
+                for row, pos in enumerate(range(prefix_len, prefix_len + len(ids))):
+                    if start <= pos + 1 < len(req.input_ids):
+                        self._record_logprob(req, "input", lp[row], req.input_ids[pos + 1])
+                if prefix_len + len(ids) >= len(req.input_ids):
+                    req.input_logprobs_done = True
+            offset += len(ids)
+
+    def _record_logprob(self, req: Req, kind: str, logprobs_row: torch.Tensor,
+                        token_id: int) -> None:
+        top = []
+        if req.top_logprobs_num > 0:
+            values, ids = logprobs_row.topk(req.top_logprobs_num)
+            top = [[v, i, self._token_text(i)] for v, i in zip(values.tolist(), ids.tolist())]
+        self._append_lp(req, kind, float(logprobs_row[token_id]), token_id, top)
+
+    def _append_lp(self, req: Req, kind: str, logprob, token_id: int, top: list) -> None:
+        req.logprobs.setdefault(f"{kind}_token_logprobs", []).append(
+            [logprob, token_id, self._token_text(token_id)])
+        req.logprobs.setdefault(f"{kind}_top_logprobs", []).append(top)
+
+    def _truncate_kv(self, req: Req, kv_len: int) -> bool:
+        try:
+            self.truncate_kv(req, kv_len)
+        except ValueError:  # CacheManager refuses when the window already freed keys we need
+            return False
+        return True
+
+    def _detokenizer(self, req: Req, context_ids: list[int]):
+        from sglite.runtime.sampling.detokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids=context_ids,
+                                      skip_special_tokens=req.params.skip_special_tokens)
+
+    def _token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token_id])
+
+
+def _is_plain(req: Req) -> bool:
+    return (req.detok is None and req.grammar is None and not req.return_logprob
+            and not req.stop_matcher.stops and not req.text_buffer)
+
+
+def can_decode_ahead(req: Req) -> bool:
+    """Whether req's next decode can be launched before the host reads its last token: nothing
+    but the logits and the tokens so far shapes the next token (no grammar, whose matcher runs on
+    the host; no logprobs, which the host reads from each step's logits), so it is sampled on the
+    device (`Sampling.next_ids_on_device`, penalties and min_new_tokens counting the token still
+    in flight). A stop token or string may still end req at the token being read: the step
+    launched ahead is then wasted for req (its token is dropped; the KV it wrote for req's last
+    token goes into the tree with the rest). The overlapped decode loop (scheduler) runs such
+    requests."""
+    return req.grammar is None and not req.return_logprob

@@ -1,0 +1,86 @@
+"""Glue between a batch of requests and the sampler: grammar bitmasks for the constrained rows,
+the greedy fast path, and the raw logprobs that the output processor reports."""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+from sglite.runtime.scheduler.req import Req
+
+
+class Sampling:
+    def __init__(self, vocab_size: int, *, eos_token_ids=()):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._bitmask = None  # int32 [rows, words], reused across steps
+
+    def sample(self, reqs: list[Req], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """logits [bs, vocab] (grammar masks are applied in place). Returns next ids and, when any
+        request wants logprobs, log_softmax of the raw logits [bs, vocab]."""
+        logits = logits.float()
+        logprobs = None
+        if any(r.return_logprob for r in reqs):  # from the raw logits, as SGLang reports them
+            logprobs = torch.log_softmax(logits, dim=-1)
+        self._apply_grammars(reqs, logits)
+        if all(_is_plain_greedy(r) for r in reqs):
+            return logits.argmax(dim=-1).tolist(), logprobs
+        from sglite.runtime.sampling.sampler import sample_batch
+
+        ids = sample_batch(logits, [_effective_params(r) for r in reqs], [r.output_ids for r in reqs],
+                           eos_token_ids=self.eos_token_ids, prompt_ids=_prompt_ids(reqs))
+        return [int(t) for t in ids], logprobs
+
+    def next_ids_on_device(self, reqs: list[Req], logits: torch.Tensor, *,
+                           pending_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Each request's next token, left on the device (the overlapped decode; requests that
+        pass `output_processor.can_decode_ahead`): the argmax when all are plain greedy, else the
+        sampler. pending_ids: [k] device tokens that the first k requests generated but whose
+        output_ids lack them yet: they sample token len(output_ids) + 1 (seeded streams are keyed
+        by that index), and penalties and min_new_tokens count the pending token."""
+        ahead = 0 if pending_ids is None else len(pending_ids)
+        if all(_is_plain_greedy(r, pending=i < ahead) for i, r in enumerate(reqs)):
+            return logits.argmax(dim=-1)
+        from sglite.runtime.sampling.sampler import SamplingBatch
+
+        batch = SamplingBatch.from_requests(
+            [r.params for r in reqs], [r.output_ids for r in reqs], _prompt_ids(reqs),
+            eos_ids=self.eos_token_ids,
+            device=logits.device, steps=[len(r.output_ids) + (i < ahead) for i, r in enumerate(reqs)],
+            pending_ids=pending_ids if ahead else None)
+        return batch.sample(logits.float())
+
+    def _apply_grammars(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        states = [r.grammar for r in reqs]
+        if all(s is None for s in states):
+            return
+        from sglite.runtime.sampling.constrained import allocate_bitmask, apply_bitmask, fill_bitmask
+
+        if self._bitmask is None or self._bitmask.shape[0] < len(reqs):
+            self._bitmask = allocate_bitmask(max(len(reqs), 8), self.vocab_size)
+        rows = fill_bitmask(self._bitmask, states)
+        apply_bitmask(logits, self._bitmask, rows)
+
+
+def _prompt_ids(reqs: list[Req]):
+    """The prompts the sampler needs (some row uses repetition_penalty), else None."""
+    if any(r.params.repetition_penalty != 1 for r in reqs):
+        return [r.prompt_array for r in reqs]
+    return None
+
+
+def _effective_params(req: Req):
+    """A grammar decides where its output ends: masking EOS for min_new_tokens could leave a
+    completed grammar no allowed token, so constrained rows ignore min_new_tokens."""
+    if req.grammar is not None and req.params.min_new_tokens:
+        return msgspec.structs.replace(req.params, min_new_tokens=0)
+    return req.params
+
+
+def _is_plain_greedy(req: Req, *, pending: bool = False) -> bool:
+    """Greedy with nothing to mask or penalize: the argmax of the raw logits. pending: one
+    generated token is not in output_ids yet (the overlapped decode)."""
+    p = req.params
+    return ((p.temperature == 0 or p.top_k == 1) and p.frequency_penalty == 0
+            and p.presence_penalty == 0 and p.repetition_penalty == 1
+            and (len(req.output_ids) + pending >= p.min_new_tokens or req.grammar is not None))

@@ -1,0 +1,348 @@
+"""The scheduler loop: admit → extend forward → decode forward → process outputs.
+
+One iteration (`step`) runs at most one extend forward (new prompts, prompt chunks, and running
+requests whose jump-forward added tokens) and one decode forward (every running request with
+exactly one token without KV). Running extend and decode as separate forwards keeps the decode
+batch's shape regular while new requests join the running set every iteration (continuous
+batching). When the pool cannot give each decoding request one slot, requests are retracted:
+their KV goes back (into the radix tree, unlocked), they keep their tokens and rejoin the front of
+the waiting queue.
+
+Overlap (enable_overlap): when no request of a decode batch needs the host between its tokens
+(`can_decode_ahead`: no grammar, no logprobs), its tokens are not read at once: they are sampled on
+the device (argmax, or the sampler with penalties counting the token in flight) and go to pinned
+host memory (`PendingDecode`). The next step launches the following decode with those device tokens
+as inputs first (`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every
+request that max_new_tokens lets continue is launched ahead; one that a stop token or string ends
+at the pending token wasted its row of that decode (its token is dropped, the KV written for its
+last token is cached with the rest). Until they are appended a continued request holds KV for one
+token the host has not seen (kv_len = seq_len + 1); `CacheManager.release` frees that slot if it
+ends then (abort). Anything else (no room, nothing continues) reads the pending tokens first and
+takes the plain path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from sglite.runtime.scheduler.cache_manager import CacheManager, freeable_window
+from sglite.runtime.scheduler.output_processor import OutputProcessor, can_decode_ahead
+from sglite.runtime.scheduler.req import Req, ReqState
+from sglite.runtime.scheduler.policy import (AddResult, PrefillAdder, decode_reserve,
+                                            order_waiting)
+from sglite.runtime.scheduler.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+INIT_NEW_TOKEN_RATIO = 0.6  # share of remaining max_new_tokens reserved at admission ...
+MIN_NEW_TOKEN_RATIO = 0.15  # ... decaying to this while nothing is retracted
+NEW_TOKEN_RATIO_DECAY = 0.002  # per decode step
+
+
+class Scheduler:
+    def __init__(self, runner, *, chunked_prefill_size: int = 512, max_running_requests: int = 128,
+                 disable_radix_cache: bool = False, schedule_policy: str = "lpm",
+                 grammar_cache=None, enable_jump_forward: bool = True,
+                 log_interval: float = 10.0,
+                 disable_window_free: bool = False, enable_overlap: bool = True):
+        self.runner = runner
+        cfg = runner.model_config
+        self.cache = CacheManager(
+            runner.req_to_token, runner.token_pool, disable_radix_cache=disable_radix_cache,
+            sliding_window=None if disable_window_free else freeable_window(cfg),
+            global_tokens=cfg.global_tokens)
+        self.token_budget = chunked_prefill_size if chunked_prefill_size > 0 else 1 << 62
+        self.max_running_requests = min(max_running_requests, runner.req_to_token.max_reqs)
+        self.schedule_policy = schedule_policy
+        self.grammar_cache = grammar_cache
+        self.outputs = OutputProcessor(runner.tokenizer, runner.model_config,
+                                       enable_jump_forward=enable_jump_forward,
+                                       truncate_kv=self.cache.truncate)
+        self.stats = Stats(log_interval=log_interval)
+        self.waiting: list[Req] = []
+        self.grammar_queue: list[Req] = []
+        self.running: list[Req] = []  # holds a request row (and KV); prefilling or decoding
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.enable_overlap = enable_overlap
+        self._pending: PendingDecode | None = None  # a decode whose tokens are not read yet
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.grammar_queue)
+
+    # ---- the loop body
+    def step(self) -> None:
+        t0, forward_time = time.perf_counter(), self.stats.forward_time
+        self._poll_grammars()
+        decoded = self._pending is not None and self._decode_ahead()
+        extend = self._schedule_extend()
+        if extend:
+            self._run_extend(extend)
+        decode = [] if decoded else self._schedule_decode()
+        if decode:
+            self._run_decode(decode)
+        self._drop_finished(queues=False)  # only running requests finish inside a step
+        self.cache.free_window_kv(self.running)  # sliding window: KV no future query sees
+        self.stats.record_step(time.perf_counter() - t0 - (self.stats.forward_time - forward_time))
+        self.stats.maybe_log(self)
+
+    # ---- requests in
+    def add_request(self, req: Req) -> None:
+        """Queue a validated request (grammar requests wait for their compiled grammar first)."""
+        kind_spec = _grammar_spec(req)
+        if kind_spec is not None:
+            if self.grammar_cache is None:
+                raise ValueError("constrained decoding needs a tokenizer (not with dummy weights)")
+            req.grammar_future = self.grammar_cache.get_future(*kind_spec)
+            req.state = ReqState.GRAMMAR
+            self.grammar_queue.append(req)
+        else:
+            req.state = ReqState.WAITING
+            self.waiting.append(req)
+        self.stats.num_requests += 1
+
+    def abort(self, predicate) -> int:
+        """Abort every queued or running request for which predicate(req) holds."""
+        found = [r for q in (self.grammar_queue, self.waiting, self.running) for r in q
+                 if predicate(r)]
+        for req in found:
+            req.finish("abort")
+            self.outputs.emit(req)
+        self._drop_finished()
+        return len(found)
+
+    def fail(self, req: Req, message: str) -> None:
+        """Per-request failure: report to its client, free its resources, keep serving others."""
+        req.finish("abort", message)
+        self.outputs.fail(req, message)
+        self._drop_finished()
+
+    # ---- scheduling
+    def _poll_grammars(self) -> None:
+        for req in [r for r in self.grammar_queue if r.grammar_future.done()]:
+            self.grammar_queue.remove(req)
+            try:
+                req.grammar = self.outputs.new_grammar_state(req.grammar_future.result())
+            except Exception as e:  # a bad regex/schema/grammar: that client only
+                req.state = ReqState.FINISHED
+                self.outputs.fail(req, str(e))
+                continue
+            self.outputs.jump_forward(req)  # e.g. `{"name": "`: prefilled with the prompt
+            req.state = ReqState.WAITING
+            self.waiting.append(req)
+
+    def _schedule_extend(self) -> PrefillAdder | None:
+        continuing = [r for r in self.running if r.extend_len > 1 and not r.is_finished]
+        if not continuing and (not self.waiting or len(self.running) >= self.max_running_requests):
+            return None
+        decoding = [r for r in self.running if r.extend_len <= 1]
+        reserve = sum(decode_reserve(r, self.new_token_ratio, cap=self.cache.window_held_cap)
+                      for r in decoding)
+        adder = PrefillAdder(
+            self.cache, token_budget=self.token_budget,
+            kv_budget=self.cache.available_size - reserve,
+            num_rows_left=self.max_running_requests - len(self.running) + len(continuing),
+            new_token_ratio=self.new_token_ratio)
+        for req in continuing:  # already hold a row: chunked prompts, jump-forward extends
+            if adder.try_add(req) is AddResult.NO_ROOM:
+                break
+        for req in order_waiting(self.waiting, self.cache, policy=self.schedule_policy):
+            result = adder.try_add(req)
+            if result is AddResult.NO_ROOM:
+                break
+            if result is not AddResult.DEFERRED:
+                if req.num_retractions == 0:
+                    # prompt tokens only (a jump-forward before admission may match further)
+                    req.num_cached_tokens = min(req.tree_len, len(req.input_ids))
+                    self.stats.record_admission(len(req.input_ids), req.num_cached_tokens)
+                self.waiting.remove(req)
+                req.state = ReqState.RUNNING
+                self.running.append(req)
+        return adder if adder.reqs else None
+
+    def _schedule_decode(self) -> list[Req]:
+        reqs = [r for r in self.running if r.extend_len == 1 and not r.is_finished]
+        while reqs and self.cache.available_size < len(reqs):
+            victim = min(reqs, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            reqs.remove(victim)
+            self._retract(victim)
+        return reqs
+
+    def _retract(self, req: Req) -> None:
+        self.cache.retract(req)
+        self.running.remove(req)
+        req.state = ReqState.WAITING
+        self.waiting.insert(0, req)
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        self.stats.num_retractions += 1
+        logger.info("retracted request %s (%d tokens) to free KV", req.rid, req.seq_len)
+
+    # ---- forwards
+    def _run_extend(self, adder: PrefillAdder) -> None:
+        reqs = adder.reqs
+        prefix_lens = [r.kv_len for r in reqs]
+        new_ids = [r.fill_ids[r.kv_len: r.kv_len + len(s)] for r, s in zip(reqs, adder.slots)]
+        return_all = any(r.wants_input_logprobs for r in reqs)
+        batch = self.runner.make_extend_batch(  # writes the slots into req_to_token
+            [r.req_pool_idx for r in reqs], prefix_lens, new_ids, torch.cat(adder.slots),
+            return_all_logits=return_all)
+        for req, slots in zip(reqs, adder.slots):
+            self.cache.extend(req, slots, written=True)
+        t0 = time.perf_counter()
+        logits = self._forward(reqs, lambda: self.runner.forward(batch))
+        self.stats.record_extend(batch.num_tokens, time.perf_counter() - t0)
+        if logits is None:
+            return
+        if return_all:
+            self.outputs.input_logprobs(reqs, prefix_lens, new_ids, logits)
+            logits = logits[torch.tensor(batch.extend_lens_cpu).cumsum(0) - 1]
+        for req in reqs:
+            if not req.is_finished:
+                self.cache.cache_unfinished(req)  # share the prompt (chunk) with later peers
+        self._sample_and_process(reqs, logits)
+
+    def _run_decode(self, reqs: list[Req]) -> None:
+        slots = self.cache.alloc_decode(reqs)
+        assert slots is not None, "decode scheduled without room (checked in _schedule_decode)"
+        self.cache.advance_decode(reqs)
+        self._launch_decode(reqs, [r.last_token_id for r in reqs], slots)
+
+    def _launch_decode(self, reqs: list[Req], last_token_ids: list[int], slots: torch.Tensor, *,
+                       previous: PendingDecode | None = None, fed_index: list[int] | None = None) -> None:
+        """One host-to-device copy for the batch, which also writes the slots into req_to_token.
+        previous: the decode before this one, whose tokens are appended once this one is launched
+        (and before this one's own are); the first previous.continued of reqs are its continuing
+        requests, fed their input ids from previous.next_ids[fed_index] on the device."""
+        t0 = time.perf_counter()
+        fed = {} if previous is None else dict(fed_ids=previous.next_ids, fed_index=fed_index)
+        out = self._forward(reqs, lambda: self.runner.forward_decode(
+            [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], last_token_ids, slots, **fed))
+        logits, input_ids = (None, None) if out is None else out
+        self.stats.record_decode(len(reqs), time.perf_counter() - t0)
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
+                                   self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        if logits is not None and self.enable_overlap and all(map(can_decode_ahead, reqs)):
+            # the continued requests' pending tokens are this decode's first inputs
+            pending_ids = input_ids[: previous.continued] if previous is not None else None
+            next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
+            self._pending = PendingDecode.start(reqs, next_ids)  # read next step, after the
+            logits = None  # next forward is queued behind this one
+        if previous is not None:
+            self._finish_decode(previous)
+        if logits is not None:
+            self._sample_and_process(reqs, logits)
+
+    # ---- overlap: the GPU runs decode N+1 while the host appends the tokens of decode N
+    def _decode_ahead(self) -> bool:
+        """Launch the next decode of the pending one's requests, feeding their tokens from the
+        device, then read and append the pending tokens. Which requests max_new_tokens lets
+        continue is known before their tokens are; a stop token among the pending ones ends its
+        request after the launch (its row of the new decode is wasted, see the module docstring).
+        False (pending flushed first) when that does not fit this step."""
+        pending = self._pending
+        cont = [i for i, r in enumerate(pending.reqs)
+                if not r.is_finished and len(r.output_ids) + 1 < r.params.max_new_tokens]
+        others = [r for r in self.running if r.extend_len == 1 and not r.is_finished]
+        reqs = [pending.reqs[i] for i in cont] + others
+        if not cont or self.cache.available_size < len(reqs):
+            self._finish_pending()
+            return False
+        slots = self.cache.alloc_decode(reqs)
+        self.cache.advance_decode(reqs)  # for cont: the KV of the still unread token
+        self._pending = None
+        pending.continued = len(cont)
+        self._launch_decode(reqs, [0] * len(cont) + [r.last_token_id for r in others], slots,
+                            previous=pending,
+                            fed_index=None if len(cont) == len(pending.reqs) else cont)
+        return True
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._finish_decode(pending)
+
+    def _finish_decode(self, pending: PendingDecode) -> None:
+        self._process_outputs(pending.reqs, lambda: self.outputs.apply(pending.reqs,
+                                                                       pending.token_ids()))
+
+    def _forward(self, reqs: list[Req], run):
+        """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not
+        the runtime)."""
+        try:
+            return run()
+        except Exception as e:
+            logger.exception("forward failed")
+            for req in reqs:
+                self.fail(req, f"forward failed: {type(e).__name__}: {e}")
+            return None
+
+    def _sample_and_process(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        """Sample for the requests whose every token now has KV; others are mid-prompt."""
+        rows = [i for i, r in enumerate(reqs) if r.extend_len == 0 and not r.is_finished]
+        if not rows:
+            return
+        ready = [reqs[i] for i in rows]
+        self._process_outputs(ready, lambda: self.outputs.process(ready, logits[rows]))
+
+    def _process_outputs(self, reqs: list[Req], process) -> None:
+        """Run process(); if it raises, fail the batch's unfinished requests, not the runtime."""
+        try:
+            process()
+        except Exception as e:
+            logger.exception("output processing failed")
+            for req in reqs:
+                if not req.is_finished:
+                    self.fail(req, f"{type(e).__name__}: {e}")
+
+    def _drop_finished(self, *, queues: bool = True) -> None:
+        """queues: also scan the waiting and grammar queues (aborts and failures end queued
+        requests; a step does not, and the waiting queue can be thousands long)."""
+        finished = [r for r in self.running if r.is_finished]
+        if finished:
+            for req in finished:
+                self.cache.release(req)
+                req.state = ReqState.FINISHED
+            self.running = [r for r in self.running if not r.is_finished]
+            self.stats.num_finished += len(finished)
+        if not queues:
+            return
+        for q in (self.waiting, self.grammar_queue):
+            for req in [r for r in q if r.is_finished]:
+                q.remove(req)
+                req.state = ReqState.FINISHED
+
+
+class PendingDecode:
+    """A launched decode's greedy tokens: on the device (the next decode's inputs) and on their
+    way to pinned host memory (read once the copy's event has completed)."""
+
+    def __init__(self, reqs: list[Req], next_ids: torch.Tensor, host_ids: torch.Tensor, event):
+        self.reqs, self.next_ids, self.host_ids, self.event = reqs, next_ids, host_ids, event
+        self.continued = 0  # how many of reqs the next decode continues (set when it launches)
+
+    @classmethod
+    def start(cls, reqs: list[Req], next_ids: torch.Tensor) -> PendingDecode:
+        """next_ids: a new device tensor (the graph's logits get overwritten by the next replay)."""
+        if next_ids.device.type != "cuda":
+            return cls(reqs, next_ids, next_ids, None)
+        host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        host_ids.copy_(next_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(reqs, next_ids, host_ids, event)
+
+    def token_ids(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host_ids.tolist()
+
+
+def _grammar_spec(req: Req) -> tuple[str, str] | None:
+    p = req.params
+    for kind, spec in (("regex", p.regex), ("json_schema", p.json_schema), ("grammar", p.grammar)):
+        if spec is not None:
+            return kind, spec
+    return None

@@ -1,0 +1,180 @@
+"""One handler per protocol request: decode, validate, tokenize, hand to the scheduler, reply.
+
+Every failure while handling one message becomes an ErrorOut to its sender (naming the problem);
+the runtime keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import msgspec
+
+from sglite import protocol
+from sglite.runtime.scheduler.req import Req
+
+logger = logging.getLogger("sglite.runtime")
+
+
+class ClientSink:
+    """Outputs of a client's GenerateReq go straight back over the socket."""
+
+    def __init__(self, server, identity: bytes):
+        self.server, self.identity = server, identity
+
+    def on_output(self, req: Req, text: str, finished: bool, meta: dict) -> None:
+        self.server.send(self.identity, protocol.GenerateOut(
+            rid=req.rid, text=text, finished=finished, meta_info=meta))
+
+    def on_error(self, req: Req, message: str) -> None:
+        self.server.send(self.identity, protocol.ErrorOut(rid=req.rid, message=message))
+
+
+class RequestHandler:
+    def __init__(self, server):
+        self.server = server
+        self.scheduler = server.scheduler
+        self.runner = self.scheduler.runner
+        self.tokenizer = self.runner.tokenizer
+        self.jobs: list = []  # ScoreJob / GraphJob in progress (they submit internal requests)
+
+    def handle(self, identity: bytes, data: bytes) -> None:
+        try:
+            msg = protocol.decode_request(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.server.send(identity, protocol.ErrorOut(
+                rid=_guess_rid(data), message=f"undecodable message: {e}"))
+            return
+        try:
+            getattr(self, f"_on_{type(msg).__name__}")(identity, msg)
+        except Exception as e:  # per-request: report and go on
+            if not isinstance(e, ValueError):
+                logger.exception("handling %s failed", type(msg).__name__)
+            self.server.send(identity, protocol.ErrorOut(rid=msg.rid, message=str(e)))
+
+    def after_step(self) -> None:
+        self.jobs = [j for j in self.jobs if not j.done]
+
+    def client_gone(self, identity: bytes) -> None:
+        n = self.scheduler.abort(lambda r: r.client == identity)
+        for job in self.jobs:
+            if job.identity == identity:
+                job.done = True
+        if n:
+            logger.info("client went away: aborted %d request(s)", n)
+
+    # ---- requests
+    def _on_GenerateReq(self, identity: bytes, msg: protocol.GenerateReq) -> None:
+        if self._is_active(identity, msg.rid):
+            raise ValueError(f"request id {msg.rid!r} is already in use by a running request")
+        req = self.make_req(
+            msg.rid, self.prompt_ids(text=msg.text, input_ids=msg.input_ids),
+            protocol.parse_sampling_params(msg.sampling_params), ClientSink(self.server, identity),
+            client=identity, stream=msg.stream, return_logprob=msg.return_logprob,
+            logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num)
+        self.scheduler.add_request(req)
+
+    def _on_ScoreReq(self, identity: bytes, msg: protocol.ScoreReq) -> None:
+        from sglite.runtime.scheduler.score import ScoreJob
+
+        self.jobs.append(ScoreJob(self, identity, msg))
+
+    def _on_GraphReq(self, identity: bytes, msg: protocol.GraphReq) -> None:
+        from sglite.runtime.scheduler.graph_executor import GraphJob
+
+        self.jobs.append(GraphJob(self, identity, msg))
+
+    def _on_AbortReq(self, identity: bytes, msg: protocol.AbortReq) -> None:
+        # the aborted request answers for itself (a final GenerateOut with finish_reason abort)
+        self.scheduler.abort(lambda r: r.client == identity and r.group == msg.rid)
+        for job in self.jobs:
+            if job.identity == identity and job.rid == msg.rid:
+                job.abort()
+
+    def _on_FlushCacheReq(self, identity: bytes, msg: protocol.FlushCacheReq) -> None:
+        if self.scheduler.has_work or not self.scheduler.cache.flush():
+            raise ValueError("cannot flush the cache while requests are running")
+        self.server.send(identity, protocol.OkOut(rid=msg.rid))
+
+    def _on_InfoReq(self, identity: bytes, msg: protocol.InfoReq) -> None:
+        self.server.send(identity, protocol.InfoOut(rid=msg.rid, info=self.info()))
+
+    # ---- helpers (also used by the score and graph jobs)
+    def prompt_ids(self, *, text: str | None = None, input_ids: list[int] | None = None) -> list[int]:
+        if (text is None) == (input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        if text is not None:
+            ids = self.tokenize(text)
+        else:
+            vocab = self.runner.model_config.vocab_size
+            bad = [t for t in input_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"input_ids contain {bad[0]}, outside the vocabulary [0, {vocab})")
+            ids = list(input_ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context length is "
+                             f"{self.max_seq_len} (prompt plus at least one new token)")
+        return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this runtime has no tokenizer (dummy weights): send input_ids")
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))  # a chat template may have added it
+        return self.tokenizer(text, add_special_tokens=add_special).input_ids
+
+    def make_req(self, rid: str, ids: list[int], params: protocol.SamplingParams, sink, *,
+                 client: bytes | None, group: str | None = None, **kw) -> Req:
+        if kw.get("top_logprobs_num", 0) < 0:
+            raise ValueError("top_logprobs_num must be >= 0")
+        if kw.get("logprob_start_len", -1) >= len(ids):
+            raise ValueError(f"logprob_start_len {kw['logprob_start_len']} is past the prompt "
+                             f"({len(ids)} tokens)")
+        # a request never needs more KV than the pool has or the context allows
+        room = self.max_seq_len - len(ids)
+        if params.max_new_tokens > room:
+            params = msgspec.structs.replace(params, max_new_tokens=room)
+        req = Req(rid=rid, input_ids=ids, params=params, sink=sink, client=client,
+                  group=rid if group is None else group, **kw)
+        self.scheduler.outputs.init_request(req)
+        return req
+
+    @property
+    def max_seq_len(self) -> int:
+        return min(self.runner.max_context_len, self.scheduler.cache.num_total)
+
+    def info(self) -> dict[str, Any]:
+        cfg, tok = self.runner.model_config, self.tokenizer
+        info = {
+            "model_path": self.runner.model_path, "context_length": self.runner.max_context_len,
+            "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_token_ids[0]
+            if cfg.eos_token_ids else None, "eos_token_ids": list(cfg.eos_token_ids),
+            "chat_template": getattr(tok, "chat_template", None),
+            "bos_token": getattr(tok, "bos_token", None),
+            "eos_token": getattr(tok, "eos_token", None),
+            "max_total_tokens": self.scheduler.cache.num_total,
+            "disable_radix_cache": self.scheduler.cache.disable_radix_cache,
+            "max_running_requests": self.scheduler.max_running_requests,
+            "cuda_graph_max_bs": (max(self.runner.graph_runner.batch_sizes)
+                                  if self.runner.graph_runner is not None else None),
+            "pid": os.getpid(),
+        }
+        info.update(self.scheduler.stats.counters(self.scheduler))
+        return info
+
+    def _is_active(self, identity: bytes, rid: str) -> bool:
+        s = self.scheduler
+        return any(r.client == identity and r.rid == rid
+                   for q in (s.waiting, s.running, s.grammar_queue) for r in q)
+
+
+def _guess_rid(data: bytes) -> str:
+    try:
+        obj = msgspec.msgpack.decode(data)
+        return str(obj.get("rid", "")) if isinstance(obj, dict) else ""
+    except Exception:
+        return ""

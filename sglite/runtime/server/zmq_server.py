@@ -1,0 +1,157 @@
+"""The runtime process: a ZeroMQ ROUTER in front of the scheduler, in one thread.
+
+Loop: receive every pending message (blocking briefly only when idle) → handle each (tokenize,
+validate, queue) → one scheduler step. Replies go to the sender's identity; with ROUTER_MANDATORY
+a send to a client that has gone away fails, and that client's requests are aborted (their KV
+freed). A message that cannot be decoded or a request that fails gets an ErrorOut to its sender
+only; nothing a client sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import msgspec
+import zmq
+
+from sglite import protocol
+from sglite.runtime.server.args import ServerArgs
+from sglite.runtime.server.handlers import RequestHandler
+
+logger = logging.getLogger("sglite.runtime")
+
+IDLE_POLL_MS = 100  # wait for messages this long when there is nothing to compute
+INTEGRITY_EVERY_S = 5.0  # check KV accounting this often while idle
+
+
+class Server:
+    def __init__(self, args: ServerArgs, scheduler, handler_factory=RequestHandler):
+        self.args = args
+        self.address = args.bind_address
+        self.scheduler = scheduler
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> EHOSTUNREACH
+        self.socket.setsockopt(zmq.SNDHWM, 0)  # never drop a reply part of a stream
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(self.address)
+        self.handler = handler_factory(self)
+        self.stopping = False
+        self._last_check = 0.0
+        self._parent_pid = int(os.environ.get("SGLITE_PARENT_PID", "0")) or None
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        logger.info("sglite runtime ready at %s", self.address)
+        try:
+            while not self.stopping:
+                self._receive(block=not self.scheduler.has_work)
+                if self.scheduler.has_work:
+                    self.scheduler.step()
+                    self.handler.after_step()
+                else:
+                    self._idle()
+        finally:
+            self.close()
+
+    def send(self, identity: bytes, msg: msgspec.Struct) -> bool:
+        """False when the client is gone; its requests are then aborted."""
+        try:
+            self.socket.send_multipart([identity, protocol.encode(msg)])
+            return True
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            self.handler.client_gone(identity)
+            return False
+
+    def close(self) -> None:
+        self.socket.close()
+        self.ctx.term()
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[len("ipc://"):])
+            except OSError:
+                pass
+
+    # ---- private
+    def _receive(self, *, block: bool) -> None:
+        if block and not self.socket.poll(IDLE_POLL_MS):
+            return
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:  # a DEALER sends single-frame messages (plus our identity frame)
+                self.send(frames[0], protocol.ErrorOut(rid="", message=(
+                    f"expected one frame per message, got {len(frames) - 1}")))
+                continue
+            self.handler.handle(frames[0], frames[1])
+
+    def _idle(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < INTEGRITY_EVERY_S:
+            return
+        self._last_check = now
+        self.scheduler.cache.check_integrity()
+        self.scheduler.cache.token_pool.check_integrity()
+        if self._parent_pid is not None and os.getppid() != self._parent_pid:
+            logger.info("the launching process is gone; shutting down")
+            self.stopping = True
+
+    def _stop(self, *_):
+        self.stopping = True
+
+
+def serve(args: ServerArgs) -> None:
+    """Load the model and serve until SIGTERM/SIGINT (or the launching process exits).
+    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from sglite.runtime.executor.model_runner import ModelRunner
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    runner = ModelRunner(
+        args.model_path, dtype=args.dtype, device=args.device,
+        attention_backend=args.attention_backend, load_format=args.load_format,
+        preset=args.preset, max_total_tokens=args.max_total_tokens,
+        max_running_requests=args.max_running_requests, max_context_len=args.context_length,
+        page_size=args.page_size, seed=args.seed, disable_cuda_graph=args.disable_cuda_graph,
+        cuda_graph_max_bs=args.cuda_graph_max_bs)
+    grammar_cache = None
+    if runner.tokenizer is not None:
+        from sglite.runtime.sampling.constrained import GrammarCache
+
+        grammar_cache = GrammarCache(runner.tokenizer, runner.model_config.vocab_size,
+                                     num_threads=args.grammar_threads,
+                                     stop_token_ids=runner.model_config.eos_token_ids or None)
+    scheduler = Scheduler(
+        runner, chunked_prefill_size=args.chunked_prefill_size,
+        max_running_requests=args.max_running_requests,
+        disable_radix_cache=args.disable_radix_cache, schedule_policy=args.schedule_policy,
+        grammar_cache=grammar_cache, enable_jump_forward=not args.disable_jump_forward,
+        disable_window_free=args.disable_window_free, log_interval=args.log_interval,
+        # on the CPU a forward runs as it is launched, so a decode launched ahead only delays the
+        # tokens read after it (and is wasted when EOS ends the request)
+        enable_overlap=not args.disable_overlap and runner.device.type == "cuda")
+    profile_path = os.environ.get("SGLITE_PROFILE")  # where the loop's cProfile table goes
+    if not profile_path:
+        Server(args, scheduler).run()
+        return
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(Server(args, scheduler).run)
+    finally:
+        with open(profile_path, "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)

@@ -1,0 +1,130 @@
+"""GrammarCache errors and caching; batched bitmask fill/apply leaves unconstrained rows alone."""
+
+import json
+
+import pytest
+import torch
+
+from sglite.runtime.sampling.constrained import (
+    GrammarState,
+    allocate_bitmask,
+    apply_bitmask,
+    bitmask_to_bool,
+    fill_bitmask,
+)
+
+VOCAB = 49152
+
+
+@pytest.mark.parametrize(
+    "kind, spec, words",
+    [
+        ("regex", "[0-9", ["invalid regex", "Unclosed '['"]),
+        ("regex", "a(?=b)", ["invalid regex", "Lookahead"]),
+        ("json_schema", "{", ["invalid JSON schema", "not valid JSON"]),
+        ("json_schema", "[1, 2]", ["invalid JSON schema", "must be an object"]),
+        ("json_schema", '{"properties": {"a": {"type": "strin"}}}', ["properties/a/type"]),
+        ("grammar", "start: foo\n", ["invalid Lark grammar", "'foo'"]),
+        ("grammar", 'start: "a" (\n', ["invalid Lark grammar", "parenthesis"]),
+        ("grammar", 'expr: "a"\n', ["invalid Lark grammar", "start"]),
+    ],
+)
+def test_bad_specs_raise_value_error_naming_the_problem(cache, kind, spec, words):
+    fut = cache.get_future(kind, spec)
+    with pytest.raises(ValueError) as info:
+        fut.result(timeout=30)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_unknown_kind_raises_at_once(cache):
+    with pytest.raises(ValueError, match="unknown grammar kind 'ebnf'"):
+        cache.get_future("ebnf", "x")
+
+
+def test_same_spec_shares_one_future(cache):
+    a = cache.get_future("regex", "[a-c]{2}")
+    assert cache.get_future("regex", "[a-c]{2}") is a
+    assert cache.get_future("json_schema", '{"type": "integer"}') is not a
+    state = GrammarState(a.result(timeout=30))
+    allowed = bitmask_to_bool_row(state)
+    assert allowed.sum() > 0 and not allowed[2]  # EOS not allowed before two letters
+
+
+def bitmask_to_bool_row(state):
+    mask = state.allowed_mask()
+    assert mask.shape == (VOCAB,) and mask.dtype == torch.bool
+    return mask
+
+
+def test_batch_fill_and_apply_touch_only_constrained_rows(cache, tokenizer):
+    digits = cache.compile("regex", "[0-9]+")
+    schema = cache.compile("json_schema", json.dumps({"type": "object"}))
+    states = [GrammarState(digits), None, GrammarState(schema), None]
+    logits = torch.randn(4, VOCAB)
+    before = logits.clone()
+    bitmask = allocate_bitmask(4, VOCAB)
+    rows = fill_bitmask(bitmask, states)
+    assert rows == [0, 2]
+    apply_bitmask(logits, bitmask, rows)
+    assert torch.equal(logits[[1, 3]], before[[1, 3]])
+    allowed = bitmask_to_bool(bitmask, VOCAB)
+    for r in rows:
+        assert torch.equal(allowed[r], states[r].allowed_mask())
+        assert torch.equal(torch.isfinite(logits[r]), allowed[r])
+        assert torch.equal(logits[r][allowed[r]], before[r][allowed[r]])
+    # the argmax of a masked row is a token its grammar accepts
+    for r in rows:
+        tok = int(logits[r].argmax())
+        assert states[r].accept(tok)
+    text = tokenizer.decode([int(logits[0].argmax())])
+    assert text.isdigit()
+
+
+def test_apply_rejects_a_too_narrow_bitmask():
+    with pytest.raises(ValueError, match="allocate the bitmask with the model's vocab_size"):
+        apply_bitmask(torch.zeros(1, 100), allocate_bitmask(1, 32), [0])
+
+
+def test_rollback_and_reset(cache, tokenizer):
+    state = GrammarState(cache.compile("regex", "ab+c"))
+    ids = tokenizer.encode("abbb", add_special_tokens=False)
+    assert state.accept_many(ids) and state.num_accepted == len(ids)
+    bad = tokenizer.encode("x", add_special_tokens=False)
+    assert not state.accept_many(ids[:0] + bad) and state.num_accepted == len(ids)
+    state.rollback(len(ids))
+    assert state.num_accepted == 0 and state.accept_many(ids)
+    with pytest.raises(ValueError, match="cannot roll back"):
+        state.rollback(len(ids) + 1)
+    state.reset()
+    assert state.num_accepted == 0 and not state.is_completed()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_on_cuda_matches_cpu(cache):
+    states = [GrammarState(cache.compile("regex", "[0-9]+")), None]
+    bitmask = allocate_bitmask(2, VOCAB)
+    rows = fill_bitmask(bitmask, states)
+    cpu = torch.randn(2, VOCAB)
+    gpu = cpu.cuda()
+    apply_bitmask(cpu, bitmask, rows)
+    apply_bitmask(gpu, bitmask, rows)
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_padded_vocab_rows_are_never_allowed(tokenizer):
+    from sglite.runtime.sampling.constrained import GrammarCache
+
+    padded = VOCAB + 64  # models pad lm_head past the tokenizer's vocabulary
+    cache = GrammarCache(tokenizer, padded, stop_token_ids=[2])
+    try:
+        state = GrammarState(cache.compile("regex", "[a-z ]+"))
+        mask = state.allowed_mask()
+        assert mask.shape == (padded,) and mask[:VOCAB].any() and not mask[VOCAB:].any()
+        logits = torch.zeros(1, padded)
+        bitmask = allocate_bitmask(1, padded)
+        apply_bitmask(logits, bitmask, fill_bitmask(bitmask, [state]))
+        assert torch.isinf(logits[0, VOCAB:]).all()
+    finally:
+        cache.shutdown()

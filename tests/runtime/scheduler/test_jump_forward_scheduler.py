@@ -1,0 +1,99 @@
+"""Jump-forward inside the Scheduler, in process on the embedded model: the KV accounting holds
+after every step while forced tokens replace sampled ones (inside and outside the radix tree), the
+streamed text equals the decode of the final tokens, and the grammar accepts those tokens."""
+
+import json
+
+import pytest
+
+from sglite.protocol import parse_sampling_params
+from sglite.runtime.scheduler.req import Req
+from tests.runtime.scheduler.sinks import RecordingSink
+
+SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10},
+                   "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 2}},
+    "required": ["name", "age", "pets"],
+})
+
+
+@pytest.fixture(scope="module")
+def runner():
+    import torch
+
+    from sglite.runtime.executor.model_runner import ModelRunner
+
+    # one thread: OpenMP spin-waits make two threads several times slower on a busy 2-core box
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ModelRunner(None, max_total_tokens=1024, max_running_requests=8)
+    torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(scope="module")
+def grammar_cache(runner):
+    from sglite.runtime.sampling.constrained import GrammarCache
+
+    cache = GrammarCache(runner.tokenizer, runner.model_config.vocab_size,
+                         stop_token_ids=runner.model_config.eos_token_ids)
+    yield cache
+    cache.shutdown()
+
+
+def _run(runner, grammar_cache, *, jump: bool, stream: bool, n: int = 3):
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    sched = Scheduler(runner, grammar_cache=grammar_cache, enable_jump_forward=jump,
+                      log_interval=0)
+    truncations = []  # (new_kv_len, tree_len) of every truncate that freed something
+    real_truncate = sched.cache.truncate
+
+    def truncate(req, new_kv_len):
+        if new_kv_len < req.kv_len:
+            truncations.append((new_kv_len, req.tree_len))
+        real_truncate(req, new_kv_len)
+
+    sched.outputs.truncate_kv = truncate
+    reqs = []
+    for i in range(n):
+        ids = runner.tokenizer(f"The pet owner {i} as JSON:\n").input_ids
+        params = parse_sampling_params({"temperature": 0, "max_new_tokens": 64,
+                                        "json_schema": SCHEMA})
+        reqs.append(Req(rid=str(i), input_ids=ids, params=params, sink=RecordingSink(), stream=stream))
+        sched.outputs.init_request(reqs[-1])
+        sched.add_request(reqs[-1])
+    for req in reqs:  # compiled off the loop; don't spin the scheduler against the compiler
+        req.grammar_future.result()
+    while sched.has_work:
+        sched.step()
+        sched.cache.check_integrity()
+    assert sched.cache.num_held == 0 and sched.cache.flush()
+    return reqs, truncations
+
+
+def test_jumps_keep_kv_text_and_grammar_consistent(runner, grammar_cache):
+    from sglite.runtime.sampling.constrained import GrammarState
+
+    reqs, truncations = _run(runner, grammar_cache, jump=True, stream=True)
+    assert truncations, "re-tokenization never replaced a token that had KV"
+    assert any(new < tree for new, tree in truncations), "no truncation reached into the tree"
+    for req in reqs:
+        sink = req.sink
+        assert sink.error is None and sink.finished
+        assert sink.meta["finish_reason"]["type"] == "stop"
+        assert sink.meta["jump_forward_tokens"] > 0
+        assert sink.text == runner.tokenizer.decode(req.output_ids, skip_special_tokens=True,
+                                                    clean_up_tokenization_spaces=False)
+        assert set(json.loads(sink.text)) == {"name", "age", "pets"}
+        fresh = GrammarState(req.grammar.compiled)
+        assert fresh.accept_many(req.output_ids) and fresh.is_terminated()
+
+
+def test_without_jumps_every_token_is_decoded(runner, grammar_cache):
+    reqs, truncations = _run(runner, grammar_cache, jump=False, stream=False, n=1)
+    assert truncations == []
+    (req,) = reqs
+    assert "jump_forward_tokens" not in req.sink.meta
+    assert set(json.loads(req.sink.text)) == {"name", "age", "pets"}

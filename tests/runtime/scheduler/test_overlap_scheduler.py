@@ -1,0 +1,157 @@
+"""The overlapped decode loop (Scheduler enable_overlap): the same tokens and finish reasons as the
+plain loop (greedy and seeded sampled requests, stop tokens), KV accounting intact after every step
+(also with an abort while a decode is pending), and no token past max_new_tokens."""
+
+import pytest
+import torch
+
+from sglite.protocol import parse_sampling_params
+from sglite.runtime.scheduler.req import Req
+from tests.runtime.scheduler.sinks import RecordingSink
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from sglite.runtime.executor.model_runner import ModelRunner
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # fp32: rows of a batch must not depend on the batch's composition (it differs between loops)
+    yield ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=2048,
+                      max_running_requests=4)
+    torch.set_num_threads(num_threads)
+
+
+def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = None):
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    runner.token_pool.reset()  # the previous run's tree (and its slots) goes with its Scheduler
+    sched = Scheduler(runner, max_running_requests=4, chunked_prefill_size=24, log_interval=0,
+                      enable_overlap=overlap)
+    reqs = {}
+    for rid, prompt, params in specs:
+        req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params(params), sink=RecordingSink())
+        sched.outputs.init_request(req)
+        sched.add_request(req)
+        reqs[rid] = req
+    num_steps, pending_seen = 0, False
+    while sched.has_work:
+        sched.step()
+        num_steps += 1
+        pending_seen |= sched._pending is not None
+        sched.cache.check_integrity()
+        sched.cache.token_pool.check_integrity()
+        if abort_at and num_steps == abort_at[0]:
+            sched.abort(lambda r: r.rid == abort_at[1])
+        assert num_steps < 500
+    for req in reqs.values():
+        assert req.sink.finished == 1 and req.sink.error is None, req.rid
+        assert len(req.output_ids) <= req.params.max_new_tokens
+    return reqs, pending_seen
+
+
+def _specs(runner):
+    gen = torch.Generator().manual_seed(1)
+    vocab = runner.model_config.vocab_size
+
+    def prompt(n):
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    plain = {"temperature": 0, "ignore_eos": True}
+    specs = [(f"p{i}", prompt(5 + 3 * i), {**plain, "max_new_tokens": n})
+             for i, n in enumerate([1, 2, 5, 9, 13, 3, 7])]
+    specs.append(("eos", prompt(6), {"temperature": 0, "max_new_tokens": 11}))
+    specs.append(("seeded", prompt(7), {"temperature": 0.8, "seed": 3, "max_new_tokens": 6,
+                                        "ignore_eos": True}))
+    # sampled on the device while overlapped: seeded streams keyed by the token index
+    specs.append(("nucleus", prompt(8), {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.01,
+                                         "seed": 11, "max_new_tokens": 12}))
+    return specs
+
+
+def test_overlap_matches_plain_loop(runner):
+    specs = _specs(runner)
+    plain, _ = _run(runner, specs, overlap=False)
+    # a stop token the plain loop produced mid-output: that request must stop there in both
+    stop_id = plain["p4"].output_ids[4]
+    specs.append(("stop", specs[4][1], {"temperature": 0, "ignore_eos": True,
+                                        "max_new_tokens": 13, "stop_token_ids": [stop_id]}))
+    plain, _ = _run(runner, specs, overlap=False)
+    over, pending_seen = _run(runner, specs, overlap=True)
+    assert pending_seen
+    assert plain["stop"].finish_reason == {"type": "stop", "matched": stop_id}
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        assert over[rid].finish_reason == req.finish_reason, rid
+        assert over[rid].sink.meta["completion_tokens"] == len(req.output_ids)
+
+
+def test_overlap_abort_while_pending(runner):
+    specs = _specs(runner)
+    plain, _ = _run(runner, specs, overlap=False)
+    over, _ = _run(runner, specs, overlap=True, abort_at=(4, "p4"))
+    assert over["p4"].finish_reason["type"] == "abort"
+    for rid, req in plain.items():
+        if rid != "p4":
+            assert over[rid].output_ids == req.output_ids, rid
+
+
+@pytest.fixture(scope="module")
+def varied_runner():
+    """Untied embeddings: tiny random weights with tied ones repeat one token under greedy
+    decoding, so a stop token could only end a request at its first token."""
+    from sglite.runtime.executor.model_runner import ModelRunner
+
+    return ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=2048,
+                       max_running_requests=4, config_overrides=dict(tie_word_embeddings=False))
+
+
+def test_stop_token_ends_a_request_launched_ahead(varied_runner):
+    """Greedy requests that a stop token can end run overlapped too: the decode launched ahead
+    of reading the stop token is wasted for that request, nothing else changes (same tokens and
+    finish reasons as the plain loop, KV accounting checked every step in _run)."""
+    runner = varied_runner
+    gen = torch.Generator().manual_seed(7)
+    vocab = runner.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (6, 9, 12)]
+    greedy = {"temperature": 0, "max_new_tokens": 13}
+    specs = [(f"g{i}", p, {**greedy, "ignore_eos": True}) for i, p in enumerate(prompts)]
+    plain, _ = _run(runner, specs, overlap=False)
+    out = plain["g1"].output_ids
+    first = next(i for i in range(3, 12) if out[i] not in out[:i])  # a token new mid-output
+    specs.append(("stop", prompts[1], {**greedy, "stop_token_ids": [out[first]]}))  # EOS can end it too
+    plain, _ = _run(runner, specs, overlap=False)
+    over, pending_seen = _run(runner, specs, overlap=True)
+    assert pending_seen
+    assert plain["stop"].finish_reason == {"type": "stop", "matched": out[first]}
+    assert plain["stop"].output_ids == out[: first + 1]
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        assert over[rid].finish_reason == req.finish_reason, rid
+
+
+def test_penalties_and_min_new_tokens_launched_ahead(varied_runner):
+    """Penalties and min_new_tokens run overlapped too: the sampler on the device counts the
+    token still in flight (penalties, EOS/stop mask), so the tokens equal the plain loop's."""
+    runner = varied_runner
+    gen = torch.Generator().manual_seed(11)
+    vocab = runner.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (7, 10, 5, 8)]
+    plain_greedy = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    early = _run(runner, [("probe", prompts[3], plain_greedy)], overlap=False)[0]["probe"].output_ids[1]
+    specs = [
+        ("rep", prompts[0], {**plain_greedy, "repetition_penalty": 1.5}),
+        ("freq", prompts[1], {**plain_greedy, "frequency_penalty": 0.8, "presence_penalty": 0.5}),
+        ("seeded", prompts[2], {**plain_greedy, "temperature": 0.9, "seed": 5, "frequency_penalty": 0.4}),
+        # the early token may not end it before 6 tokens: masked while in flight too
+        ("min_new", prompts[3], {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 6,
+                                 "stop_token_ids": [early]}),
+    ]
+    plain, _ = _run(runner, specs, overlap=False)
+    over, pending_seen = _run(runner, specs, overlap=True)
+    assert pending_seen
+    assert len(plain["min_new"].output_ids) >= 6
+    assert plain["rep"].output_ids != _run(runner, [("x", prompts[0], plain_greedy)], overlap=False)[0]["x"].output_ids
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        assert over[rid].finish_reason == req.finish_reason, rid
