@@ -156,7 +156,8 @@ def test_model_dispatch_through_kernels_on_cpu(monkeypatch):
     extend = runner.make_extend_batch([runner.req_to_token.alloc() for _ in range(2)], [0, 0],
                                       [[5, 6, 7], [8, 9, 10, 11, 12]], runner.token_pool.alloc(8))
     ref = runner.forward(extend).clone()
-    monkeypatch.setattr(layers, "use_fused", lambda x: True)
+    for module in (layers.norm, layers.rotary, layers.mlp):
+        monkeypatch.setattr(module, "use_fused", lambda x: True)
     out = runner.forward(extend)
     assert rel_err(out, ref) < 1e-5
 
@@ -232,7 +233,7 @@ def test_model_fused_matches_torch_path(monkeypatch, qk_norm):
               max_context_len=2048, disable_cuda_graph=True)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128000, (n,), generator=g).tolist() for n in (5, 300, 1200)]
-    monkeypatch.setattr(layers, "FUSED_KERNELS", False)
+    monkeypatch.setattr(layers.fused, "FUSED_KERNELS", False)
     runner = ModelRunner(dtype="bfloat16", **kw)
     exact = ModelRunner(dtype="float32", attention_backend="torch", **kw)  # no tf32 dots
     for p32, p16 in zip(exact.model.parameters(), runner.model.parameters()):
@@ -241,7 +242,7 @@ def test_model_fused_matches_torch_path(monkeypatch, qk_norm):
     del exact
     errs = {}
     for fused in (False, True):  # each forward stores its own K/V before reading them
-        monkeypatch.setattr(layers, "FUSED_KERNELS", fused)
+        monkeypatch.setattr(layers.fused, "FUSED_KERNELS", fused)
         errs[fused] = [rel_err(out, r) for out, r in zip(_logits(runner, prompts), ref)]
     print(f"\n{'qk-norm' if qk_norm else 'llama'} rel err vs fp32 (extend, decode): torch path "
           f"{errs[False][0]:.1e}, {errs[False][1]:.1e}; fused {errs[True][0]:.1e}, {errs[True][1]:.1e}")

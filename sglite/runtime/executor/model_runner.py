@@ -19,7 +19,7 @@ from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_token
 from sglite.runtime.mem.req_to_token import ReqToToken
 from sglite.runtime.mem.token_pool import PagedTokenPool, TokenPool
-from sglite.runtime.models.llama import LlamaForCausalLM
+from sglite.runtime.models.registry import get_model_class
 from sglite.runtime.executor.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
@@ -240,11 +240,11 @@ class ModelRunner:
             self.tokenizer = load_tokenizer(self.model_path)
         return load_config(self.model_path, **overrides)
 
-    def _load_model(self, load_format: str, seed: int) -> LlamaForCausalLM:
+    def _load_model(self, load_format: str, seed: int) -> torch.nn.Module:
         from sglite.runtime.models.loader import iter_weights
 
         with torch.device("meta"):  # no time spent on an init the weights overwrite
-            model = LlamaForCausalLM(self.model_config)
+            model = get_model_class(self.model_config.architecture)(self.model_config)
         model = model.to(self.dtype).to_empty(device=self.device)
         if load_format == "dummy":
             model.init_dummy_weights(seed)

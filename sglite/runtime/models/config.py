@@ -12,12 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+from sglite.runtime.models.registry import check_architecture
+
 
 
 @dataclass(frozen=True)
@@ -90,10 +86,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> ModelConfig:
         arch = (d.get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        check_architecture(arch)
         num_heads = d["num_attention_heads"]
         num_layers = d["num_hidden_layers"]
         window, window_layers = _read_sliding_window(d, arch, num_layers)
