@@ -105,3 +105,20 @@ def test_abort_frees_the_requests_kv(client):
     info = client.info()
     assert info["num_running_reqs"] == 0 and info["kv_held_by_running"] == 0
     assert info["max_running_requests"] == 96 and info["cuda_graph_max_bs"] is None  # CPU: no graphs
+
+
+def test_input_logprobs_from_a_start_equal_the_full_run(client):
+    """Only the rows from logprob_start_len on go through the LM head (and the prefix before it
+    may come from the radix cache): the values equal those of a run that scores every token."""
+    text = "The quick brown fox jumps over the lazy dog because it wanted to see the river."
+    params = {**GREEDY, "max_new_tokens": 2}
+    full = client.generate(text, sampling_params=params, return_logprob=True, logprob_start_len=0,
+                           top_logprobs_num=2)["meta_info"]
+    part = client.generate(text, sampling_params=params, return_logprob=True, logprob_start_len=6,
+                           top_logprobs_num=2)["meta_info"]
+    assert len(part["input_token_logprobs"]) == full["prompt_tokens"] - 6
+    for (a, ta, _), (b, tb, _) in zip(full["input_token_logprobs"][6:], part["input_token_logprobs"]):
+        assert ta == tb and abs(a - b) < 1e-4
+    for a, b in zip(full["input_top_logprobs"][6:], part["input_top_logprobs"]):
+        assert [t for _, t, _ in a] == [t for _, t, _ in b]
+    assert part["output_token_logprobs"][0][1] == full["output_token_logprobs"][0][1]

@@ -9,6 +9,7 @@ CUDA graphs: on a GPU with a backend that supports them (triton), decode batches
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -97,17 +98,25 @@ class ModelRunner:
         out_cache_loc: torch.Tensor,  # [num_new_tokens] int64 slots, request by request
         *,
         return_all_logits: bool = False,
+        logits_from: list[int] | None = None,
     ) -> ForwardBatch:
+        """logits_from: per request, the first new-token offset whose logits are wanted (the rest
+        of its new tokens too); None: the last new token of each (or all: return_all_logits)."""
         extend_lens = [len(ids) for ids in new_token_ids]
         if min(extend_lens, default=0) < 1:
             raise ValueError("every request of an extend batch needs at least one new token")
         seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
         positions = [torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)]
         input_ids = [t for ids in new_token_ids for t in ids]
-        return self._make_batch(
+        batch = self._make_batch(
             ForwardMode.EXTEND, req_pool_indices, prefix_lens, extend_lens, input_ids,
             torch.cat(positions), out_cache_loc, return_all_logits,
         )
+        if logits_from is not None:
+            starts = [0, *itertools.accumulate(extend_lens)][:-1]
+            rows = [s + r for s, first, n in zip(starts, logits_from, extend_lens) for r in range(first, n)]
+            batch.logit_rows = to_device_async(torch.tensor(rows, dtype=torch.int64), self.device)
+        return batch
 
     def make_decode_batch(
         self,

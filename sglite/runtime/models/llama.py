@@ -117,16 +117,19 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def forward(self, batch: ForwardBatch, backend: BaseAttentionBackend) -> torch.Tensor:
-        """Logits float32: [bs, vocab] (last new token of each request) or [num_tokens, vocab]."""
+        """Logits float32: [bs, vocab] (last new token of each request), [num_tokens, vocab]
+        (return_all_logits) or [len(logit_rows), vocab]."""
         x = self.model.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary(batch.positions, x.dtype)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, batch, backend)
-        if not batch.return_all_logits and not batch.is_decode:  # decode: every token is last
-            last = _last_token_indices(batch, x.device)
-            x = x[last]
-            residual = residual[last] if residual is not None else None
+        rows = batch.logit_rows
+        if rows is None and not batch.return_all_logits and not batch.is_decode:
+            rows = _last_token_indices(batch, x.device)  # decode: every token is last
+        if rows is not None:  # the LM head runs on the rows whose logits are wanted only
+            x = x[rows]
+            residual = residual[rows] if residual is not None else None
         x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()

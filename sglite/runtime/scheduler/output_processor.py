@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from sglite.runtime.scheduler.req import Req
+from sglite.runtime.sampling.logprobs import gather_logprobs
 from sglite.runtime.scheduler.sampling import Sampling
 
 
@@ -67,16 +68,18 @@ class OutputProcessor:
         next_ids, logprobs = self.sampling.sample(reqs, logits)
         self.apply(reqs, next_ids, logprobs)
 
-    def apply(self, reqs: list[Req], next_ids: list[int], logprobs: torch.Tensor | None = None):
-        """Append each request's sampled token: stop checks, text, jump-forward, replies."""
-        for i, (req, token_id) in enumerate(zip(reqs, next_ids)):
+    def apply(self, reqs: list[Req], next_ids: list[int], logprob_logits: torch.Tensor | None = None):
+        """Append each request's sampled token: stop checks, text, jump-forward, replies.
+        logprob_logits: [num_wanting, vocab] raw logits of the requests with return_logprob, in order."""
+        if logprob_logits is not None:
+            wanting = [(r, t) for r, t in zip(reqs, next_ids) if r.return_logprob]
+            self._record_logprobs("output", logprob_logits, wanting)
+        for req, token_id in zip(reqs, next_ids):
             if req.is_finished:  # aborted by a sink earlier in this loop, or ended by a stop
                 continue  # token before this (overlapped) decode was read
             if _is_plain(req):
                 self._append_plain(req, token_id)
                 continue
-            if req.return_logprob:
-                self._record_logprob(req, "output", logprobs[i], token_id)
             self.append_token(req, token_id)
             self.jump_forward(req)
             self.emit(req)
@@ -176,30 +179,33 @@ class OutputProcessor:
 
     # ---- logprobs
     def input_logprobs(self, reqs: list[Req], prefix_lens: list[int], new_ids: list[list[int]],
-                       logits: torch.Tensor) -> None:
-        """logits: [num_tokens, vocab], every new token of every request of an extend forward.
-        The row of position p scores input token p + 1; token 0 has no logprob (None)."""
-        offset = 0
-        for req, prefix_len, ids in zip(reqs, prefix_lens, new_ids):
+                       logits: torch.Tensor, logits_from: list[int]) -> None:
+        """logits: [num_rows, vocab], for each request the rows of its new tokens from offset
+        logits_from[i] on (see `logits_from`). The row of position p scores input token p + 1;
+        token 0 has no logprob (None). All requests' rows are gathered in one batch."""
+        rows, wanting, offset = [], [], 0
+        for req, prefix_len, ids, first in zip(reqs, prefix_lens, new_ids, logits_from):
             if req.wants_input_logprobs:
                 start = req.logprob_start_len
                 if prefix_len == 0 and start == 0:
                     self._append_lp(req, "input", None, req.input_ids[0], [])
-                lp = torch.log_softmax(logits[offset: offset + len(ids)].float(), dim=-1)
-                for row, pos in enumerate(range(prefix_len, prefix_len + len(ids))):
+                for row, pos in enumerate(range(prefix_len + first, prefix_len + len(ids))):
                     if start <= pos + 1 < len(req.input_ids):
-                        self._record_logprob(req, "input", lp[row], req.input_ids[pos + 1])
+                        rows.append(offset + row)
+                        wanting.append((req, req.input_ids[pos + 1]))
                 if prefix_len + len(ids) >= len(req.input_ids):
                     req.input_logprobs_done = True
-            offset += len(ids)
+            offset += len(ids) - first
+        if rows:
+            self._record_logprobs("input", logits[rows], wanting)
 
-    def _record_logprob(self, req: Req, kind: str, logprobs_row: torch.Tensor,
-                        token_id: int) -> None:
-        top = []
-        if req.top_logprobs_num > 0:
-            values, ids = logprobs_row.topk(req.top_logprobs_num)
-            top = [[v, i, self._token_text(i)] for v, i in zip(values.tolist(), ids.tolist())]
-        self._append_lp(req, kind, float(logprobs_row[token_id]), token_id, top)
+    def _record_logprobs(self, kind: str, logits: torch.Tensor, wanting: list[tuple[Req, int]]) -> None:
+        """logits [len(wanting), vocab] raw; wanting: (request, the token its row scores)."""
+        chosen, tops = gather_logprobs(logits, [t for _, t in wanting],
+                                       [r.top_logprobs_num for r, _ in wanting])
+        for (req, token_id), logprob, top in zip(wanting, chosen, tops):
+            self._append_lp(req, kind, logprob, token_id,
+                            [[v, i, self._token_text(i)] for v, i in top])
 
     def _append_lp(self, req: Req, kind: str, logprob, token_id: int, top: list) -> None:
         req.logprobs.setdefault(f"{kind}_token_logprobs", []).append(

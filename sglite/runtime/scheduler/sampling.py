@@ -17,11 +17,13 @@ class Sampling:
 
     def sample(self, reqs: list[Req], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """logits [bs, vocab] (grammar masks are applied in place). Returns next ids and, when any
-        request wants logprobs, log_softmax of the raw logits [bs, vocab]."""
+        request wants logprobs, the raw logits of those requests' rows [num_wanting, vocab] (a copy
+        taken before the masks: SGLang reports logprobs of the raw distribution)."""
         logits = logits.float()
         logprobs = None
-        if any(r.return_logprob for r in reqs):  # from the raw logits, as SGLang reports them
-            logprobs = torch.log_softmax(logits, dim=-1)
+        rows = [i for i, r in enumerate(reqs) if r.return_logprob]
+        if rows:
+            logprobs = logits[rows] if len(rows) < len(reqs) else logits.clone()
         self._apply_grammars(reqs, logits)
         if all(_is_plain_greedy(r) for r in reqs):
             return logits.argmax(dim=-1).tolist(), logprobs

@@ -185,10 +185,10 @@ class Scheduler:
         reqs = adder.reqs
         prefix_lens = [r.kv_len for r in reqs]
         new_ids = [r.fill_ids[r.kv_len: r.kv_len + len(s)] for r, s in zip(reqs, adder.slots)]
-        return_all = any(r.wants_input_logprobs for r in reqs)
+        logits_from = _logits_from(reqs, prefix_lens, new_ids)
         batch = self.runner.make_extend_batch(  # writes the slots into req_to_token
             [r.req_pool_idx for r in reqs], prefix_lens, new_ids, torch.cat(adder.slots),
-            return_all_logits=return_all)
+            logits_from=logits_from)
         for req, slots in zip(reqs, adder.slots):
             self.cache.extend(req, slots, written=True)
         t0 = time.perf_counter()
@@ -196,9 +196,10 @@ class Scheduler:
         self.stats.record_extend(batch.num_tokens, time.perf_counter() - t0)
         if logits is None:
             return
-        if return_all:
-            self.outputs.input_logprobs(reqs, prefix_lens, new_ids, logits)
-            logits = logits[torch.tensor(batch.extend_lens_cpu).cumsum(0) - 1]
+        if logits_from is not None:
+            self.outputs.input_logprobs(reqs, prefix_lens, new_ids, logits, logits_from)
+            num_rows = [len(ids) - first for ids, first in zip(new_ids, logits_from)]
+            logits = logits[torch.tensor(num_rows).cumsum(0) - 1]  # each request's last row
         for req in reqs:
             if not req.is_finished:
                 self.cache.cache_unfinished(req)  # share the prompt (chunk) with later peers
@@ -346,3 +347,13 @@ def _grammar_spec(req: Req) -> tuple[str, str] | None:
         if spec is not None:
             return kind, spec
     return None
+
+
+def _logits_from(reqs: list[Req], prefix_lens: list[int], new_ids: list[list[int]]) -> list[int] | None:
+    """Per request, the first new-token offset whose logits the extend needs: from the row that
+    scores logprob_start_len on for input logprobs, else only the last (it samples). None when no
+    request wants input logprobs (the model then takes each request's last row)."""
+    if not any(r.wants_input_logprobs for r in reqs):
+        return None
+    return [min(max(r.logprob_start_len - 1 - p, 0), len(ids) - 1) if r.wants_input_logprobs
+            else len(ids) - 1 for r, p, ids in zip(reqs, prefix_lens, new_ids)]

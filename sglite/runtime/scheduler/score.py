@@ -80,7 +80,10 @@ class ScoreJob:
 
     def _finish(self) -> None:
         self.done = True
-        cached = sum(r.num_cached_tokens for r in self.results.values())
+        # the scored requests only: the prefix request's own hits are not part of these prompts
+        scored = [r for key, r in self.results.items() if key[0] != "prefix"]
+        prompt_tokens = sum(len(r.input_ids) for r in scored)
+        cached = sum(min(r.num_cached_tokens, len(r.input_ids)) for r in scored)
         lps, ids, texts = [], [], []
         for i in range(len(self.choice_ids)):
             entries = self.results[("choice", i)].logprobs["input_token_logprobs"]
@@ -96,8 +99,7 @@ class ScoreJob:
         self.on_done(protocol.ScoreOut(
             rid=self.rid, token_logprobs=lps, token_ids=ids, token_texts=texts,
             unconditional_token_logprobs=uncond,
-            meta_info={"prompt_tokens": sum(len(x) for x in self.choice_ids),
-                       "cached_tokens": cached}))
+            meta_info={"prompt_tokens": prompt_tokens, "cached_tokens": cached}))
 
     def _fail(self, message: str) -> None:
         if not self.done:

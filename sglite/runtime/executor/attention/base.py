@@ -41,6 +41,9 @@ class ForwardBatch:
     extend_lens_cpu: list[int]
     # which logits to compute: False -> last new token of each request; True -> every new token
     return_all_logits: bool = False
+    # or exactly these packed token rows [num_logit_rows] int64 (input logprobs: only the rows
+    # that score a wanted token, plus each request's last); overrides return_all_logits
+    logit_rows: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
