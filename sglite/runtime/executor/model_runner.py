@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 
 import torch
 
@@ -244,8 +245,10 @@ class ModelRunner:
             return ModelConfig.from_preset(preset or "tiny", **overrides)
         if load_format == "dummy" and preset is not None:
             raise ValueError("give either a model path or a preset for dummy weights, not both")
-        self.model_path = resolve_model(model_path)
-        if load_format == "auto" and not skip_tokenizer:
+        self.model_path = resolve_model(model_path, need_weights=load_format != "dummy")
+        # dummy weights keep the folder's tokenizer when it has one (vLLM's meaning): text
+        # programs then run at a real model's shape from a config-only folder
+        if not skip_tokenizer and (load_format == "auto" or _has_tokenizer(self.model_path)):
             self.tokenizer = load_tokenizer(self.model_path)
         return load_config(self.model_path, **overrides)
 
@@ -320,3 +323,8 @@ def _row_views(packed: torch.Tensor, start: int, k: int, n: int, *, padded: bool
 def _row_width(n: int) -> int:
     """n rounded up to a multiple of 4 ints: the staged rows' width."""
     return -(-n // 4) * 4
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, name))
+               for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))

@@ -32,9 +32,10 @@ def embedded_gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
 
 
-def resolve_model(model_path: str | None) -> str:
+def resolve_model(model_path: str | None, *, need_weights: bool = True) -> str:
     """An HF folder for model_path: None -> the embedded default (converted once and cached),
-    a .gguf file -> its cached conversion, an HF folder -> itself."""
+    a .gguf file -> its cached conversion, an HF folder -> itself (without weights only when
+    need_weights is False: dummy weights)."""
     from sglite.runtime.models.gguf_convert import convert_gguf
 
     if model_path is None:
@@ -50,7 +51,7 @@ def resolve_model(model_path: str | None) -> str:
         return convert_gguf(path, cache_root() / "models" / f"{path.stem}-{key[:10]}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {model_path} has no config.json")
-    if not _weight_files(path):
+    if need_weights and not _weight_files(path):
         raise FileNotFoundError(f"model folder {model_path} has no *.safetensors weights")
     return str(path)
 

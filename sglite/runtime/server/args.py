@@ -33,7 +33,7 @@ DEVICE_DEFAULTS = {
 class ServerArgs:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA when there is one) | cuda | cuda:N | cpu
     attention_backend: str = "auto"  # auto | torch | triton
     load_format: str = "auto"  # auto | dummy (random weights, for benchmarks)
     preset: str | None = None  # a ModelConfig preset name (with load_format=dummy)
@@ -57,6 +57,8 @@ class ServerArgs:
 
     def __post_init__(self):
         # unset knobs take the device's defaults; frozen, hence object.__setattr__
+        if self.device == "auto":
+            object.__setattr__(self, "device", detect_device())
         defaults = DEVICE_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -108,7 +110,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model-path", dest="model_path", default=d.model_path,
                    help="HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cuda, cuda:N or cpu")
     p.add_argument("--attention-backend", default=d.attention_backend)
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"])
     p.add_argument("--preset", default=d.preset, help="ModelConfig preset (with --load-format dummy)")
@@ -152,3 +154,17 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         return ServerArgs(**vars(ns))
     except ValueError as e:
         raise SystemExit(f"sglite serve: {e}") from None
+
+
+def detect_device() -> str:
+    """"cuda" when a CUDA device is usable, else "cpu". Without torch loaded (the launcher in the
+    user's process must not import it) the driver's device node and CUDA_VISIBLE_DEVICES decide;
+    the runtime process, which has torch, asks torch."""
+    import sys
+
+    if "torch" in sys.modules:
+        return "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return "cpu"
+    return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
