@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from sglite.runtime.scheduler.req import Req
-from sglite.runtime.sampling.logprobs import gather_logprobs
+from sglite.runtime.sampling.logprobs import Logprobs, gather_logprobs
 from sglite.runtime.scheduler.sampling import Sampling
 
 
@@ -68,18 +68,25 @@ class OutputProcessor:
         next_ids, logprobs = self.sampling.sample(reqs, logits)
         self.apply(reqs, next_ids, logprobs)
 
-    def apply(self, reqs: list[Req], next_ids: list[int], logprob_logits: torch.Tensor | None = None):
+    def apply(self, reqs: list[Req], next_ids: list[int], logprob_logits: torch.Tensor | None = None,
+              *, logprobs: Logprobs | None = None):
         """Append each request's sampled token: stop checks, text, jump-forward, replies.
-        logprob_logits: [num_wanting, vocab] raw logits of the requests with return_logprob, in order."""
+        For the requests with return_logprob, in order: logprob_logits [num_wanting, vocab], their
+        raw logits, or logprobs, the values already gathered (the overlapped decode)."""
         if logprob_logits is not None:
-            wanting = [(r, t) for r, t in zip(reqs, next_ids) if r.return_logprob]
-            self._record_logprobs("output", logprob_logits, wanting)
+            wanting = [r for r in reqs if r.return_logprob]
+            tokens = [t for r, t in zip(reqs, next_ids) if r.return_logprob]
+            logprobs = gather_logprobs(logprob_logits, tokens, [r.top_logprobs_num for r in wanting])
+        values = iter(zip(*logprobs)) if logprobs is not None else None
         for req, token_id in zip(reqs, next_ids):
+            value = next(values) if values is not None and req.return_logprob else None
             if req.is_finished:  # aborted by a sink earlier in this loop, or ended by a stop
                 continue  # token before this (overlapped) decode was read
             if _is_plain(req):
                 self._append_plain(req, token_id)
                 continue
+            if value is not None:
+                self._append_lp(req, "output", value[0], token_id, self._top_entries(value[1]))
             self.append_token(req, token_id)
             self.jump_forward(req)
             self.emit(req)
@@ -204,8 +211,10 @@ class OutputProcessor:
         chosen, tops = gather_logprobs(logits, [t for _, t in wanting],
                                        [r.top_logprobs_num for r, _ in wanting])
         for (req, token_id), logprob, top in zip(wanting, chosen, tops):
-            self._append_lp(req, kind, logprob, token_id,
-                            [[v, i, self._token_text(i)] for v, i in top])
+            self._append_lp(req, kind, logprob, token_id, self._top_entries(top))
+
+    def _top_entries(self, top: list[tuple[float, int]]) -> list:
+        return [[v, i, self._token_text(i)] for v, i in top]
 
     def _append_lp(self, req: Req, kind: str, logprob, token_id: int, top: list) -> None:
         req.logprobs.setdefault(f"{kind}_token_logprobs", []).append(
@@ -239,10 +248,10 @@ def _is_plain(req: Req) -> bool:
 def can_decode_ahead(req: Req) -> bool:
     """Whether req's next decode can be launched before the host reads its last token: nothing
     but the logits and the tokens so far shapes the next token (no grammar, whose matcher runs on
-    the host; no logprobs, which the host reads from each step's logits), so it is sampled on the
+    the host; logprobs are gathered on the device and read with the tokens), so it is sampled on the
     device (`Sampling.next_ids_on_device`, penalties and min_new_tokens counting the token still
     in flight). A stop token or string may still end req at the token being read: the step
     launched ahead is then wasted for req (its token is dropped; the KV it wrote for req's last
     token goes into the tree with the rest). The overlapped decode loop (scheduler) runs such
     requests."""
-    return req.grammar is None and not req.return_logprob
+    return req.grammar is None

@@ -9,7 +9,7 @@ their KV goes back (into the radix tree, unlocked), they keep their tokens and r
 the waiting queue.
 
 Overlap (enable_overlap): when no request of a decode batch needs the host between its tokens
-(`can_decode_ahead`: no grammar, no logprobs), its tokens are not read at once: they are sampled on
+(`can_decode_ahead`: no grammar), its tokens are not read at once: they are sampled on
 the device (argmax, or the sampler with penalties counting the token in flight) and go to pinned
 host memory (`PendingDecode`). The next step launches the following decode with those device tokens
 as inputs first (`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every
@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from sglite.runtime.executor.transfer import to_device_async
+from sglite.runtime.sampling.logprobs import log_softmax_rows, pack_logprobs, unpack_logprobs
 from sglite.runtime.scheduler.cache_manager import CacheManager, freeable_window
 from sglite.runtime.scheduler.output_processor import OutputProcessor, can_decode_ahead
 from sglite.runtime.scheduler.req import Req, ReqState
@@ -228,9 +230,13 @@ class Scheduler:
         if logits is not None and self.enable_overlap and all(map(can_decode_ahead, reqs)):
             # the continued requests' pending tokens are this decode's first inputs
             pending_ids = input_ids[: previous.continued] if previous is not None else None
+            rows = _logprob_rows(reqs, logits.device)
+            raw = None if rows is None else log_softmax_rows(logits[rows])  # before the sampler
             next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
-            self._pending = PendingDecode.start(reqs, next_ids)  # read next step, after the
-            logits = None  # next forward is queued behind this one
+            pack = None if rows is None else pack_logprobs(
+                raw, next_ids[rows], max(r.top_logprobs_num for r in reqs if r.return_logprob))
+            self._pending = PendingDecode.start(reqs, next_ids, pack)  # read next step, after
+            logits = None  # the next forward is queued behind this one
         if previous is not None:
             self._finish_decode(previous)
         if logits is not None:
@@ -266,8 +272,8 @@ class Scheduler:
             self._finish_decode(pending)
 
     def _finish_decode(self, pending: PendingDecode) -> None:
-        self._process_outputs(pending.reqs, lambda: self.outputs.apply(pending.reqs,
-                                                                       pending.token_ids()))
+        self._process_outputs(pending.reqs, lambda: self.outputs.apply(
+            pending.reqs, pending.token_ids(), logprobs=pending.logprobs()))
 
     def _forward(self, reqs: list[Req], run):
         """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not
@@ -317,28 +323,57 @@ class Scheduler:
 
 
 class PendingDecode:
-    """A launched decode's greedy tokens: on the device (the next decode's inputs) and on their
-    way to pinned host memory (read once the copy's event has completed)."""
+    """A launched decode's tokens: on the device (the next decode's inputs) and on their way to
+    pinned host memory (read once the copy's event has completed), with the logprobs of the
+    requests that want them (packed on the device, sampling/logprobs.py, copied with the tokens)."""
 
-    def __init__(self, reqs: list[Req], next_ids: torch.Tensor, host_ids: torch.Tensor, event):
+    def __init__(self, reqs: list[Req], next_ids: torch.Tensor, host_ids: torch.Tensor, event,
+                 host_logprobs: torch.Tensor | None = None):
         self.reqs, self.next_ids, self.host_ids, self.event = reqs, next_ids, host_ids, event
+        self.host_logprobs = host_logprobs  # [num wanting, 1 + 2k] fp32
         self.continued = 0  # how many of reqs the next decode continues (set when it launches)
 
     @classmethod
-    def start(cls, reqs: list[Req], next_ids: torch.Tensor) -> PendingDecode:
+    def start(cls, reqs: list[Req], next_ids: torch.Tensor,
+              logprobs: torch.Tensor | None = None) -> PendingDecode:
         """next_ids: a new device tensor (the graph's logits get overwritten by the next replay)."""
         if next_ids.device.type != "cuda":
-            return cls(reqs, next_ids, next_ids, None)
-        host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
-        host_ids.copy_(next_ids, non_blocking=True)
+            return cls(reqs, next_ids, next_ids, None, logprobs)
+        host_ids = _to_pinned(next_ids)
+        host_lp = None if logprobs is None else _to_pinned(logprobs)
         event = torch.cuda.Event()
         event.record()
-        return cls(reqs, next_ids, host_ids, event)
+        return cls(reqs, next_ids, host_ids, event, host_lp)
 
     def token_ids(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
         return self.host_ids.tolist()
+
+    def logprobs(self):
+        """After token_ids(): (chosen, tops) of the requests with return_logprob, or None."""
+        if self.host_logprobs is None:
+            return None
+        return unpack_logprobs(self.host_logprobs.cpu(),
+                               [r.top_logprobs_num for r in self.reqs if r.return_logprob])
+
+
+def _logprob_rows(reqs: list[Req], device) -> slice | torch.Tensor | None:
+    """The rows of a decode batch whose logprobs are wanted: None, all (a slice: no index
+    tensor), or a device index copied through pinned memory (a pageable copy would wait for the
+    forward in flight)."""
+    wanting = [i for i, r in enumerate(reqs) if r.return_logprob]
+    if not wanting:
+        return None
+    if len(wanting) == len(reqs):
+        return slice(None)
+    return to_device_async(torch.tensor(wanting, dtype=torch.int64), device)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _grammar_spec(req: Req) -> tuple[str, str] | None:

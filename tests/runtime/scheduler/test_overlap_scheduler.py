@@ -22,7 +22,8 @@ def runner():
     torch.set_num_threads(num_threads)
 
 
-def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = None):
+def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = None,
+         logprob_rids=()):
     from sglite.runtime.scheduler.scheduler import Scheduler
 
     runner.token_pool.reset()  # the previous run's tree (and its slots) goes with its Scheduler
@@ -30,7 +31,8 @@ def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = Non
                       enable_overlap=overlap)
     reqs = {}
     for rid, prompt, params in specs:
-        req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params(params), sink=RecordingSink())
+        lp = dict(return_logprob=True, top_logprobs_num=3) if rid in logprob_rids else {}
+        req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params(params), sink=RecordingSink(), **lp)
         sched.outputs.init_request(req)
         sched.add_request(req)
         reqs[rid] = req
@@ -84,6 +86,29 @@ def test_overlap_matches_plain_loop(runner):
         assert over[rid].output_ids == req.output_ids, rid
         assert over[rid].finish_reason == req.finish_reason, rid
         assert over[rid].sink.meta["completion_tokens"] == len(req.output_ids)
+
+
+def test_logprob_requests_stay_in_the_overlapped_loop(runner):
+    """Output logprobs are gathered on the device and read with the tokens one step later: the
+    same values as the plain loop, one entry per kept token (none for a token dropped after a
+    stop), and the other rows of the batch unchanged."""
+    specs = _specs(runner)
+    wanting = {"p2", "p4", "eos", "seeded"}
+    plain, _ = _run(runner, specs, overlap=False, logprob_rids=wanting)
+    over, pending_seen = _run(runner, specs, overlap=True, logprob_rids=wanting)
+    assert pending_seen
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        if rid not in wanting:
+            assert over[rid].logprobs == {}
+            continue
+        a, b = req.logprobs["output_token_logprobs"], over[rid].logprobs["output_token_logprobs"]
+        assert len(a) == len(b) == len(req.output_ids), rid
+        for (la, ta, _), (lb, tb, _) in zip(a, b):
+            assert ta == tb and abs(la - lb) < 1e-4, rid
+        tops_a, tops_b = req.logprobs["output_top_logprobs"], over[rid].logprobs["output_top_logprobs"]
+        assert [[i for _, i, _ in t] for t in tops_a] == [[i for _, i, _ in t] for t in tops_b]
+        assert all(len(t) == 3 for t in tops_b)
 
 
 def test_overlap_abort_while_pending(runner):

@@ -1,0 +1,181 @@
+"""Structured generation beside plain generation on a GPU (issue 15), baselines in the same run.
+
+A config-only folder (a real config.json + SmolLM2's tokenizer, vocab 49152) served with
+load_format="dummy" runs text programs at the Llama-3-8B shape:
+
+  select: N questions sharing a ~1100-token few-shot prefix, 4 choices of ~20 tokens each, all in
+          flight at once (as run_batch sends them), radix cache on vs off; transformers one program
+          at a time, one forward per choice (the prefix recomputed) on a subset;
+  logprobs: B concurrent gens of 64 tokens with return_logprob + top 5 vs the same gens without, at
+          B = 64 and B = 1.
+
+    python bench/make_bench_model.py .benchmodel      # on a machine with the embedded model
+    python bench/structured.py --model .benchmodel    # H100/H200
+    python bench/make_bench_model.py /tmp/bm2 --layers 2 && \\
+        python bench/structured.py --model /tmp/bm2 --device cpu --num-select 8 --bs 4 --hf-programs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+import uuid
+
+import torch
+import zmq
+
+from sglite import protocol
+from sglite.launch import RuntimeProcess, wait_reply
+
+WORDS = ("alpha beta gamma delta river mountain city ocean forest planet engine signal number "
+         "theory market garden window silver yellow quiet rapid ancient modern").split()
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def select_workload(rng, num_questions):
+    shots = "".join(f"Q: {sentence(rng, 25)}?\nA: {sentence(rng, 25)}.\n\n" for _ in range(20))
+    questions = [f"{shots}Q: {sentence(rng, 12)}?\nA:" for _ in range(num_questions)]
+    choices = [[" " + sentence(rng, 18) for _ in range(4)] for _ in range(num_questions)]
+    return questions, choices
+
+
+class Client:
+    def __init__(self, rt):
+        self.rt = rt
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(rt.address)
+
+    def run_all(self, msgs) -> list:
+        for m in msgs:
+            self.sock.send(protocol.encode(m))
+        out = {}
+        while len(out) < len(msgs):
+            r = wait_reply(self.sock, alive=self.rt.is_alive, timeout=900, describe=self.rt.log_tail)
+            if isinstance(r, protocol.ErrorOut):
+                raise RuntimeError(r.message)
+            if getattr(r, "finished", True):
+                out[r.rid] = r
+        return [out[m.rid] for m in msgs]
+
+    def info(self) -> dict:
+        return self.run_all([protocol.InfoReq(rid=f"info-{uuid.uuid4().hex[:6]}")])[0].info
+
+
+def rid():
+    return uuid.uuid4().hex[:10]
+
+
+def bench_select(args, server_args, radix: bool, questions, choices):
+    with RuntimeProcess(args.model, timeout=900, disable_radix_cache=not radix, **server_args) as rt:
+        c = Client(rt)
+        warm_q, warm_c = select_workload(random.Random(1), 4)  # another prefix: compiles, no hits
+        c.run_all([protocol.ScoreReq(rid=rid(), text=q, choices=ch) for q, ch in zip(warm_q, warm_c)])
+        before = c.info()
+        t0 = time.perf_counter()
+        outs = c.run_all([protocol.ScoreReq(rid=rid(), text=q, choices=ch) for q, ch in zip(questions, choices)])
+        dt = time.perf_counter() - t0
+        after = c.info()
+    ctr = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_prefill_tokens", "num_cached_tokens",
+                                                         "num_prompt_tokens") if isinstance(after.get(k), (int, float))}
+    return len(questions) / dt, ctr, outs
+
+
+def hf_select(args, device, tokenizer_dir, questions, choices):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    n = min(args.hf_programs, len(questions))
+
+    def program(q, chs):
+        scores = []
+        for ch in chs:  # one forward per choice, as a program-at-a-time user would
+            ids = torch.tensor([tok.encode(q + ch)], device=device)
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            scores.append(lp.gather(1, ids[0, 1:, None]).mean().item())
+        return max(range(len(chs)), key=scores.__getitem__)
+
+    program(questions[0], choices[0])  # warm-up
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    for q, ch in zip(questions[:n], choices[:n]):
+        program(q, ch)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_logprobs(args, server_args):
+    rows = []
+    with RuntimeProcess(args.model, timeout=900, **server_args) as rt:
+        c = Client(rt)
+        vocab = rt.info["vocab_size"]
+        g = torch.Generator().manual_seed(1)
+        for bs in (args.bs, 1):
+            prompts = torch.randint(0, vocab, (bs, 128), generator=g).tolist()
+            params = dict(max_new_tokens=args.gen_len, ignore_eos=True, temperature=0.0)
+
+            def run(lp: bool) -> float:
+                msgs = [protocol.GenerateReq(rid=rid(), input_ids=p, sampling_params=params,
+                                             return_logprob=lp, top_logprobs_num=5 if lp else 0)
+                        for p in prompts]
+                t0 = time.perf_counter()
+                outs = c.run_all(msgs)
+                dt = time.perf_counter() - t0
+                if lp:
+                    assert all(len(o.meta_info["output_top_logprobs"]) == args.gen_len for o in outs)
+                return sum(o.meta_info["completion_tokens"] for o in outs) / dt
+
+            run(False), run(True)  # warm-up (kernel compiles, graphs)
+            plain = [run(False), run(False)]
+            with_lp = [run(True), run(True)]
+            rows.append((bs, max(plain), max(with_lp)))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="config-only folder (bench/make_bench_model.py)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--num-select", type=int, default=200)
+    ap.add_argument("--hf-programs", type=int, default=20)
+    ap.add_argument("--bs", type=int, default=64)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--parts", default="select,logprobs")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"card: {card}, torch {torch.__version__}", flush=True)
+    server_args = dict(device=args.device, load_format="dummy", log_interval=0)
+    table = []
+    if "select" in args.parts:
+        questions, choices = select_workload(random.Random(0), args.num_select)
+        on, ctr_on, outs = bench_select(args, server_args, True, questions, choices)
+        off, ctr_off, _ = bench_select(args, server_args, False, questions, choices)
+        print(f"select counters radix on {ctr_on}, off {ctr_off}; meta {outs[0].meta_info}", flush=True)
+        table.append(("20-shot select, programs/s", f"radix on {on:.1f}", f"radix off {off:.1f}", on / off))
+        hf = hf_select(args, device, args.model, questions, choices)
+        table.append(("20-shot select, programs/s", f"radix on {on:.1f}",
+                      f"transformers 1 program at a time {hf:.1f}", on / hf))
+    if "logprobs" in args.parts:
+        for bs, plain, lp in bench_logprobs(args, server_args):
+            table.append((f"{bs} gens x {args.gen_len} tokens, tokens/s", f"top-5 logprobs {lp:.0f}",
+                          f"no logprobs {plain:.0f}", lp / plain))
+    print(f"\n| workload ({card}) | sglite | baseline, same run | ratio |\n|---|---|---|---|")
+    for name, a, b, ratio in table:
+        print(f"| {name} | {a} | {b} | {ratio:.2f}x |")
+    if os.environ.get("OUT"):
+        json.dump(table, open(os.path.join(os.environ["OUT"], "structured.json"), "w"))
+
+
+if __name__ == "__main__":
+    main()
