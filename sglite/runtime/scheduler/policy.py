@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 
-import numpy as np
 
 from sglite.runtime.scheduler.cache_manager import CacheManager
 from sglite.runtime.scheduler.req import Req
@@ -91,14 +90,11 @@ class PrefillAdder:
         ids = req.fill_ids[: req.max_prefix_len]
         if len(ids) < SHARE_MIN_TOKENS:
             return False
-        in_tree = self.cache.match(req)
-        return any(common_prefix_len(ids, p.input_ids) - in_tree >= SHARE_MIN_TOKENS
-                   for p in self.peers)
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
+        # shares when a peer's prompt starts with the same in_tree + SHARE_MIN_TOKENS tokens: one
+        # list comparison per peer (a 200-program select batch made 100k common-prefix scans
+        # through numpy, 11.8 s of its 17 s on an H200)
+        m = self.cache.match(req) + SHARE_MIN_TOKENS
+        if len(ids) < m:
+            return False
+        head = ids[:m]
+        return any(p.input_ids[:m] == head for p in self.peers)
