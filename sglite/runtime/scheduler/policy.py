@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 
-
 from sglite.runtime.scheduler.cache_manager import CacheManager
 from sglite.runtime.scheduler.req import Req
 
