@@ -11,6 +11,7 @@ echoes it. This module imports nothing but msgspec, so both `lang` and `runtime`
 
 from __future__ import annotations
 
+import math
 from typing import Any, Union
 
 import msgspec
@@ -190,12 +191,22 @@ def parse_sampling_params(raw: dict[str, Any]) -> SamplingParams:
         raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
     if params.min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be >= 0, got {params.min_new_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    # SGLang's ranges (sampling_params.py verify); NaN fails every comparison, so each check
+    # is written to fail on NaN
+    if not (params.temperature >= 0 and math.isfinite(params.temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if not 0 <= params.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {params.min_p}")
     if params.top_k == 0 or params.top_k < -1:
         raise ValueError(f"top_k must be -1 (off) or >= 1, got {params.top_k}")
+    if not -2 <= params.frequency_penalty <= 2:
+        raise ValueError(f"frequency_penalty must be in [-2, 2], got {params.frequency_penalty}")
+    if not -2 <= params.presence_penalty <= 2:
+        raise ValueError(f"presence_penalty must be in [-2, 2], got {params.presence_penalty}")
+    if not 0 < params.repetition_penalty <= 2:
+        raise ValueError(f"repetition_penalty must be in (0, 2], got {params.repetition_penalty}")
     if sum(x is not None for x in (params.regex, params.json_schema, params.grammar)) > 1:
         raise ValueError("at most one of regex, json_schema, grammar may be set")
     return params

@@ -43,9 +43,13 @@ class RequestHandler:
     def handle(self, identity: bytes, data: bytes) -> None:
         try:
             msg = protocol.decode_request(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except Exception as e:  # DecodeError, ValidationError, RecursionError (deep nesting), ...
+            # a malformed payload is dropped with an error to its sender; it must never reach
+            # the loop (a RecursionError from a 1 KB message nested 1000 deep used to end it)
+            logger.warning("dropped an undecodable message (%d bytes): %s: %s",
+                           len(data), type(e).__name__, e)
             self.server.send(identity, protocol.ErrorOut(
-                rid=_guess_rid(data), message=f"undecodable message: {e}"))
+                rid=_guess_rid(data), message=f"undecodable message: {type(e).__name__}: {e}"))
             return
         try:
             getattr(self, f"_on_{type(msg).__name__}")(identity, msg)
@@ -129,8 +133,13 @@ class RequestHandler:
 
     def make_req(self, rid: str, ids: list[int], params: protocol.SamplingParams, sink, *,
                  client: bytes | None, group: str | None = None, **kw) -> Req:
-        if kw.get("top_logprobs_num", 0) < 0:
-            raise ValueError("top_logprobs_num must be >= 0")
+        vocab = self.runner.model_config.vocab_size
+        if not 0 <= kw.get("top_logprobs_num", 0) <= vocab:
+            raise ValueError(f"top_logprobs_num must be in [0, {vocab}] (the vocabulary size), "
+                             f"got {kw['top_logprobs_num']}")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids contain {bad[0]}, outside the vocabulary [0, {vocab})")
         if kw.get("logprob_start_len", -1) >= len(ids):
             raise ValueError(f"logprob_start_len {kw['logprob_start_len']} is past the prompt "
                              f"({len(ids)} tokens)")

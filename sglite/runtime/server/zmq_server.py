@@ -91,7 +91,10 @@ class Server:
                 self.send(frames[0], protocol.ErrorOut(rid="", message=(
                     f"expected one frame per message, got {len(frames) - 1}")))
                 continue
-            self.handler.handle(frames[0], frames[1])
+            try:
+                self.handler.handle(frames[0], frames[1])
+            except Exception:  # the handler answers per request; this is the last guard
+                logger.exception("handling a message failed; dropped it")
 
     def _idle(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,69 @@
+"""Issue 20 (adversarial probe): a malformed payload or one bad request never stops the runtime
+nor changes other clients' requests; bad sampling values get an error naming the field."""
+
+import math
+
+import msgspec
+import pytest
+
+from sglite import protocol
+
+OK = {"temperature": 0, "max_new_tokens": 4}
+
+
+def _error(client, **kw) -> str:
+    r = client.generate(**kw)
+    assert r["error"] is not None, f"expected an error, got {r}"
+    return r["error"]
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x91" * 1000 + b"\xc0",  # arrays nested 1000 deep
+    b"\x81\xa1a" * 1000 + b"\xc0",  # maps nested 1000 deep (RecursionError in the decoder)
+    b"\xde\xad\xbe\xef garbage",
+    msgspec.msgpack.encode({"type": "generate", "rid": 5, "input_ids": "x"}),
+    msgspec.msgpack.encode([1, 2, 3]),
+])
+def test_malformed_payload_is_answered_and_the_runtime_keeps_serving(make_client, runtime_address,
+                                                                     runtime_process, payload):
+    raw = make_client(runtime_address, alive=runtime_process.is_alive, timeout=60)
+    raw.send_raw(payload)
+    err = raw.recv()
+    assert isinstance(err, protocol.ErrorOut) and "undecodable" in err.message
+    assert runtime_process.is_alive()
+    other = make_client(runtime_address, alive=runtime_process.is_alive, timeout=120)
+    r = other.generate("Hello", sampling_params=OK)
+    assert r["error"] is None and r["meta_info"]["completion_tokens"] == 4
+
+
+def test_bad_ids_fail_only_their_request(client):
+    vocab = client.info()["vocab_size"]
+    bad = {
+        "big_stop": dict(sampling_params={**OK, "min_new_tokens": 2, "stop_token_ids": [vocab + 3]}),
+        "neg_stop": dict(sampling_params={**OK, "min_new_tokens": 2, "stop_token_ids": [-1]}),
+        "top_logprobs": dict(sampling_params=OK, return_logprob=True, top_logprobs_num=vocab + 1),
+    }
+    rids = {}
+    for name, kw in bad.items():
+        rids[name] = client.new_rid()
+        client.send(protocol.GenerateReq(rid=rids[name], text="Hi", **kw))
+    good = client.new_rid()
+    client.send(protocol.GenerateReq(rid=good, text="Hi", sampling_params=OK))
+    results = client.collect([*rids.values(), good])
+    assert "stop_token_ids" in results[rids["big_stop"]]["error"]
+    assert "stop_token_ids" in results[rids["neg_stop"]]["error"]
+    assert "top_logprobs_num" in results[rids["top_logprobs"]]["error"]
+    assert results[good]["error"] is None and results[good]["meta_info"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.5),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan),
+    ("min_p", -0.1), ("min_p", 1.5), ("min_p", math.nan),
+    ("frequency_penalty", math.nan), ("frequency_penalty", math.inf), ("frequency_penalty", 2.5),
+    ("presence_penalty", math.nan), ("presence_penalty", -math.inf), ("presence_penalty", -3.0),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.nan),
+    ("top_k", 0), ("top_k", -2),
+])
+def test_out_of_range_sampling_value_names_the_field(client, field, value):
+    assert field in _error(client, text="Hi", sampling_params={**OK, field: value})
