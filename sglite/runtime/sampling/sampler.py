@@ -89,7 +89,7 @@ class SamplingBatch:
         steps = [len(o) for o in output_ids] if steps is None else list(steps)
         num_pending = 0 if pending_ids is None else len(pending_ids)
         generated = [len(o) + (row < num_pending) for row, o in enumerate(output_ids)]
-        banned_ids = [[*eos_ids, *p.stop_token_ids] if n < p.min_new_tokens else []
+        banned_ids = [[t for t in (*eos_ids, *p.stop_token_ids) if t >= 0] if n < p.min_new_tokens else []
                       for p, n in zip(params, generated)]
         rep_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1]
         freq_rows = [r for r, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
@@ -142,7 +142,14 @@ class SamplingBatch:
             counts = self._scatter_count(logits, self.counted, torch.float32)
             logits -= self.frequency * counts + self.presence * (counts > 0)
         if self.banned is not None:
-            logits.view(-1).scatter_(0, self._flat(self.banned, logits.shape[1]), float("-inf"))
+            # ids outside [0, vocab) ban nothing: negative ones were dropped on the host, larger
+            # ones land in a spare column (a row's id never reaches its neighbour's row, and an
+            # out-of-range id never fails the batch); no device sync
+            bs, vocab = logits.shape
+            rows, ids = self.banned
+            ban = torch.zeros(bs * (vocab + 1), dtype=torch.bool, device=logits.device)
+            ban.scatter_(0, rows * (vocab + 1) + ids.clamp(max=vocab), True)
+            logits.masked_fill_(ban.view(bs, vocab + 1)[:, :vocab], float("-inf"))
         if allowed_mask is not None:
             if allowed_mask.shape != logits.shape or allowed_mask.dtype != torch.bool:
                 raise ValueError(f"allowed_mask must be bool {list(logits.shape)}, "
