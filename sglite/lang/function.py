@@ -1,9 +1,8 @@
 """SglFunction (what @sgl.function returns): run, run_batch, bind, trace, compile.
 
-`run` executes eagerly, node by node (and can stream). `run_batch` and compiled programs trace
-each program into a request graph and send it whole; the runtime walks text -> gen -> text chains
-and fork branches without a round trip per node. Programs the graph cannot express (their
-control flow reads generated values, they join forks, ...) fall back to eager.
+Every way of running a program (run, run_batch, compiled programs) executes its Python body
+exactly once, eagerly through the interpreter, as SGLang does. Prefix sharing across programs is
+the runtime's radix cache's job. `trace()` still records a request graph for inspection.
 """
 
 from __future__ import annotations
@@ -16,13 +15,11 @@ from typing import Any
 
 from sglite.lang import ir
 from sglite.lang.backend.base import BaseBackend
-from sglite.lang.interpreter import GraphBinding, StreamExecutor
+from sglite.lang.interpreter import StreamExecutor
 from sglite.lang.state import ProgramState
 from sglite.lang.tracer import Trace, trace_program
 
 _default_backend: BaseBackend | None = None
-MIN_PRECACHE_CHARS = 64  # SGLang's threshold: shorter prefixes are not worth a request
-PRECACHE_SAMPLE = 4  # programs traced to find the batch's common prefix
 
 
 def set_default_backend(backend: BaseBackend | None) -> None:
@@ -70,21 +67,19 @@ class SglFunction:
     def run_batch(self, batch_kwargs: list, *, backend: BaseBackend | None = None,
                   num_threads: int | str = "auto", progress_bar: bool = False,
                   **sampling_defaults) -> list[ProgramState]:
-        """Run many programs concurrently, each as a request graph when it traces; returns the
-        finished states in order. A failing program reports through its state.error()."""
+        """Run many programs concurrently (each body once, eagerly); returns the finished states
+        in order. A failing program reports through its state.error()."""
         backend = resolve_backend(backend)
         defaults, unknown = ir.GenParams.from_kwargs(sampling_defaults)
         if unknown:
             raise TypeError(f"run_batch got unknown keyword arguments {sorted(unknown)}")
-        calls = [self._normalize_call(item) for item in batch_kwargs]
-        if len(calls) > 1:
-            self._precache(backend, defaults, calls)
+        calls = [{**self.bind_arguments, **self._normalize_call(item)} for item in batch_kwargs]
         if num_threads == "auto":
             num_threads = max(96, (os.cpu_count() or 1) * 16)
         states: list[ProgramState | None] = [None] * len(calls)
         with ThreadPoolExecutor(max(1, min(int(num_threads), len(calls)))) as pool:
-            futures = {pool.submit(self.run_graph, backend, defaults, kw): i
-                       for i, kw in enumerate(calls)}
+            futures = {pool.submit(run_program, self, backend, (), kw, defaults=defaults,
+                                   catch=True, wait=True): i for i, kw in enumerate(calls)}
             done = as_completed(futures)
             if progress_bar:
                 from tqdm.auto import tqdm
@@ -93,20 +88,6 @@ class SglFunction:
             for future in done:
                 states[futures[future]] = future.result()
         return states
-
-    def run_graph(self, backend: BaseBackend, defaults: ir.GenParams,
-                  kwargs: dict[str, Any]) -> ProgramState:
-        """Trace with the real arguments, send the graph, replay the program over its replies."""
-        kwargs = {**self.bind_arguments, **kwargs}
-        try:
-            trace = trace_program(self, (), kwargs, backend=backend, defaults=defaults)
-        except Exception:  # CannotTrace, or the program's own error: eager reports it in the state
-            return run_program(self, backend, (), kwargs, defaults=defaults, catch=True, wait=True)
-        graph = None
-        if trace.num_generations:
-            graph = GraphBinding(backend.run_graph(trace.nodes), trace.node_ids)
-        return run_program(self, backend, (), kwargs, defaults=defaults, graph=graph, catch=True,
-                           wait=True)
 
     def trace(self, *, backend: BaseBackend | None = None, **kwargs) -> Trace:
         """The request graph, with ir.Argument placeholders for arguments not given."""
@@ -129,36 +110,16 @@ class SglFunction:
             return dict(zip(self.arg_names, item))
         raise TypeError(f"run_batch items must be dicts or tuples, got {type(item).__name__}")
 
-    def _precache(self, backend: BaseBackend, defaults: ir.GenParams, calls: list[dict]) -> None:
-        """Prefill the batch's shared constant prefix once, so that N programs do not race to
-        prefill it N times. SGLang traces with placeholder arguments and stops at the first one;
-        the common prefix of a few real traces also covers programs that str() an argument."""
-        prefixes = []
-        for kwargs in calls[:PRECACHE_SAMPLE]:
-            try:
-                prefixes.append(trace_program(self, (), {**self.bind_arguments, **kwargs},
-                                              backend=backend, defaults=defaults).constant_prefix)
-            except Exception:
-                return
-        prefix = os.path.commonprefix(prefixes)
-        if len(prefix) >= MIN_PRECACHE_CHARS:
-            backend.cache_prefix(prefix)
-
 
 class CompiledFunction:
-    """A program checked once (at compile) to be a request graph; every run sends whole graphs."""
+    """SGLang's compiled program, kept for its API: runs are eager (each body once); the request
+    graph is traced only when print_graph asks for it."""
 
     def __init__(self, function: SglFunction, backend: BaseBackend | None):
         self.function, self.backend = function, backend
-        try:
-            self.graph: Trace | None = function.trace(backend=backend)  # TypeError on f-strings
-            self.eager_reason = None
-        except ir.CannotTrace as e:  # still runs, eagerly
-            self.graph, self.eager_reason = None, str(e)
 
     def run(self, *, backend: BaseBackend | None = None, **kwargs) -> ProgramState:
-        defaults, kwargs = ir.GenParams.from_kwargs(kwargs, self.function.arg_names)
-        return self.function.run_graph(resolve_backend(backend or self.backend), defaults, kwargs)
+        return self.function.run(backend=backend or self.backend, **kwargs)
 
     def run_batch(self, batch_kwargs: list[dict], *, backend: BaseBackend | None = None,
                   num_threads: int | str = "auto", progress_bar: bool = False, **sampling_defaults):
@@ -167,14 +128,17 @@ class CompiledFunction:
                                        **sampling_defaults)
 
     def print_graph(self) -> str:
-        return self.graph.print_graph() if self.graph else f"(runs eagerly: {self.eager_reason})"
+        try:
+            return self.function.trace(backend=self.backend).print_graph()
+        except ir.CannotTrace as e:
+            return f"(not a request graph: {e})"
 
 
 def run_program(program: SglFunction, backend: BaseBackend, args: tuple, kwargs: dict, *,
-                defaults: ir.GenParams, stream: bool = False, graph: GraphBinding | None = None,
-                catch: bool = False, wait: bool = False) -> ProgramState:
+                defaults: ir.GenParams, stream: bool = False, catch: bool = False,
+                wait: bool = False) -> ProgramState:
     executor = StreamExecutor(backend, backend.get_chat_template(), defaults=defaults,
-                              stream=stream, graph=graph)
+                              stream=stream)
     state = ProgramState(executor)
 
     def body():

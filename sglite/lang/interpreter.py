@@ -1,38 +1,28 @@
 """StreamExecutor: runs one program stream (the root or a fork branch) on its own worker thread.
 
 `s += expr` only enqueues (SGLang's model): the user's Python runs ahead while the worker sends
-requests. One `_execute_<node>` method per IR class. In graph mode (run_batch, compiled
-programs) the whole program was sent as a GraphReq beforehand, and gen/select take their values
-from the graph's replies instead of sending requests.
+requests. One `_execute_<node>` method per IR class.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from sglite.choices import decide
 from sglite.lang import ir
-from sglite.lang.backend.base import BaseBackend, GraphRun
+from sglite.lang.backend.base import BaseBackend
 from sglite.lang.chat_template import ChatTemplate
-
-
-@dataclass
-class GraphBinding:
-    run: GraphRun
-    node_ids: dict[tuple[str, int], int]  # (stream_key, gen/select index in the stream) -> node id
 
 
 class StreamExecutor:
     sends_requests = True
 
     def __init__(self, backend: BaseBackend | None, chat_template: ChatTemplate, *,
-                 defaults: ir.GenParams, stream: bool = False, graph: GraphBinding | None = None,
-                 stream_key: str = "0", use_thread: bool = True):
+                 defaults: ir.GenParams, stream: bool = False, stream_key: str = "0", use_thread: bool = True):
         self.backend, self.chat_template, self.defaults = backend, chat_template, defaults
-        self.stream, self.graph, self.stream_key = stream, graph, stream_key
+        self.stream, self.stream_key = stream, stream_key
         self.text_ = ""
         self.variables: dict[str, Any] = {}
         self.variable_events: dict[str, threading.Event] = {}
@@ -117,7 +107,7 @@ class StreamExecutor:
 
     def fork(self, size: int) -> list["StreamExecutor"]:
         self.sync()
-        if self.graph is None and self.sends_requests and size > 1 and self.text_:
+        if self.sends_requests and size > 1 and self.text_:
             # Prefill the shared prefix once, so the branches find it in the radix cache instead
             # of racing to prefill it size times.
             self.backend.cache_prefix(self.text_)
@@ -199,30 +189,21 @@ class StreamExecutor:
 
     def _execute_gen(self, expr: ir.Gen) -> None:
         params = expr.params.merge(self.defaults)
-        graph_id = self._next_graph_id()
-        if graph_id is not None:
-            value, meta = self.graph.run.wait(graph_id)
-            self._append(value, expr.name)
-        else:
-            value, meta = "", {}
-            for delta, meta in self.backend.generate(self.text_, params, stream=self.stream):
-                value += delta
-                self._append(delta, expr.name)
+        value, meta = "", {}
+        for delta, meta in self.backend.generate(self.text_, params, stream=self.stream):
+            value += delta
+            self._append(delta, expr.name)
         self._set_result(expr.name, value, meta)
 
     def _execute_select(self, expr: ir.Select) -> None:
-        graph_id = self._next_graph_id()
-        if graph_id is not None:
-            choice, meta = self.graph.run.wait(graph_id)
-        else:
-            method = expr.choices_method
-            out = self.backend.score(self.text_, expr.choices,
-                                     unconditional=method.requires_unconditional_logprobs)
-            decision = decide(method, prefix_text=self.text_, choices=expr.choices,
-                              token_logprobs=out.token_logprobs, token_ids=out.token_ids,
-                              token_texts=out.token_texts,
-                              unconditional_token_logprobs=out.unconditional_token_logprobs)
-            choice, meta = decision.decision, {**out.meta_info, **decision.meta_info}
+        method = expr.choices_method
+        out = self.backend.score(self.text_, expr.choices,
+                                 unconditional=method.requires_unconditional_logprobs)
+        decision = decide(method, prefix_text=self.text_, choices=expr.choices,
+                          token_logprobs=out.token_logprobs, token_ids=out.token_ids,
+                          token_texts=out.token_texts,
+                          unconditional_token_logprobs=out.unconditional_token_logprobs)
+        choice, meta = decision.decision, {**out.meta_info, **decision.meta_info}
         self._append(choice, expr.name)
         self._set_result(expr.name, choice, meta)
 
@@ -264,14 +245,9 @@ class StreamExecutor:
             self.meta_info[name] = meta
             self.set_var(name, value)
 
-    def _next_graph_id(self) -> int | None:
-        key = (self.stream_key, self.num_gens)
-        self.num_gens += 1
-        return None if self.graph is None else self.graph.node_ids[key]
-
     def _spawn(self, stream_key: str) -> "StreamExecutor":
         return StreamExecutor(self.backend, self.chat_template, defaults=self.defaults,
-                              stream=self.stream, graph=self.graph, stream_key=stream_key)
+                              stream=self.stream, stream_key=stream_key)
 
 
 def _set_event() -> threading.Event:

@@ -22,15 +22,15 @@ def prefix_tokens(endpoint) -> int:
     return meta["prompt_tokens"]
 
 
-@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("mode", ["run", "run_batch"])
 def test_fork_branches_reuse_the_prefix(endpoint, mode):
     num_prefix = prefix_tokens(endpoint)
     assert num_prefix >= 300
     endpoint.flush_cache()
-    if mode == "eager":
+    if mode == "run":
         state = fork_after_prefix.run(backend=endpoint, temperature=0)
         state.sync()
-    else:  # one request graph: the runtime prefills the fork point once, then the branches
+    else:  # run_batch runs the body eagerly too: the fork prefills its prefix once
         (state,) = fork_after_prefix.run_batch([{}], backend=endpoint, temperature=0)
     branches = state.executor.children
     assert len(branches) == 4

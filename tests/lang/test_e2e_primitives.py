@@ -156,7 +156,7 @@ def test_streaming_sync_and_async(default_backend):
     assert "".join(asyncio.run(collect())) == state["answer"]
 
 
-def test_graph_and_eager_agree_and_server_calls(default_backend):
+def test_batch_compiled_and_eager_agree_and_server_calls(default_backend):
     eager = capital.run("France", temperature=0)
     (graphed,) = capital.run_batch([("France",)], temperature=0)
     compiled = capital.compile().run(country="France", temperature=0)

@@ -1,7 +1,6 @@
 """Interpreter, tracer and state semantics on an in-process fake backend (no model).
 
-The fake's generations are functions of the prompt, so "graph run == eager run" checks that the
-request graph carries exactly the prompts the eager interpreter would send."""
+The fake's generations are functions of the prompt, so equal texts mean equal prompts were sent."""
 
 import asyncio
 import json
@@ -33,11 +32,11 @@ def chat_program(s, question):
     s += "Done " + sgl.gen("last")
 
 
-def test_graph_run_matches_eager_run(backend):
+def test_run_batch_matches_run(backend):
     eager = chat_program.run("Capital of France?", backend=backend)
     eager.sync()
     (graphed,) = chat_program.run_batch([{"question": "Capital of France?"}], backend=backend)
-    assert [k for k, _ in backend.requests].count("graph") == 1
+    assert "graph" not in [k for k, _ in backend.requests]  # run_batch runs eagerly too
     assert graphed.text() == eager.text()
     assert graphed["answer"] == eager["answer"] and graphed["kind"] == eager["kind"]
     assert eager.text().startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
@@ -63,12 +62,10 @@ def test_fstring_on_argument_raises_when_traced(backend):
 
     with pytest.raises(TypeError, match="f-string"):
         bad.trace(backend=backend)
-    with pytest.raises(TypeError, match="f-string"):
-        bad.compile(backend=backend)
     bad.run("fine when eager", backend=backend).sync()  # real values format normally
 
 
-def test_value_dependent_program_falls_back_to_eager(backend):
+def test_value_dependent_program_runs_in_a_batch(backend):
     @sgl.function
     def loop(s):
         s += "x" + sgl.gen("a", max_tokens=2)
