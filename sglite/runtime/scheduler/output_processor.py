@@ -65,18 +65,17 @@ class OutputProcessor:
             return
         if len(rows) < len(reqs):
             reqs, logits = [reqs[i] for i in rows], logits[rows]
-        next_ids, logprobs = self.sampling.sample(reqs, logits)
+        next_ids, logprob_logits = self.sampling.sample(reqs, logits)
+        logprobs = None
+        if logprob_logits is not None:  # the rows of the requests with return_logprob, in order
+            wanting = [(r, t) for r, t in zip(reqs, next_ids) if r.return_logprob]
+            logprobs = gather_logprobs(logprob_logits, [t for _, t in wanting],
+                                       [r.top_logprobs_num for r, _ in wanting])
         self.apply(reqs, next_ids, logprobs)
 
-    def apply(self, reqs: list[Req], next_ids: list[int], logprob_logits: torch.Tensor | None = None,
-              *, logprobs: Logprobs | None = None):
+    def apply(self, reqs: list[Req], next_ids: list[int], logprobs: Logprobs | None = None):
         """Append each request's sampled token: stop checks, text, jump-forward, replies.
-        For the requests with return_logprob, in order: logprob_logits [num_wanting, vocab], their
-        raw logits, or logprobs, the values already gathered (the overlapped decode)."""
-        if logprob_logits is not None:
-            wanting = [r for r in reqs if r.return_logprob]
-            tokens = [t for r, t in zip(reqs, next_ids) if r.return_logprob]
-            logprobs = gather_logprobs(logprob_logits, tokens, [r.top_logprobs_num for r in wanting])
+        logprobs: the gathered values of the requests with return_logprob, in order."""
         values = iter(zip(*logprobs)) if logprobs is not None else None
         for req, token_id in zip(reqs, next_ids):
             value = next(values) if values is not None and req.return_logprob else None

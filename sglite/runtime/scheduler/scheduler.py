@@ -273,7 +273,7 @@ class Scheduler:
 
     def _finish_decode(self, pending: PendingDecode) -> None:
         self._process_outputs(pending.reqs, lambda: self.outputs.apply(
-            pending.reqs, pending.token_ids(), logprobs=pending.logprobs()))
+            pending.reqs, pending.token_ids(), pending.logprobs()))
 
     def _forward(self, reqs: list[Req], run):
         """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not
@@ -354,7 +354,7 @@ class PendingDecode:
         """After token_ids(): (chosen, tops) of the requests with return_logprob, or None."""
         if self.host_logprobs is None:
             return None
-        return unpack_logprobs(self.host_logprobs.cpu(),
+        return unpack_logprobs(self.host_logprobs,
                                [r.top_logprobs_num for r in self.reqs if r.return_logprob])
 
 
