@@ -40,6 +40,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str | None = None  # checkpoint dtype as written in config.json
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # of each routed expert (intermediate_size: dense layers)
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a sigmoid-gated shared expert
+    moe_layers: tuple[bool, ...] | None = None  # None: every layer is sparse
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -65,6 +72,9 @@ class ModelConfig:
         if self.sliding_window_layers is not None and not self.sliding_window_layers[layer_id]:
             return None
         return self.sliding_window
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer_id])
 
     def kv_layer_id(self, layer_id: int) -> int:
         """Index of the KV buffer a layer reads (= index of its CLA group)."""
@@ -105,8 +115,8 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            attention_bias=bool(d.get("attention_bias", d.get("qkv_bias", arch in _QKV_BIAS))),
             sliding_window=window,
             sliding_window_layers=window_layers,
             global_tokens=int(d.get("global_tokens", 0)),
@@ -115,6 +125,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             torch_dtype=d.get("torch_dtype"),
         )
+        fields.update(_read_moe(d, arch, num_layers))
         return cls(**{**fields, **overrides})
 
     @classmethod
@@ -127,19 +138,39 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 
+_QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")  # bias on q/k/v unless the config says
+
+
+def _read_moe(d: dict, arch: str, num_layers: int) -> dict:
+    """The MoE fields: Mixtral always renormalises its top-k; Qwen2/3-MoE as norm_topk_prob says,
+    with dense layers at mlp_only_layers and off the decoder_sparse_step grid."""
+    if arch == "MixtralForCausalLM":
+        return dict(num_experts=d["num_local_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+                    moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True)
+    if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        return {}
+    step, dense = d.get("decoder_sparse_step", 1), set(d.get("mlp_only_layers") or ())
+    layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    return dict(num_experts=d["num_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+                moe_intermediate_size=d["moe_intermediate_size"],
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0)
+                if arch == "Qwen2MoeForCausalLM" else 0,
+                moe_layers=None if all(layers) else layers)
+
+
 def _read_sliding_window(d: dict, arch: str, num_layers: int):
     """Returns (W, per-layer flags) from the three config spellings found in the wild."""
     window = d.get("sliding_window")
-    if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
-        return None, None  # Qwen2 configs carry a window value that is off unless enabled
-    if arch == "Qwen3ForCausalLM" and not d.get("use_sliding_window", False):
+    # Qwen configs carry a window value that is off unless enabled
+    if arch in _QWEN_WINDOW_OPT_IN and not d.get("use_sliding_window", False):
         return None, None
     if window is None:
         return None, None
     layer_types = d.get("layer_types")
     if layer_types is not None:  # Gemma-2 / newer transformers
         flags = tuple(t == "sliding_attention" for t in layer_types)
-    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and "max_window_layers" in d:
+    elif arch in _QWEN_WINDOW_OPT_IN and "max_window_layers" in d:
         # Qwen2: layers at index >= max_window_layers use the window
         flags = tuple(i >= d["max_window_layers"] for i in range(num_layers))
     else:
@@ -149,6 +180,8 @@ def _read_sliding_window(d: dict, arch: str, num_layers: int):
     return int(window), (None if all(flags) else flags)
 
 
+_QWEN_WINDOW_OPT_IN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+                       "Qwen3MoeForCausalLM")
 _LLAMA3_EOS = (128001, 128008, 128009)
 PRESETS: dict[str, ModelConfig] = {
     "llama-3-8b": ModelConfig(

@@ -77,7 +77,11 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_id)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = self.make_mlp(config, layer_id)
+
+    def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        """The feed-forward sublayer; families with other MLPs (MoE) override this."""
+        return GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, residual, cos, sin, batch, backend):
         """Fused-residual form: x is the previous sublayer's output, not yet added to the
@@ -92,18 +96,20 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer  # what a family subclass swaps
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.layer_cls)
         self.rotary = RotaryEmbedding(
             config.head_dim, theta=config.rope_theta, scaling=config.rope_scaling
         )
