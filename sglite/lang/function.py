@@ -2,7 +2,8 @@
 
 Every way of running a program (run, run_batch, compiled programs) executes its Python body
 exactly once, eagerly through the interpreter, as SGLang does. Prefix sharing across programs is
-the runtime's radix cache's job. `trace()` still records a request graph for inspection.
+the runtime's radix cache's job. `trace()` records the program on placeholders for inspection
+(tracer.py) and `cache()` prefills its constant prefix.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from sglite.lang import ir
 from sglite.lang.backend.base import BaseBackend
 from sglite.lang.interpreter import StreamExecutor
 from sglite.lang.state import ProgramState
-from sglite.lang.tracer import Trace, trace_program
+from sglite.lang.chat_template import get_chat_template
+from sglite.lang.tracer import TracerProgramState, current_tracer, trace_program
 
 _default_backend: BaseBackend | None = None
 
@@ -51,9 +53,14 @@ class SglFunction:
         return SglFunction(self.func, bind_arguments={**self.bind_arguments, **kwargs})
 
     def __call__(self, *args, **kwargs):
-        """Inside another program, `helper(s, ...)` runs helper's body on the same state."""
-        if args and isinstance(args[0], ProgramState):
+        """Inside another program, `helper(s, ...)` runs helper's body on the same state; while a
+        program is traced, `helper(tip=...)` is traced too (SGLang's TracingScope)."""
+        if args and isinstance(args[0], (ProgramState, TracerProgramState)):
             return self.func(args[0], *args[1:], **{**self.bind_arguments, **kwargs})
+        tracer = current_tracer()
+        if tracer is not None:
+            return self._trace(tracer.chat_template, ir.GenParams(), dict(zip(self.arg_names, args)),
+                               kwargs)
         return self.run(*args, **kwargs)
 
     def run(self, *args, stream: bool = False, backend: BaseBackend | None = None,
@@ -89,13 +96,34 @@ class SglFunction:
                 states[futures[future]] = future.result()
         return states
 
-    def trace(self, *, backend: BaseBackend | None = None, **kwargs) -> Trace:
-        """The request graph, with ir.Argument placeholders for arguments not given."""
+    def trace(self, *, backend: BaseBackend | None = None, **kwargs) -> TracerProgramState:
+        """Run the body once on placeholders (arguments not given, generated values) and return
+        the tracer state: `.last_node.print_graph_dfs()`, `.nodes`, `.constant_prefix`. Needs no
+        runtime: without a backend the "default" chat template frames roles."""
         backend = backend if backend is not None else _default_backend
+        template = backend.get_chat_template() if backend is not None \
+            else get_chat_template("default")
         defaults, kwargs = ir.GenParams.from_kwargs(kwargs, self.arg_names)
-        args = {n: ir.Argument(n) for n in self.arg_names if n not in self.bind_arguments}
-        args.update(self.bind_arguments, **kwargs)
-        return trace_program(self, (), args, backend=backend, defaults=defaults)
+        return self._trace(template, defaults, {}, kwargs)
+
+    def cache(self, backend: BaseBackend | None = None) -> str:
+        """Prefill the program's constant prefix (text before its first argument, gen, select or
+        fork) into the runtime's radix cache; returns that prefix ("" caches nothing)."""
+        backend = resolve_backend(backend)
+        try:
+            prefix = self._trace(backend.get_chat_template(), ir.GenParams(), {}, {}).constant_prefix
+        except (ir.CannotTrace, TypeError, AttributeError, KeyError):
+            # The body needs real values early (SGLang stops tracing there too); the nodes
+            # recorded up to that point are lost with the exception, so nothing is cached.
+            return ""
+        if prefix:
+            backend.cache_prefix(prefix)
+        return prefix
+
+    def _trace(self, template, defaults: ir.GenParams, given: dict, kwargs: dict):
+        args = {n: ir.Argument(n) for n in self.arg_names}
+        args.update(self.bind_arguments, **given, **kwargs)
+        return trace_program(self, args, chat_template=template, defaults=defaults)
 
     def compile(self, *, backend: BaseBackend | None = None) -> "CompiledFunction":
         return CompiledFunction(self, backend)
@@ -112,8 +140,8 @@ class SglFunction:
 
 
 class CompiledFunction:
-    """SGLang's compiled program, kept for its API: runs are eager (each body once); the request
-    graph is traced only when print_graph asks for it."""
+    """SGLang's compiled program, kept for its API: runs are eager (each body once); the program
+    is traced only when print_graph asks for it."""
 
     def __init__(self, function: SglFunction, backend: BaseBackend | None):
         self.function, self.backend = function, backend
@@ -131,7 +159,7 @@ class CompiledFunction:
         try:
             return self.function.trace(backend=self.backend).print_graph()
         except ir.CannotTrace as e:
-            return f"(not a request graph: {e})"
+            return f"(cannot trace: {e})"
 
 
 def run_program(program: SglFunction, backend: BaseBackend, args: tuple, kwargs: dict, *,

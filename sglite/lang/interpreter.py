@@ -185,7 +185,9 @@ class StreamExecutor:
         self._append(expr.value)
 
     def _execute_argument(self, expr: ir.Argument) -> None:
-        raise TypeError(f"argument placeholder {expr.name!r} reached a running program")
+        raise TypeError(f"placeholder {expr.name!r} (from trace()) reached a running program")
+
+    _execute_variable = _execute_argument
 
     def _execute_gen(self, expr: ir.Gen) -> None:
         params = expr.params.merge(self.defaults)

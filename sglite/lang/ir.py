@@ -122,8 +122,8 @@ def schema_to_json(schema: Any) -> str:
 
 
 class CannotTrace(Exception):
-    """The program needs values only a run produces (it reads s[var], joins forks, ...): the
-    graph cannot express it, so it runs eagerly, node by node."""
+    """trace(): the program's Python control flow depends on a placeholder (an argument not
+    given, or a generated value), which has no value until the program runs."""
 
 
 class Expr:
@@ -228,7 +228,19 @@ class Argument(Expr):
     __format__ = __str__ = _refuse
 
     def __bool__(self):
-        raise CannotTrace(f"Python control flow depends on argument {self.name!r}")
+        raise CannotTrace(f"Python control flow depends on placeholder {self.name!r}")
 
     def __repr__(self) -> str:
         return f"Argument({self.name!r})"
+
+
+class Variable(Argument):
+    """trace(): a placeholder for a generated value read while tracing (`s["a"]`); `source` is
+    the tracer node that produces it."""
+
+    def __init__(self, name: str, source):
+        super().__init__(name)
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"Variable({self.name!r})"

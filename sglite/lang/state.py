@@ -55,13 +55,7 @@ class ProgramState:
         if expr is not None:
             self += ir.RoleBegin(role) + expr + ir.RoleEnd(role)
             return None
-        return self._role_scope(role)
-
-    @contextmanager
-    def _role_scope(self, role: str):
-        self += ir.RoleBegin(role)
-        yield self
-        self += ir.RoleEnd(role)
+        return scope(self, ir.RoleBegin(role), ir.RoleEnd(role))
 
     def system(self, expr=None):
         return self._role("system", expr)
@@ -72,11 +66,8 @@ class ProgramState:
     def assistant(self, expr=None):
         return self._role("assistant", expr)
 
-    @contextmanager
     def var_scope(self, name: str):
-        self += ir.VarScopeBegin(name)
-        yield self
-        self += ir.VarScopeEnd(name)
+        return scope(self, ir.VarScopeBegin(name), ir.VarScopeEnd(name))
 
     def fork(self, size: int = 1, position_ids_offset=None) -> "ProgramStateGroup":
         del position_ids_offset  # accepted for SGLang compatibility; SGLang ignores it too
@@ -84,13 +75,11 @@ class ProgramState:
             raise ValueError(f"fork size must be >= 1, got {size}")
         return ProgramStateGroup([ProgramState(e) for e in self.executor.fork(size)], self)
 
-    @contextmanager
     def copy(self):
-        group = self.fork(1)
-        try:
-            yield group[0]
-        finally:
-            group.join()
+        return copy_scope(self)
+
+    def _join(self, states: list["ProgramState"], mode: str) -> None:
+        self.executor.join([s.executor for s in states], mode)
 
     # ---- streaming -------------------------------------------------------------------------
 
@@ -125,6 +114,23 @@ class ProgramState:
         return f"ProgramState({self.executor.text_!r})"
 
 
+@contextmanager
+def scope(state, begin: ir.Expr, end: ir.Expr):
+    """`with s.user():` / `with s.var_scope(name):` (also used by the tracer's state)."""
+    state += begin
+    yield state
+    state += end
+
+
+@contextmanager
+def copy_scope(state):
+    group = state.fork(1)
+    try:
+        yield group[0]
+    finally:
+        group.join()
+
+
 def _var_done(ex: StreamExecutor, var_name: str | None) -> bool:
     if var_name is None:
         return ex.error_ is not None
@@ -138,6 +144,11 @@ class ProgramStateGroup:
 
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
+
+    def __setitem__(self, i: int, state: ProgramState) -> None:
+        # `forks[i] += expr` is `forks[i] = forks[i].__iadd__(expr)`: the same state comes back.
+        if state is not self.states[i]:
+            raise TypeError("a fork's state can only be extended in place (forks[i] += ...)")
 
     def __len__(self) -> int:
         return len(self.states)
@@ -160,4 +171,4 @@ class ProgramStateGroup:
         return self
 
     def join(self, mode: str = "gather_variable") -> None:
-        self.parent.executor.join([s.executor for s in self.states], mode)
+        self.parent._join(self.states, mode)

@@ -1,8 +1,7 @@
 """An in-process backend for unit tests of the interpreter and tracer (no model, no sockets).
 
-Its "generation" is a function of the prompt (`<len:N>` where N is the prompt's length), so a
-graph run whose node prompts differ from the eager prompts by even one character shows up as a
-different text. The product backend is RuntimeEndpoint; tests under tests/lang/test_e2e_* use it.
+Its "generation" is a function of the prompt (`<len:N>` where N is the prompt's length), so two
+runs whose prompts differ by even one character show up as different texts. The product backend is RuntimeEndpoint; tests under tests/lang/test_e2e_* use it.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from sglite import protocol
-from sglite.lang.backend.base import BaseBackend, GraphRun, RuntimeRequestError
+from sglite.lang.backend.base import BaseBackend, RuntimeRequestError
 from sglite.lang.chat_template import get_chat_template
 
 
@@ -53,10 +52,6 @@ class FakeBackend(BaseBackend):
             token_texts=[[text[-1:]] + list(c) for c in choices],  # boundary: prefix's last char
             unconditional_token_logprobs=[[0.0] * len(c) for c in choices] if unconditional else None)
 
-    def run_graph(self, nodes):
-        self._log("graph", str(len(nodes)))
-        return _FakeGraphRun(nodes)
-
     def cache_prefix(self, text):
         self._log("cache_prefix", text)
 
@@ -66,30 +61,3 @@ class FakeBackend(BaseBackend):
     def get_server_info(self):
         return {"model_path": "fake"}
 
-
-class _FakeGraphRun(GraphRun):
-    def __init__(self, nodes: list[protocol.GraphNode]):
-        self.full: dict[int, str] = {}
-        self.results: dict[int, tuple[str, dict]] = {}
-        self.error: Exception | None = None
-        for node in nodes:
-            prompt = "" if node.parent is None else self.full[node.parent]
-            if node.kind == "text":
-                own = node.text
-            elif node.kind == "gen":
-                try:
-                    own = fake_generate(prompt, node.sampling_params)
-                except RuntimeRequestError as e:
-                    self.error = e
-                    return
-            else:
-                scores = [sum(fake_logprobs(prompt, c)[1:]) / len(c) for c in node.choices]
-                own = node.choices[scores.index(max(scores))]
-            self.full[node.id] = prompt + own
-            if node.kind != "text":
-                self.results[node.id] = (own, {"prompt_tokens": len(prompt)})
-
-    def wait(self, node_id):
-        if node_id in self.results:
-            return self.results[node_id]
-        raise self.error or RuntimeRequestError(f"no node {node_id}")

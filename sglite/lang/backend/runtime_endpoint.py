@@ -3,11 +3,10 @@ address; Runtime starts one (sglite.launch.RuntimeProcess) and owns it."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Iterator
 
 from sglite import protocol
-from sglite.lang.backend.base import BaseBackend, GraphRun, RuntimeRequestError
+from sglite.lang.backend.base import BaseBackend, RuntimeRequestError
 from sglite.lang.backend.client import ZmqClient
 from sglite.lang.chat_template import (ChatTemplate, chat_template_from_jinja,
                                        get_chat_template)
@@ -67,9 +66,6 @@ class RuntimeEndpoint(BaseBackend):
             rid=self.client.new_rid("score"), text=text, choices=choices,
             unconditional=unconditional)))
 
-    def run_graph(self, nodes: list[protocol.GraphNode]) -> GraphRun:
-        return _ZmqGraphRun(self.client, nodes)
-
     def cache_prefix(self, text: str) -> None:
         for _ in self.generate(text, GenParams(max_tokens=0)):
             pass
@@ -113,54 +109,6 @@ class Runtime(RuntimeEndpoint):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-class _ZmqGraphRun(GraphRun):
-    def __init__(self, client: ZmqClient, nodes: list[protocol.GraphNode]):
-        self.client, self.rid = client, client.new_rid("graph")
-        self.results: dict[int, tuple[str, dict]] = {}
-        self.error: Exception | None = None
-        self.done = False
-        self.cond = threading.Condition()
-        self.reading = False  # one waiter reads the socket queue at a time; others wait on cond
-        self.q = client.request(protocol.GraphReq(rid=self.rid, nodes=nodes))
-
-    def wait(self, node_id: int) -> tuple[str, dict[str, Any]]:
-        while True:
-            with self.cond:
-                while True:
-                    if node_id in self.results:
-                        return self.results[node_id]
-                    if self.error is not None:
-                        raise self.error
-                    if self.done:
-                        raise RuntimeRequestError(f"graph {self.rid} ended without node {node_id}")
-                    if not self.reading:
-                        self.reading = True
-                        break
-                    self.cond.wait()
-            try:
-                msg = self.client.recv(self.q)
-            except Exception as e:  # RuntimeDied
-                msg = e
-            with self.cond:
-                self._absorb(msg)
-                self.reading = False
-                self.cond.notify_all()
-
-    def _absorb(self, msg) -> None:  # under self.cond
-        if isinstance(msg, protocol.NodeOut):
-            self.results[msg.node_id] = (msg.text, msg.meta_info)
-        elif isinstance(msg, protocol.GraphDone):
-            self.done = True
-        elif isinstance(msg, protocol.ErrorOut):
-            self.error = RuntimeRequestError(msg.message)
-        elif isinstance(msg, Exception):
-            self.error = msg
-        else:
-            self.error = RuntimeRequestError(f"unexpected reply to a graph: {msg!r}")
-        if self.done or self.error is not None:
-            self.client.forget(self.rid)
 
 
 def _check(msg):
