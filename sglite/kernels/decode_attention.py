@@ -47,7 +47,7 @@ except ImportError:  # an older triton: gathers only
 from .pdl import pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
-from .online_softmax import online_softmax_step, softmax_weights
+from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -60,7 +60,7 @@ def _decode_stage1_kernel(
     Q, K_Buf, V_Buf, K_desc, V_desc, Req_to_token, Req_pool_indices, Seq_lens,
     Mid_o, Mid_lse,  # [bs, H, splits, D] fp32, [bs, H, splits] fp32
     O, Counters,  # [bs, H, D] output (MERGE "direct" / "fused"); [bs * KH] int32, zero between launches
-    qk_scale, num_splits, num_kv_heads, sliding_window, num_global,
+    qk_scale, logit_cap, num_splits, num_kv_heads, sliding_window, num_global,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
     stride_req,
@@ -69,7 +69,7 @@ def _decode_stage1_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-    CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr,
+    CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
@@ -118,11 +118,12 @@ def _decode_stage1_kernel(
     if USE_TMA and _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
-                                   cur_kv_head * HEAD_DIM, qk_scale, m_i, l_i, acc, HAS_WINDOW, BLOCK_N)
+                                   cur_kv_head * HEAD_DIM, qk_scale, logit_cap, m_i, l_i, acc, HAS_WINDOW,
+                                   HAS_CAP, BLOCK_N)
     else:
         acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
-                                     win_start, offs_d, mask_d, qk_scale, stride_buf_kt, stride_buf_vt,
-                                     m_i, l_i, acc, HAS_WINDOW, BLOCK_N)
+                                     win_start, offs_d, mask_d, qk_scale, logit_cap, stride_buf_kt,
+                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -159,8 +160,8 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
-                 qk_scale, stride_kt, stride_vt, m_i, l_i, acc,
-                 HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+                 qk_scale, logit_cap, stride_kt, stride_vt, m_i, l_i, acc,
+                 HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -169,7 +170,8 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                         other=0).to(tl.int64)
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
-        qk = tl.where(mask_n[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                      float("-inf"))
         acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
                                             mask_kv, m_i, l_i, acc)
     return acc, l_i, m_i
@@ -194,7 +196,8 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
-               m_i, l_i, acc, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+               logit_cap, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
@@ -204,7 +207,8 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
         k = K_desc.load([first, kv_col])
         v = V_desc.load([first, kv_col])
         mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
-        qk = tl.where(mask_n[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                      float("-inf"))
         p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_i
@@ -329,6 +333,7 @@ def decode_attention_fwd(
     num_splits: int,
     sliding_window: int | None = None,
     global_tokens: int = 0,
+    logit_cap: float | None = None,  # Gemma 2: scores s -> cap * tanh(s / cap)
     mid_o: torch.Tensor | None = None,  # [bs, H, >= num_splits, D] fp32 scratch
     mid_lse: torch.Tensor | None = None,  # [bs, H, >= num_splits] fp32 scratch
     tiles: dict | None = None,  # overrides decode_tiles() (benchmarks)
@@ -379,7 +384,8 @@ def decode_attention_fwd(
     _decode_stage1_kernel[(num_splits, num_kv_heads, bs)](
         q, k_buffer, v_buffer, k_desc, v_desc, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out,
         counters,
-        scale * _LOG2E, num_splits, num_kv_heads, sliding_window if has_window else 0, global_tokens,
+        *softcap_args(scale, logit_cap), num_splits, num_kv_heads, sliding_window if has_window else 0,
+        global_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
@@ -388,7 +394,7 @@ def decode_attention_fwd(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
-        USE_TMA=descs is not None, **cfg,
+        USE_TMA=descs is not None, HAS_CAP=logit_cap is not None, **cfg,
         **pdl_options(q),
     )
     if merge == "kernel":

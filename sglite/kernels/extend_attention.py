@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_attention_shapes
-from .online_softmax import online_softmax_step
+from .online_softmax import online_softmax_step, softcap, softcap_args
 
 _LOG2E = 1.4426950408889634
 
@@ -32,9 +32,10 @@ def _attend_range(
     acc, l_i, m_i, q, q_pos,  # running state; q [R, BLOCK_D]; q_pos [R] positions of the rows
     K, V, Loc, stride_kt, stride_vt,  # K/V already offset to the KV head; Loc: slot per key (GATHER)
     lo, hi, pos_base, win_lo,  # keys [lo, hi) of this source lie at positions pos_base + index
-    qk_scale, sliding_window, num_global,
+    qk_scale, logit_cap, sliding_window, num_global,
     offs_d, mask_d,
     BLOCK_N: tl.constexpr, GATHER: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    HAS_CAP: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -48,7 +49,7 @@ def _attend_range(
             rows = offs_n.to(tl.int64)
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + rows[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP)
         visible = mask_n[None, :]
         if CAUSAL:
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
@@ -65,14 +66,14 @@ def _attend_range(
 def _extend_kernel(
     Q, O, K_Ext, V_Ext, Ext_loc,  # Q/O [T, H, D]; K/V_Ext [T, KH, D] (or the pool when EXT_FROM_POOL)
     K_Buf, V_Buf, Req_to_token, Req_pool_indices, Prefix_lens, Extend_lens, Extend_start,
-    qk_scale, sliding_window, num_global,
+    qk_scale, logit_cap, sliding_window, num_global,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ext_kt, stride_ext_kh, stride_ext_vt, stride_ext_vh,
     stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
     stride_req,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, EXT_FROM_POOL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, EXT_FROM_POOL: tl.constexpr, HAS_CAP: tl.constexpr = False,
 ):
     cur_kv_head = tl.program_id(0)
     cur_batch = tl.program_id(1)
@@ -112,17 +113,17 @@ def _extend_kernel(
         lo = tl.minimum(tl.maximum(win_lo, 0), prefix_len)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
-            0, tl.minimum(num_global, lo), 0, win_lo, qk_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False)
+            0, tl.minimum(num_global, lo), 0, win_lo, qk_scale, logit_cap, sliding_window, num_global,
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
-            lo, prefix_len, 0, win_lo, qk_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=True)
+            lo, prefix_len, 0, win_lo, qk_scale, logit_cap, sliding_window, num_global,
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=True, HAS_CAP=HAS_CAP)
     else:
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
-            0, prefix_len, 0, 0, qk_scale, 0, 0,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False)
+            0, prefix_len, 0, 0, qk_scale, logit_cap, 0, 0,
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
 
     # stage 2: the new tokens themselves, causal
     if EXT_FROM_POOL:
@@ -143,22 +144,22 @@ def _extend_kernel(
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
             0, tl.minimum(num_global - prefix_len, lo), prefix_len, win_lo,
-            qk_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False)
+            qk_scale, logit_cap, sliding_window, num_global,
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
-            lo, causal_end, prefix_len, win_lo, qk_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=True)
+            lo, causal_end, prefix_len, win_lo, qk_scale, logit_cap, sliding_window, num_global,
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=True, HAS_CAP=HAS_CAP)
     else:
         # keys before the tile's first token need no causal mask; only the diagonal blocks do
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
-            0, tile_first, prefix_len, 0, qk_scale, 0, 0,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False)
+            0, tile_first, prefix_len, 0, qk_scale, logit_cap, 0, 0,
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
-            tile_first, causal_end, prefix_len, 0, qk_scale, 0, 0,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=False)
+            tile_first, causal_end, prefix_len, 0, qk_scale, logit_cap, 0, 0,
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=False, HAS_CAP=HAS_CAP)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # padding rows have l = 0; not stored
     tl.store(O + tok[:, None] * stride_ot + cur_heads[:, None] * stride_oh + offs_d[None, :],
@@ -195,6 +196,7 @@ def extend_attention_fwd(
     out_cache_loc: torch.Tensor | None = None,  # [T] slots of the new tokens (needed if k_extend is None)
     sliding_window: int | None = None,
     global_tokens: int = 0,
+    logit_cap: float | None = None,  # Gemma 2: scores s -> cap * tanh(s / cap)
     tiles: dict | None = None,  # overrides extend_tiles() (benchmarks)
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -213,13 +215,14 @@ def extend_attention_fwd(
     _extend_kernel[grid](
         q, out, k_extend, v_extend, out_cache_loc if ext_from_pool else extend_lens,
         k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
-        scale * _LOG2E, sliding_window if has_window else 0, global_tokens,
+        *softcap_args(scale, logit_cap), sliding_window if has_window else 0, global_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_extend.stride(0), k_extend.stride(1), v_extend.stride(0), v_extend.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m, HAS_WINDOW=has_window, EXT_FROM_POOL=ext_from_pool, **cfg,
+        BLOCK_M=block_m, HAS_WINDOW=has_window, EXT_FROM_POOL=ext_from_pool,
+        HAS_CAP=logit_cap is not None, **cfg,
     )
     return out
 

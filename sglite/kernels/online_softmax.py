@@ -24,3 +24,25 @@ def softmax_weights(qk, m_i, l_i):
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     return p, alpha, l_i, m_new
+
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def softcap(qk, logit_cap, HAS_CAP: tl.constexpr):
+    """Scores for the base-2 softmax: with HAS_CAP, qk = q.k * scale is soft-capped (Gemma 2:
+    cap * tanh(qk / cap), tanh as 1 - 2 / (e^2x + 1), exact at both saturations) and then
+    scaled by log2(e); without it qk came scaled by scale * log2(e) already (softcap_args)."""
+    if HAS_CAP:
+        return (logit_cap * _LOG2E) * (1.0 - 2.0 / (tl.exp(2.0 * qk / logit_cap) + 1.0))
+    return qk
+
+
+def softcap_args(scale: float, logit_cap: float | None) -> tuple[float, float]:
+    """(qk_scale, logit_cap) kernel arguments for softcap()."""
+    if logit_cap is None:
+        return scale * _LOG2E, 0.0
+    if logit_cap <= 0:
+        raise ValueError(f"logit_cap must be > 0, got {logit_cap}")
+    return scale, float(logit_cap)

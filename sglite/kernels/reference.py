@@ -28,8 +28,9 @@ def visible_mask(
     return mask
 
 
-def _attend_one(q, k, v, mask, scale):
-    """q [nq, H, D], k/v [nk, KH, D], mask [nq, nk] -> [nq, H, D] float."""
+def _attend_one(q, k, v, mask, scale, logit_cap=None):
+    """q [nq, H, D], k/v [nk, KH, D], mask [nq, nk] -> [nq, H, D] float; logit_cap: scores
+    s -> cap * tanh(s / cap) (Gemma 2)."""
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     # zero keys nobody may see, so that NaN garbage in unread slots cannot leak through 0 * NaN
@@ -37,6 +38,8 @@ def _attend_one(q, k, v, mask, scale):
     k = torch.where(seen[:, None, None], k.to(dt), 0.0).repeat_interleave(group, dim=1)
     v = torch.where(seen[:, None, None], v.to(dt), 0.0).repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.to(dt), k) * scale
+    if logit_cap is not None:
+        scores = torch.tanh(scores / logit_cap) * logit_cap
     scores = scores.masked_fill(~mask[None], float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
 
@@ -53,6 +56,7 @@ def extend_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     global_tokens: int = 0,
+    logit_cap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, H, D] in q's dtype
     out = torch.empty_like(q)
     start = 0
@@ -63,7 +67,8 @@ def extend_attention_ref(
         k_pos = torch.arange(seq_len, device=q.device)
         mask = visible_mask(q_pos, k_pos, sliding_window=sliding_window, global_tokens=global_tokens)
         end = start + extend_len
-        out[start:end] = _attend_one(q[start:end], k_buffer[slots], v_buffer[slots], mask, scale).to(q.dtype)
+        out[start:end] = _attend_one(q[start:end], k_buffer[slots], v_buffer[slots], mask, scale,
+                                       logit_cap).to(q.dtype)
         start = end
     return out
 
@@ -79,11 +84,12 @@ def decode_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     global_tokens: int = 0,
+    logit_cap: float | None = None,
 ) -> torch.Tensor:  # [bs, H, D]
     return extend_attention_ref(
         q, k_buffer, v_buffer, req_to_token, req_pool_indices,
         [n - 1 for n in seq_lens], [1] * len(seq_lens),
-        scale=scale, sliding_window=sliding_window, global_tokens=global_tokens,
+        scale=scale, sliding_window=sliding_window, global_tokens=global_tokens, logit_cap=logit_cap,
     )
 
 

@@ -71,6 +71,7 @@ class AttentionLayer:
     scale: float
     sliding_window: int | None = None  # W: a query at p sees keys p-W < j <= p ...
     global_tokens: int = 0  # ... plus keys j < G (attention sinks)
+    logit_softcap: float | None = None  # Gemma 2: scores s -> cap * tanh(s / cap) before softmax
 
 
 class BaseAttentionBackend(ABC):
@@ -100,4 +101,5 @@ class BaseAttentionBackend(ABC):
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Store k/v at batch.out_cache_loc into buffer layer.kv_layer_id (if given and not
         kv_stored already), then attend each new token to positions [0, its position] of its
-        request (causal), masked by the layer's sliding window and global tokens."""
+        request (causal), masked by the layer's sliding window and global tokens; scores
+        soft-capped where layer.logit_softcap is set."""

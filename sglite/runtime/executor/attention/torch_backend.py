@@ -49,6 +49,10 @@ class TorchAttentionBackend(BaseAttentionBackend):
         keys = k_buf[idx].transpose(1, 2)  # [bs, Hkv, max_len, D]
         values = v_buf[idx].transpose(1, 2)
         mask = self._mask(layer, batch, None)  # [bs, 1, 1, max_len] or None
+        if layer.logit_softcap is not None:
+            if mask is None:
+                mask = torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool, device=keys.device)
+            return _softcap_attention(q.unsqueeze(2), keys, values, mask, layer).squeeze(2).to(q.dtype)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=mask, scale=layer.scale,
             enable_gqa=layer.num_heads != layer.num_kv_heads,
@@ -60,11 +64,20 @@ class TorchAttentionBackend(BaseAttentionBackend):
         start = 0
         for i, extend_len in enumerate(batch.extend_lens_cpu):
             idx = self._kv_indices[i]
+            seq_len = batch.seq_lens_cpu[i]
             q_i = q[start : start + extend_len].transpose(0, 1)  # [H, e, D]
             keys = k_buf[idx].transpose(0, 1)  # [Hkv, seq_len, D]
             values = v_buf[idx].transpose(0, 1)
             mask = self._mask(layer, batch, i)
             is_causal = mask is None and extend_len > 1
+            if layer.logit_softcap is not None:
+                if mask is None:
+                    mask = visible(torch.arange(seq_len - extend_len, seq_len, device=keys.device)[:, None],
+                                   torch.arange(seq_len, device=keys.device)[None, :], None, 0)
+                o = _softcap_attention(q_i[None], keys[None], values[None], mask, layer)[0]
+                out[start : start + extend_len] = o.transpose(0, 1).to(q.dtype)
+                start += extend_len
+                continue
             # 4-D inputs: on CPU, 3-D ones fall back to SDPA's math path (2x slower at 512 tokens)
             o = F.scaled_dot_product_attention(
                 q_i.to(keys.dtype)[None], keys[None], values[None], attn_mask=mask,
@@ -109,3 +122,17 @@ def visible(q_pos, k_pos, window: int | None, num_global: int) -> torch.Tensor:
     if window is not None:
         allowed = allowed & ((k_pos > q_pos - window) | (k_pos < num_global))
     return allowed
+
+
+def _softcap_attention(q, keys, values, mask, layer: AttentionLayer):
+    """SDPA with soft-capped scores (which SDPA cannot do), as transformers' eager Gemma 2:
+    q [B, H, nq, D], keys/values [B, Hkv, nk, D], mask bool broadcastable to [B, H, nq, nk]."""
+    group = layer.num_heads // layer.num_kv_heads
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    cap = layer.logit_softcap
+    scores = torch.matmul(q.to(keys.dtype), keys.transpose(-1, -2)) * layer.scale
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values)

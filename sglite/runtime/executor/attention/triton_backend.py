@@ -90,7 +90,8 @@ class TritonAttentionBackend(BaseAttentionBackend):
                 store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         q = q.to(k_buf.dtype)
         out = torch.empty_like(q)
-        window = dict(sliding_window=layer.sliding_window, global_tokens=layer.global_tokens)
+        window = dict(sliding_window=layer.sliding_window, global_tokens=layer.global_tokens,
+                      logit_cap=layer.logit_softcap)
         meta = self._meta
         if batch.is_decode:
             assert isinstance(meta, _DecodeMeta), "init_forward was not called for this decode batch"
