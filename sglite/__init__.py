@@ -13,10 +13,20 @@ from sglite.lang.state import ProgramState, ProgramStateGroup
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # sgl.Engine (the offline engine) is imported on first use, so `import sglite` stays light.
+    if name == "Engine":
+        from sglite.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'sglite' has no attribute {name!r}")
+
+
 __all__ = [
     "function", "gen", "gen_int", "gen_string", "select", "system", "user", "assistant",
     "system_begin", "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end",
-    "set_default_backend", "flush_cache", "get_server_info", "Runtime", "RuntimeEndpoint",
+    "set_default_backend", "flush_cache", "get_server_info", "Runtime", "RuntimeEndpoint", "Engine",
     "ProgramState", "ProgramStateGroup", "RuntimeDied", "RuntimeRequestError",
     "token_length_normalized", "greedy_token_selection", "unconditional_likelihood_normalized",
 ]

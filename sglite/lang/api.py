@@ -94,8 +94,8 @@ assistant_begin = partial(ir.RoleBegin, "assistant")
 assistant_end = partial(ir.RoleEnd, "assistant")
 
 
-def flush_cache(backend: BaseBackend | None = None) -> None:
-    resolve_backend(backend).flush_cache()
+def flush_cache(backend: BaseBackend | None = None, empty_cache: bool = True) -> None:
+    resolve_backend(backend).flush_cache(empty_cache=empty_cache)
 
 
 def get_server_info(backend: BaseBackend | None = None) -> dict[str, Any]:

@@ -55,7 +55,7 @@ class FakeBackend(BaseBackend):
     def cache_prefix(self, text):
         self._log("cache_prefix", text)
 
-    def flush_cache(self):
+    def flush_cache(self, empty_cache=True):
         pass
 
     def get_server_info(self):

@@ -14,15 +14,22 @@ from sglite.lang.ir import GenParams
 
 
 class RuntimeEndpoint(BaseBackend):
-    """Attach to a runtime at `address` (e.g. "ipc:///tmp/sglite-x" or "tcp://127.0.0.1:30000").
+    """Attach to a runtime at `address`: ZeroMQ ("ipc:///tmp/sglite-x", "tcp://127.0.0.1:30000")
+    or an HTTP server ("http://127.0.0.1:30000", `python -m sglite serve --port`), which carries
+    the same protocol messages.
 
     `timeout`: seconds an unanswered ping may wait before waiting programs raise RuntimeDied
     (long, because a busy CPU runtime answers between forward steps)."""
 
     def __init__(self, address: str, *, chat_template_name: str | None = None,
                  timeout: float = 120.0, _is_alive=None):
-        self.client = ZmqClient(address, is_alive=_is_alive, dead_after=timeout,
-                                ping_interval=min(5.0, timeout / 2))
+        if address.startswith(("http://", "https://")):
+            from sglite.lang.backend.http_client import HttpClient
+
+            self.client = HttpClient(address)
+        else:
+            self.client = ZmqClient(address, is_alive=_is_alive, dead_after=timeout,
+                                    ping_interval=min(5.0, timeout / 2))
         self.info = self.get_server_info()
         self.chat_template_name = chat_template_name
         self._chat_template: ChatTemplate | None = None
@@ -30,6 +37,9 @@ class RuntimeEndpoint(BaseBackend):
     @property
     def endpoint(self) -> "RuntimeEndpoint":  # SGLang's Runtime.endpoint
         return self
+
+    def get_model_name(self) -> str:
+        return str(self.info.get("model_path"))
 
     def get_chat_template(self) -> ChatTemplate:
         if self._chat_template is None:
@@ -70,7 +80,10 @@ class RuntimeEndpoint(BaseBackend):
         for _ in self.generate(text, GenParams(max_tokens=0)):
             pass
 
-    def flush_cache(self) -> None:
+    def flush_cache(self, empty_cache: bool = True) -> None:
+        """Empty the radix cache. `empty_cache` (SGLang: also release the allocator's cached
+        device memory) is accepted; the runtime's KV pool is allocated once and kept."""
+        del empty_cache
         _check(self.client.call(protocol.FlushCacheReq(rid=self.client.new_rid("flush"))))
 
     def get_server_info(self) -> dict[str, Any]:
