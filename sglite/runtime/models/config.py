@@ -47,6 +47,14 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a sigmoid-gated shared expert
     moe_layers: tuple[bool, ...] | None = None  # None: every layer is sparse
+    # Gemma 2 / 3 and Phi-3 (issue 18)
+    hidden_act: str = "silu"  # of the gated MLP: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2, not head_dim's
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: the same on the logits
+    rope_local_theta: float | None = None  # Gemma 3: rope base of the sliding-window layers
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: rope on the first 3/4 of each head
+    original_max_position_embeddings: int | None = None  # Phi-3 longrope: the pretraining context
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -72,6 +80,10 @@ class ModelConfig:
         if self.sliding_window_layers is not None and not self.sliding_window_layers[layer_id]:
             return None
         return self.sliding_window
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer_id])
@@ -113,9 +125,10 @@ class ModelConfig:
             rope_theta=float(d.get("rope_theta", 10000.0)),
             rope_scaling=d.get("rope_scaling"),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # absent: transformers' default (True), which save_pretrained leaves out (Gemma)
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             attention_bias=bool(d.get("attention_bias", d.get("qkv_bias", arch in _QKV_BIAS))),
             sliding_window=window,
             sliding_window_layers=window_layers,
@@ -126,6 +139,7 @@ class ModelConfig:
             torch_dtype=d.get("torch_dtype"),
         )
         fields.update(_read_moe(d, arch, num_layers))
+        fields.update(_read_dense_family(d, arch))
         return cls(**{**fields, **overrides})
 
     @classmethod
@@ -159,6 +173,28 @@ def _read_moe(d: dict, arch: str, num_layers: int) -> dict:
                 moe_layers=None if all(layers) else layers)
 
 
+def _read_dense_family(d: dict, arch: str) -> dict:
+    """Gemma 2 / 3 and Phi-3 fields; other families keep the defaults."""
+    out = {}
+    if arch in _GEMMA:
+        out.update(hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
+                   query_pre_attn_scalar=d.get("query_pre_attn_scalar"),
+                   attn_logit_softcapping=d.get("attn_logit_softcapping"),
+                   final_logit_softcapping=d.get("final_logit_softcapping"))
+        if arch == "Gemma3ForCausalLM":
+            out["rope_local_theta"] = float(d.get("rope_local_base_freq", 10000.0))
+    elif d.get("hidden_act", "silu") != "silu":
+        out["hidden_act"] = d["hidden_act"]
+    if "partial_rotary_factor" in d:
+        out["partial_rotary_factor"] = float(d["partial_rotary_factor"])
+    if d.get("original_max_position_embeddings"):
+        out["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
+    return out
+
+
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
 def _read_sliding_window(d: dict, arch: str, num_layers: int):
     """Returns (W, per-layer flags) from the three config spellings found in the wild."""
     window = d.get("sliding_window")
@@ -170,6 +206,11 @@ def _read_sliding_window(d: dict, arch: str, num_layers: int):
     layer_types = d.get("layer_types")
     if layer_types is not None:  # Gemma-2 / newer transformers
         flags = tuple(t == "sliding_attention" for t in layer_types)
+    elif arch == "Gemma2ForCausalLM":  # older configs: every other layer from the first
+        flags = tuple(i % 2 == 0 for i in range(num_layers))
+    elif arch == "Gemma3ForCausalLM":  # older configs: every sliding_window_pattern-th is global
+        pattern = int(d.get("sliding_window_pattern", 6))
+        flags = tuple((i + 1) % pattern != 0 for i in range(num_layers))
     elif arch in _QWEN_WINDOW_OPT_IN and "max_window_layers" in d:
         # Qwen2: layers at index >= max_window_layers use the window
         flags = tuple(i >= d["max_window_layers"] for i in range(num_layers))
