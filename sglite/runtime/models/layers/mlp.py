@@ -1,4 +1,5 @@
-"""The gated MLP (SwiGLU): gate/up in one matmul, silu(gate) * up fused on CUDA."""
+"""The gated MLP: gate/up in one matmul, act(gate) * up fused on CUDA; act silu (SwiGLU) or
+gelu_pytorch_tanh (GeGLU: Gemma)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ from sglite.runtime.models.layers.linear import MergedLinear
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported MLP activation {act!r} (silu, gelu_pytorch_tanh)")
+        self.act = act
         self.gate_up_proj = MergedLinear(
             hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}
         )
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gelu = self.act == "gelu_pytorch_tanh"
         if use_fused(x):
-            from sglite.kernels.activation import silu_and_mul
+            from sglite.kernels.activation import gelu_tanh_and_mul, silu_and_mul
 
-            return self.down_proj(silu_and_mul(self.gate_up_proj.fused(x)))
+            fn = gelu_tanh_and_mul if gelu else silu_and_mul
+            return self.down_proj(fn(self.gate_up_proj.fused(x)))
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj((F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up)
