@@ -13,7 +13,11 @@ decides where the output ends. Jump-forward (constrained/jump.py): after each ac
 text the grammar forces is appended at once; the tokens it replaces lose their KV
 (`truncate_kv`), the new tokens are prefilled by the scheduler's next extend, the stream gets
 exactly the forced text, and the detokenizer restarts after it. Requests that want logprobs do not
-jump (jumped tokens have no logprobs of their own).
+jump (jumped tokens have no logprobs of their own). A jump costs an extend forward that the whole
+running batch waits for (a forward of a few tokens reads all the weights, as a decode step of the
+batch does), so during decoding it is taken only when it gains `jump_min_tokens` tokens or more
+(the scheduler sets that from the decode batch size); otherwise the forced tokens are decoded one
+per step, the grammar leaving each a single allowed token.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.enable_jump_forward = enable_jump_forward and tokenizer is not None
         self.truncate_kv = truncate_kv  # (req, n): KV past position n is stale (CacheManager)
+        self.jump_min_tokens = 1  # see the module docstring
         self.eos_ids = set(model_config.eos_token_ids)
         self.vocab_size = model_config.vocab_size
         self.sampling = Sampling(model_config.vocab_size, eos_token_ids=model_config.eos_token_ids)
@@ -129,15 +134,17 @@ class OutputProcessor:
         return ((token_id in p.stop_token_ids or token_id in self.eos_ids and not p.ignore_eos)
                 and len(req.output_ids) > min_len)
 
-    def jump_forward(self, req: Req) -> None:
-        """Append the text req's grammar forces now, if any (see the module docstring)."""
+    def jump_forward(self, req: Req, *, min_tokens: int | None = None) -> None:
+        """Append the text req's grammar forces now, if it gains min_tokens tokens (default
+        jump_min_tokens; see the module docstring)."""
         if not (self.enable_jump_forward and req.grammar is not None and not req.is_finished
                 and not req.return_logprob):
             return
         from sglite.runtime.sampling.constrained import jump_forward
 
         out = req.output_ids
-        jf = jump_forward(req.grammar, self.tokenizer, out)
+        jf = jump_forward(req.grammar, self.tokenizer, out,
+                          min_tokens=self.jump_min_tokens if min_tokens is None else min_tokens)
         if jf is None:
             return
         kept = len(out) - jf.num_dropped
@@ -242,15 +249,3 @@ class OutputProcessor:
 def _is_plain(req: Req) -> bool:
     return (req.detok is None and req.grammar is None and not req.return_logprob
             and not req.stop_matcher.stops and not req.text_buffer)
-
-
-def can_decode_ahead(req: Req) -> bool:
-    """Whether req's next decode can be launched before the host reads its last token: nothing
-    but the logits and the tokens so far shapes the next token (no grammar, whose matcher runs on
-    the host; logprobs are gathered on the device and read with the tokens), so it is sampled on the
-    device (`Sampling.next_ids_on_device`, penalties and min_new_tokens counting the token still
-    in flight). A stop token or string may still end req at the token being read: the step
-    launched ahead is then wasted for req (its token is dropped; the KV it wrote for req's last
-    token goes into the tree with the rest). The overlapped decode loop (scheduler) runs such
-    requests."""
-    return req.grammar is None

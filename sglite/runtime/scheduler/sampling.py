@@ -1,11 +1,17 @@
 """Glue between a batch of requests and the sampler: grammar bitmasks for the constrained rows,
-the greedy fast path, and the raw logprobs that the output processor reports."""
+the greedy fast path, and the raw logprobs that the output processor reports.
+
+Grammar masks: xgrammar fills the bitmask rows of all constrained requests in one threaded call
+into pinned host memory, then one non-blocking copy takes them (and the row indices) to the
+device, where one kernel applies them to the logits in place. No step waits for the GPU: in the
+overlapped decode the host fills while the forward whose logits the masks apply to runs."""
 
 from __future__ import annotations
 
 import msgspec
 import torch
 
+from sglite.runtime.executor.transfer import tensor_async
 from sglite.runtime.scheduler.req import Req
 
 
@@ -13,7 +19,8 @@ class Sampling:
     def __init__(self, vocab_size: int, *, eos_token_ids=()):
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
-        self._bitmask = None  # int32 [rows, words], reused across steps
+        self._bitmasks: list[torch.Tensor] = []  # int32 [rows, words] host buffers, two in turn
+        self._turn = 0
 
     def sample(self, reqs: list[Req], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """logits [bs, vocab] (grammar masks are applied in place). Returns next ids and, when any
@@ -24,7 +31,7 @@ class Sampling:
         rows = [i for i, r in enumerate(reqs) if r.return_logprob]
         if rows:
             logprobs = logits[rows] if len(rows) < len(reqs) else logits.clone()
-        self._apply_grammars(reqs, logits)
+        self._apply_grammars(reqs, logits)  # after the copy above: logprobs are of the raw logits
         if all(_is_plain_greedy(r) for r in reqs):
             return logits.argmax(dim=-1).tolist(), logprobs
         from sglite.runtime.sampling.sampler import sample_batch
@@ -35,33 +42,54 @@ class Sampling:
 
     def next_ids_on_device(self, reqs: list[Req], logits: torch.Tensor, *,
                            pending_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Each request's next token, left on the device (the overlapped decode; requests that
-        pass `output_processor.can_decode_ahead`): the argmax when all are plain greedy, else the
-        sampler. pending_ids: [k] device tokens that the first k requests generated but whose
-        output_ids lack them yet: they sample token len(output_ids) + 1 (seeded streams are keyed
-        by that index), and penalties and min_new_tokens count the pending token."""
+        """Each request's next token, left on the device (the overlapped decode): the argmax when
+        all are plain greedy, else the sampler; constrained rows masked first (in place; their
+        grammar states must have accepted every token before, so pending_ids is None then).
+        pending_ids: [k] device tokens that the first k requests generated but whose output_ids
+        lack them yet: they sample token len(output_ids) + 1 (seeded streams are keyed by that
+        index), and penalties and min_new_tokens count the pending token."""
         ahead = 0 if pending_ids is None else len(pending_ids)
+        self._apply_grammars(reqs, logits)
         if all(_is_plain_greedy(r, pending=i < ahead) for i, r in enumerate(reqs)):
             return logits.argmax(dim=-1)
         from sglite.runtime.sampling.sampler import SamplingBatch
 
         batch = SamplingBatch.from_requests(
-            [r.params for r in reqs], [r.output_ids for r in reqs], _prompt_ids(reqs),
+            [_effective_params(r) for r in reqs], [r.output_ids for r in reqs], _prompt_ids(reqs),
             eos_ids=self.eos_token_ids,
             device=logits.device, steps=[len(r.output_ids) + (i < ahead) for i, r in enumerate(reqs)],
             pending_ids=pending_ids if ahead else None)
         return batch.sample(logits.float())
 
     def _apply_grammars(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        states = [r.grammar for r in reqs]
-        if all(s is None for s in states):
+        """Mask the constrained rows of logits (in place) with their grammars' allowed tokens."""
+        if all(r.grammar is None for r in reqs):
             return
-        from sglite.runtime.sampling.constrained import allocate_bitmask, apply_bitmask, fill_bitmask
+        from sglite.runtime.sampling.constrained import apply_bitmask, fill_bitmask
 
-        if self._bitmask is None or self._bitmask.shape[0] < len(reqs):
-            self._bitmask = allocate_bitmask(max(len(reqs), 8), self.vocab_size)
-        rows = fill_bitmask(self._bitmask, states)
-        apply_bitmask(logits, self._bitmask, rows)
+        bitmask = self._host_bitmask(len(reqs), logits.device)
+        rows = fill_bitmask(bitmask, [r.grammar for r in reqs])  # threaded, on the host
+        if not rows:
+            return
+        if logits.device.type == "cuda":  # pinned: neither copy waits for the forward in flight
+            apply_bitmask(logits, bitmask[: len(reqs)].to(logits.device, non_blocking=True),
+                          tensor_async(rows, torch.int32, logits.device))
+        else:
+            apply_bitmask(logits, bitmask, rows)
+
+    def _host_bitmask(self, rows: int, device: torch.device) -> torch.Tensor:
+        """One of two host buffers, in turn: the copy of the one filled last step may still be
+        queued behind a forward when this step fills."""
+        from sglite.runtime.sampling.constrained import allocate_bitmask
+
+        self._turn ^= 1
+        if len(self._bitmasks) < 2 or self._bitmasks[self._turn].shape[0] < rows:
+            pin = device.type == "cuda"
+            size = max(rows, 8, *(b.shape[0] for b in self._bitmasks))
+            self._bitmasks = [allocate_bitmask(size, self.vocab_size) for _ in range(2)]
+            if pin:
+                self._bitmasks = [b.pin_memory() for b in self._bitmasks]
+        return self._bitmasks[self._turn]
 
 
 def _prompt_ids(reqs: list[Req]):

@@ -8,17 +8,24 @@ batching). When the pool cannot give each decoding request one slot, requests ar
 their KV goes back (into the radix tree, unlocked), they keep their tokens and rejoin the front of
 the waiting queue.
 
-Overlap (enable_overlap): when no request of a decode batch needs the host between its tokens
-(`can_decode_ahead`: no grammar), its tokens are not read at once: they are sampled on
-the device (argmax, or the sampler with penalties counting the token in flight) and go to pinned
-host memory (`PendingDecode`). The next step launches the following decode with those device tokens
-as inputs first (`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every
-request that max_new_tokens lets continue is launched ahead; one that a stop token or string ends
-at the pending token wasted its row of that decode (its token is dropped, the KV written for its
-last token is cached with the rest). Until they are appended a continued request holds KV for one
+Overlap (enable_overlap): a decode's tokens are not read at once: they are sampled on the device
+(argmax, or the sampler with penalties counting the token in flight) and go to pinned host memory
+(`PendingDecode`). The next step launches the following decode with those device tokens as inputs
+first (`_decode_ahead`), and appends the pending tokens while the GPU runs it. Every request that
+max_new_tokens lets continue is launched ahead; one that a stop token or string ends at the
+pending token wasted its row of that decode (its token is dropped, the KV written for its last
+token is cached with the rest). Until they are appended a continued request holds KV for one
 token the host has not seen (kv_len = seq_len + 1); `CacheManager.release` frees that slot if it
 ends then (abort). Anything else (no room, nothing continues) reads the pending tokens first and
 takes the plain path.
+
+Constrained rows stay in that loop: a grammar's mask for decode N+1 needs decode N's token, so
+when the batch holds a grammar the pending tokens are appended (and accepted by the matchers)
+right after N+1 is launched, the masks of all constrained rows are filled (xgrammar, threaded)
+while the GPU runs it, and sampling is queued behind it with the masks applied on the device.
+Plain rows of the batch are sampled in the same op: they wait for no grammar work beyond that
+host time, which the forward hides. A request that jumps forward then (output_processor) voids
+its row of N+1 (`PendingDecode.stale`); its forced tokens go through the next extend.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from sglite.runtime.executor.transfer import to_device_async
 from sglite.runtime.sampling.logprobs import log_softmax_rows, pack_logprobs, unpack_logprobs
 from sglite.runtime.scheduler.cache_manager import CacheManager, freeable_window
-from sglite.runtime.scheduler.output_processor import OutputProcessor, can_decode_ahead
+from sglite.runtime.scheduler.output_processor import OutputProcessor
 from sglite.runtime.scheduler.req import Req, ReqState
 from sglite.runtime.scheduler.policy import (AddResult, PrefillAdder, decode_reserve,
                                             order_waiting)
@@ -42,6 +49,10 @@ logger = logging.getLogger(__name__)
 INIT_NEW_TOKEN_RATIO = 0.6  # share of remaining max_new_tokens reserved at admission ...
 MIN_NEW_TOKEN_RATIO = 0.15  # ... decaying to this while nothing is retracted
 NEW_TOKEN_RATIO_DECAY = 0.002  # per decode step
+# A jump-forward during decoding costs an extend forward that the running batch waits for, about
+# half a decode step of a large batch (both read all weights; the decode also reads every row's
+# KV): worth it when it gains tokens >= this share of the decode batch (output_processor).
+JUMP_MIN_TOKENS_PER_ROW = 0.5
 
 
 class Scheduler:
@@ -70,6 +81,7 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.enable_overlap = enable_overlap
         self._pending: PendingDecode | None = None  # a decode whose tokens are not read yet
+        self.jump_min_tokens_per_row = JUMP_MIN_TOKENS_PER_ROW
 
     @property
     def has_work(self) -> bool:
@@ -79,6 +91,7 @@ class Scheduler:
     def step(self) -> None:
         t0, forward_time = time.perf_counter(), self.stats.forward_time
         self._poll_grammars()
+        self.outputs.jump_min_tokens = max(1, round(len(self.running) * self.jump_min_tokens_per_row))
         decoded = self._pending is not None and self._decode_ahead()
         extend = self._schedule_extend()
         if extend:
@@ -132,7 +145,7 @@ class Scheduler:
                 req.state = ReqState.FINISHED
                 self.outputs.fail(req, str(e))
                 continue
-            self.outputs.jump_forward(req)  # e.g. `{"name": "`: prefilled with the prompt
+            self.outputs.jump_forward(req, min_tokens=1)  # e.g. `{"name": "`: prefilled with the prompt
             req.state = ReqState.WAITING
             self.waiting.append(req)
 
@@ -227,15 +240,25 @@ class Scheduler:
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        if logits is not None and self.enable_overlap and all(map(can_decode_ahead, reqs)):
+        if logits is not None and self.enable_overlap:
             # the continued requests' pending tokens are this decode's first inputs
             pending_ids = input_ids[: previous.continued] if previous is not None else None
             rows = _logprob_rows(reqs, logits.device)
-            raw = None if rows is None else log_softmax_rows(logits[rows])  # before the sampler
+            raw = None if rows is None else log_softmax_rows(logits[rows])  # before any mask
+            if previous is not None and any(r.grammar is not None for r in reqs):
+                # a grammar's mask needs every token before: append the pending ones now, while
+                # the GPU runs this decode (their stop checks and jump-forwards may end or
+                # re-route requests of it: those rows are dropped when it is read)
+                self._finish_decode(previous)
+                previous = pending_ids = None
+            stale = ([not r.is_finished and r.extend_len > 0 for r in reqs]
+                     if pending_ids is None else None)
             next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
             pack = None if rows is None else pack_logprobs(
                 raw, next_ids[rows], max(r.top_logprobs_num for r in reqs if r.return_logprob))
             self._pending = PendingDecode.start(reqs, next_ids, pack)  # read next step, after
+            if stale is not None and any(stale):
+                self._pending.stale = stale
             logits = None  # the next forward is queued behind this one
         if previous is not None:
             self._finish_decode(previous)
@@ -250,8 +273,8 @@ class Scheduler:
         request after the launch (its row of the new decode is wasted, see the module docstring).
         False (pending flushed first) when that does not fit this step."""
         pending = self._pending
-        cont = [i for i, r in enumerate(pending.reqs)
-                if not r.is_finished and len(r.output_ids) + 1 < r.params.max_new_tokens]
+        cont = [i for i, r in enumerate(pending.reqs) if not pending.is_stale(i)
+                and not r.is_finished and len(r.output_ids) + 1 < r.params.max_new_tokens]
         others = [r for r in self.running if r.extend_len == 1 and not r.is_finished]
         reqs = [pending.reqs[i] for i in cont] + others
         if not cont or self.cache.available_size < len(reqs):
@@ -272,8 +295,11 @@ class Scheduler:
             self._finish_decode(pending)
 
     def _finish_decode(self, pending: PendingDecode) -> None:
-        self._process_outputs(pending.reqs, lambda: self.outputs.apply(
-            pending.reqs, pending.token_ids(), pending.logprobs()))
+        reqs, ids = pending.reqs, pending.token_ids()
+        if pending.stale is not None:  # see PendingDecode.stale (never a logprob request)
+            kept = [i for i, s in enumerate(pending.stale) if not s]
+            reqs, ids = [reqs[i] for i in kept], [ids[i] for i in kept]
+        self._process_outputs(reqs, lambda: self.outputs.apply(reqs, ids, pending.logprobs()))
 
     def _forward(self, reqs: list[Req], run):
         """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not
@@ -332,6 +358,14 @@ class PendingDecode:
         self.reqs, self.next_ids, self.host_ids, self.event = reqs, next_ids, host_ids, event
         self.host_logprobs = host_logprobs  # [num wanting, 1 + 2k] fp32
         self.continued = 0  # how many of reqs the next decode continues (set when it launches)
+        # per request: its row is void. Set when the tokens before were appended between this
+        # decode's launch and its sampling (grammar batches) and made the request jump forward
+        # (its row saw the old tokens; the new ones go through an extend or the next decode).
+        # Requests that ended then are skipped as finished.
+        self.stale: list[bool] | None = None
+
+    def is_stale(self, i: int) -> bool:
+        return self.stale is not None and self.stale[i]
 
     @classmethod
     def start(cls, reqs: list[Req], next_ids: torch.Tensor,

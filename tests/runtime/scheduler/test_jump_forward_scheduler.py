@@ -1,6 +1,10 @@
-"""Jump-forward inside the Scheduler, in process on the embedded model: the KV accounting holds
-after every step while forced tokens replace sampled ones (inside and outside the radix tree), the
-streamed text equals the decode of the final tokens, and the grammar accepts those tokens."""
+"""Constrained decoding inside the Scheduler, in process on the embedded model.
+
+Jump-forward: the KV accounting holds after every step while forced tokens replace sampled ones
+(inside and outside the radix tree), the streamed text equals the decode of the final tokens, and
+the grammar accepts those tokens. The overlapped loop: constrained rows decode in it (masks filled
+while the forward runs), with the plain loop's tokens, and plain rows of a mixed batch get the
+tokens they get alone."""
 
 import json
 
@@ -28,7 +32,8 @@ def runner():
     # one thread: OpenMP spin-waits make two threads several times slower on a busy 2-core box
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield ModelRunner(None, max_total_tokens=1024, max_running_requests=8)
+    # fp32: the plain rows of a mixed batch must not depend on the batch's composition
+    yield ModelRunner(None, dtype="float32", max_total_tokens=1024, max_running_requests=8)
     torch.set_num_threads(num_threads)
 
 
@@ -42,11 +47,14 @@ def grammar_cache(runner):
     cache.shutdown()
 
 
-def _run(runner, grammar_cache, *, jump: bool, stream: bool, n: int = 3):
+def _run(runner, grammar_cache, *, jump: bool, stream: bool, n: int = 3, min_per_row: float = 0,
+         overlap: bool = True, plain: int = 0, stats: dict | None = None):
+    """n JSON-schema requests and `plain` unconstrained ones (prompts told apart by their number)."""
     from sglite.runtime.scheduler.scheduler import Scheduler
 
     sched = Scheduler(runner, grammar_cache=grammar_cache, enable_jump_forward=jump,
-                      log_interval=0)
+                      log_interval=0, enable_overlap=overlap)
+    sched.jump_min_tokens_per_row = min_per_row  # 0: every forced text jumps
     truncations = []  # (new_kv_len, tree_len) of every truncate that freed something
     real_truncate = sched.cache.truncate
 
@@ -64,10 +72,20 @@ def _run(runner, grammar_cache, *, jump: bool, stream: bool, n: int = 3):
         reqs.append(Req(rid=str(i), input_ids=ids, params=params, sink=RecordingSink(), stream=stream))
         sched.outputs.init_request(reqs[-1])
         sched.add_request(reqs[-1])
-    for req in reqs:  # compiled off the loop; don't spin the scheduler against the compiler
+    for i in range(plain):
+        ids = runner.tokenizer(f"Story number {i}:").input_ids
+        params = parse_sampling_params({"temperature": 0, "max_new_tokens": 24})
+        reqs.append(Req(rid=f"plain{i}", input_ids=ids, params=params, sink=RecordingSink()))
+        sched.outputs.init_request(reqs[-1])
+        sched.add_request(reqs[-1])
+    for req in reqs[:n]:  # compiled off the loop; don't spin the scheduler against the compiler
         req.grammar_future.result()
     while sched.has_work:
         sched.step()
+        if stats is not None and sched._pending is not None:
+            stats["constrained_pending"] = stats.get("constrained_pending", 0) + any(
+                r.grammar is not None for r in sched._pending.reqs)
+            stats["stale"] = stats.get("stale", 0) + (sched._pending.stale is not None)
         sched.cache.check_integrity()
     assert sched.cache.num_held == 0 and sched.cache.flush()
     return reqs, truncations
@@ -97,3 +115,40 @@ def test_without_jumps_every_token_is_decoded(runner, grammar_cache):
     (req,) = reqs
     assert "jump_forward_tokens" not in req.sink.meta
     assert set(json.loads(req.sink.text)) == {"name", "age", "pets"}
+
+
+def _check_json(runner, req):
+    from sglite.runtime.sampling.constrained import GrammarState
+
+    assert req.sink.error is None and req.sink.meta["finish_reason"]["type"] == "stop"
+    assert set(json.loads(req.sink.text)) == {"name", "age", "pets"}
+    fresh = GrammarState(req.grammar.compiled)
+    assert fresh.accept_many(req.output_ids) and fresh.is_terminated()
+
+
+def test_constrained_rows_decode_in_the_overlapped_loop(runner, grammar_cache):
+    stats = {}
+    on, _ = _run(runner, grammar_cache, jump=True, stream=False, n=3, plain=2, stats=stats)
+    assert stats.get("constrained_pending", 0) >= 5, "constrained rows left the overlapped loop"
+    assert stats.get("stale", 0) > 0, "no jump-forward voided a row launched ahead"
+    off, _ = _run(runner, grammar_cache, jump=True, stream=False, n=3, plain=2, overlap=False)
+    alone, _ = _run(runner, grammar_cache, jump=True, stream=False, n=0, plain=2)
+    for a, b in zip(on, off):
+        assert a.output_ids == b.output_ids, a.rid
+    for a, b in zip(on[3:], alone):  # the plain rows of the mixed batch
+        assert a.output_ids == b.output_ids and a.sink.text == b.sink.text, a.rid
+    for req in on[:3]:
+        _check_json(runner, req)
+
+
+def test_large_batches_decode_short_forced_text(runner, grammar_cache):
+    """A forced text gaining fewer tokens than jump_min_tokens_per_row x the running requests
+    is decoded step by step (a jump would cost every running request an extend forward); the
+    text forced before the prompt's prefill still jumps (free: it joins the prefill)."""
+    reqs, truncations = _run(runner, grammar_cache, jump=True, stream=False, n=3, min_per_row=100)
+    every, _ = _run(runner, grammar_cache, jump=True, stream=False, n=3, min_per_row=0)
+    assert truncations == []
+    for req, other in zip(reqs, every):
+        jumped = req.sink.meta.get("jump_forward_tokens", 0)
+        assert 0 < jumped < other.sink.meta["jump_forward_tokens"]
+        _check_json(runner, req)

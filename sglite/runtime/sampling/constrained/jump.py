@@ -55,13 +55,17 @@ def jump_forward(
     output_ids: Sequence[int],
     *,
     window: int = 4,
+    min_tokens: int = 1,
 ) -> JumpForward | None:
     """Append the grammar's forced continuation of `output_ids` (the tokens `state` accepted).
 
     `window`: how many trailing tokens may be re-tokenized together with the forced text (widened
-    to a UTF-8 character boundary). None when nothing is forced or re-tokenization fails."""
+    to a UTF-8 character boundary). `min_tokens` > 1: jump only if it gains at least this many
+    tokens (the forced text's byte length bounds that, checked first); 1 also takes jumps that
+    only re-tokenize. None (state unchanged) when
+    nothing is forced, the gain is smaller, or re-tokenization fails."""
     forced = state.jump_forward_text()
-    if not forced:
+    if not forced or len(forced.encode("utf-8")) < min_tokens:
         return None
     if len(output_ids) > state.num_accepted:
         raise ValueError(
@@ -81,6 +85,8 @@ def jump_forward(
         new_tail = old_tail + tokenizer.encode(forced, add_special_tokens=False)
         if b"".join(table[t] for t in new_tail) != target:
             return None
+    if min_tokens > 1 and len(new_tail) - len(old_tail) < min_tokens:
+        return None
     keep = _common_prefix_len(old_tail, new_tail)
     num_dropped = len(old_tail) - keep
     state.rollback(num_dropped)

@@ -116,11 +116,13 @@ def fill_bitmask(
     return rows
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                  rows: Sequence[int] | torch.Tensor) -> None:
     """Set disallowed logits of `rows` to -inf, in place. logits: float [bs, vocab] on CPU or
-    CUDA (its width is the model's vocab_size, which the bitmask was sized for); bitmask: the CPU
-    int32 tensor fill_bitmask wrote (copied to the logits' device here)."""
-    if not rows:
+    CUDA (its width is the model's vocab_size, which the bitmask was sized for); bitmask: the
+    int32 tensor fill_bitmask wrote, on the host (copied to the logits' device here) or already
+    there; rows: a list, or an int32 tensor on the logits' device (no host-to-device copy)."""
+    if len(rows) == 0:
         return
     if logits.dim() != 2 or bitmask.shape[1] * 32 < logits.shape[1]:
         raise ValueError(
@@ -130,7 +132,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     if bitmask.device != logits.device:
         bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(
-        logits, bitmask, vocab_size=logits.shape[1], indices=list(rows)
+        logits, bitmask, vocab_size=logits.shape[1],
+        indices=rows if isinstance(rows, torch.Tensor) else list(rows),
     )
 
 
