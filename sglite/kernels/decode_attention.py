@@ -47,7 +47,7 @@ except ImportError:  # an older triton: gathers only
 from .pdl import pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
-from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
+from .online_softmax import fp8_values, online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -60,7 +60,7 @@ def _decode_stage1_kernel(
     Q, K_Buf, V_Buf, K_desc, V_desc, Req_to_token, Req_pool_indices, Seq_lens,
     Mid_o, Mid_lse,  # [bs, H, splits, D] fp32, [bs, H, splits] fp32
     O, Counters,  # [bs, H, D] output (MERGE "direct" / "fused"); [bs * KH] int32, zero between launches
-    qk_scale, logit_cap, num_splits, num_kv_heads, sliding_window, num_global,
+    qk_scale, logit_cap, v_scale, num_splits, num_kv_heads, sliding_window, num_global,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
     stride_req,
@@ -118,11 +118,11 @@ def _decode_stage1_kernel(
     if USE_TMA and _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
-                                   cur_kv_head * HEAD_DIM, qk_scale, logit_cap, m_i, l_i, acc, HAS_WINDOW,
+                                   cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW,
                                    HAS_CAP, BLOCK_N)
     else:
         acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
-                                     win_start, offs_d, mask_d, qk_scale, logit_cap, stride_buf_kt,
+                                     win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
                                      stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
@@ -160,7 +160,7 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
-                 qk_scale, logit_cap, stride_kt, stride_vt, m_i, l_i, acc,
+                 qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc,
                  HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
@@ -170,10 +170,11 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                         other=0).to(tl.int64)
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
+        k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale)
         qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                       float("-inf"))
         acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
-                                            mask_kv, m_i, l_i, acc)
+                                            mask_kv, m_i, l_i, acc, v_scale)
     return acc, l_i, m_i
 
 
@@ -196,7 +197,7 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
-               logit_cap, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+               logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
@@ -204,12 +205,13 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
     zeros."""
     for start_n in range(split_start, split_end, BLOCK_N):
         first = tl.load(req_slots + _visible_pos(start_n, num_head, win_start, HAS_WINDOW))
-        k = K_desc.load([first, kv_col])
+        k = K_desc.load([first, kv_col]).to(q.dtype)
         v = V_desc.load([first, kv_col])
         mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
         qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                       float("-inf"))
         p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+        p, v = fp8_values(p, v, v_scale)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_i
 
@@ -338,11 +340,14 @@ def decode_attention_fwd(
     mid_lse: torch.Tensor | None = None,  # [bs, H, >= num_splits] fp32 scratch
     tiles: dict | None = None,  # overrides decode_tiles() (benchmarks)
     page_size: int = 1,  # the pool hands out runs of this many consecutive slots (see below)
+    k_scale: float = 1.0,  # an FP8 pool's dequantization scales (K = stored K * k_scale)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """With page_size a multiple of the tile, a request's tiles lie on consecutive slots as a
     rule: a split whose every tile does (checked in the kernel) then loads each with one TMA bulk
     copy for K and one for V (Hopper; the interpreter emulates them); other splits gather row by
-    row. Any layout stays correct."""
+    row. Any layout stays correct. An FP8 (e4m3) pool is read as it is, each tile widened in
+    registers, and accumulated in fp32 like any other."""
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     _check(q, k_buffer, v_buffer, out, num_splits)
@@ -384,7 +389,7 @@ def decode_attention_fwd(
     _decode_stage1_kernel[(num_splits, num_kv_heads, bs)](
         q, k_buffer, v_buffer, k_desc, v_desc, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out,
         counters,
-        *softcap_args(scale, logit_cap), num_splits, num_kv_heads, sliding_window if has_window else 0,
+        *softcap_args(scale * k_scale, logit_cap), v_scale, num_splits, num_kv_heads, sliding_window if has_window else 0,
         global_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),

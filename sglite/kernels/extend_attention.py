@@ -32,7 +32,7 @@ def _attend_range(
     acc, l_i, m_i, q, q_pos,  # running state; q [R, BLOCK_D]; q_pos [R] positions of the rows
     K, V, Loc, stride_kt, stride_vt,  # K/V already offset to the KV head; Loc: slot per key (GATHER)
     lo, hi, pos_base, win_lo,  # keys [lo, hi) of this source lie at positions pos_base + index
-    qk_scale, logit_cap, sliding_window, num_global,
+    qk_scale, logit_cap, v_scale, sliding_window, num_global,  # v_scale: an FP8 source's values
     offs_d, mask_d,
     BLOCK_N: tl.constexpr, GATHER: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     HAS_CAP: tl.constexpr,
@@ -48,7 +48,7 @@ def _attend_range(
         else:
             rows = offs_n.to(tl.int64)
         mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + rows[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
+        k = tl.load(K + rows[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0).to(q.dtype)
         qk = softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP)
         visible = mask_n[None, :]
         if CAUSAL:
@@ -58,7 +58,7 @@ def _attend_range(
                                  | (k_pos[None, :] < num_global))
         qk = tl.where(visible, qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(qk, V + rows[:, None] * stride_vt + offs_d[None, :], mask_kv,
-                                            m_i, l_i, acc)
+                                            m_i, l_i, acc, v_scale)
     return acc, l_i, m_i
 
 
@@ -66,7 +66,7 @@ def _attend_range(
 def _extend_kernel(
     Q, O, K_Ext, V_Ext, Ext_loc,  # Q/O [T, H, D]; K/V_Ext [T, KH, D] (or the pool when EXT_FROM_POOL)
     K_Buf, V_Buf, Req_to_token, Req_pool_indices, Prefix_lens, Extend_lens, Extend_start,
-    qk_scale, logit_cap, sliding_window, num_global,
+    qk_scale, logit_cap, k_scale, v_scale, sliding_window, num_global,  # k/v_scale: an FP8 pool's
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ext_kt, stride_ext_kh, stride_ext_vt, stride_ext_vh,
     stride_buf_kt, stride_buf_kh, stride_buf_vt, stride_buf_vh,
@@ -105,7 +105,8 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M * BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], tl.float32)
 
-    # stage 1: the cached prefix through req_to_token
+    # stage 1: the cached prefix through req_to_token (FP8 pool: its K scale folded into the scores)
+    qk_pool = qk_scale * k_scale
     k_buf = K_Buf + cur_kv_head * stride_buf_kh
     v_buf = V_Buf + cur_kv_head * stride_buf_vh
     loc_prefix = Req_to_token + req_row * stride_req
@@ -113,16 +114,16 @@ def _extend_kernel(
         lo = tl.minimum(tl.maximum(win_lo, 0), prefix_len)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
-            0, tl.minimum(num_global, lo), 0, win_lo, qk_scale, logit_cap, sliding_window, num_global,
+            0, tl.minimum(num_global, lo), 0, win_lo, qk_pool, logit_cap, v_scale, sliding_window, num_global,
             offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
-            lo, prefix_len, 0, win_lo, qk_scale, logit_cap, sliding_window, num_global,
+            lo, prefix_len, 0, win_lo, qk_pool, logit_cap, v_scale, sliding_window, num_global,
             offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=True, HAS_CAP=HAS_CAP)
     else:
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
-            0, prefix_len, 0, 0, qk_scale, logit_cap, 0, 0,
+            0, prefix_len, 0, 0, qk_pool, logit_cap, v_scale, 0, 0,
             offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
 
     # stage 2: the new tokens themselves, causal
@@ -131,11 +132,13 @@ def _extend_kernel(
         v_ext = v_buf
         stride_kt = stride_buf_kt
         stride_vt = stride_buf_vt
+        qk_ext = qk_pool
     else:
         k_ext = K_Ext + ext_start.to(tl.int64) * stride_ext_kt + cur_kv_head * stride_ext_kh
         v_ext = V_Ext + ext_start.to(tl.int64) * stride_ext_vt + cur_kv_head * stride_ext_vh
         stride_kt = stride_ext_kt
         stride_vt = stride_ext_vt
+        qk_ext = qk_scale
     loc_ext = Ext_loc + ext_start
     causal_end = tl.minimum(tile_first + BLOCK_M, extend_len)
     if HAS_WINDOW:
@@ -144,21 +147,21 @@ def _extend_kernel(
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
             0, tl.minimum(num_global - prefix_len, lo), prefix_len, win_lo,
-            qk_scale, logit_cap, sliding_window, num_global,
+            qk_ext, logit_cap, v_scale, sliding_window, num_global,
             offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
-            lo, causal_end, prefix_len, win_lo, qk_scale, logit_cap, sliding_window, num_global,
+            lo, causal_end, prefix_len, win_lo, qk_ext, logit_cap, v_scale, sliding_window, num_global,
             offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=True, HAS_CAP=HAS_CAP)
     else:
         # keys before the tile's first token need no causal mask; only the diagonal blocks do
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
-            0, tile_first, prefix_len, 0, qk_scale, logit_cap, 0, 0,
+            0, tile_first, prefix_len, 0, qk_ext, logit_cap, v_scale, 0, 0,
             offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
-            tile_first, causal_end, prefix_len, 0, qk_scale, logit_cap, 0, 0,
+            tile_first, causal_end, prefix_len, 0, qk_ext, logit_cap, v_scale, 0, 0,
             offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=False, HAS_CAP=HAS_CAP)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # padding rows have l = 0; not stored
@@ -198,6 +201,8 @@ def extend_attention_fwd(
     global_tokens: int = 0,
     logit_cap: float | None = None,  # Gemma 2: scores s -> cap * tanh(s / cap)
     tiles: dict | None = None,  # overrides extend_tiles() (benchmarks)
+    k_scale: float = 1.0,  # an FP8 pool's dequantization scales (K = stored K * k_scale); the
+    v_scale: float = 1.0,  # new tokens' k/v_extend are read unquantized
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
@@ -215,7 +220,7 @@ def extend_attention_fwd(
     _extend_kernel[grid](
         q, out, k_extend, v_extend, out_cache_loc if ext_from_pool else extend_lens,
         k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
-        *softcap_args(scale, logit_cap), sliding_window if has_window else 0, global_tokens,
+        *softcap_args(scale, logit_cap), k_scale, v_scale, sliding_window if has_window else 0, global_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_extend.stride(0), k_extend.stride(1), v_extend.stride(0), v_extend.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),

@@ -2,6 +2,12 @@
 
 Only KV-producing layers own a buffer: with Cross-Layer Attention (cla_factor k) the pool holds
 ceil(num_layers / k) buffers, and with GQA/MQA each buffer is [num_slots, num_kv_heads, head_dim].
+
+FP8 (dtype float8_e4m3fn, `kv_cache_dtype="fp8_e4m3"`): the buffers hold K / k_scale and
+V / v_scale rounded to e4m3 (saturated at +-448), one static fp32 scale per buffer (1.0, as vLLM
+uses without calibrated scales: K and V of the models served sit well inside e4m3's range), so the
+pool holds twice the bf16 tokens in the same memory. Readers dequantize (`gather`) or fold the
+scales into the attention kernels, which accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -9,6 +15,9 @@ from __future__ import annotations
 import torch
 
 from sglite.runtime.models.config import ModelConfig
+
+FP8_DTYPE = torch.float8_e4m3fn
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # auto: the model's dtype
 
 
 class KVCache:
@@ -35,6 +44,8 @@ class KVCache:
         # left in uninitialized memory would poison the whole row
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_buffers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_buffers)]
+        self.k_scales = [1.0] * num_buffers  # dequantized K = stored K * k_scale (FP8 only)
+        self.v_scales = [1.0] * num_buffers
 
     @classmethod
     def for_model(
@@ -73,13 +84,43 @@ class KVCache:
     def total_bytes(self) -> int:
         return self.bytes_per_token * self.num_slots
 
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype == FP8_DTYPE
+
     def get_kv(self, kv_layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffers[kv_layer_id], self.v_buffers[kv_layer_id]
 
+    def get_scales(self, kv_layer_id: int) -> tuple[float, float]:
+        """(k_scale, v_scale) of a buffer: 1.0 unless FP8."""
+        return self.k_scales[kv_layer_id], self.v_scales[kv_layer_id]
+
     def store(self, kv_layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [num_tokens, num_kv_heads, head_dim] written at slots loc [num_tokens]."""
-        self.k_buffers[kv_layer_id][loc] = k.to(self.dtype)
-        self.v_buffers[kv_layer_id][loc] = v.to(self.dtype)
+        k_scale, v_scale = self.get_scales(kv_layer_id)
+        self.k_buffers[kv_layer_id][loc] = self._encode(k, k_scale)
+        self.v_buffers[kv_layer_id][loc] = self._encode(v, v_scale)
+
+    def gather(self, kv_layer_id: int, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at slots idx (any shape) -> [*idx.shape, num_kv_heads, head_dim] in dtype,
+        dequantized."""
+        k_scale, v_scale = self.get_scales(kv_layer_id)
+        k, v = self.k_buffers[kv_layer_id][idx], self.v_buffers[kv_layer_id][idx]
+        if not self.is_fp8:
+            return k.to(dtype), v.to(dtype)
+        return (k.float() * k_scale).to(dtype), (v.float() * v_scale).to(dtype)
+
+    def _encode(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if not self.is_fp8:
+            return x.to(self.dtype)
+        return (x.float() * (1.0 / scale)).clamp(-448.0, 448.0).to(FP8_DTYPE)
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's element dtype for a kv_cache_dtype name."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+    return FP8_DTYPE if kv_cache_dtype == "fp8_e4m3" else model_dtype
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -46,8 +46,8 @@ class TorchAttentionBackend(BaseAttentionBackend):
 
     def _decode(self, q, k_buf, v_buf, layer, batch):
         idx = self._kv_indices  # [bs, max_len]
-        keys = k_buf[idx].transpose(1, 2)  # [bs, Hkv, max_len, D]
-        values = v_buf[idx].transpose(1, 2)
+        keys, values = self._gather(layer, idx, q, k_buf)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [bs, Hkv, max_len, D]
         mask = self._mask(layer, batch, None)  # [bs, 1, 1, max_len] or None
         if layer.logit_softcap is not None:
             if mask is None:
@@ -66,8 +66,8 @@ class TorchAttentionBackend(BaseAttentionBackend):
             idx = self._kv_indices[i]
             seq_len = batch.seq_lens_cpu[i]
             q_i = q[start : start + extend_len].transpose(0, 1)  # [H, e, D]
-            keys = k_buf[idx].transpose(0, 1)  # [Hkv, seq_len, D]
-            values = v_buf[idx].transpose(0, 1)
+            keys, values = self._gather(layer, idx, q, k_buf)
+            keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [Hkv, seq_len, D]
             mask = self._mask(layer, batch, i)
             is_causal = mask is None and extend_len > 1
             if layer.logit_softcap is not None:
@@ -87,6 +87,10 @@ class TorchAttentionBackend(BaseAttentionBackend):
             out[start : start + extend_len] = o.transpose(0, 1).to(q.dtype)
             start += extend_len
         return out
+
+    def _gather(self, layer: AttentionLayer, idx, q, k_buf):
+        """K, V at slots idx: in the pool's dtype, or an FP8 pool's dequantized to q's."""
+        return self.kv_cache.gather(layer.kv_layer_id, idx, q.dtype if self.kv_cache.is_fp8 else k_buf.dtype)
 
     def _mask(self, layer: AttentionLayer, batch: ForwardBatch, req: int | None):
         """Boolean "may attend" mask, or None where SDPA's own causal flag is exact."""

@@ -79,19 +79,24 @@ class TritonAttentionBackend(BaseAttentionBackend):
         self._meta = _DecodeMeta(splits, self._graph_context_len, mid_o, mid_lse)
 
     def kv_destination(self, layer: AttentionLayer, batch: ForwardBatch):
+        if self.kv_cache.is_fp8:  # the rotary kernel stores unquantized; store_kv quantizes
+            return None
         return (*self.kv_cache.get_kv(layer.kv_layer_id), batch.out_cache_loc)
 
     def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch, *,
                 kv_stored: bool = False) -> torch.Tensor:
         k_buf, v_buf = self.kv_cache.get_kv(layer.kv_layer_id)
+        k_scale, v_scale = self.kv_cache.get_scales(layer.kv_layer_id)
+        # an FP8 pool is read by the kernels as it is; q and the new tokens' K/V stay unquantized
+        dtype = q.dtype if self.kv_cache.is_fp8 else k_buf.dtype
         if k is not None:
-            k, v = k.to(k_buf.dtype), v.to(v_buf.dtype)
+            k, v = k.to(dtype), v.to(dtype)
             if not kv_stored:
-                store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
-        q = q.to(k_buf.dtype)
+                store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, k_scale=k_scale, v_scale=v_scale)
+        q = q.to(dtype)
         out = torch.empty_like(q)
         window = dict(sliding_window=layer.sliding_window, global_tokens=layer.global_tokens,
-                      logit_cap=layer.logit_softcap)
+                      logit_cap=layer.logit_softcap, k_scale=k_scale, v_scale=v_scale)
         meta = self._meta
         if batch.is_decode:
             assert isinstance(meta, _DecodeMeta), "init_forward was not called for this decode batch"
