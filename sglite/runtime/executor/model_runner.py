@@ -18,7 +18,7 @@ import torch
 from sglite.kernels.decode_batch import stage_decode_batch, unpack_decode_batch_new
 from sglite.runtime.executor.attention import ForwardBatch, ForwardMode, create_attention_backend
 from sglite.runtime.models.config import ModelConfig
-from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_token
+from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_token, resolve_kv_dtype
 from sglite.runtime.mem.req_to_token import ReqToToken
 from sglite.runtime.mem.token_pool import PagedTokenPool, TokenPool
 from sglite.runtime.models.registry import get_model_class
@@ -55,6 +55,8 @@ class ModelRunner:
         skip_tokenizer_init: bool = False,  # weights-only folders (tests, benchmarks)
         disable_cuda_graph: bool = False,
         cuda_graph_max_bs: int | None = None,  # None: max_running_requests, at most 512
+        quantization: str | None = None,  # "fp8"; None: the checkpoint's own (quantization_config)
+        kv_cache_dtype: str = "auto",  # "auto" (the model's dtype) | "fp8_e4m3"
     ):
         torch.manual_seed(seed)
         self.device = torch.device(device)
@@ -63,7 +65,8 @@ class ModelRunner:
         self.model_config = self._load_config(
             model_path, load_format, preset, config_overrides or {}, skip_tokenizer_init
         )
-        self.model = self._load_model(load_format, seed)
+        self.kv_dtype = resolve_kv_dtype(kv_cache_dtype, self.dtype)
+        self.model = self._load_model(load_format, seed, quantization)
         self.kv_cache = self._make_kv_cache(max_total_tokens, kv_memory_bytes)
         self.token_pool = (TokenPool(self.kv_cache.capacity) if page_size == 1
                            else PagedTokenPool(self.kv_cache.capacity, page_size))
@@ -252,16 +255,24 @@ class ModelRunner:
             self.tokenizer = load_tokenizer(self.model_path)
         return load_config(self.model_path, **overrides)
 
-    def _load_model(self, load_format: str, seed: int) -> torch.nn.Module:
+    def _load_model(self, load_format: str, seed: int, quantization: str | None) -> torch.nn.Module:
+        from sglite.runtime.models import quant
         from sglite.runtime.models.loader import iter_weights
 
+        published = quant.checkpoint_quantization(self.model_path) if load_format != "dummy" else None
+        self.quantization = quant.resolve_quantization(quantization, published)
         with torch.device("meta"):  # no time spent on an init the weights overwrite
             model = get_model_class(self.model_config.architecture)(self.model_config)
         model = model.to(self.dtype).to_empty(device=self.device)
+        weights = None
         if load_format == "dummy":
             model.init_dummy_weights(seed)
         else:
-            model.load_weights(iter_weights(self.model_path))
+            weights = iter_weights(self.model_path)
+        if self.quantization is not None:
+            quant.load_quantized(model, weights, method=self.quantization, checkpoint_config=published)
+        elif weights is not None:
+            model.load_weights(weights)
         return model.eval()
 
     def _make_kv_cache(self, max_total_tokens, kv_memory_bytes) -> KVCache:
@@ -272,18 +283,18 @@ class ModelRunner:
             else:
                 kv_memory_bytes = _CPU_KV_BYTES
         return KVCache.for_model(
-            self.model_config, dtype=self.dtype, device=self.device,
+            self.model_config, dtype=self.kv_dtype, device=self.device,
             max_total_tokens=max_total_tokens, kv_memory_bytes=kv_memory_bytes,
         )
 
     def _log_kv_economy(self) -> None:
-        cfg, per_token = self.model_config, bytes_per_token(self.model_config, self.dtype)
-        mha = mha_bytes_per_token(cfg, self.dtype)
+        cfg, per_token = self.model_config, bytes_per_token(self.model_config, self.kv_dtype)
+        mha = mha_bytes_per_token(cfg, self.kv_dtype)
         windowed = sum(cfg.window_for_layer(i) is not None for i in range(cfg.num_layers))
         logger.info(
-            "KV pool: %d tokens x %d B/token = %.1f MiB (%d buffers, %d kv heads, cla %d, "
+            "KV pool (%s): %d tokens x %d B/token = %.1f MiB (%d buffers, %d kv heads, cla %d, "
             "window %s on %d/%d layers, %d global); plain MHA would need %d B/token -> %d tokens",
-            self.kv_cache.capacity, per_token, self.kv_cache.total_bytes / 2**20,
+            self.kv_cache.dtype, self.kv_cache.capacity, per_token, self.kv_cache.total_bytes / 2**20,
             self.kv_cache.num_buffers, cfg.num_kv_heads, cfg.cla_factor, cfg.sliding_window,
             windowed, cfg.num_layers, cfg.global_tokens, mha, self.kv_cache.total_bytes // mha - 1,
         )
