@@ -17,7 +17,8 @@ from torch import nn
 
 from sglite.runtime.executor.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
 from sglite.runtime.models.config import ModelConfig
-from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, rotate_qk
+from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, rotate_qk
+from sglite.runtime.models.layers.rotary import rotary_from_config
 
 # checkpoint projection -> (fused module, shard name)
 _PACKED = {
@@ -25,9 +26,13 @@ _PACKED = {
     "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
 }
 _PACKED_RE = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+# checkpoints that store the projections fused already (Phi-3): loaded whole
+_FUSED_RE = re.compile(r"(.*\.(?:qkv_proj|gate_up_proj))\.(weight|bias)$")
 
 
 class LlamaAttention(nn.Module):
+    norm_cls: type[nn.Module] = RMSNorm  # of the q/k head norms (qk_norm)
+
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
@@ -38,8 +43,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if self.produces_kv else None
+            self.q_norm = self.norm_cls(self.head_dim, config.rms_norm_eps)
+            self.k_norm = self.norm_cls(self.head_dim, config.rms_norm_eps) if self.produces_kv else None
         self.qk_norm = config.qk_norm
         self.attn = AttentionLayer(
             layer_id=layer_id,
@@ -48,9 +53,10 @@ class LlamaAttention(nn.Module):
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            scale=self.head_dim**-0.5,
+            scale=config.attention_scale,
             sliding_window=config.window_for_layer(layer_id),
             global_tokens=config.global_tokens,
+            logit_softcap=config.attn_logit_softcapping,
         )
 
     def forward(self, x, cos, sin, batch: ForwardBatch, backend: BaseAttentionBackend):
@@ -81,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
         """The feed-forward sublayer; families with other MLPs (MoE) override this."""
-        return GatedMLP(config.hidden_size, config.intermediate_size)
+        return GatedMLP(config.hidden_size, config.intermediate_size, act=config.hidden_act)
 
     def forward(self, x, residual, cos, sin, batch, backend):
         """Fused-residual form: x is the previous sublayer's output, not yet added to the
@@ -110,9 +116,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.layer_cls)
-        self.rotary = RotaryEmbedding(
-            config.head_dim, theta=config.rope_theta, scaling=config.rope_scaling
-        )
+        self.rotary = rotary_from_config(config)
         # tied: logits reuse embed_tokens.weight, so no second parameter can drift from it
         self.lm_head = None
         if not config.tie_word_embeddings:
@@ -143,6 +147,7 @@ class LlamaForCausalLM(nn.Module):
     # --- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
@@ -156,6 +161,15 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"weight {name} belongs to a layer that produces no KV")
                 module.load_shard(shard, kind, tensor)
                 loaded.add(f"{prefix}.{module_name}.{kind}:{shard}")
+                continue
+            fused = _FUSED_RE.match(name)
+            if fused and isinstance(module := modules.get(fused.group(1)), MergedLinear):
+                module_name, kind = fused.groups()
+                if tuple(tensor.shape) != tuple(getattr(module, kind).shape):
+                    raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} != model "
+                                     f"{tuple(getattr(module, kind).shape)}")
+                getattr(module, kind).data.copy_(tensor)
+                loaded.update(f"{module_name}.{kind}:{shard}" for shard in module.shard_sizes)
                 continue
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")

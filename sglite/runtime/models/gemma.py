@@ -1,0 +1,149 @@
+"""Gemma 2 and Gemma 3 (text) on the Llama layers.
+
+What differs from Llama: the embedding output is scaled by sqrt(hidden_size) (rounded to the
+dtype, as transformers does); every RMSNorm multiplies by (1 + weight) in fp32; each decoder layer
+is a sandwich (input / post-attention norms around attention, pre- / post-feedforward norms
+around the MLP); the MLP is GeGLU (gelu_pytorch_tanh); attention scores are scaled by
+query_pre_attn_scalar^-1/2. Gemma 2 soft-caps attention scores (50) and the final logits (30).
+Gemma 3 has no soft-caps but RMSNorms q and k per head, and its sliding-window layers rotate with
+a local base (rope_local_base_freq, no scaling) while the global layers use rope_theta and
+rope_scaling.
+
+Sliding-window and global layers alternate (config.sliding_window_layers): each layer's window goes
+to the attention backend through AttentionLayer, as for Mistral / Qwen2. Since some layers are
+global, no KV can be freed behind the window (ModelConfig.is_all_windowed is False, so the
+scheduler's window freeing stays off for these models).
+
+Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, 4B and up) are not served; the
+text-only Gemma3ForCausalLM (gemma-3-1b, or a text model extracted from a larger one) is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglite.runtime.executor.attention.base import BaseAttentionBackend, ForwardBatch
+from sglite.runtime.models.config import ModelConfig
+from sglite.runtime.models.layers import GatedMLP
+from sglite.runtime.models.layers.fused import use_fused
+from sglite.runtime.models.layers.rotary import rotary_from_config
+from sglite.runtime.models.llama import LlamaAttention, LlamaForCausalLM, _last_token_indices
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm with (1 + weight), all in fp32, rounded once (transformers' Gemma2RMSNorm).
+
+    On CUDA the fused norm kernels run with 1 + weight precomputed in fp32 (refresh_fused() after
+    loading); they round the normalized row to the dtype before the product, one rounding more
+    than the torch path (bf16 only; fp32 is exact either way)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+        self._plus_one: torch.Tensor | None = None
+
+    def refresh_fused(self) -> None:
+        self._plus_one = self.weight.detach().float() + 1.0
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_fused(x) and self._plus_one is not None:
+            from sglite.kernels.norm import fused_add_rms_norm, rms_norm
+
+            if residual is not None:
+                return fused_add_rms_norm(x, residual, self._plus_one, self.eps)
+            rows = x.reshape(-1, x.shape[-1])
+            return rms_norm(rows, self._plus_one, self.eps).view(x.shape)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GemmaAttention(LlamaAttention):
+    norm_cls = GemmaRMSNorm  # Gemma 3's q/k norms
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(h, eps)
+        self.self_attn = GemmaAttention(config, layer_id)
+        self.post_attention_layernorm = GemmaRMSNorm(h, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
+        self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
+        self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
+        self.is_sliding = config.window_for_layer(layer_id) is not None
+
+    def forward(self, x, residual, cos, sin, batch, backend):
+        """Fused-residual form as LlamaDecoderLayer: x is the previous layer's (post-feedforward
+        normed) output, not yet added to the residual stream."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(x, cos, sin, batch, backend))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    layer_cls = GemmaDecoderLayer
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Gemma 3: sliding layers rotate with the local base, unscaled
+        self.rotary_local = None
+        if config.rope_local_theta is not None:
+            self.rotary_local = rotary_from_config(config, theta=config.rope_local_theta, scaling=None)
+
+    def forward(self, batch: ForwardBatch, backend: BaseAttentionBackend) -> torch.Tensor:
+        x = self.model.embed_tokens(batch.input_ids)
+        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)  # rounded as transformers
+        rope = self.rotary(batch.positions, x.dtype)
+        rope_local = rope if self.rotary_local is None else self.rotary_local(batch.positions, x.dtype)
+        residual = None
+        for layer in self.model.layers:
+            cos, sin = rope_local if layer.is_sliding else rope
+            x, residual = layer(x, residual, cos, sin, batch, backend)
+        rows = batch.logit_rows
+        if rows is None and not batch.return_all_logits and not batch.is_decode:
+            rows = _last_token_indices(batch, x.device)
+        if rows is not None:
+            x, residual = x[rows], residual[rows]
+        x = self.model.norm(x, residual)[0]
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head).float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights) -> None:
+        super().load_weights(weights)
+        self._refresh_norms()
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        super().init_dummy_weights(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.zero_()  # (1 + weight): 0 is the identity scale
+        self._refresh_norms()
+
+    def _refresh_norms(self) -> None:
+        for module in self.modules():
+            if isinstance(module, GemmaRMSNorm):
+                module.refresh_fused()
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3 text: the same layers with q/k norms (config.qk_norm) and local rope bases."""

@@ -1,0 +1,71 @@
+"""Gemma 2 and Gemma 3 (text) through the runtime on the CPU against transformers on the same tiny
+random weights: embedding scale, (1 + w) sandwich norms, GeGLU, query_pre_attn_scalar, attention
+and final-logit soft-capping (Gemma 2), q/k norms and the local rope base of the sliding layers
+(Gemma 3), alternating sliding-window / global layers with a window smaller than the prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.runtime.models import family
+
+transformers = family.transformers
+
+_SMALL = dict(vocab_size=family.VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gemma2():
+    return transformers.Gemma2Config(**_SMALL, num_hidden_layers=4, query_pre_attn_scalar=24,
+                                     attn_logit_softcapping=3.0, final_logit_softcapping=5.0)
+
+
+def _gemma3():
+    if not hasattr(transformers, "Gemma3ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma3ForCausalLM (needs >= 4.50)")
+    return transformers.Gemma3TextConfig(
+        **_SMALL, num_hidden_layers=4, query_pre_attn_scalar=24, rope_theta=1e6,
+        rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def served(request, tmp_path_factory):
+    config = {"gemma2": _gemma2, "gemma3": _gemma3}[request.param]()
+    folder, hf, _ = family.save_model(tmp_path_factory.mktemp(request.param), config, "gemma")
+    return request.param, family.runner_for(folder), hf
+
+
+def test_config_reads_the_family(served):
+    name, runner, hf = served
+    cfg = runner.model_config
+    assert cfg.tie_word_embeddings and cfg.hidden_act == "gelu_pytorch_tanh"
+    assert cfg.attention_scale == 24**-0.5
+    layers = [cfg.window_for_layer(i) for i in range(cfg.num_layers)]
+    if name == "gemma2":
+        assert layers == [5, None, 5, None] and cfg.attn_logit_softcapping == 3.0
+        assert cfg.final_logit_softcapping == 5.0 and not cfg.qk_norm
+    else:
+        assert layers == [5, 5, None, 5] and cfg.qk_norm and cfg.rope_local_theta == 100.0
+        assert cfg.attn_logit_softcapping is None
+    assert not cfg.is_all_windowed  # global layers keep every key: no window freeing
+
+
+def test_logits_match_transformers(served):
+    _, runner, hf = served
+    family.check_logits(runner, hf)
+
+
+def test_greedy_32_steps_match_generate(served):
+    _, runner, hf = served
+    chat_ids = family.check_chat_template(runner, "gemma")
+    family.check_generate(runner, hf, family.prompts_for(runner.tokenizer, chat_ids))
