@@ -151,11 +151,13 @@ def _launch(a, b, c, topk_weights, sorted_ids, expert_ids, num_post, *, a_row_di
     if gated and a.is_cuda:
         cfg["BLOCK_N"] = max(32, cfg["BLOCK_N"] // 2)
     em = sorted_ids.numel()
-    grid = (triton.cdiv(em, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    # a CPU (the interpreter) reads the real padded length: no idle programs; CUDA must not sync
+    tiles_m = triton.cdiv(em if a.is_cuda else int(num_post.item()), cfg["BLOCK_M"])
+    grid = (tiles_m * triton.cdiv(n, cfg["BLOCK_N"]),)
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     _fused_moe_kernel[grid](
         a, b, c, topk_weights if topk_weights is not None else c, sorted_ids, expert_ids, num_post,
-        n, k, em, c.shape[0],
+        n, k, tiles_m * cfg["BLOCK_M"], c.shape[0],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=topk_weights is not None,
         DOT_PRECISION=precision, **cfg,

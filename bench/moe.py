@@ -1,0 +1,302 @@
+"""Mixture of experts on the GPU (issue 18), baselines in the same run, at Qwen3-30B-A3B's shape
+(48 layers, hidden 2048, 128 experts of 768, top-8, GQA 32/4 x 128, vocab 151936; ~61 GB bf16):
+
+k. the fused-MoE kernel (sglite.kernels.fused_moe) vs its torch reference (transformers' per-expert
+   loop) at 1, 64 and 4096 tokens: median time, the weight-bytes floor, and the relative error of
+   both against an fp32 reference on the same (upcast) inputs;
+d. decode tokens/s at batch 64 and 256 through sglite's Scheduler (CUDA graphs, overlapped loop;
+   random weights from a config-only folder, load_format="dummy") vs transformers `generate` at
+   the same batch (random weights, same shape; decode time = generate(2 + n) - generate(2)).
+
+Each part runs in its own process (two copies of the model do not fit one card); results are
+JSON lines under --out and a table at the end.
+
+    python bench/moe.py --out $OUT                     # H200
+    python bench/moe.py --out /tmp/moe --tiny          # CPU smoke test (interpreter, 2 layers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+    hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+    num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+    tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645,
+    hidden_act="silu", attention_bias=False, use_sliding_window=False,
+)
+TINY = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=64, intermediate_size=96,
+            moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+            max_position_embeddings=1024)
+
+
+def emit(out: Path, row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    with open(out / "moe_results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# --- k. the kernel -----------------------------------------------------------------------------
+def part_kernel(args, out: Path, shape: dict):
+    import torch
+
+    from sglite.kernels.fused_moe import fused_moe, fused_moe_reference, moe_config
+    from sglite.runtime.models.layers.moe import select_experts
+
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    E, H, inter, k = (shape["num_experts"], shape["hidden_size"], shape["moe_intermediate_size"],
+                      shape["num_experts_per_tok"])
+    gen = torch.Generator(dev).manual_seed(0)
+    w13 = (torch.randn(E, 2 * inter, H, device=dev, generator=gen) * 0.02).to(dtype)
+    w2 = (torch.randn(E, H, inter, device=dev, generator=gen) * 0.02).to(dtype)
+    bw = copy_bandwidth() if cuda else float("nan")
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    for num_tokens in args.kernel_tokens:
+        x = torch.randn(num_tokens, H, device=dev, generator=gen).to(dtype)
+        logits = torch.randn(num_tokens, E, device=dev, generator=gen)
+        weights, ids = select_experts(logits, k, renormalize=True)
+        weights = weights.to(dtype)
+        ref32 = fused_moe_reference(x.float(), w13.float(), w2.float(), weights.float(), ids)
+        got = fused_moe(x, w13, w2, weights, ids)
+        ref = fused_moe_reference(x, w13, w2, weights, ids)
+        err = lambda y: ((y.float() - ref32).norm() / ref32.norm()).item()  # noqa: E731
+        t_kernel = bench_ms(lambda: fused_moe(x, w13, w2, weights, ids))
+        t_ref = bench_ms(lambda: fused_moe_reference(x, w13, w2, weights, ids))
+        num_hit = int(torch.unique(ids).numel())
+        floor_ms = num_hit * expert_bytes / bw * 1e3
+        row = dict(part="kernel", tokens=num_tokens, kernel_ms=t_kernel, ref_ms=t_ref,
+                   speedup=t_ref / t_kernel, kernel_rel_err=err(got), ref_rel_err=err(ref),
+                   experts_hit=num_hit, floor_ms=floor_ms, copy_gbs=bw / 1e9,
+                   nan=bool(torch.isnan(got).any()), config=moe_config(num_tokens, is_cuda=cuda))
+        emit(out, row)
+        if cuda and args.sweep and num_tokens > 1:  # alternatives to the default tiles
+            sweep = {}
+            for cfg in SWEEP:
+                try:
+                    sweep[json.dumps(cfg)] = bench_ms(
+                        lambda: fused_moe(x, w13, w2, weights, ids, config=cfg))
+                except Exception as e:  # noqa: BLE001 (a tile that does not fit: record it)
+                    sweep[json.dumps(cfg)] = repr(e)[:80]
+            emit(out, dict(part="sweep", tokens=num_tokens, sweep=sweep))
+        del ref32
+
+
+SWEEP = [
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+]
+
+
+def bench_ms(fn) -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
+    import torch
+
+    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / (ms / 1e3)
+
+
+# --- d. decode through sglite ---------------------------------------------------------------------
+class _Sink:
+    def on_output(self, req, text, finished, meta):
+        pass
+
+    def on_error(self, req, message):
+        raise RuntimeError(message)
+
+
+def part_sglite(args, out: Path, folder: str):
+    import torch
+
+    from sglite.protocol import SamplingParams
+    from sglite.runtime.executor.model_runner import ModelRunner
+    from sglite.runtime.scheduler.req import Req
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    cuda = torch.cuda.is_available()
+    max_bs = max(args.batches)
+    t0 = time.perf_counter()
+    runner = ModelRunner(folder, load_format="dummy", skip_tokenizer_init=True,
+                         device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32",
+                         max_total_tokens=max_bs * (args.prompt_len + args.decode_steps + 64),
+                         max_running_requests=max_bs, cuda_graph_max_bs=max_bs)
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    emit(out, dict(part="sglite_load", seconds=time.perf_counter() - t0, weight_gb=weight_bytes / 1e9))
+    vocab = runner.model_config.vocab_size
+    for bs in args.batches:
+        runner.token_pool.reset()
+        sched = Scheduler(runner, max_running_requests=bs, chunked_prefill_size=bs * args.prompt_len,
+                          log_interval=0)
+        gen = torch.Generator().manual_seed(bs)
+        params = SamplingParams(temperature=0, max_new_tokens=args.decode_steps + 16, ignore_eos=True)
+        reqs = [Req(rid=f"r{i}", input_ids=torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(),
+                    params=params, sink=_Sink()) for i in range(bs)]
+        for req in reqs:
+            sched.outputs.init_request(req)
+            sched.add_request(req)
+        while not all(len(r.output_ids) >= 2 for r in reqs):  # prefilled, decode under way
+            sched.step()
+        for _ in range(3):
+            sched.step()
+        sync()
+        before, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
+        for _ in range(args.decode_steps):
+            sched.step()
+        sync()
+        elapsed = time.perf_counter() - t0
+        tokens = sum(len(r.output_ids) for r in reqs) - before
+        emit(out, dict(part="sglite_decode", batch=bs, tokens=tokens, seconds=elapsed,
+                       tok_s=tokens / elapsed, ms_step=elapsed / (tokens / bs) * 1e3))
+        while sched.has_work:
+            sched.step()
+        del sched
+
+
+# --- d. transformers baseline -------------------------------------------------------------------
+def part_hf(args, out: Path, shape: dict):
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    cfg = {k: v for k, v in shape.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    config = transformers.Qwen3MoeConfig(**cfg, initializer_range=0.02)
+    t0 = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
+    try:
+        with torch.device(dev):
+            model = transformers.Qwen3MoeForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    emit(out, dict(part="hf_load", seconds=time.perf_counter() - t0, transformers=transformers.__version__,
+                   experts_impl=str(getattr(config, "_experts_implementation", None))))
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for bs in args.batches:
+            ids = torch.randint(0, shape["vocab_size"], (bs, args.prompt_len), generator=gen).to(dev)
+
+            def run(n):
+                sync()
+                t = time.perf_counter()
+                model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                sync()
+                return time.perf_counter() - t
+
+            if bs == args.batches[0]:
+                run(1)  # warm-up
+            base, full = run(2), run(2 + args.hf_steps)
+            decode_s = max(full - base, 1e-9)
+            emit(out, dict(part="hf_decode", batch=bs, steps=args.hf_steps, seconds=decode_s,
+                           tok_s=bs * args.hf_steps / decode_s,
+                           ms_step=decode_s / args.hf_steps * 1e3, generate2_s=base))
+
+
+# --- driver -----------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/moe_bench"))
+    ap.add_argument("--part", choices=["kernel", "sglite", "hf"])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--kernel-tokens", type=int, nargs="+", default=[1, 64, 4096])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--hf-steps", type=int, default=4)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--timeouts", type=int, nargs=3, default=[50, 115, 125])
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = TINY if args.tiny else QWEN3_30B_A3B
+    folder = out / "qwen3-30b-a3b-config"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(shape, indent=2))
+    if args.part == "kernel":
+        return part_kernel(args, out, shape)
+    if args.part == "sglite":
+        return part_sglite(args, out, str(folder))
+    if args.part == "hf":
+        return part_hf(args, out, shape)
+    (out / "moe_results.jsonl").unlink(missing_ok=True)
+    passthrough = [a for a in sys.argv[1:]]
+    for part, timeout in zip(("kernel", "sglite", "hf"), args.timeouts):
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--part", part, *passthrough],
+                                  timeout=timeout, capture_output=True, text=True)
+            (out / f"moe_{part}.log").write_text(proc.stdout + proc.stderr)
+            status = f"rc {proc.returncode}"
+            if proc.returncode:
+                print(proc.stderr[-3000:], flush=True)
+        except subprocess.TimeoutExpired as e:
+            status = "timeout"
+            (out / f"moe_{part}.log").write_text(f"{e.stdout or ''}{e.stderr or ''}")
+        print(f"# part {part}: {status} in {time.perf_counter() - t0:.0f} s", flush=True)
+    print_table(out)
+
+
+def print_table(out: Path):
+    path = out / "moe_results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = ["| case | sglite | baseline | ratio | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["part"] == "kernel":
+            lines.append(
+                f"| fused MoE, {r['tokens']} tokens (ms) | {r['kernel_ms']:.3f} | torch loop "
+                f"{r['ref_ms']:.3f} | {r['speedup']:.1f}x | rel err {r['kernel_rel_err']:.1e} "
+                f"(loop {r['ref_rel_err']:.1e}); {r['experts_hit']} experts hit, floor "
+                f"{r['floor_ms']:.3f} ms ({r['floor_ms'] / r['kernel_ms']:.0%}) |")
+    hf = {r["batch"]: r for r in rows if r["part"] == "hf_decode"}
+    for r in rows:
+        if r["part"] == "sglite_decode":
+            b = hf.get(r["batch"])
+            base = f"{b['tok_s']:.0f} ({b['ms_step']:.0f} ms/step)" if b else "n/a"
+            ratio = f"{r['tok_s'] / b['tok_s']:.1f}x" if b else "n/a"
+            lines.append(f"| decode bs{r['batch']} tok/s | {r['tok_s']:.0f} ({r['ms_step']:.1f} "
+                         f"ms/step) | transformers {base} | {ratio} | |")
+    for r in rows:
+        if r["part"] in ("sglite_load", "hf_load") or "sweep" in r:
+            lines.append(f"<!-- {json.dumps(r)} -->")
+    text = "\n".join(lines)
+    (out / "moe_table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The fused-MoE Triton kernel (under TRITON_INTERPRET on a CPU) against transformers' per-expert
+loop on ragged expert loads: hot experts, experts with no token, a single token, tile edges."""
+
+import pytest
+import torch
+
+from sglite.kernels.fused_moe import fused_moe, fused_moe_reference, moe_align_block_size
+from tests.kernels.pool import DEVICE
+
+
+def _ragged_ids(gen, num_tokens, num_experts, top_k, *, hot=None, empty=()):
+    """Distinct experts per token; `hot` takes slot 0 of the first half; `empty` never chosen."""
+    allowed = torch.tensor([e for e in range(num_experts) if e not in empty])
+    rows = []
+    for t in range(num_tokens):
+        perm = allowed[torch.randperm(len(allowed), generator=gen)][:top_k]
+        if hot is not None and t < max(1, num_tokens // 2) and hot not in perm:
+            perm[0] = hot
+        rows.append(perm)
+    return torch.stack(rows)
+
+
+def _inputs(gen, num_tokens, hidden, inter, num_experts, top_k, **ids_kw):
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
+    ids = _ragged_ids(gen, num_tokens, num_experts, top_k, **ids_kw)
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    return [t.to(DEVICE) for t in (x, w13, w2, weights, ids)]
+
+
+CASES = {
+    # tokens, hidden, inter, experts, top_k, ids options
+    "hot-and-empty": (37, 64, 48, 8, 2, dict(hot=3, empty=(5, 6))),
+    "one-token": (1, 64, 32, 8, 2, {}),
+    "most-experts-empty": (5, 32, 32, 16, 2, dict(hot=0)),
+    "tile-edges": (23, 48, 40, 4, 3, dict(hot=1, empty=(2,))),  # K, N not multiples of the tiles
+    "top-1": (19, 32, 16, 4, 1, dict(hot=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_fused_moe_matches_reference_on_ragged_loads(case, block_m):
+    num_tokens, hidden, inter, num_experts, top_k, ids_kw = CASES[case]
+    gen = torch.Generator().manual_seed(list(CASES).index(case) * 100 + block_m)
+    x, w13, w2, weights, ids = _inputs(gen, num_tokens, hidden, inter, num_experts, top_k, **ids_kw)
+    config = dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+    out = fused_moe(x, w13, w2, weights, ids, config=config)
+    ref = fused_moe_reference(x, w13, w2, weights, ids)
+    assert out.shape == (num_tokens, hidden) and out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert ref.abs().max() > 0.1  # the check compares real outputs, not zeros
+
+
+def test_default_tiles_and_a_hot_expert_spanning_many_blocks():
+    gen = torch.Generator().manual_seed(7)
+    # 64 tokens, every one routed to expert 0 (4 blocks of 16) and one other
+    x, w13, w2, weights, ids = _inputs(gen, 64, 32, 32, 8, 2)
+    ids[:, 0] = 0
+    ids[:, 1] = torch.where(ids[:, 1] == 0, 1, ids[:, 1])
+    out = fused_moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_align_groups_pairs_by_expert_in_padded_blocks():
+    gen = torch.Generator().manual_seed(3)
+    ids = _ragged_ids(gen, 29, 8, 2, hot=4, empty=(0, 7)).to(DEVICE)
+    block_m = 8
+    sorted_ids, expert_ids, num_post = moe_align_block_size(ids, block_m, 8)
+    n = ids.numel()
+    counts = torch.bincount(ids.flatten().cpu(), minlength=8)
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert num_post.item() == padded.sum().item()
+    assert sorted_ids.numel() >= num_post.item() and sorted_ids.numel() % block_m == 0
+    valid = sorted_ids[: num_post.item()].cpu()
+    real = valid[valid < n]
+    assert sorted(real.tolist()) == list(range(n))  # every (token, slot) pair exactly once
+    assert (sorted_ids[num_post.item():] == n).all()  # beyond: padding only
+    flat = ids.flatten().cpu()
+    for b in range(num_post.item() // block_m):  # each block holds one expert's pairs
+        block = valid[b * block_m : (b + 1) * block_m]
+        block = block[block < n]
+        assert len(block) and (flat[block.long()] == expert_ids[b].item()).all()
+    assert 0 not in expert_ids[: num_post.item() // block_m].tolist()  # empty experts get no block
+
+
+def test_no_tokens_and_bad_shapes():
+    w13, w2 = torch.randn(4, 32, 16), torch.randn(4, 16, 16)
+    ids = torch.zeros(0, 2, dtype=torch.long)
+    assert fused_moe(torch.randn(0, 16), w13, w2, torch.zeros(0, 2), ids).shape == (0, 16)
+    with pytest.raises(ValueError, match="fused_moe"):
+        fused_moe(torch.randn(3, 8), w13, w2, torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long))
