@@ -239,7 +239,7 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--hf-steps", type=int, default=4)
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--timeouts", type=int, nargs=3, default=[50, 115, 125])
+    ap.add_argument("--timeouts", type=int, nargs=3, default=[65, 110, 105])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
