@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglite.runtime.models.layers.fused import FUSED_KERNELS
+from sglite.runtime.models.layers.fused import use_fused
 from sglite.runtime.models.layers.mlp import GatedMLP
 
 
@@ -32,7 +32,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
 
 def use_triton_moe(x: torch.Tensor) -> bool:
     if x.is_cuda:
-        return FUSED_KERNELS
+        return use_fused(x)  # SGLITE_FUSED_KERNELS=0: the torch loop, the before of benchmarks
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
