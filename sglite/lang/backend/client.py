@@ -3,8 +3,17 @@
 ZMQ sockets are not thread-safe, so program threads never touch the DEALER: they push encoded
 requests into an inproc PUSH socket (under a lock), and the I/O thread forwards them, receives
 replies and puts each into the queue registered for its rid. A dead runtime is noticed here, not
-in the waiting threads: an owned runtime through `is_alive()`, an attached one by InfoReq pings
-that go unanswered for `dead_after` seconds; every waiter is then woken with RuntimeDied.
+in the waiting threads, and every waiter is then woken with RuntimeDied:
+- the socket monitor reports the connection closing: a runtime that exits or is killed closes it
+  at once (measured on the loaded 2-core box: waiters raise 0.07 s after a SIGKILL);
+- ZMTP heartbeats every `heartbeat_interval` s close the connection when the runtime answers none
+  for `heartbeat_timeout` s (a stopped or frozen runtime); libzmq's I/O thread in the runtime
+  answers them, not its scheduler loop, so a long forward step never looks like a dead runtime;
+- an owned runtime through `is_alive()`;
+- InfoReq pings (answered by the scheduler loop, between steps) that go unanswered for
+  `dead_after` seconds: a runtime whose loop hangs, or an address nothing ever accepted.
+A connection that closed is final: the runtime aborts the requests of a closed connection, so
+none of them can finish, and the client raises RuntimeDied from then on.
 """
 
 from __future__ import annotations
@@ -34,10 +43,12 @@ class _Dead:
 
 class ZmqClient:
     def __init__(self, address: str, *, is_alive=None, ping_interval: float = 5.0,
-                 dead_after: float = 120.0):
+                 dead_after: float = 120.0, heartbeat_interval: float = 0.5,
+                 heartbeat_timeout: float = 2.0):
         self.address = address
         self._is_alive = is_alive
         self._ping_interval, self._dead_after = ping_interval, dead_after
+        self._heartbeat_timeout = heartbeat_timeout
         self._ctx = zmq.Context.instance()
         self._rid_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}-"
         self._rid_counter = itertools.count()
@@ -52,6 +63,9 @@ class ZmqClient:
         self._push.connect(wake)
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_interval * 1000))
+        self._dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout * 1000))
+        self._monitor = self._dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._dealer.connect(address)
         self._thread = threading.Thread(target=self._loop, name="sglite-zmq", daemon=True)
         self._thread.start()
@@ -99,7 +113,8 @@ class ZmqClient:
             self._closed.set()
             self._thread.join(timeout=2)
             with self._lock:
-                for sock in (self._push, self._pull, self._dealer):
+                self._dealer.disable_monitor()
+                for sock in (self._push, self._pull, self._monitor, self._dealer):
                     sock.close(linger=0)
 
     # ---- the I/O thread --------------------------------------------------------------------
@@ -108,15 +123,20 @@ class ZmqClient:
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         last_recv, ping_sent_at = time.monotonic(), None
         while not self._closed.is_set():
             events = dict(poller.poll(POLL_MS))
             while self._pull in events and self._pull.poll(0):
                 self._dealer.send(self._pull.recv())
-            if self._dealer in events:
+            if self._dealer in events:  # before the monitor: replies that made it still count
                 while self._dealer.poll(0):
                     self._dispatch(protocol.decode_reply(self._dealer.recv()))
                 last_recv, ping_sent_at = time.monotonic(), None
+            if self._monitor in events:
+                self._monitor.recv_multipart()  # only EVENT_DISCONNECTED is subscribed
+                self._lost_connection()
+            if self._dealer in events:
                 continue
             now = time.monotonic()
             if self._dead is not None or not self._queues:
@@ -129,6 +149,15 @@ class ZmqClient:
                 self._dealer.send(protocol.encode(protocol.InfoReq(rid=self.new_rid("ping"))))
             elif ping_sent_at is not None and now - ping_sent_at > self._dead_after:
                 self._fail(f"the runtime at {self.address} did not answer for {self._dead_after:.0f} s")
+
+    def _lost_connection(self) -> None:
+        if self._dead is not None:
+            return
+        if self._is_alive is not None and not self._is_alive():
+            self._fail("the runtime process exited")
+        else:
+            self._fail(f"the connection to the runtime at {self.address} closed: its process "
+                       f"exited, or it answered no heartbeat for {self._heartbeat_timeout:.1f} s")
 
     def _dispatch(self, reply) -> None:
         with self._lock:

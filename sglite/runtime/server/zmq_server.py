@@ -1,10 +1,16 @@
 """The runtime process: a ZeroMQ ROUTER in front of the scheduler, in one thread.
 
 Loop: receive every pending message (blocking briefly only when idle) → handle each (tokenize,
-validate, queue) → one scheduler step. Replies go to the sender's identity; with ROUTER_MANDATORY
-a send to a client that has gone away fails, and that client's requests are aborted (their KV
-freed). A message that cannot be decoded or a request that fails gets an ErrorOut to its sender
-only; nothing a client sends can stop the loop.
+validate, queue) → one scheduler step. Replies go to the sender's identity. A message that cannot
+be decoded or a request that fails gets an ErrorOut to its sender only; nothing a client sends can
+stop the loop.
+
+Liveness (issue 20): a client that goes away has all its requests aborted (their KV freed) at the
+next receive, i.e. between two scheduler steps: the socket monitor reports its closed connection
+(`peers.PeerTracker`; a SIGKILLed client is seen in a few ms), ZMTP heartbeats close the
+connection of a peer that stops answering them (a frozen host), and with ROUTER_MANDATORY a send
+to a vanished client fails. The heartbeats are answered by libzmq's own I/O thread, not by this
+loop, so a client's ping is answered promptly even while a forward runs.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import zmq
 from sglite import protocol
 from sglite.runtime.server.args import ServerArgs
 from sglite.runtime.server.handlers import RequestHandler
+from sglite.runtime.server.peers import PeerTracker
 
 logger = logging.getLogger("sglite.runtime")
 
 IDLE_POLL_MS = 100  # wait for messages this long when there is nothing to compute
+# ZMTP heartbeats towards clients: a peer that answers none for HEARTBEAT_TIMEOUT_MS is dropped
+# (a process that exits or is killed closes its connection at once and needs none of this)
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 5000
 INTEGRITY_EVERY_S = 5.0  # check KV accounting this often while idle
 
 
@@ -37,6 +47,9 @@ class Server:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> EHOSTUNREACH
         self.socket.setsockopt(zmq.SNDHWM, 0)  # never drop a reply part of a stream
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.peers = PeerTracker(self.socket)
         self.socket.bind(self.address)
         self.handler = handler_factory(self)
         self.stopping = False
@@ -60,16 +73,20 @@ class Server:
 
     def send(self, identity: bytes, msg: msgspec.Struct) -> bool:
         """False when the client is gone; its requests are then aborted."""
+        if self.peers.is_gone(identity):
+            return False
         try:
             self.socket.send_multipart([identity, protocol.encode(msg)])
             return True
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            self.handler.client_gone(identity)
+            if self.peers.mark_gone(identity):
+                self.handler.client_gone(identity)
             return False
 
     def close(self) -> None:
+        self.peers.close()
         self.socket.close()
         self.ctx.term()
         if self.address.startswith("ipc://"):
@@ -80,19 +97,25 @@ class Server:
 
     # ---- private
     def _receive(self, *, block: bool) -> None:
-        if block and not self.socket.poll(IDLE_POLL_MS):
-            return
-        while True:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        batch = []
+        if not block or self.socket.poll(IDLE_POLL_MS):
+            while True:
+                try:
+                    frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                batch.append((frames[0].bytes, _source_fd(frames[-1]), frames))
+        # the monitor is read after the messages (see peers.py for why the order matters)
+        batch, gone = self.peers.sort(batch)
+        for identity in gone:
+            self.handler.client_gone(identity)
+        for identity, frames in batch:
             if len(frames) != 2:  # a DEALER sends single-frame messages (plus our identity frame)
-                self.send(frames[0], protocol.ErrorOut(rid="", message=(
+                self.send(identity, protocol.ErrorOut(rid="", message=(
                     f"expected one frame per message, got {len(frames) - 1}")))
                 continue
             try:
-                self.handler.handle(frames[0], frames[1])
+                self.handler.handle(identity, frames[1].bytes)
             except Exception:  # the handler answers per request; this is the last guard
                 logger.exception("handling a message failed; dropped it")
 
@@ -109,6 +132,13 @@ class Server:
 
     def _stop(self, *_):
         self.stopping = True
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    try:
+        return frame.get(zmq.SRCFD)  # the connection's descriptor (not for inproc peers)
+    except zmq.ZMQError:
+        return None
 
 
 def serve(args: ServerArgs) -> None:
