@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 
 SCHEDULE_POLICIES = ("lpm", "fcfs")
+QUANTIZATIONS = ("fp8",)  # sglite.runtime.models.quant (not imported: no torch here)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # sglite.runtime.mem.kv_cache
 
 
 # Throughput knobs that depend on the device. CUDA (H200, Llama-3-8B, 1024 x (512 + 256) requests,
@@ -33,6 +35,8 @@ DEVICE_DEFAULTS = {
 class ServerArgs:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    quantization: str | None = None  # fp8 (weights); None: as the checkpoint is (FP8 checkpoints: fp8)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8_e4m3 (twice the tokens)
     device: str = "auto"  # auto (CUDA when there is one) | cuda | cuda:N | cpu
     attention_backend: str = "auto"  # auto | torch | triton
     load_format: str = "auto"  # auto | dummy (random weights, for benchmarks)
@@ -63,6 +67,10 @@ class ServerArgs:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, "
                              f"got {self.schedule_policy!r}")
@@ -110,6 +118,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model-path", dest="model_path", default=d.model_path,
                    help="HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
+                   help="fp8: FP8 e4m3 weights (per-channel, quantized at load unless the checkpoint "
+                   "is FP8 already)")
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help="fp8_e4m3: the KV pool in FP8, twice the tokens in the same memory")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cuda, cuda:N or cpu")
     p.add_argument("--attention-backend", default=d.attention_backend)
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"])
