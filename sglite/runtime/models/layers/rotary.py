@@ -36,6 +36,10 @@ class RotaryEmbedding(nn.Module):
                  rotary_dim: int | None = None, max_position: int | None = None,
                  original_max_position: int | None = None):
         super().__init__()
+        with torch.device("cpu"):  # the model may be built under torch.device("meta")
+            self._build(head_dim, theta, scaling, rotary_dim, max_position, original_max_position)
+
+    def _build(self, head_dim, theta, scaling, rotary_dim, max_position, original_max_position):
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim = rotary_dim or head_dim
         self.theta = theta
