@@ -98,3 +98,36 @@ def test_partial_rotary_leaves_the_tail_untouched():
 def test_unknown_scaling_type_is_refused():
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'ntk-by-parts'.*yarn"):
         RotaryEmbedding(HEAD_DIM, theta=1e4, scaling={"rope_type": "ntk-by-parts", "factor": 2.0})
+
+
+# --- end to end: tiny random models through the runtime against transformers -----------------
+from tests.runtime.models import family  # noqa: E402
+
+_SMALL = dict(vocab_size=family.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+E2E = {  # name: (config, chat family)
+    # Qwen2.5 long context: yarn over a 32-token original context, factor 4
+    "qwen2-yarn": lambda: (transformers.Qwen2Config(
+        **_SMALL, max_position_embeddings=128, tie_word_embeddings=True, rope_theta=1e6,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}), "chatml"),
+    # dynamic NTK past max_position_embeddings = 40: prompts (<= 33) within it, decoding beyond
+    "llama-dynamic": lambda: (transformers.LlamaConfig(
+        **_SMALL, max_position_embeddings=40, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "llama3"),
+}
+
+
+@pytest.mark.parametrize("case", list(E2E))
+def test_scaled_rope_models_match_transformers(case, tmp_path):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config, chat = E2E[case]()
+        folder, hf, _ = family.save_model(tmp_path, config, chat)
+        runner = family.runner_for(folder)
+        assert runner.model.rotary.kind == config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
+        family.check_logits(runner, hf, lengths=(20, 13))
+        chat_ids = family.check_chat_template(runner, chat)
+        family.check_generate(runner, hf, family.prompts_for(runner.tokenizer, chat_ids))
+    finally:
+        torch.set_num_threads(n)
