@@ -1,0 +1,68 @@
+"""The FP8 GEMM kernels against torch: the W8A16 GEMV / small-M kernel (both tile kinds), the
+per-token activation quantizer (bit-exact against torch's cast), and fp8_linear's dispatch on GPU."""
+
+import pytest
+import torch
+
+from sglite.kernels import fp8_gemm
+from sglite.kernels.fp8_gemm import quantize_rows, w8a16_matmul
+from tests.kernels.pool import DEVICE, rel_err
+
+FP8 = torch.float8_e4m3fn
+# the interpreter's bf16 dots are wrong: fp16 activations there; bf16 on a GPU
+ACT = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+
+
+def _weights(n, k, gen):
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]
+    scale = w.abs().amax(1) / 448.0
+    return (w / scale[:, None]).to(FP8).to(DEVICE), scale.float().to(DEVICE)
+
+
+@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 80, False), (1, 16, 37, True), (5, 40, 96, True), (19, 32, 64, False)])
+def test_w8a16_matches_dequantized_matmul(m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * 100 + n)
+    w, scale = _weights(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(ACT).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(ACT).to(DEVICE) if bias else None
+    out = w8a16_matmul(x, w, scale, b)
+    ref = x.double() @ (w.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
+    assert out.dtype == x.dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < 2e-3  # fp32 accumulation, one rounding to the output dtype
+    # the scales matter (a kernel ignoring them is far off)
+    assert rel_err(out, x.double() @ w.double().T) > 0.5
+
+
+def test_w8a16_tiles_agree():
+    """BLOCK_M 1 (CUDA-core sums) and 16 (dots) compute the same function."""
+    gen = torch.Generator().manual_seed(9)
+    w, scale = _weights(64, 128, gen)
+    x = torch.randn(1, 128, generator=gen).to(ACT).to(DEVICE)
+    a = w8a16_matmul(x, w, scale, tiles=dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1))
+    b = w8a16_matmul(x, w, scale, tiles=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=1, num_stages=1))
+    assert rel_err(a, b) < 2e-3
+
+
+def test_quantize_rows_bit_exact():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 100, generator=gen) * torch.logspace(-3, 3, 6)[:, None]
+    x[2, :4] = torch.tensor([0.0, -0.0, 1e-9, -1e-9])
+    x = x.to(torch.bfloat16).to(DEVICE)
+    xq, scale = quantize_rows(x)
+    ref_scale = x.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / 448.0
+    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    ref = (x.float() * (1.0 / scale)).clamp(-448, 448).to(FP8)  # the kernel multiplies by 1/scale
+    assert torch.equal(xq.view(torch.uint8), ref.view(torch.uint8))
+    assert rel_err(xq.float() * scale, x.float()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch._scaled_mm needs a GPU with FP8")
+@pytest.mark.parametrize("m", [1, 16, 17, 300])
+def test_fp8_linear_both_paths(m):
+    gen = torch.Generator().manual_seed(m)
+    w, scale = _weights(256, 512, gen)
+    x = torch.randn(m, 512, generator=gen).to(torch.bfloat16).to(DEVICE)
+    out = fp8_gemm.fp8_linear(x, w, scale)
+    ref = x.double() @ (w.double() * scale.double()[:, None]).T
+    assert rel_err(out, ref) < (5e-3 if m <= fp8_gemm.TRITON_MAX_M else 5e-2)  # per-token FP8 activations
