@@ -8,6 +8,12 @@ load_format="dummy" runs text programs at the Llama-3-8B shape:
           at a time, one forward per choice (the prefix recomputed) on a subset;
   logprobs: B concurrent gens of 64 tokens with return_logprob + top 5 vs the same gens without, at
           B = 64 and B = 1.
+  grammar:  256 concurrent JSON-schema gens (5 fields: a bounded string, an integer, an enum, a
+          boolean, an array of enums) and 256 regex gens, each vs 256 unconstrained gens of the
+          same lengths (max_new_tokens = each constrained output's length, ignore_eos); every
+          output the grammar finished is validated; a half-constrained batch (128 JSON + 128
+          plain) vs the same 128 plain beside 128 unconstrained: the plain half's tokens/s. Jump-
+          forward is also measured off (server flag), for the record.
 
     python bench/make_bench_model.py .benchmodel      # on a machine with the embedded model
     python bench/structured.py --model .benchmodel    # H100/H200
@@ -142,6 +148,105 @@ def bench_logprobs(args, server_args):
     return rows
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"enum": ["Paris", "London", "Tokyo", "Lima", "Cairo"]},
+        "active": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "city", "active", "tags"],
+}
+REGEX = r"\(\d{3}\) \d{3}-\d{4}, [A-Z][a-z]{2,8} (St|Ave|Rd)\."
+
+
+def valid_json(text: str) -> bool:
+    """The schema's constraints, checked by hand (no jsonschema on the device image)."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    props = SCHEMA["properties"]
+    return (isinstance(obj, dict) and set(obj) == set(props)
+            and isinstance(obj["name"], str) and len(obj["name"]) <= 12
+            and type(obj["age"]) is int and 0 <= obj["age"] <= 120
+            and obj["city"] in props["city"]["enum"] and type(obj["active"]) is bool
+            and isinstance(obj["tags"], list) and len(obj["tags"]) <= 3
+            and all(t in ("red", "green", "blue") for t in obj["tags"]))
+
+
+def bench_grammar(args, server_args, *, jump: bool = True):
+    """Rows of (workload, sglite, baseline, ratio) and a validity summary."""
+    import re
+
+    rows, notes = [], []
+    n = args.grammar_bs
+    prompts = [f"Person {i} as JSON:" for i in range(n)]
+    with RuntimeProcess(args.model, timeout=900, disable_jump_forward=not jump, **server_args) as rt:
+        c = Client(rt)
+
+        def gens(kind, spec, idx, max_new):
+            params = dict(max_new_tokens=max_new, temperature=0.0)
+            if kind:
+                params[kind] = spec
+            return [protocol.GenerateReq(rid=rid(), text=prompts[i], sampling_params=params) for i in idx]
+
+        def same_lengths(outs, idx):  # unconstrained gens of exactly these lengths
+            return [protocol.GenerateReq(rid=rid(), text=prompts[i], sampling_params=dict(
+                max_new_tokens=max(o.meta_info["completion_tokens"], 1), ignore_eos=True,
+                temperature=0.0)) for i, o in zip(idx, outs)]
+
+        def timed(msgs):
+            t0 = time.perf_counter()
+            outs = c.run_all(msgs)
+            dt = time.perf_counter() - t0
+            return outs, sum(o.meta_info["completion_tokens"] for o in outs) / dt
+
+        everyone = range(n)
+        schema = json.dumps(SCHEMA)
+        c.run_all(gens("json_schema", schema, range(8), 64) + gens("regex", REGEX, range(8), 64))  # compile, warm
+        for name, kind, spec, check in (("JSON-schema", "json_schema", schema, valid_json),
+                                        ("regex", "regex", REGEX, lambda t: re.fullmatch(REGEX, t))):
+            outs, constrained = timed(gens(kind, spec, everyone, 160))
+            _, plain = timed(same_lengths(outs, everyone))
+            done = [o for o in outs if o.meta_info["finish_reason"]["type"] == "stop"]
+            bad = [o.text for o in done if not check(o.text)]
+            notes.append(f"{name} (jump-forward {'on' if jump else 'off'}): {len(done)}/{n} finished by "
+                         f"the grammar, {len(bad)} invalid {bad[:2]}; sample {outs[0].text!r}; "
+                         f"mean {sum(o.meta_info['completion_tokens'] for o in outs) / n:.1f} tokens")
+            rows.append((f"{n} {name} gens{'' if jump else ', jump-forward off'}, tokens/s",
+                         f"constrained {constrained:.0f}", f"unconstrained, same lengths {plain:.0f}",
+                         constrained / plain))
+        if jump:  # half-constrained: the plain half's speed beside constrained vs plain peers
+            half = n // 2
+            json_outs = c.run_all(gens("json_schema", schema, range(half), 160))
+            plain_idx = range(half, n)
+
+            def plain_half(peers):
+                msgs = gens(None, None, plain_idx, 96) + peers
+                for m in msgs[:half]:
+                    m.sampling_params["ignore_eos"] = True
+                t0, done_at = time.perf_counter(), {}
+                for m in msgs:
+                    c.sock.send(protocol.encode(m))
+                want = {m.rid for m in msgs[:half]}
+                while len(done_at) < len(msgs):
+                    r = wait_reply(c.sock, alive=rt.is_alive, timeout=900, describe=rt.log_tail)
+                    if getattr(r, "finished", True):
+                        done_at[r.rid] = (time.perf_counter() - t0, r.meta_info["completion_tokens"])
+                t_plain = max(done_at[r][0] for r in want)
+                return sum(done_at[r][1] for r in want) / t_plain
+
+            beside_plain = plain_half(same_lengths(json_outs, range(half)))
+            beside_json = plain_half(gens("json_schema", schema, range(half), 160))
+            rows.append((f"{half} plain gens beside {half} others, plain half's tokens/s",
+                         f"beside JSON-schema gens {beside_json:.0f}",
+                         f"beside unconstrained gens {beside_plain:.0f}", beside_json / beside_plain))
+    return rows, notes
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="config-only folder (bench/make_bench_model.py)")
@@ -150,7 +255,8 @@ def main():
     ap.add_argument("--hf-programs", type=int, default=20)
     ap.add_argument("--bs", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=64)
-    ap.add_argument("--parts", default="select,logprobs")
+    ap.add_argument("--grammar-bs", type=int, default=256)
+    ap.add_argument("--parts", default="select,logprobs,grammar")
     args = ap.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -170,6 +276,11 @@ def main():
         for bs, plain, lp in bench_logprobs(args, server_args):
             table.append((f"{bs} gens x {args.gen_len} tokens, tokens/s", f"top-5 logprobs {lp:.0f}",
                           f"no logprobs {plain:.0f}", lp / plain))
+    if "grammar" in args.parts:
+        for jump in (True, False):
+            rows, notes = bench_grammar(args, server_args, jump=jump)
+            table += rows
+            print("\n".join(notes), flush=True)
     print(f"\n| workload ({card}) | sglite | baseline, same run | ratio |\n|---|---|---|---|")
     for name, a, b, ratio in table:
         print(f"| {name} | {a} | {b} | {ratio:.2f}x |")

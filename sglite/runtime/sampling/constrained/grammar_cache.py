@@ -115,14 +115,25 @@ class GrammarCache:
             if kind == "regex":
                 grammar = self._compiler.compile_regex(spec)
             elif kind == "json_schema":
-                grammar = self._compiler.compile_json_schema(
-                    spec, any_whitespace=self.json_any_whitespace
-                )
+                ebnf = str(xgr.Grammar.from_json_schema(spec, any_whitespace=self.json_any_whitespace))
+                grammar = self._compiler.compile_grammar(_strict_json_strings(ebnf))
             else:
                 grammar = self._compiler.compile_lark(spec)
         except RuntimeError as e:
             raise ValueError(f"invalid {_NAMES[kind]} {_short(spec)}: {_clean(e)}") from None
         return CompiledGrammar(kind, spec, grammar, self.token_bytes, self.vocab_size)
+
+
+# xgrammar (0.2.9) spells a length-bounded JSON string's character as [^"\\\r\n]: raw control
+# characters pass (invalid JSON: json.loads rejects "\x1e" inside a string) and escapes do not.
+# Its unbounded strings use JSON's rule; give the bounded ones the same (an escape is one
+# character, as JSON Schema counts them).
+_BOUNDED_CHAR = r'[^\"\\\r\n]'
+_JSON_CHAR = r'[^\0-\x1f\"\\] | "\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9]{4})'
+
+
+def _strict_json_strings(ebnf: str) -> str:
+    return ebnf.replace(_BOUNDED_CHAR, _JSON_CHAR)
 
 
 _NAMES = {"regex": "regex", "json_schema": "JSON schema", "grammar": "Lark grammar"}
