@@ -183,6 +183,10 @@ class LlamaForCausalLM(nn.Module):
             param.data = tensor.to(device=param.device, dtype=param.dtype)
             loaded.add(name)
         missing = [n for n in self._expected_weight_keys() if n not in loaded]
+        if missing == ["lm_head.weight"]:
+            raise ValueError("checkpoint has no lm_head.weight but config.json says "
+                             "tie_word_embeddings: false; if the head is the embedding (tied), set "
+                             "\"tie_word_embeddings\": true in config.json")
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
 

@@ -1,4 +1,10 @@
-"""Where models come from: the embedded default, a GGUF file, or an HF folder; and their weights."""
+"""Where models come from: the embedded default, a GGUF file, or an HF folder; and their weights.
+
+An HF folder's weights are safetensors: one file, or shards listed by model.safetensors.index.json
+(only the listed files are read; a listed file that is missing is an error). Folders with only
+PyTorch .bin pickles, and checkpoints whose config.json carries a quantization_config of a
+method sglite does not run, are refused up front with a message that says what to do.
+"""
 
 from __future__ import annotations
 
@@ -51,9 +57,43 @@ def resolve_model(model_path: str | None, *, need_weights: bool = True) -> str:
         return convert_gguf(path, cache_root() / "models" / f"{path.stem}-{key[:10]}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {model_path} has no config.json")
-    if need_weights and not _weight_files(path):
-        raise FileNotFoundError(f"model folder {model_path} has no *.safetensors weights")
+    if need_weights:
+        check_quantization(path)
+        if not _weight_files(path):
+            _no_weights(path)
     return str(path)
+
+
+def check_quantization(folder: Path) -> None:
+    """Refuse a checkpoint quantized by a method sglite cannot run (AWQ, GPTQ, bitsandbytes, ...)."""
+    from sglite.runtime.models.quant import QUANTIZATIONS
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # load_config reports an unreadable config.json
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not qc:
+        return
+    method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+    if method not in QUANTIZATIONS:
+        raise ValueError(
+            f"model folder {folder}: its config.json has a quantization_config with quant_method "
+            f"{method!r}, which sglite cannot load (supported: {', '.join(QUANTIZATIONS)}). Serve the "
+            f"unquantized (bf16/fp16) checkpoint instead, optionally with --quantization fp8, or an "
+            f"fp8 checkpoint")
+
+
+def _no_weights(folder: Path):
+    bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if bins:
+        raise FileNotFoundError(
+            f"model folder {folder} has PyTorch pickle weights ({', '.join(bins[:3])}) and no "
+            f"*.safetensors: sglite loads safetensors only (a pickle can run code). Download the "
+            f"model's safetensors files, or convert once: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}', "
+            f"safe_serialization=True)\"")
+    raise FileNotFoundError(f"model folder {folder} has no *.safetensors weights")
 
 
 def load_config(folder: str, **overrides) -> ModelConfig:
@@ -78,12 +118,31 @@ def iter_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 
     files = _weight_files(Path(folder))
     if not files:
-        raise FileNotFoundError(f"model folder {folder} has no *.safetensors weights")
+        _no_weights(Path(folder))
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 
 
+_INDEX = "model.safetensors.index.json"
+
+
 def _weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
+    """The index's shards in the order it names them, else every *.safetensors (less Mistral's
+    duplicate consolidated.safetensors when HF-named files sit beside it)."""
+    index = folder / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (no weight_map): {e}") from e
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists {len(missing)} shard(s) the folder lacks: "
+                                    f"{', '.join(missing[:3])}")
+        return [folder / f for f in files]
+    files = sorted(folder.glob("*.safetensors"))
+    hf_named = [f for f in files if not f.name.startswith("consolidated")]
+    return hf_named or files
