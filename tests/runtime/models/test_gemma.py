@@ -69,3 +69,11 @@ def test_greedy_32_steps_match_generate(served):
     _, runner, hf = served
     chat_ids = family.check_chat_template(runner, "gemma")
     family.check_generate(runner, hf, family.prompts_for(runner.tokenizer, chat_ids))
+
+
+def test_gemma2_through_the_triton_kernels(tmp_path):
+    """The GPU path's attention (soft-capped decode / extend kernels, per-layer windows), here
+    under the Triton interpreter, against transformers."""
+    folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
+    runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
+    family.check_logits(runner, hf, lengths=(16, 11))
