@@ -169,3 +169,55 @@ def test_logits_match_hf_with_cached_prefix_and_decode(moe_model):
         logits = runner.forward(runner.make_decode_batch(rows, seq_lens, last, loc))
         expect = torch.stack([r[n - 1] for r, n in zip(ref, seq_lens)])
         torch.testing.assert_close(logits, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_mixtral_sliding_window_logits_match_hf(tmp_path):
+    """Mixtral with a window smaller than the sequence: the MoE layers under windowed attention."""
+    config = CASES["mixtral"](256)
+    config.sliding_window, config._attn_implementation = 6, "eager"
+    torch.manual_seed(2)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path)
+    runner = _runner(str(tmp_path), skip_tokenizer_init=True)
+    assert runner.model_config.sliding_window == 6
+    ids = torch.randint(1, 256, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    loc = runner.token_pool.alloc(len(ids))
+    batch = runner.make_extend_batch([runner.req_to_token.alloc()], [0], [ids], loc,
+                                     return_all_logits=True)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(runner.forward(batch), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_config_reads_each_family_routing_rule():
+    from sglite.runtime.models.config import ModelConfig
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=16)
+    qwen2 = ModelConfig.from_hf_dict(dict(base, architectures=["Qwen2MoeForCausalLM"],
+                                          decoder_sparse_step=2, mlp_only_layers=[3],
+                                          shared_expert_intermediate_size=24))
+    assert qwen2.moe_layers == (False, True, False, False)  # (i + 1) % 2 == 0, minus layer 3
+    assert qwen2.attention_bias and not qwen2.norm_topk_prob and not qwen2.qk_norm
+    assert qwen2.shared_expert_intermediate_size == 24
+    qwen3 = ModelConfig.from_hf_dict(dict(base, architectures=["Qwen3MoeForCausalLM"],
+                                          norm_topk_prob=True, shared_expert_intermediate_size=24))
+    assert qwen3.moe_layers is None and qwen3.norm_topk_prob and qwen3.qk_norm
+    assert not qwen3.attention_bias and qwen3.shared_expert_intermediate_size == 0
+    mixtral = ModelConfig.from_hf_dict(dict(base, architectures=["MixtralForCausalLM"],
+                                            num_local_experts=4, norm_topk_prob=False))
+    assert (mixtral.num_experts, mixtral.moe_intermediate_size, mixtral.norm_topk_prob) == (4, 64, True)
+
+
+def test_checkpoint_missing_an_expert_is_rejected():
+    from sglite.runtime.models.layers.moe import stack_expert_weights
+
+    w = torch.zeros(4, 8)
+    names = [f"model.layers.0.mlp.experts.{e}.{p}.weight" for e in range(2)
+             for p in ("gate_proj", "up_proj", "down_proj")]
+    stacked = dict(stack_expert_weights(((n, w) for n in names), 2))
+    assert stacked["model.layers.0.mlp.experts.w13_weight"].shape == (2, 8, 8)
+    assert stacked["model.layers.0.mlp.experts.w2_weight"].shape == (2, 4, 8)
+    with pytest.raises(ValueError, match="lacks expert weights"):
+        list(stack_expert_weights(((n, w) for n in names[:-1]), 2))
