@@ -1,0 +1,200 @@
+"""Batch-1 decode of a dense family at a real shape vs the weight-bandwidth floor, with
+transformers `generate` at batch 1 beside it (issue 18).
+
+Random bf16 weights: sglite serves a config-only folder written here with load_format=dummy;
+transformers builds the same config with its own init. sglite's number is the runner's whole step
+(batch build, CUDA graph replay, argmax read back to the host), as bench/gpu_e2e.py part a; the
+floor is the weight bytes over the measured device-to-device copy bandwidth (bytes read plus
+written); transformers is (generate(1 + N) - generate(1)) / N at batch 1 (decode steps only).
+
+    python bench/decode_floor.py --config gemma2-9b            # H100/H200
+    python bench/decode_floor.py --config tiny-gemma2 --device cpu --steps 4 --hf-steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from sglite.runtime.executor.model_runner import ModelRunner
+
+_GEMMA2_9B = dict(
+    architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000, hidden_size=3584,
+    intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+    head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+    rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True,
+    bos_token_id=2, eos_token_id=1, pad_token_id=0, torch_dtype="bfloat16",
+    layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(42)],
+)
+_PHI3_MINI = dict(  # Phi-3-mini-4k-instruct
+    architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=32064, hidden_size=3072,
+    intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    hidden_act="silu", max_position_embeddings=4096, original_max_position_embeddings=4096,
+    rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=32000, pad_token_id=32000, torch_dtype="bfloat16",
+)
+CONFIGS = {
+    "gemma2-9b": _GEMMA2_9B,
+    "phi3-mini": _PHI3_MINI,
+    "tiny-gemma2": {**_GEMMA2_9B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "head_dim": 16, "sliding_window": 64, "layer_types": ["sliding_attention",
+                                                                         "full_attention"] * 2},
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written (median of 20)."""
+    src = torch.empty(1 << 29 if device.type == "cuda" else 1 << 22, dtype=torch.int16,
+                      device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 2 / sorted(times)[len(times) // 2]
+
+
+def decode_loop(runner, row, seq_len, last, steps) -> float:
+    """Seconds per decode step of the runner's whole path (batch build, forward, argmax to host)."""
+    for i in range(steps + 3):
+        if i == 3:
+            sync(runner.device)
+            t0 = time.perf_counter()
+        seq_len += 1
+        logits, _ = runner.forward_decode([row], [seq_len], last, runner.token_pool.alloc(1))
+        last = logits.argmax(-1).tolist()
+    assert torch.isfinite(logits).all()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_sglite(args, folder, device, prompt):
+    runner = ModelRunner(folder, load_format="dummy", device=str(device), dtype="bfloat16",
+                         max_total_tokens=len(prompt) + 2 * args.steps + 64, max_running_requests=2,
+                         cuda_graph_max_bs=1, skip_tokenizer_init=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    row = runner.req_to_token.alloc()
+    loc = runner.token_pool.alloc(len(prompt))
+    last = runner.forward(runner.make_extend_batch([row], [0], [prompt], loc)).argmax(-1).tolist()
+    step_s = [decode_loop(runner, row, len(prompt) + r * (args.steps + 3), last, args.steps)
+              for r in range(2)]  # twice: the spread is the noise
+    replay_s = None
+    if runner.graph_runner is not None:
+        graph = runner.graph_runner.graphs[1]
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            graph.replay()
+        sync(device)
+        replay_s = (time.perf_counter() - t0) / args.steps
+    cfg = runner.model_config
+    kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
+    del runner
+    return weight_bytes, step_s, replay_s, kv_bytes, cfg
+
+
+def bench_hf(args, hf_dict, device, prompt, attn: str) -> tuple[float, str]:
+    import transformers
+
+    config = transformers.AutoConfig.for_model(hf_dict["model_type"], **{
+        k: v for k, v in hf_dict.items() if k not in ("model_type", "torch_dtype")})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                              attn_implementation=attn).eval()
+    impl = getattr(model.config, "_attn_implementation", "?")
+    ids = torch.tensor([prompt], device=device)
+    mask = torch.ones_like(ids)
+
+    def gen(n):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        sync(device)
+        assert out.shape[1] == len(prompt) + n
+        return time.perf_counter() - t0
+
+    gen(4)  # warm-up
+    one = min(gen(1) for _ in range(2))
+    full = gen(1 + args.hf_steps)
+    del model
+    return (full - one) / args.hf_steps, f"transformers {transformers.__version__}, attn {impl}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="gemma2-9b", choices=list(CONFIGS))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--hf-steps", type=int, default=48)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-attn", default="eager,sdpa",
+                    help="transformers attention implementations to time (Gemma 2's soft-capping "
+                         "is computed by eager only)")
+    ap.add_argument("--json", default=None, help="write the numbers here too")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    hf_dict = CONFIGS[args.config]
+    folder = tempfile.mkdtemp(prefix=f"{args.config}-")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_dict, f)
+    prompt = torch.randint(3, hf_dict["vocab_size"], (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    copy_bw = copy_bandwidth(device)
+    weight_bytes, step_s, replay_s, kv_bytes, cfg = bench_sglite(args, folder, device, prompt)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    floor = weight_bytes / copy_bw
+    hf = []
+    for attn in [] if args.skip_hf else args.hf_attn.split(","):
+        try:
+            hf.append(bench_hf(args, hf_dict, device, prompt, attn))
+        except Exception as e:  # the sglite numbers still print
+            print(f"transformers ({attn}) failed: {type(e).__name__}: {e}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = [("sglite bs1 decode ms/token (runner's whole step)", [s * 1e3 for s in step_s],
+             [floor / s for s in step_s])]
+    if replay_s is not None:
+        rows.append(("sglite graph replay alone ms/token", [replay_s * 1e3], [floor / replay_s]))
+    for hf_s, hf_note in hf:
+        rows.append((f"transformers generate bs1 ms/token ({hf_note})", [hf_s * 1e3], [floor / hf_s]))
+    print(f"\n{args.config} on {name}: {weight_bytes / 1e9:.2f} GB of weights, copy {copy_bw / 1e9:.0f} GB/s "
+          f"-> weight floor {floor * 1e3:.3f} ms/token; KV {kv_bytes / 1e3:.0f} KB/token "
+          f"({cfg.num_layers} layers, window {cfg.sliding_window} on "
+          f"{sum(cfg.window_for_layer(i) is not None for i in range(cfg.num_layers))}); "
+          f"prompt {args.prompt_len}, {args.steps} steps")
+    print("| case | ms/token | floor / time |")
+    print("| --- | --- | --- |")
+    for case, ms, ratio in rows:
+        print(f"| {case} | {' / '.join(f'{m:.3f}' for m in ms)} | {' / '.join(f'{r:.3f}' for r in ratio)} |")
+    for hf_s, hf_note in hf:
+        print(f"sglite vs transformers ({hf_note}): {hf_s / min(step_s):.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config=args.config, device=name, weight_bytes=weight_bytes, copy_bw=copy_bw,
+                           floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf), f)
+
+
+if __name__ == "__main__":
+    main()
