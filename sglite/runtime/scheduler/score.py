@@ -16,6 +16,20 @@ from sglite import protocol
 _PREFILL_ONLY = protocol.SamplingParams(max_new_tokens=0)
 
 
+def _tokenize(handler, text: str, choices: list[str]) -> tuple[list[int], list[list[int]]]:
+    """The prefix's ids and each `text + choice`'s (tokenized whole: token healing at the
+    boundary), in one batch call: the tokenizer's Rust side encodes the texts of a batch in
+    parallel (a 20-shot select spent 2.1 of its 5.8 s tokenizing one text at a time, H200 host)."""
+    texts = ([text] if text else []) + [text + c for c in choices]
+    if handler.tokenizer is None:
+        handler.tokenize(text)  # raises the no-tokenizer error
+    bos = handler.tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))  # as handler.tokenize
+    encoded = handler.tokenizer(texts, add_special_tokens=add_special).input_ids
+    ids = [handler.prompt_ids(input_ids=e) for e in encoded]  # the length and vocabulary checks
+    return (ids[0] if text else []), ids[1 if text else 0:]
+
+
 class ScoreJob:
     """Also used by the graph executor (select nodes) with `on_done` instead of a reply."""
 
@@ -30,8 +44,7 @@ class ScoreJob:
             identity, protocol.ErrorOut(rid=msg.rid, message=m)))
         self.group = msg.rid if group is None else group  # what an AbortReq names
         self.done = False
-        self.prefix_ids = handler.tokenize(msg.text) if msg.text else []
-        self.choice_ids = [handler.prompt_ids(text=msg.text + c) for c in msg.choices]
+        self.prefix_ids, self.choice_ids = _tokenize(handler, msg.text, msg.choices)
         p = len(self.prefix_ids)
         self.starts = [min(max(p - 1, 1), len(ids) - 1) for ids in self.choice_ids]
         self.results: dict[tuple[str, int], object] = {}
