@@ -2,7 +2,7 @@
 built with transformers' own classes (2 layers, 8 experts, top-2) and saved with a small BPE
 tokenizer; sglite serves it through the Scheduler on the CPU (radix cache on, chunked prefill,
 a ragged batch, one request reusing another's prefix) and must produce the greedy tokens of
-`generate` for 32 steps, and logits within fp32 tolerance. With TRITON_INTERPRET (the tests'
+`generate` for 32 steps with their logprobs, and logits within fp32 tolerance. With TRITON_INTERPRET (the tests'
 default on a CPU) the experts run the Triton fused-MoE kernel."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _runner(folder, **kw):
 
 def _submit(sched, ids, rid):
     params = SamplingParams(temperature=0, max_new_tokens=NUM_NEW, ignore_eos=True)
-    req = Req(rid=rid, input_ids=ids, params=params, sink=RecordingSink())
+    req = Req(rid=rid, input_ids=ids, params=params, sink=RecordingSink(), return_logprob=True)
     sched.outputs.init_request(req)
     sched.add_request(req)
     return req
@@ -114,11 +114,14 @@ def _drain(sched):
 
 
 @torch.inference_mode()
-def _hf_greedy(model, ids) -> list[int]:
+def _hf_greedy(model, ids) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens and the logprob of each under its raw logits."""
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(ids):].tolist()
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(ids):]
+    logprobs = torch.stack(out.logits)[:, 0].float().log_softmax(-1)  # [NUM_NEW, vocab]
+    return tokens.tolist(), logprobs.gather(1, tokens[:, None])[:, 0]
 
 
 def test_served_greedy_tokens_match_hf_generate(moe_model):
@@ -136,7 +139,10 @@ def test_served_greedy_tokens_match_hf_generate(moe_model):
     assert rest[0].num_cached_tokens >= len(seqs[0]) - 1  # reused the first request's KV
     for req, ids in zip([first, *rest], seqs):
         assert req.sink.error is None and req.sink.finished == 1
-        assert req.output_ids == _hf_greedy(hf, ids), f"{req.rid}: {tok.decode(req.output_ids)!r}"
+        ref_tokens, ref_logprobs = _hf_greedy(hf, ids)
+        assert req.output_ids == ref_tokens, f"{req.rid}: {tok.decode(req.output_ids)!r}"
+        served = torch.tensor([lp for lp, _, _ in req.logprobs["output_token_logprobs"]])
+        torch.testing.assert_close(served, ref_logprobs, atol=1e-4, rtol=1e-4)
     assert sched.cache.flush()
 
 
