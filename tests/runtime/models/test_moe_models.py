@@ -2,8 +2,8 @@
 built with transformers' own classes (2 layers, 8 experts, top-2) and saved with a small BPE
 tokenizer; sglite serves it through the Scheduler on the CPU (radix cache on, chunked prefill,
 a ragged batch, one request reusing another's prefix) and must produce the greedy tokens of
-`generate` for 32 steps with their logprobs, and logits within fp32 tolerance. With TRITON_INTERPRET (the tests'
-default on a CPU) the experts run the Triton fused-MoE kernel."""
+`generate` for 32 steps with their logprobs, and logits within fp32 tolerance. With
+TRITON_INTERPRET (the tests' default on a CPU) the experts run the Triton fused-MoE kernel."""
 
 from __future__ import annotations
 
