@@ -1,10 +1,18 @@
-"""`python -m sglite serve [flags]` (also the `sglite` console script): run the runtime in the foreground."""
+"""`python -m sglite serve [flags]` (also the `sglite` console script): run the runtime in the foreground.
+
+With `--port N` (and optionally `--host`, `--api-key`, `--served-model-name`, `--tool-call-parser`)
+it also serves HTTP (the OpenAI API, SGLang's native routes, /metrics) from a second process,
+`python -m sglite.http`, which talks ZeroMQ to this runtime; without --port the runtime serves
+ZeroMQ only.
+"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: sglite serve [--model PATH] [flags]   (sglite serve --help lists the flags)"
+USAGE = ("usage: sglite serve [--model PATH] [--port N [--host H] [--api-key K]] [flags]   "
+         "(sglite serve --help lists the flags)")
+HTTP_FLAGS = ("--port", "--host", "--api-key", "--served-model-name", "--tool-call-parser")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,11 +25,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sglite.runtime.server.args import parse_args
 
-    args = parse_args(argv[1:])
+    runtime_argv, http_ns = _split_http_args(argv[1:])
+    args = parse_args(runtime_argv)
+    http_proc = None
+    if http_ns is not None:
+        args, http_proc = _start_http(args, http_ns)
     from sglite.runtime.server.zmq_server import serve  # imports torch: after argument errors are reported
 
-    serve(args)
+    try:
+        serve(args)
+    finally:
+        if http_proc is not None:
+            http_proc.terminate()
+            http_proc.wait(timeout=10)
     return 0
+
+
+def _split_http_args(argv: list[str]):
+    """(the runtime's flags, the HTTP flags parsed) or (argv, None) without --port."""
+    if not any(a == "--port" or a.startswith("--port=") for a in argv):
+        return argv, None
+    import argparse
+
+    from sglite.http.__main__ import add_http_args
+
+    p = argparse.ArgumentParser(prog="sglite serve", add_help=False)
+    add_http_args(p)
+    ns, rest = p.parse_known_args(argv)
+    return rest, ns
+
+
+def _start_http(args, http_ns):
+    """Fix the runtime's address (the HTTP process must know it) and spawn the HTTP process."""
+    import dataclasses
+    import os
+    import subprocess
+
+    from sglite.http.__main__ import http_argv
+    from sglite.runtime.server.args import default_address
+
+    if args.address is None:
+        args = dataclasses.replace(args, address=default_address())
+    env = {**os.environ, "SGLITE_PARENT_PID": str(os.getpid())}
+    cmd = [sys.executable, "-m", "sglite.http", "--runtime", args.address, *http_argv(http_ns)]
+    print(f"sglite: serving HTTP on http://{http_ns.host}:{http_ns.port} (runtime at "
+          f"{args.address})", file=sys.stderr, flush=True)
+    return args, subprocess.Popen(cmd, env=env)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""HttpServerProcess: the HTTP front in a child process beside a runtime (no torch here).
+
+    with RuntimeProcess() as rt, HttpServerProcess(rt.address, api_key="k") as http:
+        openai.OpenAI(base_url=http.url + "/v1", api_key="k")
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class HttpServerProcess:
+    def __init__(self, runtime_address: str, *, host: str = "127.0.0.1", port: int | None = None,
+                 api_key: str | None = None, served_model_name: str | None = None,
+                 tool_call_parser: str = "auto", timeout: float = 600.0):
+        self.host, self.port = host, port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "sglite.http", "--runtime", runtime_address, "--host", host,
+               "--port", str(self.port), "--tool-call-parser", tool_call_parser,
+               "--runtime-timeout", str(timeout)]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        if served_model_name:
+            cmd += ["--served-model-name", served_model_name]
+        self._log = tempfile.NamedTemporaryFile(prefix="sglite-http-", suffix=".log", delete=False)
+        env = {**os.environ, "SGLITE_PARENT_PID": str(os.getpid())}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._finalizer = weakref.finalize(self, _terminate, self.proc)
+        atexit.register(self._finalizer)
+        try:
+            wait_http_ready(self.url, timeout=timeout, alive=self.is_alive, log=self.log_tail)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def log_path(self) -> str:
+        return self._log.name
+
+    def log_tail(self, num_chars: int = 4000) -> str:
+        with open(self._log.name, "rb") as f:
+            f.seek(max(0, os.path.getsize(self._log.name) - num_chars))
+            return f.read().decode(errors="replace")
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "HttpServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def wait_http_ready(url: str, *, timeout: float, alive=lambda: True, log=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        if not alive():
+            raise RuntimeError(f"the HTTP server exited before it was ready; its log:\n{log()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the HTTP server at {url} was not ready after {timeout:.0f} s; "
+                               f"its log:\n{log()}")
+        time.sleep(0.2)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
