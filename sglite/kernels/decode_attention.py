@@ -70,6 +70,7 @@ def _decode_stage1_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
@@ -119,11 +120,11 @@ def _decode_stage1_kernel(
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
                                    cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW,
-                                   HAS_CAP, BLOCK_N)
+                                   HAS_CAP, BLOCK_N, KV_FP8)
     else:
         acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                                      win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
-                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N)
+                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -161,7 +162,7 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 @triton.jit
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
                  qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc,
-                 HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -174,7 +175,7 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
         qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                       float("-inf"))
         acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
-                                            mask_kv, m_i, l_i, acc, v_scale)
+                                            mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
     return acc, l_i, m_i
 
 
@@ -198,7 +199,7 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
                logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
@@ -211,7 +212,7 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
         qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                       float("-inf"))
         p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-        p, v = fp8_values(p, v, v_scale)
+        p, v = fp8_values(p, v, v_scale, KV_FP8)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_i
 
@@ -389,7 +390,8 @@ def decode_attention_fwd(
     _decode_stage1_kernel[(num_splits, num_kv_heads, bs)](
         q, k_buffer, v_buffer, k_desc, v_desc, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, out,
         counters,
-        *softcap_args(scale * k_scale, logit_cap), v_scale, num_splits, num_kv_heads, sliding_window if has_window else 0,
+        *softcap_args(scale * k_scale, logit_cap), v_scale, num_splits, num_kv_heads,
+        sliding_window if has_window else 0,
         global_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
@@ -399,7 +401,8 @@ def decode_attention_fwd(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
-        USE_TMA=descs is not None, HAS_CAP=logit_cap is not None, **cfg,
+        USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
+        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, **cfg,
         **pdl_options(q),
     )
     if merge == "kernel":

@@ -35,7 +35,7 @@ def _attend_range(
     qk_scale, logit_cap, v_scale, sliding_window, num_global,  # v_scale: an FP8 source's values
     offs_d, mask_d,
     BLOCK_N: tl.constexpr, GATHER: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_CAP: tl.constexpr,
+    HAS_CAP: tl.constexpr, V_FP8: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -58,7 +58,7 @@ def _attend_range(
                                  | (k_pos[None, :] < num_global))
         qk = tl.where(visible, qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(qk, V + rows[:, None] * stride_vt + offs_d[None, :], mask_kv,
-                                            m_i, l_i, acc, v_scale)
+                                            m_i, l_i, acc, v_scale, V_FP8)
     return acc, l_i, m_i
 
 
@@ -74,6 +74,7 @@ def _extend_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, EXT_FROM_POOL: tl.constexpr, HAS_CAP: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, EXT_FP8: tl.constexpr = False,  # the pool / the new K/V source
 ):
     cur_kv_head = tl.program_id(0)
     cur_batch = tl.program_id(1)
@@ -115,16 +116,19 @@ def _extend_kernel(
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
             0, tl.minimum(num_global, lo), 0, win_lo, qk_pool, logit_cap, v_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP,
+            V_FP8=KV_FP8)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
             lo, prefix_len, 0, win_lo, qk_pool, logit_cap, v_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=True, HAS_CAP=HAS_CAP)
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=True, HAS_CAP=HAS_CAP,
+            V_FP8=KV_FP8)
     else:
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_buf, v_buf, loc_prefix, stride_buf_kt, stride_buf_vt,
             0, prefix_len, 0, 0, qk_pool, logit_cap, v_scale, 0, 0,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=True, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP,
+            V_FP8=KV_FP8)
 
     # stage 2: the new tokens themselves, causal
     if EXT_FROM_POOL:
@@ -148,21 +152,25 @@ def _extend_kernel(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
             0, tl.minimum(num_global - prefix_len, lo), prefix_len, win_lo,
             qk_ext, logit_cap, v_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP,
+            V_FP8=EXT_FP8)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
             lo, causal_end, prefix_len, win_lo, qk_ext, logit_cap, v_scale, sliding_window, num_global,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=True, HAS_CAP=HAS_CAP)
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=True, HAS_CAP=HAS_CAP,
+            V_FP8=EXT_FP8)
     else:
         # keys before the tile's first token need no causal mask; only the diagonal blocks do
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
             0, tile_first, prefix_len, 0, qk_ext, logit_cap, v_scale, 0, 0,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP)
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=False, WINDOW=False, HAS_CAP=HAS_CAP,
+            V_FP8=EXT_FP8)
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, q_pos, k_ext, v_ext, loc_ext, stride_kt, stride_vt,
             tile_first, causal_end, prefix_len, 0, qk_ext, logit_cap, v_scale, 0, 0,
-            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=False, HAS_CAP=HAS_CAP)
+            offs_d, mask_d, BLOCK_N=BLOCK_N, GATHER=EXT_FROM_POOL, CAUSAL=True, WINDOW=False, HAS_CAP=HAS_CAP,
+            V_FP8=EXT_FP8)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # padding rows have l = 0; not stored
     tl.store(O + tok[:, None] * stride_ot + cur_heads[:, None] * stride_oh + offs_d[None, :],
@@ -208,6 +216,7 @@ def extend_attention_fwd(
     num_kv_heads = k_buffer.shape[1]
     _check(q, k_extend, v_extend, out, k_buffer, v_buffer, out_cache_loc)
     ext_from_pool = k_extend is None
+    kv_fp8 = k_buffer.dtype == torch.float8_e4m3fn
     if ext_from_pool:
         k_extend, v_extend = k_buffer, v_buffer  # stride source only; rows come from out_cache_loc
     group = num_heads // num_kv_heads
@@ -227,7 +236,7 @@ def extend_attention_fwd(
         req_to_token.stride(0),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m, HAS_WINDOW=has_window, EXT_FROM_POOL=ext_from_pool,
-        HAS_CAP=logit_cap is not None, **cfg,
+        HAS_CAP=logit_cap is not None, KV_FP8=kv_fp8, EXT_FP8=kv_fp8 and ext_from_pool, **cfg,
     )
     return out
 

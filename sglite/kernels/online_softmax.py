@@ -5,24 +5,27 @@ import triton.language as tl
 
 
 @triton.jit
-def online_softmax_step(qk, v_ptrs, mask_kv, m_i, l_i, acc, v_scale):
+def online_softmax_step(qk, v_ptrs, mask_kv, m_i, l_i, acc, v_scale, V_FP8: tl.constexpr):
     """Fold one tile of keys into the running (m_i, l_i, acc): qk [R, N] scores already scaled by
     scale * log2(e) and masked with -inf; v_ptrs/mask_kv [N, D] the tile's values, loaded here
     (after the score math, as the kernels issued them before). Returns (acc, l_i, m_i).
-    v_scale: the dequantization scale of FP8 values (ignored for others)."""
+    V_FP8: the values are FP8 (an FP8 KV pool), dequantized with v_scale."""
     p, alpha, l_i, m_new = softmax_weights(qk, m_i, l_i)
     v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
-    p, v = fp8_values(p, v, v_scale)
+    p, v = fp8_values(p, v, v_scale, V_FP8)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
 
 @triton.jit
-def fp8_values(p, v, v_scale):
+def fp8_values(p, v, v_scale, V_FP8: tl.constexpr):
     """FP8 values (an FP8 KV pool): widened to fp16 (exact for e4m3), their scale folded into the
-    weights p (a [R, N] multiply instead of [N, D]); other values pass through."""
-    if v.dtype.is_fp8():
-        return p * v_scale, v.to(tl.float16)
+    weights p (a [R, N] multiply instead of [N, D]); other values pass through. One return and
+    a constexpr flag: two returns of different types fail to compile for the GPU (H200, Triton
+    3.6), though the interpreter runs them."""
+    if V_FP8:
+        p = p * v_scale
+        v = v.to(tl.float16)
     return p, v
 
 
