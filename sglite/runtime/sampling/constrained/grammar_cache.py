@@ -125,11 +125,12 @@ class GrammarCache:
 
 
 # xgrammar (0.2.9) spells a length-bounded JSON string's character as [^"\\\r\n]: raw control
-# characters pass (invalid JSON: json.loads rejects "\x1e" inside a string) and escapes do not.
-# Its unbounded strings use JSON's rule; give the bounded ones the same (an escape is one
-# character, as JSON Schema counts them).
+# characters pass, which makes invalid JSON (json.loads rejects "\x1e" inside a string). Exclude
+# them as its unbounded strings do. (Admitting escapes there too, `| "\\" ...`, made the mask
+# fill 500x slower: 172 ms instead of 0.3 ms per step for 64 rows; bounded strings stay
+# escape-free, as xgrammar has them.)
 _BOUNDED_CHAR = r'[^\"\\\r\n]'
-_JSON_CHAR = r'[^\0-\x1f\"\\] | "\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9]{4})'
+_JSON_CHAR = r'[^\0-\x1f\"\\]'
 
 
 def _strict_json_strings(ebnf: str) -> str:
