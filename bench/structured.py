@@ -88,8 +88,9 @@ def bench_select(args, server_args, radix: bool, questions, choices):
         outs = c.run_all([protocol.ScoreReq(rid=rid(), text=q, choices=ch) for q, ch in zip(questions, choices)])
         dt = time.perf_counter() - t0
         after = c.info()
-    ctr = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_prefill_tokens", "num_cached_tokens",
-                                                         "num_prompt_tokens") if isinstance(after.get(k), (int, float))}
+    ctr = {k: round(after.get(k, 0) - before.get(k, 0), 4) for k in (
+        "num_prefill_tokens", "num_cached_tokens", "num_prompt_tokens", "busy_time_s",
+        "gpu_forward_time_s") if isinstance(after.get(k), (int, float))}
     return len(questions) / dt, ctr, outs
 
 
@@ -269,6 +270,11 @@ def main():
         off, ctr_off, _ = bench_select(args, server_args, False, questions, choices)
         print(f"select counters radix on {ctr_on}, off {ctr_off}; meta {outs[0].meta_info}", flush=True)
         table.append(("20-shot select, programs/s", f"radix on {on:.1f}", f"radix off {off:.1f}", on / off))
+        if ctr_on.get("busy_time_s"):
+            share = ctr_on.get("gpu_forward_time_s", 0) / ctr_on["busy_time_s"]
+            table.append(("20-shot select, radix on: GPU time in forwards / server busy time",
+                          f"{ctr_on.get('gpu_forward_time_s', 0):.2f} s", f"{ctr_on['busy_time_s']:.2f} s",
+                          share))
         hf = hf_select(args, device, args.model, questions, choices)
         table.append(("20-shot select, programs/s", f"radix on {on:.1f}",
                       f"transformers 1 program at a time {hf:.1f}", on / hf))

@@ -101,7 +101,8 @@ class Scheduler:
             self._run_decode(decode)
         self._drop_finished(queues=False)  # only running requests finish inside a step
         self.cache.free_window_kv(self.running)  # sliding window: KV no future query sees
-        self.stats.record_step(time.perf_counter() - t0 - (self.stats.forward_time - forward_time))
+        step_time = time.perf_counter() - t0
+        self.stats.record_step(step_time - (self.stats.forward_time - forward_time), step_time)
         self.stats.maybe_log(self)
 
     # ---- requests in
@@ -304,8 +305,11 @@ class Scheduler:
     def _forward(self, reqs: list[Req], run):
         """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not
         the runtime)."""
+        start = self.stats.forward_started(getattr(self.runner, "device", None))
         try:
-            return run()
+            out = run()
+            self.stats.forward_launched(start)
+            return out
         except Exception as e:
             logger.exception("forward failed")
             for req in reqs:

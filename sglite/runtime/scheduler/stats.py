@@ -22,7 +22,12 @@ class Stats:
     prefill_time: float = 0.0  # seconds inside extend forwards
     decode_time: float = 0.0
     schedule_time: float = 0.0  # seconds in step() outside forwards (the scheduler's own cost)
+    busy_time: float = 0.0  # seconds inside step() (the loop steps only while there is work)
     num_steps: int = 0
+    # CUDA: seconds the device spent inside forwards (events around each launch, read once they
+    # have completed): with busy_time, how much of the runtime's working time the GPU computes
+    gpu_forward_time: float = 0.0
+    _gpu_events: list = field(default_factory=list)
     _last_log: float = field(default_factory=time.monotonic)
     _window: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
 
@@ -36,9 +41,33 @@ class Stats:
         self.decode_time += seconds
         self._window["decode"] += num_tokens
 
-    def record_step(self, schedule_seconds: float) -> None:
+    def record_step(self, schedule_seconds: float, step_seconds: float = 0.0) -> None:
         self.num_steps += 1
         self.schedule_time += schedule_seconds
+        self.busy_time += step_seconds
+
+    def forward_started(self, device):
+        """A CUDA start event for the forward launched next (None elsewhere)."""
+        if device is None or device.type != "cuda":
+            return None
+        import torch
+
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def forward_launched(self, start) -> None:
+        """After the forward's launch: its end event; completed pairs are summed as they finish."""
+        if start is None:
+            return
+        import torch
+
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._gpu_events.append((start, end))
+        while self._gpu_events and self._gpu_events[0][1].query():
+            first, last = self._gpu_events.pop(0)
+            self.gpu_forward_time += first.elapsed_time(last) / 1e3
 
     @property
     def forward_time(self) -> float:
@@ -66,7 +95,14 @@ class Stats:
             "prefill_time_s": round(self.prefill_time, 4),
             "decode_time_s": round(self.decode_time, 4),
             "schedule_time_s": round(self.schedule_time, 4), "num_steps": self.num_steps,
+            "busy_time_s": round(self.busy_time, 4),
         }
+        if self._gpu_events or self.gpu_forward_time:
+            for first, last in self._gpu_events:
+                last.synchronize()
+                self.gpu_forward_time += first.elapsed_time(last) / 1e3
+            self._gpu_events.clear()
+            c["gpu_forward_time_s"] = round(self.gpu_forward_time, 4)
         c.update(scheduler.cache.counters())
         c["kv_usage"] = round(1 - (c["kv_free"] + c["kv_evictable"]) / max(c["kv_total"], 1), 4)
         return c
