@@ -68,6 +68,9 @@ def bench_gemm(args, device):
             t_bf16 = bench_ms(lambda: F.linear(x, wbs[next(it) % len(wbs)]))
             t_mm = bench_ms(lambda: fp8_scaled(x, wqs[next(it) % copies], ws))
             err_mm = rel(fp8_scaled(x, wq, ws), ref)
+            t_tw = bench_ms(lambda: fp8_tensorwise(x, wqs[next(it) % copies], ws))
+            err_tw = rel(fp8_tensorwise(x, wq, ws), ref)
+            t_path = bench_ms(lambda: fp8_gemm.fp8_linear(x, wqs[next(it) % copies], ws))
             t_tri, tile, err_tri = float("inf"), None, float("nan")
             if m <= 64:
                 for cfg in TRITON_TILES:
@@ -82,13 +85,14 @@ def bench_gemm(args, device):
                     if t < t_tri:
                         t_tri, tile, err_tri = t, cfg, rel(out, ref)
                 best[(m, n, k)] = tile
-            fp8_t = min(t_mm, t_tri)
-            print(f"gemm {name} M={m}: bf16 {t_bf16 * 1e3:.1f} us, scaled_mm {t_mm * 1e3:.1f} us (err {err_mm:.1e}), "
-                  f"triton {t_tri * 1e3:.1f} us (err {err_tri:.1e}) {tile}", flush=True)
+            path = fp8_gemm.fp8_path(m, n)
+            print(f"gemm {name} M={m}: bf16 {t_bf16 * 1e3:.1f} us, rowwise {t_mm * 1e3:.1f} us (err {err_mm:.1e}), "
+                  f"tensorwise {t_tw * 1e3:.1f} us (err {err_tw:.1e}), triton {t_tri * 1e3:.1f} us "
+                  f"(err {err_tri:.1e}) {tile}; fp8_linear ({path}) {t_path * 1e3:.1f} us", flush=True)
             gbs = n * k / (t_tri * 1e-3) / 1e9 if tile else float("nan")
-            ROWS.append((f"g. {name} {n}x{k} M={m} us", fp8_t * 1e3, "bf16 F.linear us", t_bf16 * 1e3,
-                         t_bf16 / fp8_t, f"scaled_mm {t_mm * 1e3:.1f}, triton {t_tri * 1e3:.1f} "
-                         f"({gbs:.0f} GB/s of fp8 weights) tile {tile}"))
+            ROWS.append((f"g. {name} {n}x{k} M={m} us, fp8_linear ({path})", t_path * 1e3, "bf16 F.linear us",
+                         t_bf16 * 1e3, t_bf16 / t_path, f"rowwise {t_mm * 1e3:.1f}, tensorwise {t_tw * 1e3:.1f}, "
+                         f"triton {t_tri * 1e3:.1f} ({gbs:.0f} GB/s of fp8 weights) tile {tile}"))
         del w, wq, wqs, wbs
         torch.cuda.empty_cache()
     return best
@@ -103,6 +107,13 @@ def fp8_gemm_quant(w):
 def fp8_scaled(x, wq, ws):
     xq, xs = fp8_gemm.quantize_rows(x)
     return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=x.dtype)
+
+
+def fp8_tensorwise(x, wq, ws):
+    xq, xs = fp8_gemm.quantize_rows(x)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    out = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=x.dtype)
+    return fp8_gemm.scale_rows_cols(out, xs, ws)
 
 
 def bench_batch1(args, device, copy_bw):

@@ -9,8 +9,9 @@ Why two paths (H200, Llama-3-8B layer shapes, issue 19): at one row cuBLAS's FP8
 weights at 1.21x the bf16 speed, far from the 2x the halved bytes allow; a decode batch of a few
 rows is bound by the weight bytes, so the Triton kernel loads FP8 weights, widens them to bf16 in
 registers and multiplies with the unquantized activations (no activation rounding at all). From
-`TRITON_MAX_M` rows up the matrix units' FP8 rate pays: activations are quantized per token
-(one launch) and cuBLAS multiplies FP8 x FP8 with both scale vectors.
+more rows the matrix units' FP8 rate pays: activations are quantized per token (one launch) and
+cuBLAS multiplies FP8 x FP8, with both scale vectors or with unit scales and an epilogue launch
+(fp8_path says which, from measurements).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-TRITON_MAX_M = 16  # rows up to which fp8_linear takes the Triton kernel (see fp8_gemm_tiles)
+TRITON_MAX_M = 16  # rows up to which fp8_linear takes the Triton kernel for any shape (fp8_path)
 
 
 @triton.jit
@@ -91,14 +92,16 @@ def _w8a16_kernel(
     mask_n = offs_n < N
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     if BLOCK_M == 1:
-        acc1 = tl.zeros([BLOCK_N], tl.float32)
+        # products summed elementwise, the tile reduced once after the loop: a reduction per
+        # step (shuffles, a barrier) stalled the loads (H200: 0.9-1.4 TB/s at N = 4096-6144)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k
         for k0 in range(0, K, BLOCK_K):
             mask_k = k0 + offs_k < K
             x = tl.load(x_ptrs + k0, mask=mask_k, other=0.0).to(tl.float32)
             w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc1 += tl.sum(w * x[None, :], 1)
-        out = acc1 * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)
+            acc2 += w * x[None, :]
+        out = tl.sum(acc2, 1) * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)
         if HAS_BIAS:
             out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(Out + pid_m.to(tl.int64) * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
@@ -120,11 +123,16 @@ def _w8a16_kernel(
 
 
 def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
-    """The tile table of the W8A16 kernel, by shape. TILE_OVERRIDES[(m, n, k)] wins (benchmarks)."""
+    """The tile table of the W8A16 kernel, by shape. TILE_OVERRIDES[(m, n, k)] wins (benchmarks).
+    H200 sweep (bench/fp8.py part g, one row per step's reduction, before the elementwise
+    accumulator): one row, 8 channels x 1024 K won for n <= 6144 (qkv 18.4 us vs 16 x 512), 16 x
+    512 for gate_up (46.0 us); 2-64 rows, 16 x 32 x 256 won 15 of 20 shapes (16 x 64 x 128 the others)."""
     if (m, n, k) in TILE_OVERRIDES:
         return dict(TILE_OVERRIDES[(m, n, k)])
     if device.type != "cuda":  # interpreter: small tiles so tiny tests take several K steps
         return dict(BLOCK_M=1 if m == 1 else 16, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
+    if m == 1 and n <= 8192:
+        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3)
     if m == 1:
         return dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=4)
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
@@ -153,16 +161,79 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out
 
 
+def fp8_path(m: int, n: int) -> str:
+    """Which path runs x [m, K] @ W [n, K].T, from the H200 sweep at Llama-3-8B shapes
+    (bench/fp8.py part g, us, bf16 F.linear / rowwise _scaled_mm incl. the activation quant /
+    Triton W8A16; docs in /work/notes/fp8-docs.md):
+    - "triton" up to TRITON_MAX_M rows (qkv 6144x4096 M=1: 23.6 / 27.0 / 18.4; gate_up
+      28672x4096 M=16: 69.0 / 55.7 / 47.9), and up to 64 rows for n <= 8192 (o M=64:
+      17.9 / 70.5 / 34.5; down 4096x14336 M=64: 44.7 / 101.6 / 87.1);
+    - "rowwise" (per-token x per-channel scales in cuBLAS/CUTLASS) from 1024 rows (M=4096: qkv
+      263.8 / 194.9, gate_up 1239 / 852, down 640 / 469) and for wide n (gate_up M=64: 71.0 /
+      53.5; M=256: 99.0 / 65.1);
+    - "tensorwise" between, for n <= 8192, where rowwise lost to bf16 (qkv M=256: 28.0 / 80.7,
+      down M=256: 52.9 / 114.6): unit-scale FP8 GEMM (cuBLASLt's per-tensor path, issue 19's
+      1.35-1.44x at 64-256 rows) and the per-token x per-channel scales in one epilogue launch.
+      Not measured yet end to end: part g's "tensorwise" column is its check."""
+    if m <= TRITON_MAX_M or (m <= 64 and n <= 8192):
+        return "triton"
+    if m >= 1024 or n > 8192:
+        return "rowwise"
+    return "tensorwise"
+
+
+@triton.jit
+def _scale_out_kernel(Out, X_scale, W_scale, N, stride_om, BLOCK_N: tl.constexpr):
+    """Out[m, n] *= X_scale[m] * W_scale[n], in fp32, in place."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    ptrs = Out + row * stride_om + offs
+    o = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(X_scale + row) * tl.load(W_scale + offs, mask=mask, other=0.0)
+    tl.store(ptrs, (o * scale).to(Out.dtype.element_ty), mask=mask)
+
+
+def scale_rows_cols(out: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """out [M, N] *= x_scale [M, 1] * w_scale [N] in place (fp32 math, one rounding)."""
+    m, n = out.shape
+    if m:
+        block_n = min(triton.next_power_of_2(n), 1024 if out.is_cuda else 64)
+        _scale_out_kernel[(m, triton.cdiv(n, block_n))](out, x_scale, w_scale, n, out.stride(0),
+                                                        BLOCK_N=block_n, num_warps=4 if out.is_cuda else 1)
+    return out
+
+
+_UNIT: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A cached fp32 1.0 (not cached when first asked for inside a CUDA-graph capture, whose
+    private pool the tensor would live in)."""
+    one = _UNIT.get(device)
+    if one is None:
+        one = torch.ones((), dtype=torch.float32, device=device)
+        if not torch.cuda.is_current_stream_capturing():
+            _UNIT[device] = one
+    return one
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x's dtype on CUDA: the Triton kernel up to TRITON_MAX_M rows, else
-    per-token FP8 activations through torch._scaled_mm (rowwise scales)."""
-    m = x.shape[0]
-    if m <= TRITON_MAX_M:
+    """x [M, K] -> [M, N] in x's dtype on CUDA, by fp8_path: the Triton W8A16 kernel, or
+    per-token FP8 activations through torch._scaled_mm (rowwise scales, or unit scales and the
+    scales applied after)."""
+    path = fp8_path(x.shape[0], weight.shape[0])
+    if path == "triton":
         return w8a16_matmul(x, weight, weight_scale, bias)
     xq, x_scale = quantize_rows(x)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
-                           out_dtype=x.dtype)
+    if path == "rowwise":
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
+                               out_dtype=x.dtype)
+    else:
+        one = _unit_scale(x.device)
+        out = scale_rows_cols(torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=x.dtype),
+                              x_scale, weight_scale)
     return out if bias is None else out + bias
 
 
