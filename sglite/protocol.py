@@ -104,6 +104,9 @@ class FlushCacheReq(msgspec.Struct, tag="flush_cache", kw_only=True):
 
 class InfoReq(msgspec.Struct, tag="info", kw_only=True):
     rid: str
+    # also run the KV accounting checks (radix tree, token pool) now; info["integrity"] is "ok"
+    # or the first broken invariant
+    check_integrity: bool = False
 
 
 # ---- runtime -> client ---------------------------------------------------------------------

@@ -103,7 +103,10 @@ class RequestHandler:
         self.server.send(identity, protocol.OkOut(rid=msg.rid))
 
     def _on_InfoReq(self, identity: bytes, msg: protocol.InfoReq) -> None:
-        self.server.send(identity, protocol.InfoOut(rid=msg.rid, info=self.info()))
+        info = self.info()
+        if msg.check_integrity:
+            info["integrity"] = self.check_integrity()
+        self.server.send(identity, protocol.InfoOut(rid=msg.rid, info=info))
 
     # ---- helpers (also used by the score and graph jobs)
     def prompt_ids(self, *, text: str | None = None, input_ids: list[int] | None = None) -> list[int]:
@@ -174,6 +177,15 @@ class RequestHandler:
         }
         info.update(self.scheduler.stats.counters(self.scheduler))
         return info
+
+    def check_integrity(self) -> str:
+        """"ok", or the first broken KV invariant (the idle loop runs the same checks)."""
+        try:
+            self.scheduler.cache.check_integrity()
+            self.scheduler.cache.token_pool.check_integrity()
+        except AssertionError as e:
+            return f"broken: {e}"
+        return "ok"
 
     def _is_active(self, identity: bytes, rid: str) -> bool:
         s = self.scheduler
