@@ -1,0 +1,192 @@
+"""Tensor-parallel sharding of an already-built (loaded) Llama-family model, in place.
+
+Megatron's split, as SGLang and vLLM do it: q/k/v and gate/up are column-parallel (each rank keeps
+its rows: its attention heads, its slice of the MLP), o_proj and down_proj row-parallel (the
+matching input columns, then a sum over ranks), the embedding and the LM head vocab-parallel (each
+rank holds a contiguous slice of the vocabulary, padded to a common size; lookups are summed over
+ranks, logits gathered). Every rank ends with the same full hidden states and full logits.
+
+Heads: rank r keeps query heads [r * H/N, (r + 1) * H/N). KV heads are split the same way when
+there are at least as many as ranks, else replicated: each rank keeps the one KV head its query
+heads read (GQA groups never straddle ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglite.runtime.models.config import ModelConfig
+from sglite.runtime.models.layers.linear import MergedLinear
+
+
+class Collectives:
+    """What the sharded layers need of a group (TPGroup, or a stand-in for world 1)."""
+
+    rank: int
+    world: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadShard:
+    """One rank's attention heads: query heads [q_start, q_start + num_heads), KV heads
+    [kv_start, kv_start + num_kv_heads) of the full model."""
+
+    q_start: int
+    num_heads: int
+    kv_start: int
+    num_kv_heads: int
+
+
+def head_shard(num_heads: int, num_kv_heads: int, rank: int, world: int) -> HeadShard:
+    if num_heads % world:
+        raise ValueError(f"tp size {world} must divide the {num_heads} attention heads")
+    if num_kv_heads % world and world % num_kv_heads:
+        raise ValueError(f"tp size {world} and the {num_kv_heads} KV heads must divide one another")
+    heads = num_heads // world
+    if num_kv_heads >= world:
+        kv = num_kv_heads // world
+        return HeadShard(rank * heads, heads, rank * kv, kv)
+    return HeadShard(rank * heads, heads, rank // (world // num_kv_heads), 1)  # KV replicated
+
+
+def shard_config(config: ModelConfig, rank: int, world: int) -> ModelConfig:
+    """The config one rank's KV pool and attention backend see: its heads only."""
+    s = head_shard(config.num_heads, config.num_kv_heads, rank, world)
+    return dataclasses.replace(config, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads)
+
+
+class RowParallel(nn.Module):
+    """A linear whose input features are split over ranks: this rank's partial product, summed
+    over ranks; the bias (if any) added once, after the sum."""
+
+    def __init__(self, linear: nn.Module, group: Collectives):
+        super().__init__()
+        lo, hi = _split(linear.in_features, group)
+        self.weight = nn.Parameter(linear.weight.data[:, lo:hi].contiguous(), requires_grad=False)
+        self.bias = linear.bias
+        self.in_features, self.out_features = hi - lo, linear.out_features
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.group.all_reduce(F.linear(x, self.weight).contiguous())
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + rows) of the embedding (the last rank's padded with zeros to the
+    common size). `weight` is what a tied LM head multiplies by: local logits, gathered by the
+    model's hook."""
+
+    def __init__(self, embedding: nn.Embedding, group: Collectives):
+        super().__init__()
+        vocab = embedding.num_embeddings
+        self.rows = -(-vocab // group.world)
+        self.start = group.rank * self.rows
+        self.weight = nn.Parameter(_vocab_rows(embedding.weight.data, self.start, self.rows),
+                                   requires_grad=False)
+        self.num_embeddings, self.group = vocab, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.group.all_reduce(x.masked_fill(outside.unsqueeze(-1), 0))
+
+
+def shard_model(model: nn.Module, group: Collectives) -> nn.Module:
+    """Shard a loaded LlamaForCausalLM (or a family subclass with the same modules) for
+    group.rank of group.world, in place; returns it. Its forward then returns the full logits on
+    every rank."""
+    cfg: ModelConfig = model.config
+    _check_supported(model)
+    world, rank = group.world, group.rank
+    shard = head_shard(cfg.num_heads, cfg.num_kv_heads, rank, world)
+    for layer in model.model.layers:
+        _shard_attention(layer.self_attn, shard, group)
+        mlp = layer.mlp
+        inter = mlp.gate_up_proj.shard_sizes["gate_proj"]
+        lo, hi = _split(inter, group)
+        _keep_rows(mlp.gate_up_proj, {"gate_proj": (lo, hi), "up_proj": (lo, hi)})
+        mlp.down_proj = RowParallel(mlp.down_proj, group)
+    embed = VocabParallelEmbedding(model.model.embed_tokens, group)
+    model.model.embed_tokens = embed
+    if model.lm_head is not None:
+        model.lm_head.weight = nn.Parameter(_vocab_rows(model.lm_head.weight.data, embed.start, embed.rows),
+                                            requires_grad=False)
+    model.register_forward_hook(_LogitsGather(group, cfg.vocab_size))
+    model.tp_group = group
+    return model
+
+
+class _LogitsGather:
+    """Forward hook: local vocab-slice logits -> the full vocabulary, padding dropped."""
+
+    def __init__(self, group: Collectives, vocab: int):
+        self.group, self.vocab = group, vocab
+
+    def __call__(self, module, args, logits: torch.Tensor) -> torch.Tensor:
+        return self.group.all_gather_last(logits)[..., : self.vocab]
+
+
+def _shard_attention(attn: nn.Module, s: HeadShard, group: Collectives) -> None:
+    d = attn.head_dim
+    rows = {"q": (s.q_start * d, (s.q_start + s.num_heads) * d)}
+    if attn.produces_kv:
+        rows["k"] = rows["v"] = (s.kv_start * d, (s.kv_start + s.num_kv_heads) * d)
+    _keep_rows(attn.qkv_proj, rows)
+    # o_proj's inputs are the query heads: its even split is exactly this rank's heads
+    attn.o_proj = RowParallel(attn.o_proj, group)
+    attn.num_heads, attn.num_kv_heads = s.num_heads, s.num_kv_heads
+    attn.attn = dataclasses.replace(attn.attn, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads)
+
+
+def _keep_rows(linear: MergedLinear, rows: dict[str, tuple[int, int]]) -> None:
+    """Keep rows [lo, hi) of each named shard of a fused linear (weight and bias)."""
+    if getattr(linear, "quant_method", None) is not None:
+        raise NotImplementedError("tensor parallelism over quantized linears is not supported yet")
+    pieces = {name: (linear.shard_offsets[name] + lo, linear.shard_offsets[name] + hi)
+              for name, (lo, hi) in rows.items()}
+    for kind in ("weight", "bias"):
+        param = getattr(linear, kind)
+        if param is not None:
+            kept = torch.cat([param.data[a:b] for a, b in pieces.values()]).contiguous()
+            setattr(linear, kind, nn.Parameter(kept, requires_grad=False))
+    linear.shard_sizes = {name: b - a for name, (a, b) in pieces.items()}
+    offset, linear.shard_offsets = 0, {}
+    for name, size in linear.shard_sizes.items():
+        linear.shard_offsets[name] = offset
+        offset += size
+    linear.out_features = offset
+
+
+def _split(n: int, group: Collectives) -> tuple[int, int]:
+    if n % group.world:
+        raise ValueError(f"tp size {group.world} must divide {n}")
+    part = n // group.world
+    return group.rank * part, (group.rank + 1) * part
+
+
+def _vocab_rows(weight: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    out = weight.new_zeros(rows, weight.shape[1])
+    kept = weight[start : start + rows]
+    out[: len(kept)] = kept
+    return out
+
+
+def _check_supported(model: nn.Module) -> None:
+    from sglite.runtime.models.layers.mlp import GatedMLP
+
+    for layer in model.model.layers:
+        if not isinstance(layer.mlp, GatedMLP):
+            raise NotImplementedError(f"tensor parallelism: {type(layer.mlp).__name__} layers "
+                                      "(MoE experts) are not split yet")
+    for name, module in model.named_modules():
+        if getattr(module, "quant_method", None) is not None:
+            raise NotImplementedError(f"tensor parallelism over quantized layers ({name}) is not supported yet")
