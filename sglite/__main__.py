@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     http_proc = None
     if http_ns is not None:
         args, http_proc = _start_http(args, http_ns)
-    from sglite.runtime.server.zmq_server import serve  # imports torch: after argument errors are reported
+    if args.dp_size > 1:  # a router (no torch) in front of dp_size runtime processes
+        from sglite.runtime.router.launch import serve
+    else:
+        from sglite.runtime.server.zmq_server import serve  # imports torch: after argument errors
 
     try:
         serve(args)

@@ -36,7 +36,10 @@ class RuntimeDied(RuntimeError):
 class RuntimeProcess:
     """A runtime in a child process. `.address` is its ZMQ endpoint; `.info` its InfoOut.info."""
 
-    def __init__(self, model_path: str | None = None, *, timeout: float = 600.0, **server_args):
+    def __init__(self, model_path: str | None = None, *, timeout: float = 600.0,
+                 env: dict[str, str] | None = None, **server_args):
+        """env: variables set for the child on top of this process's (e.g. CUDA_VISIBLE_DEVICES);
+        dp_size > 1 starts a router process that starts and owns the replicas."""
         args = ServerArgs(model_path=model_path, **server_args)
         if args.address is None:
             args = ServerArgs(**{**_fields(args), "address": default_address()})
@@ -44,7 +47,7 @@ class RuntimeProcess:
         self.address = args.address
         self._log = tempfile.NamedTemporaryFile(prefix="sglite-runtime-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "sglite", "serve", *args.to_cli()]
-        env = {**os.environ, "SGLITE_PARENT_PID": str(os.getpid())}
+        env = {**os.environ, **(env or {}), "SGLITE_PARENT_PID": str(os.getpid())}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         # NOTE: a weakref finalizer, so the atexit hook does not keep this object alive
         self._finalizer = weakref.finalize(self, _terminate, self.proc)

@@ -58,6 +58,7 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None  # None: max_running_requests, at most 512
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    dp_size: int = 1  # data parallelism: N replicas behind a cache-aware router (runtime/router)
 
     def __post_init__(self):
         # unset knobs take the device's defaults; frozen, hence object.__setattr__
@@ -83,6 +84,8 @@ class ServerArgs:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.max_total_tokens is not None and self.max_total_tokens < 1:
             raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
         if self.address is not None and not self.address.startswith(("ipc://", "tcp://")):
             raise ValueError(f"address must be ipc://... or tcp://..., got {self.address!r}")
 
@@ -158,6 +161,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="largest decode batch captured in a CUDA graph")
     p.add_argument("--num-threads", type=int, default=d.num_threads,
                    help="torch CPU threads (on a busy machine 1 can beat 2: OpenMP spin-waits)")
+    p.add_argument("--dp-size", type=int, default=d.dp_size,
+                   help="data parallelism: N runtime replicas behind a router that sends each "
+                   "request to the replica caching its longest prefix, balanced against load")
     return p
 
 
