@@ -1,0 +1,131 @@
+"""FP8 accuracy on the embedded SmolLM2-135M-Instruct (issue 19), bf16 beside it in the same run:
+mean KL(bf16 || FP8) of the next-token distributions over a ~2k-token text fed in chunks (so that
+later chunks read the earlier ones' K/V from the pool: the FP8 KV cache is exercised), for FP8
+weights, then FP8 weights + FP8 KV; and greedy agreement over 256 tokens (teacher-forced top-1
+agreement on bf16's own greedy continuation, and the length of the identical free-running prefix).
+
+The GPU path quantizes activations per token from 17 rows up (sglite.kernels.fp8_gemm); the CPU
+reference path dequantizes the weights only. --act-quant emulates the GPU's per-token activation
+rounding in the CPU layer too (the honest number for prefill-sized batches).
+
+    python bench/fp8_accuracy.py [--device cuda] [--act-quant]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sglite.runtime.executor.model_runner import ModelRunner
+from sglite.runtime.models.quant import fp8 as fp8_quant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def text_tokens(tokenizer, n: int) -> list[int]:
+    """n tokens of real prose: the repository's own documentation."""
+    parts = [open(p).read() for p in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    parts.append(open(os.path.join(ROOT, "README.md")).read())
+    ids = tokenizer("\n\n".join(parts)).input_ids
+    if len(ids) < n:
+        raise SystemExit(f"only {len(ids)} tokens of text")
+    return ids[:n]
+
+
+def chunked_logits(runner, ids, chunk) -> torch.Tensor:
+    row = runner.req_to_token.alloc()
+    out = []
+    for start in range(0, len(ids), chunk):
+        new = ids[start : start + chunk]
+        batch = runner.make_extend_batch([row], [start], [new], runner.token_pool.alloc(len(new)),
+                                         return_all_logits=True)
+        out.append(runner.forward(batch).float().cpu())
+    return torch.cat(out)  # [len(ids), vocab]
+
+
+def greedy(runner, prompt, steps) -> list[int]:
+    row = runner.req_to_token.alloc()
+    logits = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(len(prompt))))
+    out = [int(logits.argmax(-1))]
+    seq_len = len(prompt)
+    for _ in range(steps - 1):
+        seq_len += 1
+        logits, _ = runner.forward_decode([row], [seq_len], [out[-1]], runner.token_pool.alloc(1))
+        out.append(int(logits.argmax(-1)))
+    return out
+
+
+def kl(ref, out) -> float:
+    return F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item()
+
+
+def emulate_activation_quant():
+    """The CPU layer with the GPU's per-token FP8 activations (from 17 rows up)."""
+    base = fp8_quant.Fp8LinearMethod.apply
+
+    def apply(self, layer, x):
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > 16 and not rows.is_cuda:
+            scale = rows.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
+            q = (rows.float() * (1.0 / scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
+            x = (q.float() * scale).to(x.dtype).view(x.shape)
+        return base(self, layer, x)
+
+    fp8_quant.Fp8LinearMethod.apply = apply
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--greedy", type=int, default=256)
+    ap.add_argument("--act-quant", action="store_true")
+    ap.add_argument("--no-greedy", action="store_true", help="KL only (the greedy part decodes one row: "
+                    "no activation quantization there)")
+    args = ap.parse_args()
+    if args.act_quant:
+        emulate_activation_quant()
+    configs = (("bf16", None, "auto"), ("fp8 weights", "fp8", "auto"), ("fp8 weights + fp8 KV", "fp8", "fp8_e4m3"))
+    kw = dict(dtype="bfloat16", device=args.device, max_total_tokens=args.tokens + args.greedy + 600,
+              max_running_requests=4, cuda_graph_max_bs=1)
+    results, ref_logits, ref_greedy = [], None, None
+    prompt = None
+    for name, quant, kv in configs:
+        t0 = time.perf_counter()
+        runner = ModelRunner(None, quantization=quant, kv_cache_dtype=kv, **kw)
+        ids = text_tokens(runner.tokenizer, args.tokens)
+        if prompt is None:
+            prompt = runner.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Explain in detail how a radix tree caches prompt prefixes."}],
+                add_generation_prompt=True)
+        logits = chunked_logits(runner, ids, args.chunk)
+        gen = None if args.no_greedy else greedy(runner, prompt, args.greedy)
+        if ref_logits is None:
+            ref_logits, ref_greedy = logits, gen
+            results.append((name, 0.0, 1.0, args.greedy))
+        elif gen is None:
+            results.append((name, kl(ref_logits, logits), float("nan"), -1))
+        else:
+            forced = chunked_logits(runner, prompt + ref_greedy, 512)[len(prompt) - 1 : -1].argmax(-1)
+            agree = (forced == torch.tensor(ref_greedy)).float().mean().item()
+            same = next((i for i, (a, b) in enumerate(zip(gen, ref_greedy)) if a != b), args.greedy)
+            results.append((name, kl(ref_logits, logits), agree, same))
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        del runner
+    mode = "per-token FP8 activations emulated" if args.act_quant else "weights dequantized, activations bf16"
+    print(f"\nSmolLM2-135M-Instruct, {args.device} ({mode}); {args.tokens} tokens of docs/*.md + README in "
+          f"{args.chunk}-token chunks; greedy {args.greedy} tokens")
+    print("| config | mean KL vs bf16 | teacher-forced top-1 agreement | identical greedy prefix |")
+    print("|---|---|---|---|")
+    for name, k, agree, same in results:
+        print(f"| {name} | {k:.5f} | {agree:.3f} | {same}/{args.greedy} |")
+
+
+if __name__ == "__main__":
+    main()
