@@ -49,8 +49,10 @@ def softcap(qk, logit_cap, HAS_CAP: tl.constexpr):
     cap * tanh(qk / cap), tanh as 1 - 2 / (e^2x + 1), exact at both saturations) and then
     scaled by log2(e); without it qk came scaled by scale * log2(e) already (softcap_args)."""
     if HAS_CAP:
-        # clamped: e^80 is finite in fp32 and already makes tanh exactly 1 (no inf on the way)
-        return (logit_cap * _LOG2E) * (1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * qk / logit_cap, 80.0)) + 1.0))
+        # clamped: e^80 is finite in fp32 and already makes tanh exactly 1 (no inf on the way);
+        # log2(e) as a literal: compiled kernels may read only constexpr globals
+        tanh = 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * qk / logit_cap, 80.0)) + 1.0)
+        return (logit_cap * 1.4426950408889634) * tanh
     return qk
 
 
