@@ -2,11 +2,13 @@
 nor changes other clients' requests; bad sampling values get an error naming the field."""
 
 import math
+import time
 
 import msgspec
 import pytest
 
 from sglite import protocol
+from sglite.lang.backend.client import ZmqClient
 
 OK = {"temperature": 0, "max_new_tokens": 4}
 
@@ -67,3 +69,38 @@ def test_bad_ids_fail_only_their_request(client):
 ])
 def test_out_of_range_sampling_value_names_the_field(client, field, value):
     assert field in _error(client, text="Hi", sampling_params={**OK, field: value})
+
+
+def test_huge_prompt_is_refused_unread_and_does_not_stall_a_neighbour(client, make_client,
+                                                                      runtime_process):
+    neighbour = make_client(runtime_process.address, alive=runtime_process.is_alive)
+    start = time.monotonic()
+    assert neighbour.generate("Hi", sampling_params=OK)["error"] is None
+    alone = time.monotonic() - start
+    huge_rid, small_rid = client.new_rid(), neighbour.new_rid()
+    client.send(protocol.GenerateReq(rid=huge_rid, text="word " * 3_600_000, sampling_params=OK))
+    start = time.monotonic()
+    neighbour.send(protocol.GenerateReq(rid=small_rid, text="Hi", sampling_params=OK))
+    assert neighbour.collect([small_rid])[small_rid]["error"] is None
+    beside = time.monotonic() - start
+    err = client.collect([huge_rid])[huge_rid]["error"]
+    assert "18000000 characters" in err and "context length" in err
+    # tokenizing the 18 MB first held the loop ~10 s; its size is now checked before any work
+    assert beside < alone + 2.0, f"the neighbour took {beside:.2f} s (alone {alone:.2f} s)"
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("max_new_tokens", 2**64, "2\\*\\*64"), ("stop", object(), "type object"),
+    ("stop", ["ok", "\ud800"], "surrogates"),
+])
+def test_unencodable_values_raise_value_error_naming_the_field(runtime_address, field, value,
+                                                               problem):
+    client = ZmqClient(runtime_address)
+    try:
+        with pytest.raises(ValueError, match=rf"sampling_params\['{field}'\].*{problem}"):
+            client.request(protocol.GenerateReq(rid=client.new_rid(), text="Hi",
+                                                sampling_params={field: value}))
+        # nothing was sent, nothing is pending: the client goes on working
+        assert client.call(protocol.InfoReq(rid=client.new_rid())).info["vocab_size"] > 0
+    finally:
+        client.close()

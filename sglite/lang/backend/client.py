@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 
+import msgspec
 import zmq
 
 from sglite import protocol
@@ -74,20 +75,24 @@ class ZmqClient:
         return f"{kind}-{self._rid_prefix}{next(self._rid_counter)}"
 
     def request(self, msg) -> queue.Queue:
-        """Send msg and return the queue its replies arrive on (call `forget(rid)` when done)."""
+        """Send msg and return the queue its replies arrive on (call `forget(rid)` when done).
+        Raises ValueError naming the field when msg cannot be encoded (an int past 64 bits, an
+        object msgpack has no type for, a lone surrogate)."""
+        data = encode_naming_field(msg)
         q: queue.Queue = queue.Queue()
         with self._lock:
             if self._dead is not None:
                 raise RuntimeDied(self._dead)
             self._queues[msg.rid] = q
-            self._push.send(protocol.encode(msg))
+            self._push.send(data)
         return q
 
     def send(self, msg) -> None:
         """Fire and forget (AbortReq)."""
+        data = encode_naming_field(msg)
         with self._lock:
             if self._dead is None and not self._closed.is_set():
-                self._push.send(protocol.encode(msg))
+                self._push.send(data)
 
     def recv(self, q: queue.Queue):
         item = q.get()
@@ -170,3 +175,31 @@ class ZmqClient:
             self._dead = message
             for q in self._queues.values():
                 q.put(_Dead(message))
+
+
+def encode_naming_field(msg) -> bytes:
+    """protocol.encode(msg), or ValueError naming the first field (path) that cannot be encoded."""
+    try:
+        return protocol.encode(msg)
+    except (TypeError, ValueError, OverflowError) as e:
+        path, value = _first_unencodable(msg, type(msg).__name__)
+        text = repr(value)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        raise ValueError(f"cannot send {path}={text}: {e}") from None
+
+
+def _first_unencodable(value, path: str) -> tuple[str, object]:
+    if isinstance(value, msgspec.Struct):
+        items = [(f"{path}.{f}", getattr(value, f)) for f in value.__struct_fields__]
+    elif isinstance(value, dict):
+        items = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return path, value
+    for sub_path, sub in items:
+        try:
+            protocol.encode(sub)
+        except (TypeError, ValueError, OverflowError):
+            return _first_unencodable(sub, sub_path)
+    return path, value  # (a dict key itself cannot be encoded)

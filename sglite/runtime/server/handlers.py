@@ -6,6 +6,7 @@ the runtime keeps serving everyone else.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -14,6 +15,7 @@ import msgspec
 
 from sglite import protocol
 from sglite.runtime.scheduler.req import Req
+from sglite.runtime.server import limits
 
 logger = logging.getLogger("sglite.runtime")
 
@@ -49,7 +51,8 @@ class RequestHandler:
             logger.warning("dropped an undecodable message (%d bytes): %s: %s",
                            len(data), type(e).__name__, e)
             self.server.send(identity, protocol.ErrorOut(
-                rid=_guess_rid(data), message=f"undecodable message: {type(e).__name__}: {e}"))
+                rid=limits.recover_rid(data),
+                message=f"undecodable message: {type(e).__name__}: {e}"))
             return
         try:
             getattr(self, f"_on_{type(msg).__name__}")(identity, msg)
@@ -73,9 +76,11 @@ class RequestHandler:
     def _on_GenerateReq(self, identity: bytes, msg: protocol.GenerateReq) -> None:
         if self._is_active(identity, msg.rid):
             raise ValueError(f"request id {msg.rid!r} is already in use by a running request")
+        params = protocol.parse_sampling_params(msg.sampling_params)
+        limits.check_grammar_nesting(params.json_schema, params.grammar)  # before compiling
         req = self.make_req(
             msg.rid, self.prompt_ids(text=msg.text, input_ids=msg.input_ids),
-            protocol.parse_sampling_params(msg.sampling_params), ClientSink(self.server, identity),
+            params, ClientSink(self.server, identity),
             client=identity, stream=msg.stream, return_logprob=msg.return_logprob,
             logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num)
         self.scheduler.add_request(req)
@@ -113,8 +118,14 @@ class RequestHandler:
         if (text is None) == (input_ids is None):
             raise ValueError("give exactly one of text or input_ids")
         if text is not None:
+            # sizes first: an 18 MB text is refused here, not after seconds of tokenizing
+            if self.tokenizer is not None and len(text) >= self.max_seq_len * self.max_token_chars:
+                raise self._too_long(len(text) // self.max_token_chars,
+                                     f" ({len(text)} characters)")
             ids = self.tokenize(text)
         else:
+            if len(input_ids) >= self.max_seq_len:
+                raise self._too_long(len(input_ids))
             vocab = self.runner.model_config.vocab_size
             bad = [t for t in input_ids if not 0 <= t < vocab]
             if bad:
@@ -123,9 +134,24 @@ class RequestHandler:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_seq_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the context length is "
-                             f"{self.max_seq_len} (prompt plus at least one new token)")
+            raise self._too_long(len(ids))
         return ids
+
+    def _too_long(self, num_tokens: int, at_least: str = "") -> ValueError:
+        """Names the limit that binds: the model's context, or a KV pool smaller than it."""
+        # (the runner caps its context at the pool when no context_length was given)
+        model_ctx = self.runner.model_config.max_position_embeddings
+        pool = self.scheduler.cache.num_total
+        count = f"at least {num_tokens}{at_least}" if at_least else str(num_tokens)
+        limit = (f"the KV pool holds only {pool} tokens (max_total_tokens; the model's context "
+                 f"length is {model_ctx})" if pool <= self.max_seq_len and pool < model_ctx
+                 else f"the context length is {self.max_seq_len}")
+        return ValueError(f"the prompt has {count} tokens; {limit}, and a request needs its "
+                          "prompt plus at least one new token")
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        return limits.longest_token_chars(self.tokenizer)
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -191,11 +217,3 @@ class RequestHandler:
         s = self.scheduler
         return any(r.client == identity and r.rid == rid
                    for q in (s.waiting, s.running, s.grammar_queue) for r in q)
-
-
-def _guess_rid(data: bytes) -> str:
-    try:
-        obj = msgspec.msgpack.decode(data)
-        return str(obj.get("rid", "")) if isinstance(obj, dict) else ""
-    except Exception:
-        return ""
