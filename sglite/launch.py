@@ -26,6 +26,7 @@ import weakref
 import zmq
 
 from sglite import protocol
+from sglite.lang.backend.client import apply_auth
 from sglite.runtime.server.args import ServerArgs, default_address
 
 
@@ -48,6 +49,8 @@ class RuntimeProcess:
         self._log = tempfile.NamedTemporaryFile(prefix="sglite-runtime-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "sglite", "serve", *args.to_cli()]
         env = {**os.environ, **(env or {}), "SGLITE_PARENT_PID": str(os.getpid())}
+        if args.auth_token:  # through the environment: a command line is visible to everyone
+            env[protocol.AUTH_TOKEN_ENV] = args.auth_token
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         # NOTE: a weakref finalizer, so the atexit hook does not keep this object alive
         self._finalizer = weakref.finalize(self, _terminate, self.proc)
@@ -83,6 +86,7 @@ class RuntimeProcess:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        apply_auth(sock, self.args.auth_token)
         sock.connect(self.address)
         try:
             rid = "ready-" + uuid.uuid4().hex[:8]

@@ -163,6 +163,12 @@ class ErrorOut(msgspec.Struct, tag="error", kw_only=True):
     message: str
 
 
+# Authentication: with an auth token set (required for tcp beyond loopback) the runtime accepts
+# only connections that present it as the ZMTP PLAIN password of this user name. Both sides read
+# the token from this environment variable when none is passed.
+AUTH_USERNAME = "sglite"
+AUTH_TOKEN_ENV = "SGLITE_AUTH_TOKEN"
+
 Request = Union[GenerateReq, ScoreReq, GraphReq, AbortReq, FlushCacheReq, InfoReq]
 Reply = Union[GenerateOut, ScoreOut, NodeOut, GraphDone, InfoOut, OkOut, ErrorOut]
 

@@ -27,10 +27,13 @@ import uuid
 
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from sglite import protocol
 
 POLL_MS = 200
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class RuntimeDied(RuntimeError):
@@ -45,7 +48,7 @@ class _Dead:
 class ZmqClient:
     def __init__(self, address: str, *, is_alive=None, ping_interval: float = 5.0,
                  dead_after: float = 120.0, heartbeat_interval: float = 0.5,
-                 heartbeat_timeout: float = 2.0):
+                 heartbeat_timeout: float = 2.0, auth_token: str | None = None):
         self.address = address
         self._is_alive = is_alive
         self._ping_interval, self._dead_after = ping_interval, dead_after
@@ -66,7 +69,8 @@ class ZmqClient:
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_interval * 1000))
         self._dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout * 1000))
-        self._monitor = self._dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        apply_auth(self._dealer, auth_token)
+        self._monitor = self._dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         self._dealer.connect(address)
         self._thread = threading.Thread(target=self._loop, name="sglite-zmq", daemon=True)
         self._thread.start()
@@ -139,8 +143,8 @@ class ZmqClient:
                     self._dispatch(protocol.decode_reply(self._dealer.recv()))
                 last_recv, ping_sent_at = time.monotonic(), None
             if self._monitor in events:
-                self._monitor.recv_multipart()  # only EVENT_DISCONNECTED is subscribed
-                self._lost_connection()
+                event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+                self._lost_connection(refused=bool(event & HANDSHAKE_FAILED))
             if self._dealer in events:
                 continue
             now = time.monotonic()
@@ -155,10 +159,13 @@ class ZmqClient:
             elif ping_sent_at is not None and now - ping_sent_at > self._dead_after:
                 self._fail(f"the runtime at {self.address} did not answer for {self._dead_after:.0f} s")
 
-    def _lost_connection(self) -> None:
+    def _lost_connection(self, *, refused: bool = False) -> None:
         if self._dead is not None:
             return
-        if self._is_alive is not None and not self._is_alive():
+        if refused:
+            self._fail(f"the runtime at {self.address} refused the connection: its auth token "
+                       f"differs from this client's (auth_token= or ${protocol.AUTH_TOKEN_ENV})")
+        elif self._is_alive is not None and not self._is_alive():
             self._fail("the runtime process exited")
         else:
             self._fail(f"the connection to the runtime at {self.address} closed: its process "
@@ -175,6 +182,15 @@ class ZmqClient:
             self._dead = message
             for q in self._queues.values():
                 q.put(_Dead(message))
+
+
+def apply_auth(sock: zmq.Socket, token: str | None = None) -> None:
+    """Present the runtime's auth token (default: $SGLITE_AUTH_TOKEN) as ZMTP PLAIN credentials;
+    call before connect. Without a token the socket connects unauthenticated."""
+    token = token or os.environ.get(protocol.AUTH_TOKEN_ENV)
+    if token:
+        sock.plain_username = protocol.AUTH_USERNAME.encode()
+        sock.plain_password = token.encode()
 
 
 def encode_naming_field(msg) -> bytes:

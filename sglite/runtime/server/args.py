@@ -14,6 +14,8 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
+from sglite.protocol import AUTH_TOKEN_ENV
+
 SCHEDULE_POLICIES = ("lpm", "fcfs")
 QUANTIZATIONS = ("fp8",)  # sglite.runtime.models.quant (not imported: no torch here)
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # sglite.runtime.mem.kv_cache
@@ -50,6 +52,10 @@ class ServerArgs:
     schedule_policy: str = "lpm"
     log_interval: float = 10.0  # seconds between stats log lines (0: never)
     address: str | None = None  # ZMQ endpoint to bind; None: a fresh ipc:// path
+    allow_remote: bool = False  # tcp:// on a host other than loopback (needs an auth token)
+    # clients must present this token (ZMTP PLAIN, checked by a ZAP handler); None: the
+    # SGLITE_AUTH_TOKEN environment variable, if set. Never put on a command line by to_cli.
+    auth_token: str | None = None
     seed: int = 0
     grammar_threads: int = 2
     disable_overlap: bool = False  # CUDA: read each decode's tokens before launching the next
@@ -88,6 +94,16 @@ class ServerArgs:
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
         if self.address is not None and not self.address.startswith(("ipc://", "tcp://")):
             raise ValueError(f"address must be ipc://... or tcp://..., got {self.address!r}")
+        if self.auth_token is None and os.environ.get(AUTH_TOKEN_ENV):
+            object.__setattr__(self, "auth_token", os.environ[AUTH_TOKEN_ENV])
+        if self.address is not None and not is_loopback(self.address):
+            if not self.allow_remote:
+                raise ValueError(f"address {self.address!r} is not a loopback or ipc:// address: "
+                                 "pass --allow-remote (with --auth-token) to serve other machines")
+            if not self.auth_token:
+                raise ValueError("--allow-remote needs an auth token (--auth-token or "
+                                 f"${AUTH_TOKEN_ENV}): anyone who reaches {self.address} could "
+                                 "use the runtime")
 
     @property
     def bind_address(self) -> str:
@@ -98,7 +114,7 @@ class ServerArgs:
         argv = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value == f.default:
+            if value == f.default or f.name == "auth_token":  # (secrets travel in the env)
                 continue
             flag = "--" + f.name.replace("_", "-")
             if f.name == "model_path":
@@ -108,6 +124,14 @@ class ServerArgs:
             else:
                 argv += [flag, str(value)]
         return argv
+
+
+def is_loopback(address: str) -> bool:
+    """ipc:// and tcp:// on 127.x.x.x, localhost or ::1 stay on this machine."""
+    if not address.startswith("tcp://"):
+        return True
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def default_address() -> str:
@@ -147,6 +171,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="seconds between stats log lines (0: off)")
     p.add_argument("--address", default=d.address,
                    help="ZMQ endpoint to bind (default: a fresh ipc:// path; tcp://127.0.0.1:PORT)")
+    p.add_argument("--allow-remote", action="store_true", default=d.allow_remote,
+                   help="allow a tcp:// address on a non-loopback host (needs --auth-token)")
+    p.add_argument("--auth-token", default=d.auth_token,
+                   help=f"token clients must present (default: ${AUTH_TOKEN_ENV}); traffic is "
+                   "authenticated, not encrypted")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--grammar-threads", type=int, default=d.grammar_threads)
     p.add_argument("--disable-overlap", action="store_true", default=d.disable_overlap,

@@ -24,7 +24,7 @@ import msgspec
 import zmq
 
 from sglite import protocol
-from sglite.runtime.server.args import ServerArgs
+from sglite.runtime.server.args import ServerArgs, is_loopback
 from sglite.runtime.server.handlers import RequestHandler
 from sglite.runtime.server.peers import PeerTracker
 
@@ -50,6 +50,10 @@ class Server:
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.peers = PeerTracker(self.socket)
+        self.auth = _require_token(self.ctx, self.socket, args.auth_token)
+        if not is_loopback(self.address):
+            logger.warning("serving %s beyond this machine: clients need the auth token; the "
+                           "traffic itself is not encrypted", self.address)
         self.socket.bind(self.address)
         self.handler = handler_factory(self)
         self.stopping = False
@@ -88,6 +92,8 @@ class Server:
     def close(self) -> None:
         self.peers.close()
         self.socket.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         if self.address.startswith("ipc://"):
             try:
@@ -132,6 +138,20 @@ class Server:
 
     def _stop(self, *_):
         self.stopping = True
+
+
+def _require_token(ctx: zmq.Context, socket: zmq.Socket, token: str | None):
+    """With a token, only ZMTP PLAIN connections presenting it get through (checked by pyzmq's
+    ZAP handler thread at the handshake, so a rejected peer never reaches the loop)."""
+    if not token:
+        return None
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("sglite.runtime.auth"))
+    auth.start()
+    auth.configure_plain(domain="*", passwords={protocol.AUTH_USERNAME: token})
+    socket.plain_server = True
+    return auth
 
 
 def _source_fd(frame: zmq.Frame) -> int | None:

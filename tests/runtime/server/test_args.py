@@ -31,3 +31,23 @@ def test_explicit_values_win_and_round_trip_through_the_cli():
 def test_bad_values_name_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ServerArgs(**kwargs)
+
+
+@pytest.mark.parametrize("address,ok", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://localhost:5555", True), ("tcp://[::1]:5555", True),
+    ("ipc:///tmp/x.sock", True), ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False),
+    ("tcp://10.1.2.3:5555", False),
+])
+def test_only_loopback_binds_without_allow_remote(address, ok, monkeypatch):
+    monkeypatch.delenv("SGLITE_AUTH_TOKEN", raising=False)
+    if ok:
+        ServerArgs(address=address, device="cpu")
+        return
+    with pytest.raises(ValueError, match="--allow-remote"):
+        ServerArgs(address=address, device="cpu")
+    with pytest.raises(ValueError, match="auth token"):
+        ServerArgs(address=address, device="cpu", allow_remote=True)
+    args = ServerArgs(address=address, device="cpu", allow_remote=True, auth_token="t0k")
+    assert "t0k" not in args.to_cli()  # the token travels in the environment, not in argv
+    monkeypatch.setenv("SGLITE_AUTH_TOKEN", "from-env")
+    assert ServerArgs(address=address, device="cpu", allow_remote=True).auth_token == "from-env"
