@@ -12,6 +12,7 @@ echoes it. This module imports nothing but msgspec, so both `lang` and `runtime`
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Union
 
 import msgspec
@@ -24,6 +25,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_new_tokens: int = 0
     stop: list[str] = []
     stop_token_ids: list[int] = []
+    stop_regex: list[str] = []  # the output ends at the end of the first match (kept in it)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1: disabled
@@ -216,6 +218,11 @@ def parse_sampling_params(raw: dict[str, Any]) -> SamplingParams:
         raise ValueError(f"presence_penalty must be in [-2, 2], got {params.presence_penalty}")
     if not 0 < params.repetition_penalty <= 2:
         raise ValueError(f"repetition_penalty must be in (0, 2], got {params.repetition_penalty}")
+    for pattern in params.stop_regex:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"invalid stop_regex {pattern!r}: {e}") from None
     if sum(x is not None for x in (params.regex, params.json_schema, params.grammar)) > 1:
         raise ValueError("at most one of regex, json_schema, grammar may be set")
     return params

@@ -16,11 +16,15 @@ Decoding never applies clean_up_tokenization_spaces: that rewrite (" ." -> ".") 
 has already been streamed, and it changes what the model wrote.
 
 StopMatcher cuts the text at the first stop string (SGLang semantics: the stop string itself is not
-part of the output) and holds back a tail that could still become a stop string.
+part of the output) and holds back a tail that could still become a stop string. A stop regex
+(`stop_regex`) ends the output at the end of its first match, which stays in the output (as in
+SGLang, whose trim looks for the pattern text): a match always ends inside the newest text, so
+nothing already released has to be taken back, and nothing is held back for it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 # Prompt tokens kept as decode context for the first output tokens (vLLM and SGLang use 5).
@@ -67,25 +71,54 @@ class StopMatcher:
     ("", matched) again). Among stop strings found, the one that ENDS first wins (what a
     character-by-character stream would see first); on a tie, the longer one."""
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], regexes: Sequence[str] = ()):
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         self.stops = list(stops)
+        self.regexes = [re.compile(r) for r in regexes]
         self.held = ""  # a tail that is a proper prefix of some stop string
         self.matched: str | None = None
+        self.seen = ""  # the text fed so far (stop regexes only)
 
     def feed(self, text: str) -> tuple[str, str | None]:
         if self.matched is not None:
             return "", self.matched
         buf = self.held + text
+        regex_hit = self._regex_match(text) if self.regexes else None
+        if regex_hit is not None:  # the output ends there, unless a stop string ends first
+            buf = buf[:len(self.held) + regex_hit[0]]
         hit = self._first_match(buf)
         if hit is not None:
             start, stop = hit
             self.held, self.matched = "", stop
             return buf[:start], stop
+        if regex_hit is not None:
+            self.held, self.matched = "", regex_hit[1]
+            return buf, regex_hit[1]
         keep = self._partial_tail_len(buf)
         self.held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep], None
+
+    def _regex_match(self, text: str) -> tuple[int, str] | None:
+        """Add text to what was fed; if a stop regex matches now, (where its earliest-ending match
+        ends as an offset into text, the pattern). Matches only grow with the text, so the
+        earliest end is found by bisection over the new text."""
+        old = len(self.seen)
+        self.seen += text
+        best: tuple[int, str] | None = None
+        for regex in self.regexes:
+            if regex.search(self.seen) is None:
+                continue
+            lo, hi = old + 1, len(self.seen)  # seen[:hi] matches, seen[:old] did not
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if regex.search(self.seen, 0, mid) is not None:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if best is None or hi - old < best[0]:
+                best = (hi - old, regex.pattern)
+        return best
 
     def flush(self) -> str:
         """The stream ended without a (further) match: release the held tail."""

@@ -49,7 +49,7 @@ class OutputProcessor:
 
         if self.tokenizer is not None:
             req.detok = self._detokenizer(req, req.input_ids)
-        req.stop_matcher = StopMatcher(list(req.params.stop))
+        req.stop_matcher = StopMatcher(list(req.params.stop), req.params.stop_regex)
 
     def new_grammar_state(self, compiled):
         from sglite.runtime.sampling.constrained import GrammarState
@@ -248,4 +248,4 @@ class OutputProcessor:
 
 def _is_plain(req: Req) -> bool:
     return (req.detok is None and req.grammar is None and not req.return_logprob
-            and not req.stop_matcher.stops and not req.text_buffer)
+            and not req.stop_matcher.stops and not req.stop_matcher.regexes and not req.text_buffer)
