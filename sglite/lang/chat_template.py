@@ -2,8 +2,10 @@
 
 The runtime sends the template (InfoOut.info["chat_template"]); we render it the way
 transformers does (sandboxed jinja, trim_blocks, lstrip_blocks, `raise_exception`) on messages
-whose contents are sentinels, and cut the output at the sentinels. Named templates exist for
-models whose jinja template is missing or odd (`RuntimeEndpoint(chat_template_name=...)`).
+whose contents are sentinels, and cut the output at the sentinels. Named templates (SGLang's
+names and role strings: "llama-2-chat", "vicuna_v1.1", "qwen", "chatml", "llama-3-instruct", ...)
+exist for models whose jinja template is missing or odd (`RuntimeEndpoint(chat_template_name=...)`);
+their `stop_str` is added to every gen's stops, as in SGLang.
 """
 
 from __future__ import annotations
@@ -22,24 +24,74 @@ class ChatTemplate:
     # (SmolLM2: a long default system prompt); "" when the template adds nothing.
     default_system_text: str = ""
     default_system_prompt: str | None = None  # the content inside default_system_text
+    stop_str: tuple[str, ...] = ()  # added to every gen's stop strings
+    style: str = "plain"  # "llama2": the first system message sits inside the first [INST]
 
-    def get_prefix_and_suffix(self, role: str) -> tuple[str, str]:
+    def get_prefix_and_suffix(self, role: str, messages: list | None = None) -> tuple[str, str]:
+        """`messages`: the messages before this one (the llama2 style depends on them)."""
         if role not in self.role_prefix_and_suffix:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-        return self.role_prefix_and_suffix[role]
+        prefix, suffix = self.role_prefix_and_suffix[role]
+        if self.style == "llama2" and messages is not None:
+            if role == "system" and not messages:
+                return self.role_prefix_and_suffix["user"][0] + prefix, suffix
+            if role == "user" and len(messages) == 1 and messages[0]["role"] == "system":
+                return "", suffix
+        return prefix, suffix
 
 
 def _same(prefix: str, suffix: str) -> dict[str, tuple[str, str]]:
     return {role: (prefix.format(role=role), suffix) for role in ROLES}
 
 
-NAMED_TEMPLATES = {
-    "default": ChatTemplate("default", {"system": ("SYSTEM:", "\n"), "user": ("USER:", "\n"),
-                                        "assistant": ("ASSISTANT:", "\n")}),
-    "chatml": ChatTemplate("chatml", _same("<|im_start|>{role}\n", "<|im_end|>\n")),
-    "llama-3": ChatTemplate("llama-3", _same("<|start_header_id|>{role}<|end_header_id|>\n\n",
-                                             "<|eot_id|>")),
-}
+def _named(name: str, roles: dict[str, tuple[str, str]], *, system_prompt: str | None = None,
+           stop_str: tuple[str, ...] = (), style: str = "plain") -> ChatTemplate:
+    text = ""
+    if system_prompt:
+        prefix, suffix = roles["system"]
+        text = prefix + system_prompt + suffix
+    return ChatTemplate(name, roles, default_system_text=text, default_system_prompt=system_prompt,
+                        stop_str=stop_str, style=style)
+
+
+_IM = _same("<|im_start|>{role}\n", "<|im_end|>\n")
+_LLAMA3 = _same("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>")
+_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
+                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
+NAMED_TEMPLATES = {t.name: t for t in [
+    _named("default", {"system": ("SYSTEM:", "\n"), "user": ("USER:", "\n"),
+                       "assistant": ("ASSISTANT:", "\n")}),
+    _named("claude", {"system": ("", ""), "user": ("\n\nHuman: ", ""),
+                      "assistant": ("\n\nAssistant:", "")}),
+    _named("chatml", _IM, stop_str=("<|im_end|>",)),
+    _named("chatml-llava", _IM, system_prompt="You are a helpful assistant.",
+           stop_str=("<|im_end|>",)),
+    _named("qwen", _IM, system_prompt="You are a helpful assistant.", stop_str=("<|im_end|>",)),
+    _named("qwen2-vl", _IM, system_prompt="You are a helpful assistant.",
+           stop_str=("<|im_end|>",)),
+    _named("vicuna_v1.1", {"system": ("", " "), "user": ("USER:", " "),
+                           "assistant": ("ASSISTANT:", "</s>")}, system_prompt=_VICUNA_SYSTEM),
+    _named("llama-2-chat", {"system": ("<<SYS>>\n", "\n<</SYS>>\n\n"), "user": ("[INST] ", " [/INST]"),
+                            "assistant": ("", " </s><s>")}, style="llama2"),
+    _named("llama-3-instruct", _LLAMA3, stop_str=("<|eot_id|>",)),
+    _named("llama-3", _LLAMA3),  # sglite's earlier name, without the stop string
+    _named("llama-4", _same("<|header_start|>{role}<|header_end|>\n\n", "<|eot|>"),
+           stop_str=("<|eot|>",)),
+    _named("yi-1.5", {"system": ("", ""), "user": ("<|im_start|>user\n",
+                                                   "<|im_end|>\n<|im_start|>assistant\n"),
+                      "assistant": ("", "<|im_end|>\n")}, stop_str=("<|im_end|>",)),
+    _named("gemma-it", {"system": ("", ""), "user": ("<start_of_turn>user\n", "<end_of_turn>\n"),
+                        "assistant": ("<start_of_turn>model\n", "<end_of_turn>\n")}),
+    _named("c4ai-command-r", {
+        "system": ("<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
+        "user": ("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
+        "assistant": ("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>")}),
+    _named("granite-3-instruct", _same("<|start_of_role|>{role}<|end_of_role|>", "<|end_of_text|>"),
+           stop_str=("<|end_of_text|>",)),
+    _named("deepseek-v3", {"system": ("", ""), "user": ("<\uff5cUser\uff5c>", ""),
+                           "assistant": ("<\uff5cAssistant\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>")},
+           stop_str=("<\uff5cend\u2581of\u2581sentence\uff5c>",)),
+]}
 
 
 def get_chat_template(name: str) -> ChatTemplate:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from sglite.lang import ir
@@ -19,18 +20,15 @@ from sglite.lang.backend.base import BaseBackend
 from sglite.lang.interpreter import StreamExecutor
 from sglite.lang.state import ProgramState
 from sglite.lang.chat_template import get_chat_template
+from sglite.lang.global_config import global_config
 from sglite.lang.tracer import TracerProgramState, current_tracer, trace_program
 
-_default_backend: BaseBackend | None = None
-
-
 def set_default_backend(backend: BaseBackend | None) -> None:
-    global _default_backend
-    _default_backend = backend
+    global_config.default_backend = backend
 
 
 def resolve_backend(backend: BaseBackend | None) -> BaseBackend:
-    backend = backend if backend is not None else _default_backend
+    backend = backend if backend is not None else global_config.default_backend
     if backend is None:
         raise RuntimeError("no backend: call sgl.set_default_backend(sgl.Runtime()) or pass "
                            "backend=... to run/run_batch")
@@ -68,39 +66,35 @@ class SglFunction:
         """Start the program; returns at once (s[var] and text() wait). Keyword arguments that
         name GenParams fields (max_new_tokens, temperature, ...) are defaults for every gen."""
         defaults, kwargs = ir.GenParams.from_kwargs(kwargs, self.arg_names)
+        defaults.validate(f"{self.__name__}.run")
         return run_program(self, resolve_backend(backend), args,
                            {**self.bind_arguments, **kwargs}, defaults=defaults, stream=stream)
 
     def run_batch(self, batch_kwargs: list, *, backend: BaseBackend | None = None,
                   num_threads: int | str = "auto", progress_bar: bool = False,
-                  **sampling_defaults) -> list[ProgramState]:
+                  generator_style: bool = False, **sampling_defaults):
         """Run many programs concurrently (each body once, eagerly); returns the finished states
-        in order. A failing program reports through its state.error()."""
+        in order, or with generator_style=True yields them in order as they finish (submitted in
+        chunks of 200, as SGLang does). A failing program reports through its state.error()."""
         backend = resolve_backend(backend)
         defaults, unknown = ir.GenParams.from_kwargs(sampling_defaults)
         if unknown:
             raise TypeError(f"run_batch got unknown keyword arguments {sorted(unknown)}")
+        defaults.validate("run_batch")
         calls = [{**self.bind_arguments, **self._normalize_call(item)} for item in batch_kwargs]
         if num_threads == "auto":
             num_threads = max(96, (os.cpu_count() or 1) * 16)
-        states: list[ProgramState | None] = [None] * len(calls)
-        with ThreadPoolExecutor(max(1, min(int(num_threads), len(calls)))) as pool:
-            futures = {pool.submit(run_program, self, backend, (), kw, defaults=defaults,
-                                   catch=True, wait=True): i for i, kw in enumerate(calls)}
-            done = as_completed(futures)
-            if progress_bar:
-                from tqdm.auto import tqdm
-
-                done = tqdm(done, total=len(calls))
-            for future in done:
-                states[futures[future]] = future.result()
-        return states
+        num_threads = max(1, min(int(num_threads), len(calls)))
+        run = partial(run_program, self, backend, (), defaults=defaults, catch=True, wait=True)
+        states = _run_in_order(run, calls, num_threads, progress_bar,
+                               chunk=200 if generator_style else len(calls))
+        return states if generator_style else list(states)
 
     def trace(self, *, backend: BaseBackend | None = None, **kwargs) -> TracerProgramState:
         """Run the body once on placeholders (arguments not given, generated values) and return
         the tracer state: `.last_node.print_graph_dfs()`, `.nodes`, `.constant_prefix`. Needs no
         runtime: without a backend the "default" chat template frames roles."""
-        backend = backend if backend is not None else _default_backend
+        backend = backend if backend is not None else global_config.default_backend
         template = backend.get_chat_template() if backend is not None \
             else get_chat_template("default")
         defaults, kwargs = ir.GenParams.from_kwargs(kwargs, self.arg_names)
@@ -185,6 +179,27 @@ def run_program(program: SglFunction, backend: BaseBackend, args: tuple, kwargs:
         threading.Thread(target=body, daemon=True, name="sglite-stream-body").start()
     else:
         body()
-        if wait:
+        if wait or global_config.verbosity >= 2:
             executor.sync()
+        if global_config.verbosity >= 2:
+            print(executor.text_)
     return state
+
+
+def _run_in_order(run, calls: list[dict], num_threads: int, progress_bar: bool, chunk: int):
+    """Yield run(**call) results in call order; at most `chunk` calls are queued at a time."""
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(calls))
+    with ThreadPoolExecutor(num_threads) as pool:
+        for start in range(0, len(calls), max(chunk, 1)):
+            futures = [pool.submit(run, kw) for kw in calls[start:start + chunk]]
+            if bar is not None:
+                for future in futures:
+                    future.add_done_callback(lambda _: bar.update())
+            for future in futures:
+                yield future.result()
+    if bar is not None:
+        bar.close()

@@ -6,14 +6,17 @@ requests. One `_execute_<node>` method per IR class.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sglite.choices import decide
 from sglite.lang import ir
 from sglite.lang.backend.base import BaseBackend
 from sglite.lang.chat_template import ChatTemplate
+from sglite.lang.reasoning import get_reasoning_format
 
 
 class StreamExecutor:
@@ -31,12 +34,15 @@ class StreamExecutor:
         self.cur_role: str | None = None
         self.cur_role_begin_pos = 0
         self.var_scope_begin: dict[str, int] = {}
+        self.gen_starts: dict[str, int] = {}  # where each gen's text starts in text_
+        self.held_vars: set[str] = set()  # set, but readers wait for separate_reasoning
         self.fork_start_text_pos = 0
         self.new_var_names: list[str] = []  # set since this stream forked (join gathers these)
         self.error_: Exception | None = None
         self.num_gens = self.num_forks = 0
         self.children: list[StreamExecutor] = []
-        self.chunks: list[tuple[str | None, str]] = []  # (variable or None, text): for text_iter
+        # (variable or None, text, that gen's meta_info so far): for text_iter / text_async_iter
+        self.chunks: list[tuple[str | None, str, dict | None]] = []
         self.cond = threading.Condition()
         self.is_ended = False  # the program body returned: no more submits
         self.body_thread: int | None = None  # the thread running the user's function
@@ -52,6 +58,7 @@ class StreamExecutor:
         with self.cond:  # get_var may be waiting for a stream=True body to declare the name
             for name in _var_names(expr):
                 self.variable_events[name] = threading.Event()
+            self.held_vars.update(_separated_names(expr))
             self.cond.notify_all()
         if self.queue is None:
             self._execute_guarded(expr)
@@ -93,6 +100,8 @@ class StreamExecutor:
         self.variables[name] = value
         if name not in self.new_var_names:
             self.new_var_names.append(name)
+        if name in self.held_vars:
+            return
         self.variable_events.setdefault(name, threading.Event()).set()
         with self.cond:  # wake text_iter(name) readers
             self.cond.notify_all()
@@ -190,12 +199,68 @@ class StreamExecutor:
     _execute_variable = _execute_argument
 
     def _execute_gen(self, expr: ir.Gen) -> None:
-        params = expr.params.merge(self.defaults)
-        value, meta = "", {}
-        for delta, meta in self.backend.generate(self.text_, params, stream=self.stream):
-            value += delta
-            self._append(delta, expr.name)
-        self._set_result(expr.name, value, meta)
+        params = self._resolve(expr.params)
+        start = len(self.text_)
+        if (params.n or 1) > 1:
+            values, metas = self._sample_n(params)
+            self._append(values[0], expr.name)  # the text continues with the first sample
+            self._set_result(expr.name, values, metas)
+        else:
+            value, meta = "", {}
+            for delta, meta in self.backend.generate(self.text_, params, stream=self.stream):
+                value += delta
+                self._append(delta, expr.name, _logprob_texts(meta, params))
+            self._set_result(expr.name, value, _logprob_texts(meta, params))
+        if expr.name is not None:
+            self.gen_starts[expr.name] = start
+
+    def _resolve(self, params: ir.GenParams) -> ir.GenParams:
+        """gen's values over the run(...) defaults, plus the chat template's stop strings."""
+        params = params.merge(self.defaults)
+        if self.chat_template.stop_str:
+            stop = ir._as_list(params.stop)
+            params = dataclasses.replace(params, stop=stop + [
+                x for x in self.chat_template.stop_str if x not in stop])
+        return params
+
+    def _sample_n(self, params: ir.GenParams) -> tuple[list[str], list[dict]]:
+        """gen(n=k): k requests for the same prompt at once (the runtime batches them and shares
+        the prompt's KV through its radix cache)."""
+        one = dataclasses.replace(params, n=None)
+
+        def sample(_):
+            text, meta = "", {}
+            for delta, meta in self.backend.generate(self.text_, one):
+                text += delta
+            return text, _logprob_texts(meta, one)
+
+        with ThreadPoolExecutor(params.n) as pool:
+            results = list(pool.map(sample, range(params.n)))
+        return [r[0] for r in results], [r[1] for r in results]
+
+    def _execute_separatereasoning(self, expr: ir.SeparateReasoning) -> None:
+        """Split the named gen's text (see reasoning.py): the variable and the program text keep
+        the answer, `<name>_reasoning_content` gets the reasoning. SGLang cuts the text back to
+        the start of the current role instead, which drops text written before the gen in the
+        same role (and repeats the whole text outside a role); here only the gen's span is
+        replaced. With stream=True the chunks already streamed held the raw text."""
+        fmt = get_reasoning_format(expr.model_type)
+        for sub in expr.expr.exprs if isinstance(expr.expr, ir.ExprList) else [expr.expr]:
+            if not isinstance(sub, (ir.Gen, ir.Select)) or sub.name is None:
+                continue
+            raw = self.variables[sub.name]
+            reasoning, answer = fmt.parse(raw) if isinstance(raw, str) else ("", raw)
+            start = self.gen_starts.get(sub.name, len(self.text_) - len(raw))
+            if self.text_[start:start + len(raw)] == raw:
+                self.text_ = self.text_[:start] + answer + self.text_[start + len(raw):]
+            self.held_vars.discard(sub.name)
+            self.set_var(sub.name, answer)
+            self.set_var(expr.process_name_for_reasoning(sub.name), reasoning)
+
+    def _execute_image(self, expr: ir.Image) -> None:
+        model = self.backend.get_server_info().get("model_path", "the served model")
+        raise ValueError(f"sgl.image/sgl.video: this model takes no images ({model} is a "
+                         f"text-only model; sglite serves no vision models yet)")
 
     def _execute_select(self, expr: ir.Select) -> None:
         method = expr.choices_method
@@ -217,14 +282,14 @@ class StreamExecutor:
             # The model's template adds its default system prompt here (SmolLM2 does); keep it.
             self._append(template.default_system_text)
             self.messages_.append({"role": "system", "content": template.default_system_prompt or ""})
-        self._append(template.get_prefix_and_suffix(expr.role)[0])
+        self._append(template.get_prefix_and_suffix(expr.role, self.messages_)[0])
         self.cur_role, self.cur_role_begin_pos = expr.role, len(self.text_)
 
     def _execute_roleend(self, expr: ir.RoleEnd) -> None:
         if self.cur_role != expr.role:
             raise ValueError(f"role end {expr.role!r} does not match the open role {self.cur_role!r}")
         content = self.text_[self.cur_role_begin_pos:]
-        self._append(self.chat_template.get_prefix_and_suffix(expr.role)[1])
+        self._append(self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)[1])
         self.messages_.append({"role": expr.role, "content": content})
         self.cur_role = None
 
@@ -236,10 +301,10 @@ class StreamExecutor:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _append(self, text: str, var: str | None = None) -> None:
+    def _append(self, text: str, var: str | None = None, meta: dict | None = None) -> None:
         self.text_ += text
         with self.cond:
-            self.chunks.append((var, text))
+            self.chunks.append((var, text, meta))
             self.cond.notify_all()
 
     def _set_result(self, name: str | None, value: str, meta: dict) -> None:
@@ -252,6 +317,29 @@ class StreamExecutor:
                               stream=self.stream, stream_key=stream_key)
 
 
+_LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs")
+_TOP_KEYS = ("input_top_logprobs", "output_top_logprobs")
+
+
+def _logprob_texts(meta: dict, params: ir.GenParams) -> dict:
+    """SGLang's logprob entries are (logprob, token_id, text) with text None unless the gen asked
+    for return_text_in_logprobs; the runtime always sends the text."""
+    if params.return_text_in_logprobs or not any(k in meta for k in _LOGPROB_KEYS + _TOP_KEYS):
+        return meta
+    meta = dict(meta)
+    for key in _LOGPROB_KEYS:
+        if meta.get(key) is not None:
+            meta[key] = [_no_text(e) for e in meta[key]]
+    for key in _TOP_KEYS:
+        if meta.get(key) is not None:
+            meta[key] = [None if row is None else [_no_text(e) for e in row] for row in meta[key]]
+    return meta
+
+
+def _no_text(entry):
+    return (entry[0], entry[1], None) if entry is not None and len(entry) == 3 else entry
+
+
 def _set_event() -> threading.Event:
     event = threading.Event()
     event.set()
@@ -261,6 +349,17 @@ def _set_event() -> threading.Event:
 def _var_names(expr: ir.Expr) -> list[str]:
     if isinstance(expr, ir.ExprList):
         return [n for e in expr.exprs for n in _var_names(e)]
-    if isinstance(expr, (ir.Gen, ir.Select, ir.VarScopeEnd)) and expr.name is not None:
+    if isinstance(expr, (ir.Gen, ir.Select, ir.VarScopeEnd, ir.SeparateReasoning)) \
+            and expr.name is not None:
         return [expr.name]
+    return []
+
+
+def _separated_names(expr: ir.Expr) -> list[str]:
+    """Variables that a separate_reasoning in expr rewrites: readers wait for the rewrite."""
+    if isinstance(expr, ir.ExprList):
+        return [n for e in expr.exprs for n in _separated_names(e)]
+    if isinstance(expr, ir.SeparateReasoning):
+        subs = expr.expr.exprs if isinstance(expr.expr, ir.ExprList) else [expr.expr]
+        return [e.name for e in subs if isinstance(e, (ir.Gen, ir.Select)) and e.name]
     return []

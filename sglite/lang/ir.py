@@ -15,15 +15,23 @@ from typing import Any
 
 from sglite.choices import ChoicesSamplingMethod, get_choices_method
 
-# SGLang's dtype regexes (gen(dtype=...), gen_int, gen_string).
-REGEX_INT = r"[-+]?[0-9]+"
-REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?"
+# SGLang's dtype regexes (gen(dtype=...), gen_int, gen_string), with SGLang's values for int,
+# float and bool (a number may end in spaces/newlines; gen_int and dtype=int/float also stop at
+# " " and "\n"). REGEX_STR differs on purpose: SGLang's r'"[\w\d\s]*"' cannot write a comma or a
+# hyphen and lets a raw newline into a JSON string; this is a JSON string literal (any character
+# but a quote, backslash or control character, or a JSON escape), so `json.loads` accepts it.
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
 REGEX_BOOL = r"(True|False)"
-REGEX_STRING = r"\"[^\"]*\""
-DTYPE_REGEX = {int: REGEX_INT, float: REGEX_FLOAT, bool: REGEX_BOOL, str: REGEX_STRING,
-               "int": REGEX_INT, "float": REGEX_FLOAT, "bool": REGEX_BOOL, "str": REGEX_STRING}
-# Fields that are request options rather than protocol.SamplingParams fields.
-LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
+REGEX_STR = r'"([^"\\\x00-\x1f]|\\["\\/bfnrt])*"'
+REGEX_STRING = REGEX_STR  # SGLang's older name
+DTYPE_REGEX = {int: REGEX_INT, float: REGEX_FLOAT, bool: REGEX_BOOL, str: REGEX_STR,
+               "int": REGEX_INT, "float": REGEX_FLOAT, "bool": REGEX_BOOL, "str": REGEX_STR}
+DTYPE_STOPS = {int: [" ", "\n"], float: [" ", "\n"], "int": [" ", "\n"], "float": [" ", "\n"]}
+# Fields that are request options or frontend-only, not protocol.SamplingParams fields.
+LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
+                  "return_text_in_logprobs")
+FRONTEND_FIELDS = LOGPROB_FIELDS + ("dtype", "n")
 WIRE_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
 
 
@@ -36,8 +44,10 @@ class GenParams:
 
     max_tokens: int | None = None
     min_tokens: int | None = None
+    n: int | None = None  # samples (gen(n=k): the variable is a list of k texts)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -48,6 +58,7 @@ class GenParams:
     return_logprob: bool | None = None
     logprob_start_len: int | None = None
     top_logprobs_num: int | None = None
+    return_text_in_logprobs: bool | None = None
     dtype: Any = None
     regex: str | None = None
     json_schema: Any = None
@@ -81,19 +92,41 @@ class GenParams:
         out: dict[str, Any] = {}
         for name in self.field_names():
             value = getattr(self, name)
-            if value is not None and name not in LOGPROB_FIELDS and name != "dtype":
+            if value is not None and name not in FRONTEND_FIELDS:
                 out[WIRE_NAMES.get(name, name)] = value
-        if isinstance(out.get("stop"), str):
-            out["stop"] = [out["stop"]]
+        for name in ("stop", "stop_regex"):
+            if isinstance(out.get(name), str):
+                out[name] = [out[name]]
         if self.dtype is not None:
             if self.dtype not in DTYPE_REGEX:
                 raise ValueError(f"unsupported dtype {self.dtype!r}; use int, float, bool or str")
             if self.regex is not None:
                 warnings.warn("both dtype and regex are set; dtype wins (as in SGLang)")
             out["regex"] = DTYPE_REGEX[self.dtype]
+            if self.dtype in DTYPE_STOPS:  # SGLang's _handle_dtype_to_regex
+                out["stop"] = list(out.get("stop", [])) + DTYPE_STOPS[self.dtype]
         if self.json_schema is not None:
             out["json_schema"] = schema_to_json(self.json_schema)
         return out
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming the field for a value the runtime would refuse (negative
+        max_tokens, NaN temperature, ...), where the user wrote it (SGLang's frontend asserts)."""
+        from sglite import protocol
+
+        if self.n is not None and (not isinstance(self.n, int) or isinstance(self.n, bool)
+                                   or self.n < 1):
+            raise ValueError(f"{where}: n must be an integer >= 1, got {self.n!r}")
+        for pattern in _as_list(self.stop_regex):
+            _check_regex(where, pattern, "stop_regex")
+        for name in ("max_tokens", "min_tokens", "top_k", "logprob_start_len", "top_logprobs_num"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not -2**63 <= value < 2**63:
+                raise ValueError(f"{where}: {WIRE_NAMES.get(name, name)} is out of range: {value}")
+        try:
+            protocol.parse_sampling_params(self.to_sampling_params())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def logprob_options(self) -> dict[str, Any]:
         return {"return_logprob": bool(self.return_logprob),
@@ -103,6 +136,19 @@ class GenParams:
 
 def _first(a, b):
     return a if a is not None else b
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _check_regex(where: str, pattern, field: str) -> None:
+    if not isinstance(pattern, str):
+        raise ValueError(f"{where}: {field} must be a string, got {type(pattern).__name__}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: invalid {field} {pattern!r}: {e}") from None
 
 
 def schema_to_json(schema: Any) -> str:
@@ -151,6 +197,10 @@ class ExprList(Expr):
         # Flatten so that long concatenations stay one level deep.
         self.exprs = [e for x in exprs for e in (x.exprs if isinstance(x, ExprList) else [x])]
 
+    @property
+    def expr_list(self) -> list[Expr]:  # SGLang's name
+        return self.exprs
+
     def __repr__(self) -> str:
         return f"ExprList({self.exprs!r})"
 
@@ -166,10 +216,7 @@ class Text(Expr):
 class Gen(Expr):
     def __init__(self, name: str | None, params: GenParams):
         if params.regex is not None:
-            try:
-                re.compile(params.regex)
-            except re.error as e:
-                raise ValueError(f"gen({name!r}): invalid regex {params.regex!r}: {e}") from None
+            _check_regex(f"gen({name!r})", params.regex, "regex")
         self.name, self.params = name, params
 
     def __repr__(self) -> str:
@@ -188,6 +235,40 @@ class Select(Expr):
 
     def __repr__(self) -> str:
         return f"Select({self.name!r}, {self.choices!r})"
+
+
+class SeparateReasoning(Expr):
+    """After `expr` (a gen or select) ran: split its text into the answer (kept in its variable
+    and in the text) and the reasoning (variable `<name>_reasoning_content`), by the reasoning
+    format `model_type` ("deepseek-r1", "qwen3", ...; see reasoning.py). SGLang's shape: it is the
+    second element of the ExprList that `separate_reasoning(expr, model_type)` returns."""
+
+    def __init__(self, model_type: str | None, expr: Expr | None):
+        self.model_type, self.expr = model_type, expr
+        self.name: str | None = None
+        for sub in expr.exprs if isinstance(expr, ExprList) else [expr]:
+            if isinstance(sub, (Gen, Select)):
+                self.name = self.process_name_for_reasoning(sub.name)
+
+    @staticmethod
+    def process_name_for_reasoning(name: str | None) -> str:
+        if not name:
+            raise ValueError("separate_reasoning needs a named gen or select")
+        return f"{name}_reasoning_content"
+
+    def __repr__(self) -> str:
+        return f"SeparateReasoning(model_type={self.model_type}, name={self.name})"
+
+
+class Image(Expr):
+    """sgl.image(path) / sgl.video(path, num_frames): the interpreter refuses them while no
+    served model takes images (the error names the model)."""
+
+    def __init__(self, path, num_frames: int | None = None):
+        self.path, self.num_frames = path, num_frames
+
+    def __repr__(self) -> str:
+        return f"Image({self.path!r})"
 
 
 class RoleBegin(Expr):

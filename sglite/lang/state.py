@@ -85,9 +85,25 @@ class ProgramState:
 
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
         """With stream=True: the text (or one variable's text) as it arrives; else the final value."""
+        for chunk, _ in self._chunks(var_name):
+            yield chunk
+
+    async def text_async_iter(self, var_name: str | None = None, return_meta_data: bool = False):
+        """text_iter for asyncio; with return_meta_data, (chunk, meta_info) pairs: the meta info
+        that arrived with the chunk (the last one is complete). SGLang yields bare values when not
+        streaming even with return_meta_data; here the pairs come either way."""
+        loop, end = asyncio.get_running_loop(), object()
+        it = self._chunks(var_name)
+        while (item := await loop.run_in_executor(None, next, it, end)) is not end:
+            yield item if return_meta_data else item[0]
+
+    def _chunks(self, var_name: str | None):
         ex = self.executor
         if not ex.stream:
-            yield self[var_name] if var_name is not None else self.text()
+            if var_name is None:
+                yield self.text(), None
+            else:
+                yield self[var_name], ex.meta_info.get(var_name)
             return
         pos = 0
         while True:
@@ -96,19 +112,13 @@ class ProgramState:
                     ex.cond.wait(timeout=1.0)
                 new, pos = ex.chunks[pos:], len(ex.chunks)
                 done = ex.is_finished or _var_done(ex, var_name)
-            for var, text in new:
-                if var_name is None or var == var_name:
-                    yield text
+            for var, text, meta in new:
+                if text and (var_name is None or var == var_name):
+                    yield text, meta
             if done and pos >= len(ex.chunks):
                 break
         if ex.error_ is not None:
             raise RuntimeError(f"the program failed: {ex.error_}") from ex.error_
-
-    async def text_async_iter(self, var_name: str | None = None):
-        loop, end = asyncio.get_running_loop(), object()
-        it = self.text_iter(var_name)
-        while (chunk := await loop.run_in_executor(None, next, it, end)) is not end:
-            yield chunk
 
     def __repr__(self) -> str:
         return f"ProgramState({self.executor.text_!r})"

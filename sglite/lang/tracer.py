@@ -208,11 +208,15 @@ class TracerProgramState:
         elif isinstance(expr, ir.RoleBegin):
             self._role_begin(expr.role)
         elif isinstance(expr, ir.RoleEnd):
-            self._fill(self.chat_template.get_prefix_and_suffix(expr.role)[1])
+            self._fill(self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)[1])
             self.messages_.append({"role": expr.role, "content": ""})
             self.cur_role = None
         elif isinstance(expr, ir.VarScopeEnd):
             self.variables[expr.name] = self.last_node
+        elif isinstance(expr, ir.SeparateReasoning):
+            node = self._add("separate_reasoning", expr=expr, detail=str(expr.model_type))
+            if expr.name is not None:
+                self.variables[expr.name] = node
         elif not isinstance(expr, ir.VarScopeBegin):
             self._add(type(expr).__name__.lower(), expr=expr)
 
@@ -223,7 +227,7 @@ class TracerProgramState:
         if not self.messages_ and role != "system" and template.default_system_text:
             self._fill(template.default_system_text)
             self.messages_.append({"role": "system", "content": template.default_system_prompt or ""})
-        self._fill(template.get_prefix_and_suffix(role)[0])
+        self._fill(template.get_prefix_and_suffix(role, self.messages_)[0])
         self.cur_role = role
 
     # ---- inspection ------------------------------------------------------------------------

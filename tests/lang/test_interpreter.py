@@ -119,7 +119,7 @@ def test_sampling_precedence_and_constraints(backend):
              if n.kind == "gen"]
     assert nodes[0].sampling_params == {"max_new_tokens": 3, "temperature": 0.5}
     assert nodes[1].sampling_params == {"max_new_tokens": 9, "temperature": 0.0,
-                                        "regex": ir.REGEX_INT}
+                                        "regex": ir.REGEX_INT, "stop": [" ", "\n"]}  # SGLang's
     assert json.loads(nodes[2].sampling_params["json_schema"])["properties"]["name"]
     assert nodes[3].sampling_params["grammar"] == 'start: "x"'
     assert nodes[4].sampling_params["regex"] == ir.REGEX_FLOAT

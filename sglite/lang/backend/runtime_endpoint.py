@@ -55,7 +55,8 @@ class RuntimeEndpoint(BaseBackend):
 
     def generate(self, text: str, params: GenParams, *, stream: bool = False,
                  ) -> Iterator[tuple[str, dict[str, Any]]]:
-        req = protocol.GenerateReq(rid=self.client.new_rid("gen"), text=text, stream=stream,
+        req = protocol.GenerateReq(rid=self.client.new_rid("gen"), text=_utf8(text),
+                                   stream=stream,
                                    sampling_params=params.to_sampling_params(),
                                    **params.logprob_options())
         q = self.client.request(req)
@@ -73,7 +74,8 @@ class RuntimeEndpoint(BaseBackend):
     def score(self, text: str, choices: list[str], *, unconditional: bool = False,
               ) -> protocol.ScoreOut:
         return _check(self.client.call(protocol.ScoreReq(
-            rid=self.client.new_rid("score"), text=text, choices=choices,
+            rid=self.client.new_rid("score"), text=_utf8(text),
+            choices=[_utf8(c) for c in choices],
             unconditional=unconditional)))
 
     def cache_prefix(self, text: str) -> None:
@@ -122,6 +124,18 @@ class Runtime(RuntimeEndpoint):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _utf8(text: str) -> str:
+    """The wire carries UTF-8: a lone surrogate (e.g. half of an emoji cut from a UTF-16 string)
+    fails this program's request with a message that says where, not the encoder deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the prompt holds a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start} (...{text[max(0, e.start - 20):e.start]!r}); it cannot be "
+                         f"sent as UTF-8") from None
+    return text
 
 
 def _check(msg):
