@@ -221,3 +221,26 @@ def test_image_raises_this_model_takes_no_images(backend):
     state = image_qa.run("What is this?", backend=backend)
     assert "takes no images" in str(state.error())
     assert backend.requests == []
+
+
+def test_choice_methods_on_sglang_shaped_logprobs():
+    """SGLang's test_choices shape: [logprob, token_id, text] lists, an unconditional first
+    token of None; the methods are importable from SGLang's module path."""
+    from sglite.lang.choices import (greedy_token_selection, token_length_normalized,
+                                     unconditional_likelihood_normalized)
+
+    data = {"choices": ["cat", "catalog", "dog"],
+            "normalized_prompt_logprobs": [-0.2, -0.15, -0.3],
+            "input_token_logprobs": [[[-0.2, 1, None]], [[-0.2, 1, None], [-0.1, 2, None]],
+                                     [[-0.5, 3, None], [-0.1, 4, None]]],
+            "output_token_logprobs": [[], [], []],
+            "unconditional_token_logprobs": [[[None, 1, None]], [[None, 1, None], [-2.0, 2, None]],
+                                             [[None, 3, None], [-0.1, 4, None]]]}
+    assert token_length_normalized(**data).decision == "catalog"
+    greedy = greedy_token_selection(**data)  # ties at token 0; "cat" pads with its mean -0.2
+    assert greedy.decision == "catalog"
+    assert greedy.meta_info["greedy_logprob_matrix"][0] == [-0.2, -0.2]
+    uncond = unconditional_likelihood_normalized(**data)
+    assert uncond.decision == "catalog"  # -0.15 - (-1.0) beats -0.2 - 0 and -0.3 - (-0.05)
+    assert uncond.meta_info["normalized_unconditional_prompt_logprobs"] == pytest.approx(
+        [-0.2, 0.85, -0.25])
