@@ -20,7 +20,8 @@ TIMEOUT = datetime.timedelta(minutes=10)
 
 def make_store(rank: int, world: int, port: int = 0) -> dist.TCPStore:
     """Rank 0 hosts the store (port 0: a free one, read back as store.port); the others join it."""
-    return dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=TIMEOUT)
+    # the host does not wait for the others here: it starts them after it knows its port
+    return dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=TIMEOUT, wait_for_workers=False)
 
 
 class TPGroup:

@@ -113,18 +113,18 @@ def _spawn_workers(init_args: dict, device: torch.device, port: int) -> list:
             args["device"] = f"cuda:{(device.index or 0) + rank}"
         else:
             args["device"] = str(device)
-        p = ctx.Process(target=_worker_main, args=(args, port, os.getpid()), daemon=True,
+        p = ctx.Process(target=_worker_main, args=(args, port, os.getpid(), torch.get_num_threads()),
+                        daemon=True,
                         name=f"sglite-tp{rank}")
         p.start()
         procs.append(p)
     return procs
 
 
-def _worker_main(init_args: dict, port: int, parent_pid: int) -> None:
+def _worker_main(init_args: dict, port: int, parent_pid: int, num_threads: int) -> None:
     global _worker_port
     _watch_parent(parent_pid)
-    if init_args.get("num_threads"):
-        torch.set_num_threads(init_args["num_threads"])
+    torch.set_num_threads(num_threads)  # as many as rank 0 runs with
     _worker_port = port
     from sglite.runtime.executor.model_runner import ModelRunner
 

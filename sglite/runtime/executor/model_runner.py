@@ -57,7 +57,10 @@ class ModelRunner:
         cuda_graph_max_bs: int | None = None,  # None: max_running_requests, at most 512
         quantization: str | None = None,  # "fp8"; None: the checkpoint's own (quantization_config)
         kv_cache_dtype: str = "auto",  # "auto" (the model's dtype) | "fp8_e4m3"
+        tp_size: int = 1,  # tensor parallelism: rank 0 spawns ranks 1..tp_size-1 (sglite.runtime.distributed)
+        tp_rank: int = 0,
     ):
+        init_args = {k: v for k, v in locals().items() if k != "self"}  # what the other ranks build
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
@@ -67,6 +70,11 @@ class ModelRunner:
         )
         self.kv_dtype = resolve_kv_dtype(kv_cache_dtype, self.dtype)
         self.model = self._load_model(load_format, seed, quantization)
+        self.tp = None
+        if tp_size > 1:  # shard the model; model_config becomes this rank's view (its heads)
+            from sglite.runtime.distributed import start_tensor_parallel
+
+            self.tp = start_tensor_parallel(self, init_args)
         self.kv_cache = self._make_kv_cache(max_total_tokens, kv_memory_bytes)
         self.token_pool = (TokenPool(self.kv_cache.capacity) if page_size == 1
                            else PagedTokenPool(self.kv_cache.capacity, page_size))
@@ -282,6 +290,8 @@ class ModelRunner:
                 kv_memory_bytes = int(free * _GPU_KV_FRACTION)
             else:
                 kv_memory_bytes = _CPU_KV_BYTES
+        if self.tp is not None and kv_memory_bytes is not None:  # the same slots on every rank
+            kv_memory_bytes = self.tp.group.min_int(kv_memory_bytes)
         return KVCache.for_model(
             self.model_config, dtype=self.kv_dtype, device=self.device,
             max_total_tokens=max_total_tokens, kv_memory_bytes=kv_memory_bytes,
