@@ -65,6 +65,7 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = None  # None: max_running_requests, at most 512
     num_threads: int | None = None  # torch CPU threads; None: torch's default
     dp_size: int = 1  # data parallelism: N replicas behind a cache-aware router (runtime/router)
+    tp_size: int = 1  # tensor parallelism: one process per rank (runtime/distributed)
 
     def __post_init__(self):
         # unset knobs take the device's defaults; frozen, hence object.__setattr__
@@ -92,6 +93,8 @@ class ServerArgs:
             raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.address is not None and not self.address.startswith(("ipc://", "tcp://")):
             raise ValueError(f"address must be ipc://... or tcp://..., got {self.address!r}")
         if self.auth_token is None and os.environ.get(AUTH_TOKEN_ENV):
@@ -193,6 +196,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-size", type=int, default=d.dp_size,
                    help="data parallelism: N runtime replicas behind a router that sends each "
                    "request to the replica caching its longest prefix, balanced against load")
+    p.add_argument("--tp-size", type=int, default=d.tp_size,
+                   help="tensor parallelism: the model's heads, MLP and vocabulary split over N "
+                   "ranks (one process each; NCCL on CUDA, gloo on the CPU)")
     return p
 
 

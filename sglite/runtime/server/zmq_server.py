@@ -179,7 +179,7 @@ def serve(args: ServerArgs) -> None:
         max_running_requests=args.max_running_requests, max_context_len=args.context_length,
         page_size=args.page_size, seed=args.seed, disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs, quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype)
+        kv_cache_dtype=args.kv_cache_dtype, tp_size=args.tp_size)
     grammar_cache = None
     if runner.tokenizer is not None:
         from sglite.runtime.sampling.constrained import GrammarCache
