@@ -6,9 +6,10 @@ matching input columns, then a sum over ranks), the embedding and the LM head vo
 rank holds a contiguous slice of the vocabulary, padded to a common size; lookups are summed over
 ranks, logits gathered). Every rank ends with the same full hidden states and full logits.
 
-Heads: rank r keeps query heads [r * H/N, (r + 1) * H/N). KV heads are split the same way when
-there are at least as many as ranks, else replicated: each rank keeps the one KV head its query
-heads read (GQA groups never straddle ranks).
+Heads (head_shard): whole GQA groups per rank when there are at least as many KV heads as ranks
+(as even as they go, so 9 heads / 3 KV heads run on 2 ranks), else each KV head replicated on the
+ranks that split its query heads; a group never straddles ranks. The MLP splits as evenly as it
+goes too. Ranks with fewer heads hold the same KV slots (ModelRunner agrees on the pool size).
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ class HeadShard:
 
 
 def head_shard(num_heads: int, num_kv_heads: int, rank: int, world: int) -> HeadShard:
-    if num_heads % world:
-        raise ValueError(f"tp size {world} must divide the {num_heads} attention heads")
-    if num_kv_heads % world and world % num_kv_heads:
-        raise ValueError(f"tp size {world} and the {num_kv_heads} KV heads must divide one another")
-    heads = num_heads // world
+    """With at least as many KV heads as ranks, each rank takes whole GQA groups (a KV head and
+    its query heads), as evenly as they go: 3 KV heads over 2 ranks give 2 and 1 (SmolLM2's 9
+    heads: 6 and 3). With fewer, each KV head is replicated on world / num_kv_heads ranks, which
+    split its group's query heads evenly."""
+    group = num_heads // num_kv_heads
     if num_kv_heads >= world:
-        kv = num_kv_heads // world
-        return HeadShard(rank * heads, heads, rank * kv, kv)
+        base, extra = divmod(num_kv_heads, world)
+        kv_start, kv = rank * base + min(rank, extra), base + (rank < extra)
+        return HeadShard(kv_start * group, kv * group, kv_start, kv)
+    if world % num_kv_heads or num_heads % world:
+        raise ValueError(f"tp size {world} over {num_kv_heads} KV heads must be a multiple of them "
+                         f"and divide the {num_heads} attention heads")
+    heads = num_heads // world
     return HeadShard(rank * heads, heads, rank // (world // num_kv_heads), 1)  # KV replicated
 
 
@@ -63,12 +69,12 @@ def shard_config(config: ModelConfig, rank: int, world: int) -> ModelConfig:
 
 
 class RowParallel(nn.Module):
-    """A linear whose input features are split over ranks: this rank's partial product, summed
-    over ranks; the bias (if any) added once, after the sum."""
+    """A linear whose input features are split over ranks (this rank's: [lo, hi)): its partial
+    product, summed over ranks; the bias (if any) added once, after the sum."""
 
-    def __init__(self, linear: nn.Module, group: Collectives):
+    def __init__(self, linear: nn.Module, cols: tuple[int, int], group: Collectives):
         super().__init__()
-        lo, hi = _split(linear.in_features, group)
+        lo, hi = cols
         self.weight = nn.Parameter(linear.weight.data[:, lo:hi].contiguous(), requires_grad=False)
         self.bias = linear.bias
         self.in_features, self.out_features = hi - lo, linear.out_features
@@ -114,7 +120,7 @@ def shard_model(model: nn.Module, group: Collectives) -> nn.Module:
         inter = mlp.gate_up_proj.shard_sizes["gate_proj"]
         lo, hi = _split(inter, group)
         _keep_rows(mlp.gate_up_proj, {"gate_proj": (lo, hi), "up_proj": (lo, hi)})
-        mlp.down_proj = RowParallel(mlp.down_proj, group)
+        mlp.down_proj = RowParallel(mlp.down_proj, (lo, hi), group)
     embed = VocabParallelEmbedding(model.model.embed_tokens, group)
     model.model.embed_tokens = embed
     if model.lm_head is not None:
@@ -141,8 +147,7 @@ def _shard_attention(attn: nn.Module, s: HeadShard, group: Collectives) -> None:
     if attn.produces_kv:
         rows["k"] = rows["v"] = (s.kv_start * d, (s.kv_start + s.num_kv_heads) * d)
     _keep_rows(attn.qkv_proj, rows)
-    # o_proj's inputs are the query heads: its even split is exactly this rank's heads
-    attn.o_proj = RowParallel(attn.o_proj, group)
+    attn.o_proj = RowParallel(attn.o_proj, rows["q"], group)  # its inputs are the query heads
     attn.num_heads, attn.num_kv_heads = s.num_heads, s.num_kv_heads
     attn.attn = dataclasses.replace(attn.attn, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads)
 
@@ -167,10 +172,10 @@ def _keep_rows(linear: MergedLinear, rows: dict[str, tuple[int, int]]) -> None:
 
 
 def _split(n: int, group: Collectives) -> tuple[int, int]:
-    if n % group.world:
-        raise ValueError(f"tp size {group.world} must divide {n}")
-    part = n // group.world
-    return group.rank * part, (group.rank + 1) * part
+    """Rank's part [lo, hi) of n, the first n % world ranks one longer."""
+    base, extra = divmod(n, group.world)
+    lo = group.rank * base + min(group.rank, extra)
+    return lo, lo + base + (group.rank < extra)
 
 
 def _vocab_rows(weight: torch.Tensor, start: int, rows: int) -> torch.Tensor:

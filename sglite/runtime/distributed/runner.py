@@ -65,6 +65,16 @@ class TensorParallel:
     def world(self) -> int:
         return self.group.world
 
+    def agree_kv_tokens(self, config, kv_dtype, max_total_tokens: int | None,
+                        kv_memory_bytes: int | None) -> int:
+        """The KV pool size in tokens that every rank holds: the smallest rank's (ranks' heads,
+        and on CUDA their free memory, may differ; rank 0's slots must exist on every rank)."""
+        from sglite.runtime.mem.kv_cache import bytes_per_token
+
+        if max_total_tokens is None:
+            max_total_tokens = kv_memory_bytes // bytes_per_token(config, kv_dtype) - 1
+        return self.group.min_int(max_total_tokens)
+
     def close(self) -> None:
         """Rank 0: tell the workers to stop and reap them."""
         if self._closed or self.rank != 0:

@@ -290,8 +290,9 @@ class ModelRunner:
                 kv_memory_bytes = int(free * _GPU_KV_FRACTION)
             else:
                 kv_memory_bytes = _CPU_KV_BYTES
-        if self.tp is not None and kv_memory_bytes is not None:  # the same slots on every rank
-            kv_memory_bytes = self.tp.group.min_int(kv_memory_bytes)
+        if self.tp is not None:  # the same slots on every rank (their heads may differ)
+            max_total_tokens = self.tp.agree_kv_tokens(self.model_config, self.kv_dtype,
+                                                       max_total_tokens, kv_memory_bytes)
         return KVCache.for_model(
             self.model_config, dtype=self.kv_dtype, device=self.device,
             max_total_tokens=max_total_tokens, kv_memory_bytes=kv_memory_bytes,

@@ -2,7 +2,8 @@
 shards the same tiny model for its rank, and the sharded forwards (an extend batch, a decode
 batch over its KV) give the unsharded model's logits on every rank. Cases: KV heads split
 (tiny: 4 heads, 2 KV heads), KV heads replicated (1 KV head for 2 ranks) with an untied LM head
-and a vocabulary that does not divide by the ranks (padded slices)."""
+and a vocabulary that does not divide by the ranks (padded slices), and uneven ranks (3 GQA
+groups: 2 on rank 0, 1 on rank 1, as SmolLM2's 9 heads / 3 KV heads; an MLP of odd width)."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from sglite.runtime.distributed.layers import head_shard
 CASES = {
     "kv split, tied": {},
     "kv replicated, untied, odd vocab": dict(num_kv_heads=1, tie_word_embeddings=False, vocab_size=509),
+    "uneven: 3 GQA groups, odd MLP": dict(num_heads=6, num_kv_heads=3, intermediate_size=130),
 }
 
 
@@ -53,6 +55,7 @@ def _rank_main(rank, world, port):
         runner.attn_backend = create_attention_backend("torch", kv_cache=runner.kv_cache,
                                                        model_config=local, device="cpu")
         assert runner.kv_cache.num_kv_heads == local.num_kv_heads < 3
+        assert sum(group.all_reduce(torch.tensor([local.num_heads]))) == runner.model.config.num_heads
         got = _forwards(runner, prompts)
         for want, have in zip(ref, got):
             assert have.shape == want.shape == (len(prompts), vocab)
@@ -71,6 +74,9 @@ def test_head_shard_split_and_replicated():
     # 2 KV heads over 4 ranks: ranks 0, 1 read KV head 0, ranks 2, 3 KV head 1
     s = [head_shard(8, 2, r, 4) for r in range(4)]
     assert [(x.q_start, x.kv_start, x.num_kv_heads) for x in s] == [(0, 0, 1), (2, 0, 1), (4, 1, 1), (6, 1, 1)]
-    for q_heads, kv_heads, world in [(9, 3, 2), (8, 3, 4), (8, 8, 3)]:
+    # 3 GQA groups of 3 (SmolLM2-135M) over 2 ranks: 2 groups and 1
+    s = [head_shard(9, 3, r, 2) for r in range(2)]
+    assert [(x.q_start, x.num_heads, x.kv_start, x.num_kv_heads) for x in s] == [(0, 6, 0, 2), (6, 3, 2, 1)]
+    for q_heads, kv_heads, world in [(6, 3, 4), (4, 2, 8)]:
         with pytest.raises(ValueError, match="tp size"):
             head_shard(q_heads, kv_heads, 0, world)
