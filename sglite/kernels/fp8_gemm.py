@@ -95,12 +95,16 @@ def _w8a16_kernel(
         # products summed elementwise, the tile reduced once after the loop: a reduction per
         # step (shuffles, a barrier) stalled the loads (H200: 0.9-1.4 TB/s at N = 4096-6144)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k
+        # runs of 8 along K: 8-byte weight and 16-byte x loads then share one layout (16-byte
+        # weight loads put each step's x through shared memory: 4 barriers per step in the SASS)
+        offs_k8 = tl.max_contiguous(offs_k, 8)
+        w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k8[None, :]
+        x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k8[None, :]
         for k0 in range(0, K, BLOCK_K):
             mask_k = k0 + offs_k < K
-            x = tl.load(x_ptrs + k0, mask=mask_k, other=0.0).to(tl.float32)
+            x = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0).to(tl.float32)
             w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc2 += w * x[None, :]
+            acc2 += w * x
         out = tl.sum(acc2, 1) * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)
         if HAS_BIAS:
             out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)
