@@ -81,6 +81,7 @@ def test_killed_non_streaming_client_frees_its_kv_within_2s(tiny_runtime, make_c
             victim.kill()
         victim.stdout.close()
     assert after, "the killed client's requests still hold KV after 10 s"
+    print(f"killed client: {_in_use(running)} KV slots back {elapsed:.3f} s after the SIGKILL")
     assert elapsed < 2.0, f"KV back to idle only {elapsed:.2f} s after the kill"
     # aborted, not finished: the requests had far more tokens to go
     assert after["num_decode_tokens"] - idle["num_decode_tokens"] < NUM_REQS * MAX_NEW // 2
@@ -122,6 +123,7 @@ def test_attached_endpoint_sees_a_frozen_runtime_by_heartbeats(tiny_runtime, mak
         error, elapsed = _long_request_then(endpoint, lambda: rt.proc.send_signal(signal.SIGSTOP))
         assert isinstance(error, sgl.RuntimeDied) and "heartbeat" in str(error), error
         assert elapsed < 5.0, f"the waiter raised {elapsed:.1f} s after the runtime froze"
+        print(f"frozen runtime: the attached waiter raised {elapsed:.3f} s after the SIGSTOP")
     finally:
         rt.proc.send_signal(signal.SIGCONT)
         endpoint.shutdown()
@@ -137,6 +139,7 @@ def test_attached_endpoint_sees_a_killed_runtime_within_5s(tiny_runtime):  # (en
         error, elapsed = _long_request_then(endpoint, lambda: rt.proc.send_signal(signal.SIGKILL))
         assert isinstance(error, sgl.RuntimeDied), error
         assert elapsed < 5.0, f"the waiter raised {elapsed:.1f} s after the kill"
+        print(f"killed runtime: the attached waiter raised {elapsed:.3f} s after the SIGKILL")
         with pytest.raises(sgl.RuntimeDied):  # later calls fail at once
             endpoint.get_server_info()
     finally:
