@@ -120,8 +120,7 @@ class RequestHandler:
         if text is not None:
             # sizes first: an 18 MB text is refused here, not after seconds of tokenizing
             if self.tokenizer is not None and len(text) >= self.max_seq_len * self.max_token_chars:
-                raise self._too_long(len(text) // self.max_token_chars,
-                                     f" ({len(text)} characters)")
+                raise self._too_long(len(text) // self.max_token_chars, num_chars=len(text))
             ids = self.tokenize(text)
         else:
             if len(input_ids) >= self.max_seq_len:
@@ -137,16 +136,17 @@ class RequestHandler:
             raise self._too_long(len(ids))
         return ids
 
-    def _too_long(self, num_tokens: int, at_least: str = "") -> ValueError:
+    def _too_long(self, num_tokens: int, *, num_chars: int | None = None) -> ValueError:
         """Names the limit that binds: the model's context, or a KV pool smaller than it."""
         # (the runner caps its context at the pool when no context_length was given)
         model_ctx = self.runner.model_config.max_position_embeddings
         pool = self.scheduler.cache.num_total
-        count = f"at least {num_tokens}{at_least}" if at_least else str(num_tokens)
+        count = (f"at least {num_tokens} tokens ({num_chars} characters)" if num_chars
+                 else f"{num_tokens} tokens")
         limit = (f"the KV pool holds only {pool} tokens (max_total_tokens; the model's context "
                  f"length is {model_ctx})" if pool <= self.max_seq_len and pool < model_ctx
                  else f"the context length is {self.max_seq_len}")
-        return ValueError(f"the prompt has {count} tokens; {limit}, and a request needs its "
+        return ValueError(f"the prompt has {count}; {limit}, and a request needs its "
                           "prompt plus at least one new token")
 
     @functools.cached_property
