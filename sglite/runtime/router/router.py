@@ -56,6 +56,7 @@ class Replica(ReplicaState):
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.socket.connect(address)
         self.closed = False
+        self.death: str | None = None  # why it is dead
 
     @property
     def name(self) -> str:
@@ -138,10 +139,14 @@ class Router:
             self.close()
 
     def close(self) -> None:
+        owned = [r.process for r in self.replicas if r.process is not None]
+        for p in owned:  # all at once: each takes up to a scheduler step to stop
+            if p.is_alive():
+                p.proc.terminate()
         for r in self.replicas:
             r.close()
-            if r.process is not None:
-                r.process.shutdown()
+        for p in owned:
+            p.shutdown()
         self.peers.close()
         self.front.close(linger=0)
         self.ctx.term()
@@ -279,7 +284,7 @@ class Router:
                "num_routed": r.num_routed, "num_cache_routed": r.num_cache_routed,
                "tree_size": r.tree_size}
         if info is None:
-            own["error"] = _describe(replies.get(r.index)) if r.index in replies else "dead"
+            own["error"] = r.death or _describe(replies.get(r.index))
             return own
         return {**info, **own}
 
@@ -330,7 +335,7 @@ class Router:
         if r.process is not None and not r.process.is_alive():
             reason = f"its process exited with code {r.process.proc.returncode} " \
                      f"(log: {r.process.log_path})"
-        message = f"{r.name} died: {reason}"
+        message = r.death = f"{r.name} died: {reason}"
         logger.error("%s; %d request(s) lost", message, r.load)
         for rid in [rid for rid, p in self.pending.items() if p.replica is r]:
             p = self.pending[rid]

@@ -1,0 +1,152 @@
+"""Issue 21, data parallelism: `sgl.Runtime(dp_size=2)` is a router process in front of two
+runtime replicas. It answers a batch of shared-prefix programs (`run_batch`) with one runtime's
+greedy text, keeps each shared prefix on one replica (cache hits per request not lower than one
+runtime's), gets an abort to the replica that holds the request, and when a replica is killed
+fails that replica's requests with an error naming it while the other keeps serving.
+
+The model is a tiny random Llama with a small trained tokenizer (tests/runtime/models/family.py),
+so that three runtimes start and serve text in seconds on two CPU cores; the one-runtime baseline
+runs the same folder with the same arguments."""
+
+import os
+import signal
+import time
+
+import pytest
+
+import sglite as sgl
+from sglite import protocol
+
+transformers = pytest.importorskip("transformers")
+
+RUNTIME_ARGS = dict(dtype="float32", max_total_tokens=8192, max_running_requests=16,
+                    log_interval=0)
+
+# Plain text, no chat template: the two documents share no first token and the questions of one
+# document share nothing past "\nQ:", so every program after the first of its document reuses
+# exactly the document's tokens, on one runtime and on dp 2 alike, whatever the arrival order.
+DOCS = [
+    "The cats: Mira keeps three cats named Ash, Juniper and Pip in a blue house by the harbour, and every "
+    "morning she walks them along the old stone pier before the fishing boats come in.",
+    "Write down the snack: toast two slices of rye bread, spread them with butter, add thin slices "
+    "of radish and a pinch of salt, and serve them at once with a pot of black tea.",
+]
+QUESTIONS = ["who is mentioned?", "name one colour.", "sum it up in five words."]
+
+
+@sgl.function
+def ask(s, doc, question):
+    s += doc + "\nQ: " + question + "\nA:"
+    s += sgl.gen("answer", max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.runtime.models import family
+
+    config = transformers.LlamaConfig(
+        vocab_size=family.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    folder, _, _ = family.save_model(tmp_path_factory.mktemp("dp-llama"), config, "chatml")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_runtime(tiny_model):
+    rt = sgl.Runtime(tiny_model, launch_timeout=300, **RUNTIME_ARGS)
+    yield rt
+    rt.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dp_runtime(tiny_model):
+    rt = sgl.Runtime(tiny_model, dp_size=2, launch_timeout=300, **RUNTIME_ARGS)
+    yield rt
+    rt.shutdown()
+
+
+def _batch():
+    return [{"doc": d, "question": q} for d in DOCS for q in QUESTIONS]
+
+
+def _cached_per_request(backend, run):
+    before = backend.get_server_info()
+    states = run()
+    after = backend.get_server_info()
+    num = after["num_requests"] - before["num_requests"]
+    assert num == len(states)
+    return states, (after["num_cached_tokens"] - before["num_cached_tokens"]) / num, before, after
+
+
+def test_dp2_answers_shared_prefix_programs_with_one_runtimes_text_and_cache(
+        dp_runtime, single_runtime):
+    ref, ref_cached, _, _ = _cached_per_request(
+        single_runtime, lambda: ask.run_batch(_batch(), backend=single_runtime))
+    out, dp_cached, before, after = _cached_per_request(
+        dp_runtime, lambda: ask.run_batch(_batch(), backend=dp_runtime))
+    for r, o in zip(ref, out):
+        assert r.error() is None and o.error() is None
+        assert o["answer"] == r["answer"]
+    assert after["dp_size"] == 2 and len({r["pid"] for r in after["replicas"]}) == 2
+    # each document's three programs went to one replica (one prefix miss each), not split
+    per_replica = [a["num_requests"] - b["num_requests"]
+                   for a, b in zip(after["replicas"], before["replicas"])]
+    assert sorted(per_replica) == [3, 3]
+    assert dp_cached >= ref_cached > 0
+    print(f"cached tokens per request: dp 2 {dp_cached:.1f}, one runtime {ref_cached:.1f}")
+
+
+def _client(make_client, rt):
+    return make_client(rt.address, alive=rt.process.is_alive, timeout=120)
+
+
+def _long(client, text, max_new_tokens=2000):
+    rid = client.new_rid()
+    client.send(protocol.GenerateReq(rid=rid, text=text, stream=True, sampling_params={
+        "max_new_tokens": max_new_tokens, "ignore_eos": True, "temperature": 0}))
+    return rid
+
+
+def test_abort_reaches_the_replica(dp_runtime, make_client):
+    c = _client(make_client, dp_runtime)
+    rid = _long(c, DOCS[0])
+    first = c.recv()
+    assert first.rid == rid and not isinstance(first, protocol.ErrorOut), first
+    c.send(protocol.AbortReq(rid=rid))
+    while True:
+        reply = c.recv()
+        assert reply.rid == rid and isinstance(reply, protocol.GenerateOut), reply
+        if reply.finished:
+            break
+    assert reply.meta_info["finish_reason"]["type"] == "abort"
+    assert reply.meta_info["completion_tokens"] < 2000
+    deadline = time.monotonic() + 10
+    while (info := c.info())["num_running_reqs"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert info["num_running_reqs"] == 0 and all(r["load"] == 0 for r in info["replicas"])
+
+
+def test_killed_replica_fails_its_requests_by_name_and_the_other_serves(dp_runtime, make_client):
+    """(last in this module: it leaves the dp runtime with one replica)"""
+    c, probe = _client(make_client, dp_runtime), _client(make_client, dp_runtime)
+    rids = [_long(c, doc) for doc in DOCS]  # one prefix each: one per replica
+    seen = set()
+    while len(seen) < 2:  # both are decoding
+        seen.add(c.recv().rid)
+    info = probe.info()  # (c's streams would interleave with the answer)
+    assert [r["load"] for r in info["replicas"]] == [1, 1]
+    victim = info["replicas"][1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    while not isinstance(reply := c.recv(), protocol.ErrorOut):
+        assert reply.rid in rids and not reply.finished
+    assert f"replica 1 ({victim['address']}) died" in reply.message
+    survivor = next(r for r in rids if r != reply.rid)
+    c.send(protocol.AbortReq(rid=survivor))  # still decoding on replica 0, which answers
+    result = c.collect([survivor])[survivor]
+    assert result["error"] is None and result["meta_info"]["finish_reason"]["type"] == "abort"
+    # new requests go to the survivor; info says which replica is gone
+    again = c.generate(DOCS[1], sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert again["error"] is None and again["meta_info"]["completion_tokens"] == 4
+    info = c.info()
+    assert [r["alive"] for r in info["replicas"]] == [True, False]
+    assert "died" in info["replicas"][1]["error"]
