@@ -15,6 +15,7 @@ _EXPORTS = {
     "JumpForward": "jump",
     "jump_forward": "jump",
     "GrammarState": "state",
+    "accept_tokens": "state",
     "allocate_bitmask": "state",
     "apply_bitmask": "state",
     "bitmask_to_bool": "state",
