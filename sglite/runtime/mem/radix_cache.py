@@ -251,12 +251,23 @@ class NoReuseCache(RadixCache):
 
 
 def _common_len(node_key: list[int], key: list[int], pos: int) -> int:
-    """Length of the common prefix of node_key and key[pos:]."""
+    """Length of the common prefix of node_key and key[pos:]. Slice comparisons run in C: the
+    whole overlap first (the usual case: a shared prompt), then a bisection down to a short tail
+    (a per-token Python loop over 1200-token keys was 1.5 s of a 100-program select's host time)."""
     n = min(len(node_key), len(key) - pos)
-    for i in range(n):
+    if node_key[:n] == key[pos: pos + n]:
+        return n
+    lo, hi = 0, n  # node_key[:lo] matches; the first mismatch is in [lo, hi)
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        if node_key[lo:mid] == key[pos + lo: pos + mid]:
+            lo = mid
+        else:
+            hi = mid
+    for i in range(lo, hi):
         if node_key[i] != key[pos + i]:
             return i
-    return n
+    return hi
 
 
 def _reusable_len(node: TreeNode, key: list[int], pos: int) -> int:

@@ -236,3 +236,21 @@ RadixMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestRadixMachine = RadixMachine.TestCase
+
+
+def test_common_len_matches_a_token_by_token_scan():
+    import random
+
+    from sglite.runtime.mem.radix_cache import _common_len
+
+    def scan(a, b, pos):
+        n = min(len(a), len(b) - pos)
+        return next((i for i in range(n) if a[i] != b[pos + i]), n)
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = [rng.randint(0, 3) for _ in range(rng.randint(0, 200))]
+        pos = rng.randint(0, 20)
+        b = ([rng.randint(0, 3) for _ in range(pos)] + a[: rng.randint(0, len(a))]
+             + [rng.randint(0, 3) for _ in range(rng.randint(0, 30))])
+        assert _common_len(a, b, pos) == scan(a, b, pos)
