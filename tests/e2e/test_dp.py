@@ -5,8 +5,8 @@ runtime's), gets an abort to the replica that holds the request, and when a repl
 fails that replica's requests with an error naming it while the other keeps serving.
 
 The model is a tiny random Llama with a small trained tokenizer (tests/runtime/models/family.py),
-so that three runtimes start and serve text in seconds on two CPU cores; the one-runtime baseline
-runs the same folder with the same arguments."""
+so that the replicas start and serve text in seconds on two CPU cores. The one-runtime baseline is
+replica 0 reached directly: a plain runtime of the same folder and arguments."""
 
 import os
 import signal
@@ -52,13 +52,6 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_runtime(tiny_model):
-    rt = sgl.Runtime(tiny_model, launch_timeout=300, **RUNTIME_ARGS)
-    yield rt
-    rt.shutdown()
-
-
-@pytest.fixture(scope="module")
 def dp_runtime(tiny_model):
     rt = sgl.Runtime(tiny_model, dp_size=2, launch_timeout=300, **RUNTIME_ARGS)
     yield rt
@@ -78,10 +71,17 @@ def _cached_per_request(backend, run):
     return states, (after["num_cached_tokens"] - before["num_cached_tokens"]) / num, before, after
 
 
-def test_dp2_answers_shared_prefix_programs_with_one_runtimes_text_and_cache(
-        dp_runtime, single_runtime):
-    ref, ref_cached, _, _ = _cached_per_request(
-        single_runtime, lambda: ask.run_batch(_batch(), backend=single_runtime))
+def test_dp2_answers_shared_prefix_programs_with_one_runtimes_text_and_cache(dp_runtime):
+    # the baseline: replica 0 alone, reached around the router (a plain `sglite serve` of the
+    # same folder and arguments), with its cache flushed before each run
+    single = sgl.RuntimeEndpoint(dp_runtime.get_server_info()["replicas"][0]["address"])
+    try:
+        dp_runtime.flush_cache()
+        ref, ref_cached, _, _ = _cached_per_request(
+            single, lambda: ask.run_batch(_batch(), backend=single))
+    finally:
+        single.shutdown()
+    dp_runtime.flush_cache()
     out, dp_cached, before, after = _cached_per_request(
         dp_runtime, lambda: ask.run_batch(_batch(), backend=dp_runtime))
     for r, o in zip(ref, out):
