@@ -54,7 +54,7 @@ class OutputProcessor:
         """Detokenizer and stop matcher (call once, when the request is created)."""
         from sglite.runtime.sampling.detokenizer import StopMatcher
 
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and req.params.max_new_tokens > 0:  # not prefill-only (select)
             req.detok = self._detokenizer(req, req.input_ids)
         req.stop_matcher = StopMatcher(list(req.params.stop), req.params.stop_regex)
 

@@ -185,3 +185,20 @@ def test_truncate_frees_replaced_tail_inside_and_outside_the_tree(disable):
     assert cache.admit(b) and b.tree_len == (0 if disable else 10)
     cache.release(b)
     assert cache.flush() and cache.num_free == cache.num_total
+
+
+def test_requests_sharing_a_new_prefix_wait_for_the_first_to_prefill_it():
+    """In-batch sharing (policy.PrefillAdder): a prompt sharing SHARE_MIN_TOKENS new tokens
+    with one already in this extend waits a round (then finds them in the tree); others join."""
+    from sglite.runtime.scheduler.policy import SHARE_MIN_TOKENS, AddResult, PrefillAdder
+
+    cache = make_cache(total=512, rows=8)
+    prefill(cache, make_req(range(1, 11)))  # the tree holds a 10-token prefix
+    shared = list(range(1, 11)) + list(range(100, 100 + SHARE_MIN_TOKENS))
+    first, twin = make_req(shared + [7]), make_req(shared + [8])
+    other = make_req(list(range(1, 11)) + list(range(200, 200 + SHARE_MIN_TOKENS)) + [9])
+    adder = PrefillAdder(cache, token_budget=1024, kv_budget=400, num_rows_left=8,
+                         new_token_ratio=0.5)
+    assert adder.try_add(first) is AddResult.ADDED
+    assert adder.try_add(twin) is AddResult.DEFERRED
+    assert adder.try_add(other) is AddResult.ADDED
