@@ -10,7 +10,11 @@ replica 0 reached directly: a plain runtime of the same folder and arguments."""
 
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -124,6 +128,40 @@ def test_abort_reaches_the_replica(dp_runtime, make_client):
     while (info := c.info())["num_running_reqs"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert info["num_running_reqs"] == 0 and all(r["load"] == 0 for r in info["replicas"])
+
+
+def _router_cmd(*replicas, timeout=30):
+    address = f"ipc://{tempfile.gettempdir()}/sglite-test-router-{uuid.uuid4().hex[:8]}.sock"
+    cmd = [sys.executable, "-m", "sglite.runtime.router", "--address", address,
+           "--ready-timeout", str(timeout)]
+    for r in replicas:
+        cmd += ["--replica", r]
+    return address, cmd
+
+
+def test_router_attaches_to_running_replicas_and_leaves_them_running(dp_runtime, make_client):
+    replicas = [r["address"] for r in dp_runtime.get_server_info()["replicas"]]
+    address, cmd = _router_cmd(*replicas)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        c = make_client(address, alive=lambda: proc.poll() is None, timeout=60)
+        params = {"max_new_tokens": 6, "temperature": 0}
+        via_attached = c.generate(DOCS[0] + "\nQ: who?", sampling_params=params)
+        info = c.info()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert via_attached["error"] is None and info["dp_size"] == 2
+    assert [r["address"] for r in info["replicas"]] == replicas
+    direct = _client(make_client, dp_runtime).generate(DOCS[0] + "\nQ: who?", sampling_params=params)
+    assert direct["text"] == via_attached["text"]  # and the replicas outlived the attached router
+
+
+def test_attaching_to_an_address_nothing_serves_fails_naming_it():
+    dead = f"ipc://{tempfile.gettempdir()}/sglite-test-nothing-{uuid.uuid4().hex[:8]}.sock"
+    _, cmd = _router_cmd(dead, timeout=1)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and f"replica {dead}: no answer" in out.stderr
 
 
 def test_killed_replica_fails_its_requests_by_name_and_the_other_serves(dp_runtime, make_client):
