@@ -257,6 +257,7 @@ def main():
     ap.add_argument("--bs", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--grammar-bs", type=int, default=256)
+    ap.add_argument("--grammar-jump", default="on,off", help="jump-forward settings to run")
     ap.add_argument("--parts", default="select,logprobs,grammar")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -283,7 +284,7 @@ def main():
             table.append((f"{bs} gens x {args.gen_len} tokens, tokens/s", f"top-5 logprobs {lp:.0f}",
                           f"no logprobs {plain:.0f}", lp / plain))
     if "grammar" in args.parts:
-        for jump in (True, False):
+        for jump in [j == "on" for j in args.grammar_jump.split(",")]:
             rows, notes = bench_grammar(args, server_args, jump=jump)
             table += rows
             print("\n".join(notes), flush=True)
