@@ -51,7 +51,13 @@ async def _watch_parent(server, parent_pid: int) -> None:
 
 
 def serve(ns) -> None:
+    import resource
+
     import uvicorn
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one socket per client
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     from sglite.http.server import create_app
 

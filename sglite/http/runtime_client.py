@@ -166,21 +166,31 @@ class AsyncRuntimeClient:
         await self._sock.send(protocol.encode(msg))
 
     async def _reader(self) -> None:
+        # one await per burst, not per reply: a shadow (plain) socket drains what has arrived
+        sync = zmq.Socket.shadow(self._sock.underlying)
         while True:
-            data = await self._sock.recv()
-            try:
-                reply = protocol.decode_reply(data)
-            except Exception:
-                logger.exception("undecodable reply from the runtime")
-                continue
-            self.last_reply = time.monotonic()
-            self.healthy = True
-            if isinstance(reply, protocol.InfoOut) and reply.rid.startswith("ping-"):
-                self._set_info(reply.info)
-                continue
-            q = self._queues.get(reply.rid)
-            if q is not None:  # replies of forgotten rids (aborted streams) are dropped
-                q.put_nowait(reply)
+            await self._sock.poll(flags=zmq.POLLIN)
+            while True:
+                try:
+                    data = sync.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_reply(data)
+
+    def _on_reply(self, data: bytes) -> None:
+        try:
+            reply = protocol.decode_reply(data)
+        except Exception:
+            logger.exception("undecodable reply from the runtime")
+            return
+        self.last_reply = time.monotonic()
+        self.healthy = True
+        if isinstance(reply, protocol.InfoOut) and reply.rid.startswith("ping-"):
+            self._set_info(reply.info)
+            return
+        q = self._queues.get(reply.rid)
+        if q is not None:  # replies of forgotten rids (aborted streams) are dropped
+            q.put_nowait(reply)
 
     def _set_info(self, info: dict) -> None:
         self.info, self.info_time = info, time.monotonic()

@@ -446,13 +446,17 @@ class HttpFront:
             self._end(choices, body.rid)
             raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
         def chunk(c: _Choice, text: str, finish=None, logprobs=None) -> dict:
             d = {"id": cid, "object": "text_completion", "created": created,
                  "model": self.model_name, "choices": [{
                      "index": c.index, "text": text, "logprobs": logprobs,
                      "finish_reason": finish}]}
-            if include_usage:
+            if continuous:
+                p, k = c.meta.get("prompt_tokens", 0), c.meta.get("completion_tokens", 0)
+                d["usage"] = {"prompt_tokens": p, "completion_tokens": k, "total_tokens": p + k}
+            elif include_usage:
                 d["usage"] = None
             return d
 
