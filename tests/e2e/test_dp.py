@@ -42,6 +42,7 @@ QUESTIONS = ["who is mentioned?", "name one colour.", "sum it up in five words."
 def ask(s, doc, question):
     s += doc + "\nQ: " + question + "\nA:"
     s += sgl.gen("answer", max_tokens=8, temperature=0)
+    s += "\nSure? " + sgl.select("sure", choices=["yes", "no", "maybe"])  # a ScoreReq, whole
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,7 @@ def _cached_per_request(backend, run):
     before = backend.get_server_info()
     states = run()
     after = backend.get_server_info()
-    num = after["num_requests"] - before["num_requests"]
-    assert num == len(states)
+    num = after["num_requests"] - before["num_requests"]  # gens, and select's prefix + choices
     return states, (after["num_cached_tokens"] - before["num_cached_tokens"]) / num, before, after
 
 
@@ -90,12 +90,13 @@ def test_dp2_answers_shared_prefix_programs_with_one_runtimes_text_and_cache(dp_
         dp_runtime, lambda: ask.run_batch(_batch(), backend=dp_runtime))
     for r, o in zip(ref, out):
         assert r.error() is None and o.error() is None
-        assert o["answer"] == r["answer"]
+        assert o["answer"] == r["answer"] and o["sure"] == r["sure"]
     assert after["dp_size"] == 2 and len({r["pid"] for r in after["replicas"]}) == 2
     # each document's three programs went to one replica (one prefix miss each), not split
     per_replica = [a["num_requests"] - b["num_requests"]
                    for a, b in zip(after["replicas"], before["replicas"])]
-    assert sorted(per_replica) == [3, 3]
+    assert per_replica[0] == per_replica[1] == (after["num_requests"] - before["num_requests"]) / 2
+    assert [r["num_routed"] for r in after["replicas"]] == [6, 6]  # 3 gens + 3 selects each
     assert dp_cached >= ref_cached > 0
     print(f"cached tokens per request: dp 2 {dp_cached:.1f}, one runtime {ref_cached:.1f}")
 
@@ -162,6 +163,42 @@ def test_attaching_to_an_address_nothing_serves_fails_naming_it():
     _, cmd = _router_cmd(dead, timeout=1)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and f"replica {dead}: no answer" in out.stderr
+
+
+VICTIM_CLIENT = """
+import sys, time, zmq
+from sglite import protocol
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(sys.argv[1])
+for i, text in enumerate(sys.argv[2:]):
+    sock.send(protocol.encode(protocol.GenerateReq(rid=f"victim-{i}", text=text, sampling_params={
+        "max_new_tokens": 2000, "ignore_eos": True})))
+print("sent", flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_for(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def test_a_killed_client_has_its_requests_aborted_at_the_replicas(dp_runtime, make_client):
+    probe = _client(make_client, dp_runtime)
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM_CLIENT, dp_runtime.address, *DOCS],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().strip() == "sent"
+        running = _wait_for(lambda: probe.info()["num_running_reqs"] == 2, 30)
+        assert running, probe.info()
+    finally:
+        victim.kill()
+        victim.wait()
+    # non-streaming: nothing was sent to the client; the router saw its connection close
+    info = _wait_for(lambda: (i := probe.info())["num_running_reqs"] == 0 and i, 5)
+    assert info and all(r["load"] == 0 for r in info["replicas"]), probe.info()
 
 
 def test_killed_replica_fails_its_requests_by_name_and_the_other_serves(dp_runtime, make_client):
