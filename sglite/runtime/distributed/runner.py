@@ -94,6 +94,8 @@ def start_tensor_parallel(runner, init_args: dict) -> TensorParallel:
     """Called by ModelRunner.__init__ right after the full model is loaded (before the KV pool)."""
     rank, world = init_args["tp_rank"], init_args["tp_size"]
     if rank == 0:
+        if runner.device.type == "cpu":  # the ranks share the cores: OpenMP pools must not overlap
+            torch.set_num_threads(max(1, torch.get_num_threads() // world))
         store = make_store(0, world)
         procs = _spawn_workers(init_args, runner.device, store.port)
     else:
@@ -134,7 +136,7 @@ def _spawn_workers(init_args: dict, device: torch.device, port: int) -> list:
 def _worker_main(init_args: dict, port: int, parent_pid: int, num_threads: int) -> None:
     global _worker_port
     _watch_parent(parent_pid)
-    torch.set_num_threads(num_threads)  # as many as rank 0 runs with
+    torch.set_num_threads(num_threads)  # as many as rank 0 runs with (CPU: its share of the cores)
     _worker_port = port
     from sglite.runtime.executor.model_runner import ModelRunner
 
