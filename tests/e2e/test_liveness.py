@@ -15,6 +15,7 @@ import pytest
 
 import sglite as sgl
 from sglite import protocol
+from sglite.lang.backend.client import ZmqClient
 from sglite.launch import RuntimeProcess
 
 TINY = dict(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=4096,
@@ -144,3 +145,25 @@ def test_attached_endpoint_sees_a_killed_runtime_within_5s(tiny_runtime):  # (en
             endpoint.get_server_info()
     finally:
         endpoint.shutdown()
+
+
+def test_heartbeats_are_answered_while_the_runtime_is_inside_long_forwards(runtime_process):
+    """The embedded model's 512-token prefill chunks take longer than this client's heartbeat
+    timeout; libzmq's I/O thread in the runtime answers the heartbeats meanwhile, so the client
+    never takes the busy runtime for a dead one."""
+    timeout = 0.3
+    client = ZmqClient(runtime_process.address, heartbeat_interval=0.1, heartbeat_timeout=timeout)
+    try:
+        before = client.call(protocol.InfoReq(rid=client.new_rid())).info
+        out = client.call(protocol.GenerateReq(
+            rid=client.new_rid(), text="word " * 600, sampling_params={"max_new_tokens": 1}))
+        assert isinstance(out, protocol.GenerateOut), out
+        after = client.call(protocol.InfoReq(rid=client.new_rid())).info
+    finally:
+        client.close()
+    chunks = (after["num_prefill_tokens"] - before["num_prefill_tokens"]) / 512
+    per_chunk = (after["prefill_time_s"] - before["prefill_time_s"]) / max(chunks, 1)
+    print(f"long forwards: {chunks:.1f} prefill chunks of {per_chunk:.2f} s each, heartbeat "
+          f"timeout {timeout} s, no false death")
+    if per_chunk <= timeout:
+        pytest.skip(f"forwards of {per_chunk:.2f} s are too short to test a {timeout} s timeout")
