@@ -103,6 +103,18 @@ def bench_sglite(args, folder, device, prompt):
             graph.replay()
         sync(device)
         replay_s = (time.perf_counter() - t0) / args.steps
+    if args.profile:  # where the step's GPU time goes: eager forwards, kernels by total time
+        from torch.profiler import ProfilerActivity, profile
+
+        seq = len(prompt) + 2 * (args.steps + 3)
+        kind = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[kind]) as prof:
+            for i in range(3):
+                batch = runner.make_decode_batch([row], [seq + i], last, runner.token_pool.alloc(1))
+                runner.forward(batch, use_cuda_graph=False)
+            sync(device)
+        print(prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=30,
+                                        max_name_column_width=70))
     cfg = runner.model_config
     kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
     del runner
@@ -147,6 +159,7 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--hf-steps", type=int, default=48)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the decode step's kernels by GPU time")
     ap.add_argument("--hf-attn", default="eager,sdpa",
                     help="transformers attention implementations to time (Gemma 2's soft-capping "
                          "is computed by eager only)")
