@@ -110,3 +110,20 @@ def test_stop_matcher_holds_partial_and_rejects_empty():
     assert m.feed("more") == ("", "</end>")
     with pytest.raises(ValueError, match="non-empty"):
         StopMatcher(["ok", ""])
+
+
+def test_fast_tokenizers_stream_in_rust_with_the_python_paths_text(tokenizer):
+    """The Rust DecodeStream path (fast tokenizers) and the Python window path give the same
+    deltas, held-back partial characters and flush included."""
+    import random
+
+    rng = random.Random(3)
+    prompt = tokenizer.encode("Once upon a time", add_special_tokens=False)
+    for _ in range(20):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 40))]
+        fast = IncrementalDetokenizer(tokenizer, prompt)
+        slow = IncrementalDetokenizer(tokenizer, prompt)
+        assert fast._stream is not None
+        slow._stream = None
+        assert [fast.append(t) for t in ids] == [slow.append(t) for t in ids]
+        assert fast.flush() == slow.flush()
