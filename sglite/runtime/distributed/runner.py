@@ -6,8 +6,9 @@ tp_rank=r, and every rank shards its model in place (layers.shard_model) and siz
 its own heads (runner.model_config becomes the rank's view: its heads; the vocabulary stays whole).
 
 Rank 0 decides, the others follow: the runner methods the scheduler calls (make_extend_batch,
-make_decode_batch, forward_decode, forward) broadcast their arguments before running, and ranks > 0
-sit in `serve_worker`, running the same call on their shard. Scheduling state (slots, rows, the
+make_decode_batch, forward_decode, forward) and the cache manager's req_to_token writes broadcast
+their arguments before running (MIRRORED), and ranks > 0 sit in `serve_worker`, running the same
+call on their shard. Scheduling state (slots, rows, the
 radix tree) lives on rank 0 only; a worker's req_to_token and KV pool are written by the same calls
 in the same order, so they hold the same slots. Tensors go as tensors (host ones over the gloo
 group, device ones, e.g. the overlapped decode's fed ids, over the device group); a ForwardBatch
@@ -32,7 +33,10 @@ from sglite.runtime.distributed.layers import shard_config, shard_model
 
 logger = logging.getLogger(__name__)
 
-MIRRORED = ("make_extend_batch", "make_decode_batch", "forward_decode", "forward")
+# what rank 0 runs that changes or reads a rank's device state, by attribute path on the runner:
+# the batch builders and forwards, and the cache manager's own req_to_token writes (prefix hits,
+# a shared prefix's tree slots replacing a request's duplicates, window-freed positions)
+MIRRORED = ("make_extend_batch", "make_decode_batch", "forward_decode", "forward", "req_to_token.write")
 _KEEP_BATCHES = 16  # batches a worker remembers for later forward(batch) calls
 _worker_port: int | None = None  # set in a worker process before its runner is built
 
@@ -166,7 +170,7 @@ def serve_worker(runner) -> None:
         tensors = [_recv_tensor(group, m, runner.device) for m in metas]
         args, kwargs = _decode(args, tensors, batches), _decode(kwargs, tensors, batches)
         try:
-            out = getattr(runner, name)(*args, **kwargs)
+            out = _target(runner, name)(*args, **kwargs)
         except Exception:  # rank 0 raised the same (same checks, same inputs): keep following
             logger.exception("tp rank %d: %s failed", group.rank, name)
             continue
@@ -184,13 +188,25 @@ class _Leader:
         self.batches: dict[int, tuple[int, object]] = {}  # id(batch) -> (seq, batch)
 
     def install(self) -> None:
+        """The runner's own methods now; req_to_token's write once the first mirrored call runs:
+        the hook runs before the runner has made req_to_token, and nothing writes it before a
+        forward (a prefix hit needs a tree that a forward filled)."""
+        self.late = [name for name in MIRRORED if "." in name]
         for name in MIRRORED:
-            setattr(self.runner, name, self._wrap(name, getattr(self.runner, name)))
+            if name not in self.late:
+                self._install(name)
+
+    def _install(self, name: str) -> None:
+        owner, _, attr = name.rpartition(".")
+        owner = _target(self.runner, owner) if owner else self.runner
+        setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
 
     def _wrap(self, name: str, fn):
         def call(*args, **kwargs):
             if self.depth:  # inside a mirrored call: the workers make the same nested call
                 return fn(*args, **kwargs)
+            while self.late:
+                self._install(self.late.pop())
             seq = None
             if name.startswith("make_"):
                 seq, self.seq = self.seq, self.seq + 1
@@ -229,6 +245,12 @@ class _Leader:
                                           "make_*_batch call built")
             return _BatchRef(known[0])
         return obj
+
+
+def _target(runner, path: str):
+    for part in path.split("."):
+        runner = getattr(runner, part)
+    return runner
 
 
 def _recv_tensor(group: TPGroup, meta: _TensorArg, device: torch.device) -> torch.Tensor:
