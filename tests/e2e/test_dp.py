@@ -30,8 +30,8 @@ RUNTIME_ARGS = dict(dtype="float32", max_total_tokens=8192, max_running_requests
 # document share nothing past "\nQ:", so every program after the first of its document reuses
 # exactly the document's tokens, on one runtime and on dp 2 alike, whatever the arrival order.
 DOCS = [
-    "The cats: Mira keeps three cats named Ash, Juniper and Pip in a blue house by the harbour, and every "
-    "morning she walks them along the old stone pier before the fishing boats come in.",
+    "The cats: Mira keeps three cats named Ash, Juniper and Pip in a blue house by the harbour, "
+    "and every morning she walks them along the old stone pier before the fishing boats come in.",
     "Write down the snack: toast two slices of rye bread, spread them with butter, add thin slices "
     "of radish and a pinch of salt, and serve them at once with a pot of black tea.",
 ]
@@ -154,7 +154,8 @@ def test_router_attaches_to_running_replicas_and_leaves_them_running(dp_runtime,
         proc.wait(timeout=10)
     assert via_attached["error"] is None and info["dp_size"] == 2
     assert [r["address"] for r in info["replicas"]] == replicas
-    direct = _client(make_client, dp_runtime).generate(DOCS[0] + "\nQ: who?", sampling_params=params)
+    direct = _client(make_client, dp_runtime).generate(DOCS[0] + "\nQ: who?",
+                                                       sampling_params=params)
     assert direct["text"] == via_attached["text"]  # and the replicas outlived the attached router
 
 

@@ -383,7 +383,8 @@ def merge_infos(infos: list[dict]) -> dict:
         merged[key] = sum(i.get(key, 0) for i in infos
                           if isinstance(i.get(key), (int, float)))
     if merged.get("num_prompt_tokens"):
-        merged["cache_hit_rate"] = round(merged["num_cached_tokens"] / merged["num_prompt_tokens"], 4)
+        hit_rate = merged["num_cached_tokens"] / merged["num_prompt_tokens"]
+        merged["cache_hit_rate"] = round(hit_rate, 4)
     if merged.get("kv_total"):
         merged["kv_usage"] = round(
             1 - (merged["kv_free"] + merged["kv_evictable"]) / merged["kv_total"], 4)

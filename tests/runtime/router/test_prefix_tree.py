@@ -35,11 +35,12 @@ def test_match_is_the_longest_common_prefix_with_any_inserted_key(kind):
 
 
 def test_split_keeps_both_branches():
+    head = "system: you are helpful. question "
     tree = PrefixTree()
-    tree.insert("system: you are helpful. question one")
-    tree.insert("system: you are helpful. question two")
-    assert tree.match("system: you are helpful. question three") == len("system: you are helpful. question t")
-    assert tree.match("system: you are helpful. question one") == len("system: you are helpful. question one")
+    tree.insert(head + "one")
+    tree.insert(head + "two")
+    assert tree.match(head + "three") == len(head + "t")
+    assert tree.match(head + "one") == len(head + "one")
     assert tree.match("other") == 0
     tree.check_integrity()
 
