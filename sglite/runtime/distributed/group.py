@@ -34,6 +34,10 @@ class TPGroup:
         if self.device.type == "cuda":
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on these hosts
             self.dev = dist.ProcessGroupNCCL(dist.PrefixStore("dev", store), rank, world)
+            # NCCL makes its communicator on the first collective: here, not inside a CUDA
+            # graph capture (the decode graphs hold the layers' all-reduces)
+            self.all_reduce(torch.zeros(1, device=self.device))
+            torch.cuda.synchronize(self.device)
         else:
             self.dev = self.cpu
 
