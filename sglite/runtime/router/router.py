@@ -240,7 +240,12 @@ class Router:
                 data = replica.socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reply = protocol.decode_reply(data)
+            try:
+                reply = protocol.decode_reply(data)
+            except Exception as e:  # a runtime of another sglite version, say: never end the loop
+                logger.error("%s sent an undecodable reply (%d bytes): %s", replica.name,
+                             len(data), e)
+                continue
             if reply.rid in self.pending:
                 p = self.pending[reply.rid]
                 if _is_last(reply):
