@@ -275,7 +275,7 @@ class Router:
             return protocol.ErrorOut(rid=gather.msg.rid, message=f"no replica answered: {errors}")
         info = merge_infos([infos[i] for i in sorted(infos)])
         info["dp_size"] = len(self.replicas)
-        info["router_pid"] = os.getpid()
+        info["pid"] = os.getpid()  # the process the client talks to; replicas' pids below
         info["replicas"] = [self._replica_info(r, infos.get(r.index), gather.replies)
                             for r in self.replicas]
         integrity = [f"{self.replicas[i].name}: {v['integrity']}"
