@@ -77,3 +77,23 @@ def test_gemma2_through_the_triton_kernels(tmp_path):
     folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
     runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
     family.check_logits(runner, hf, lengths=(16, 11))
+
+
+def test_gemma_norm_fused_path_matches_torch(monkeypatch):
+    """GemmaRMSNorm's CUDA path (the fused norm kernels with 1 + w, here interpreted) against its
+    torch path, alone and with the residual add, on fp32 rows."""
+    from sglite.runtime.models import gemma
+
+    norm = gemma.GemmaRMSNorm(48, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.3)
+    norm.refresh_fused()
+    gen = torch.Generator().manual_seed(0)
+    x, r = torch.randn(5, 48, generator=gen), torch.randn(5, 48, generator=gen)
+    ref, (ref_a, ref_r) = norm(x), norm(x, r)
+    monkeypatch.setattr(gemma, "use_fused", lambda t: True)
+    out = norm(x.clone())
+    out_a, out_r = norm(x.clone(), r.clone())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_a, ref_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_r, ref_r)
