@@ -22,6 +22,8 @@ from torch import nn
 
 from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.models.layers.linear import MergedLinear
+from sglite.runtime.models.layers.mlp import GatedMLP
+from sglite.runtime.models.layers.moe import SparseMoeBlock
 
 
 class Collectives:
@@ -116,11 +118,13 @@ def shard_model(model: nn.Module, group: Collectives) -> nn.Module:
     shard = head_shard(cfg.num_heads, cfg.num_kv_heads, rank, world)
     for layer in model.model.layers:
         _shard_attention(layer.self_attn, shard, group)
-        mlp = layer.mlp
-        inter = mlp.gate_up_proj.shard_sizes["gate_proj"]
-        lo, hi = _split(inter, group)
-        _keep_rows(mlp.gate_up_proj, {"gate_proj": (lo, hi), "up_proj": (lo, hi)})
-        mlp.down_proj = RowParallel(mlp.down_proj, (lo, hi), group)
+        if isinstance(layer.mlp, GatedMLP):
+            mlp = layer.mlp
+            lo, hi = _split(mlp.gate_up_proj.shard_sizes["gate_proj"], group)
+            _keep_rows(mlp.gate_up_proj, {"gate_proj": (lo, hi), "up_proj": (lo, hi)})
+            mlp.down_proj = RowParallel(mlp.down_proj, (lo, hi), group)
+        else:
+            layer.mlp = _shard_moe(layer.mlp, group)
     embed = VocabParallelEmbedding(model.model.embed_tokens, group)
     model.model.embed_tokens = embed
     if model.lm_head is not None:
@@ -139,6 +143,39 @@ class _LogitsGather:
 
     def __call__(self, module, args, logits: torch.Tensor) -> torch.Tensor:
         return self.group.all_gather_last(logits)[..., : self.vocab]
+
+
+class ReducedSum(nn.Module):
+    """A block whose output is a sum of per-rank partial outputs: summed over ranks."""
+
+    def __init__(self, block: nn.Module, group: Collectives):
+        super().__init__()
+        self.block, self.group = block, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(self.block(x).contiguous())
+
+
+def _shard_moe(block: nn.Module, group: Collectives) -> nn.Module:
+    """MoE as SGLang's moe tensor parallelism: every rank routes every token to every expert it
+    picks and keeps a slice of each expert's intermediate (w13's gate and up rows, w2's columns);
+    the shared expert (Qwen2-MoE) is sliced the same way and the router replicated, so the block's
+    output (routed + sigmoid(gate(x)) * shared) is linear in the slices: one all-reduce."""
+    experts = block.experts
+    inter = experts.w2_weight.shape[2]
+    lo, hi = _split(inter, group)
+    w13 = experts.w13_weight.data
+    experts.w13_weight = nn.Parameter(torch.cat([w13[:, lo:hi], w13[:, inter + lo : inter + hi]], 1)
+                                      .contiguous(), requires_grad=False)
+    experts.w2_weight = nn.Parameter(experts.w2_weight.data[:, :, lo:hi].contiguous(), requires_grad=False)
+    shared = block.shared_expert
+    if shared is not None:
+        slo, shi = _split(shared.gate_up_proj.shard_sizes["gate_proj"], group)
+        _keep_rows(shared.gate_up_proj, {"gate_proj": (slo, shi), "up_proj": (slo, shi)})
+        down = shared.down_proj
+        down.weight = nn.Parameter(down.weight.data[:, slo:shi].contiguous(), requires_grad=False)
+        down.in_features = shi - slo
+    return ReducedSum(block, group)
 
 
 def _shard_attention(attn: nn.Module, s: HeadShard, group: Collectives) -> None:
@@ -186,12 +223,10 @@ def _vocab_rows(weight: torch.Tensor, start: int, rows: int) -> torch.Tensor:
 
 
 def _check_supported(model: nn.Module) -> None:
-    from sglite.runtime.models.layers.mlp import GatedMLP
-
     for layer in model.model.layers:
-        if not isinstance(layer.mlp, GatedMLP):
+        if not isinstance(layer.mlp, (GatedMLP, SparseMoeBlock)):
             raise NotImplementedError(f"tensor parallelism: {type(layer.mlp).__name__} layers "
-                                      "(MoE experts) are not split yet")
+                                      "are not split yet")
     for name, module in model.named_modules():
         if getattr(module, "quant_method", None) is not None:
             raise NotImplementedError(f"tensor parallelism over quantized layers ({name}) is not supported yet")

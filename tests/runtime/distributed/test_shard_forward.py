@@ -3,7 +3,8 @@ shards the same tiny model for its rank, and the sharded forwards (an extend bat
 batch over its KV) give the unsharded model's logits on every rank. Cases: KV heads split
 (tiny: 4 heads, 2 KV heads), KV heads replicated (1 KV head for 2 ranks) with an untied LM head
 and a vocabulary that does not divide by the ranks (padded slices), and uneven ranks (3 GQA
-groups: 2 on rank 0, 1 on rank 1, as SmolLM2's 9 heads / 3 KV heads; an MLP of odd width)."""
+groups: 2 on rank 0, 1 on rank 1, as SmolLM2's 9 heads / 3 KV heads; an MLP of odd width), and a
+Qwen2-MoE (each expert's intermediate split, the shared expert too, one dense layer)."""
 
 import pytest
 import torch
@@ -16,6 +17,10 @@ CASES = {
     "kv split, tied": {},
     "kv replicated, untied, odd vocab": dict(num_kv_heads=1, tie_word_embeddings=False, vocab_size=509),
     "uneven: 3 GQA groups, odd MLP": dict(num_heads=6, num_kv_heads=3, intermediate_size=130),
+    "qwen2-moe: experts, shared expert, a dense layer, qkv bias": dict(
+        architecture="Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False,
+        moe_layers=(True, False, True, True), attention_bias=True, tie_word_embeddings=False),
 }
 
 
@@ -46,6 +51,10 @@ def _rank_main(rank, world, port):
     for overrides in CASES.values():
         runner = ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=256,
                              max_running_requests=4, config_overrides=overrides, attention_backend="torch")
+        bias_gen = torch.Generator().manual_seed(9)  # dummy weights zero the biases
+        for name, param in runner.model.named_parameters():
+            if name.endswith(".bias"):
+                param.data.normal_(0, 0.5, generator=bias_gen)
         vocab = runner.model_config.vocab_size
         prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (5, 9, 2)]
         ref = _forwards(runner, prompts)
