@@ -102,10 +102,12 @@ def start_tensor_parallel(runner, init_args: dict) -> TensorParallel:
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
         store = make_store(0, world)
         procs = _spawn_workers(init_args, runner.device, store.port)
+        _wait_for_workers(store, procs)
     else:
         if _worker_port is None:
             raise RuntimeError("ranks > 0 are started by rank 0's ModelRunner(tp_size=N), not directly")
         store, procs = make_store(rank, world, _worker_port), []
+        store.set(f"ready{rank}", "1")
     if runner.device.type == "cuda":
         torch.cuda.set_device(runner.device)
     tp = TensorParallel(TPGroup(store, rank, world, runner.device), procs)
@@ -135,6 +137,19 @@ def _spawn_workers(init_args: dict, device: torch.device, port: int) -> list:
         p.start()
         procs.append(p)
     return procs
+
+
+def _wait_for_workers(store, procs: list) -> None:
+    """Until every worker has built its model and joined the store; a worker that dies first
+    (a bad checkpoint, no memory) raises here instead of leaving rank 0 in the group's set-up."""
+    for rank, p in enumerate(procs, start=1):
+        while not store.check([f"ready{rank}"]):
+            if not p.is_alive():
+                for q in procs:
+                    q.terminate()
+                raise RuntimeError(f"tensor parallel rank {rank} exited with code {p.exitcode} "
+                                   "before joining (its log is above)")
+            time.sleep(0.05)
 
 
 def _worker_main(init_args: dict, port: int, parent_pid: int, num_threads: int) -> None:

@@ -77,3 +77,17 @@ def test_tp2_gives_tp1_greedy_tokens(waves):
     assert got == want
     worker.join(timeout=10)
     assert worker.exitcode == 0  # rank 1 followed to the end and stopped when told
+
+
+def test_a_rank_that_fails_to_start_is_reported(monkeypatch):
+    """Rank 1 is started with arguments its runner refuses (a real worker process that fails):
+    rank 0 raises naming it instead of waiting in the group's set-up."""
+    from sglite.runtime.distributed import runner as tp_runner
+    from sglite.runtime.executor.model_runner import ModelRunner
+
+    spawn = tp_runner._spawn_workers
+    monkeypatch.setattr(tp_runner, "_spawn_workers", lambda init_args, device, port: spawn(
+        dict(init_args, load_format="no-such-format"), device, port))
+    with pytest.raises(RuntimeError, match="rank 1 exited with code 1"):
+        ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=64,
+                    max_running_requests=2, tp_size=2)
