@@ -213,7 +213,9 @@ def _wait_for(predicate, timeout: float):
 
 def test_a_killed_client_has_its_requests_aborted_at_the_replicas(dp_runtime, make_client):
     probe = _client(make_client, dp_runtime)
-    decoded = probe.info()["num_decode_tokens"]
+    info = probe.info()
+    decoded = info["num_decode_tokens"]
+    replicas = [make_client(r["address"], timeout=30) for r in info["replicas"]]
     victim = subprocess.Popen([sys.executable, "-c", VICTIM_CLIENT, dp_runtime.address, *DOCS],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -224,9 +226,11 @@ def test_a_killed_client_has_its_requests_aborted_at_the_replicas(dp_runtime, ma
         victim.kill()
         victim.wait()
     # non-streaming: nothing was sent to the client; the router saw its connection close (2 s, as
-    # the runtime itself must: tests/e2e/test_liveness.py)
-    info = _wait_for(lambda: (i := probe.info())["num_running_reqs"] == 0 and i, 2)
-    assert info and all(r["load"] == 0 for r in info["replicas"]), probe.info()
+    # the runtime itself must: tests/e2e/test_liveness.py). The replicas are asked directly, so
+    # no message through the router wakes it meanwhile.
+    assert _wait_for(lambda: not any(r.info()["num_running_reqs"] for r in replicas), 2)
+    info = probe.info()
+    assert all(r["load"] == 0 for r in info["replicas"]), info
     assert info["num_decode_tokens"] - decoded < 2 * 2000  # cut short, not run to their end
 
 

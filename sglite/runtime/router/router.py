@@ -121,6 +121,8 @@ class Router:
         logger.info("sglite router ready at %s in front of %d replicas", self.address,
                     len(self.replicas))
         self.poller.register(self.front, zmq.POLLIN)
+        # a client's closed connection must be seen with no other message arriving
+        self.poller.register(self.peers.monitor, zmq.POLLIN)
         for r in self.replicas:
             self.poller.register(r.socket, zmq.POLLIN)
             self.poller.register(r.monitor, zmq.POLLIN)
@@ -132,7 +134,7 @@ class Router:
                         self._relay_replies(r)
                     if r.alive and r.monitor in events:  # only EVENT_DISCONNECTED is subscribed
                         self._replica_died(r, "its connection closed")
-                if self.front in events:
+                if self.front in events or self.peers.monitor in events:
                     self._receive()
                 self._check_processes()
         finally:
