@@ -15,7 +15,8 @@ import pickle
 import torch
 import torch.distributed as dist
 
-TIMEOUT = datetime.timedelta(minutes=10)
+TIMEOUT = datetime.timedelta(minutes=10)  # of a model collective (and of the set-up)
+IDLE_TIMEOUT = datetime.timedelta(days=365)  # of the control broadcasts (see TPGroup.__init__)
 
 
 def make_store(rank: int, world: int, port: int = 0) -> dist.TCPStore:
@@ -30,7 +31,8 @@ class TPGroup:
             raise ValueError(f"tp rank {rank} outside a group of {world}")
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.store = store
-        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore("cpu", store), rank, world, TIMEOUT)
+        # control: a worker waits here for rank 0's next call however long the server idles
+        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore("cpu", store), rank, world, IDLE_TIMEOUT)
         if self.device.type == "cuda":
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on these hosts
             self.dev = dist.ProcessGroupNCCL(dist.PrefixStore("dev", store), rank, world)
@@ -39,7 +41,7 @@ class TPGroup:
             self.all_reduce(torch.zeros(1, device=self.device))
             torch.cuda.synchronize(self.device)
         else:
-            self.dev = self.cpu
+            self.dev = dist.ProcessGroupGloo(dist.PrefixStore("dev", store), rank, world, TIMEOUT)
 
     # --- model collectives (on the device group) ------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ class TPGroup:
 
     # --- control (host) ---------------------------------------------------------------------------
     def broadcast(self, t: torch.Tensor, *, src: int = 0) -> torch.Tensor:
-        """In place from src, over the group of t's device."""
+        """In place from src: host tensors over the control group, CUDA ones over NCCL."""
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         (self.dev if t.device.type == "cuda" else self.cpu).broadcast([t], opts).wait()
