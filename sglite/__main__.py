@@ -46,14 +46,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _split_http_args(argv: list[str]):
     """(the runtime's flags, the HTTP flags parsed) or (argv, None) without --port."""
-    if not any(a == "--port" or a.startswith("--port=") for a in argv):
-        return argv, None
     import argparse
 
     from sglite.http.__main__ import add_http_args
 
     p = argparse.ArgumentParser(prog="sglite serve", add_help=False)
     add_http_args(p)
+    if "-h" in argv or "--help" in argv:
+        print("HTTP front (with --port; without it the runtime serves ZeroMQ only):\n"
+              + p.format_help().partition("options:\n")[2])
+    if not any(a == "--port" or a.startswith("--port=") for a in argv):
+        return argv, None
     ns, rest = p.parse_known_args(argv)
     return rest, ns
 

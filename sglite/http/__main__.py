@@ -20,7 +20,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--port", type=int, default=30000, help="serve HTTP on this port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every "
                    "route but /health")
     p.add_argument("--served-model-name", default=None,
