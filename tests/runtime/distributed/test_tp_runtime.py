@@ -1,7 +1,8 @@
 """The runtime path of tensor parallelism: ModelRunner(tp_size=2) on the CPU spawns rank 1 and
 shards both ranks over gloo; the scheduler, run on rank 0 only, produces the same greedy tokens as
 a tp 1 runner for 32 steps (a batch of requests, chunked prefill, decode, prefixes shared in a
-batch and found in the radix tree), while rank 1 follows every forward and req_to_token write."""
+batch and found in the radix tree; also the overlapped loop, whose decodes take their input ids
+from a tensor), while rank 1 follows every forward and req_to_token write."""
 
 import pytest
 import torch
@@ -22,12 +23,14 @@ def _runner(tp_size):
                        tp_size=tp_size)
 
 
-def _generate(runner, waves):
+def _generate(runner, waves, *, overlap=False):
     """Each wave's requests to completion, one wave after another on one scheduler (so later
     waves hit the radix tree): their output ids and prompt tokens found cached."""
     from sglite.runtime.scheduler.scheduler import Scheduler
 
-    sched = Scheduler(runner, max_running_requests=4, chunked_prefill_size=16, log_interval=0)
+    runner.token_pool.reset()  # the previous run's tree (and its slots) goes with its Scheduler
+    sched = Scheduler(runner, max_running_requests=4, chunked_prefill_size=16, log_interval=0,
+                      enable_overlap=overlap)
     params = parse_sampling_params({"temperature": 0, "ignore_eos": True, "max_new_tokens": STEPS})
     out = []
     for prompts in waves:
@@ -66,6 +69,8 @@ def test_tp2_gives_tp1_greedy_tokens(waves):
         tp = _runner(2)
         assert tp.tp.world == 2 and tp.model_config.num_heads == 2 and tp.kv_cache.num_kv_heads == 1
         got = _generate(tp, waves)
+        # overlapped: each decode's input ids fed from the previous one's tensor (broadcast too)
+        got_overlapped = _generate(tp, waves, overlap=True)
         worker = tp.tp.procs[0]
         tp.tp.close()
     finally:
@@ -75,6 +80,7 @@ def test_tp2_gives_tp1_greedy_tokens(waves):
     assert len({t for ids in outputs for t in ids}) > 3  # not one repeated token
     assert all(cached > 0 for _, cached in want[1])  # wave 2 read wave 1's KV
     assert got == want
+    assert got_overlapped == want
     worker.join(timeout=10)
     assert worker.exitcode == 0  # rank 1 followed to the end and stopped when told
 
