@@ -1,8 +1,10 @@
 """`sglite serve --tp-size 2` on the CPU: the embedded SmolLM2-135M (9 heads, 3 KV heads: 6 heads
 on rank 0, 3 on rank 1) split over two gloo ranks answers a batch of greedy requests with the
-text of the one-rank session runtime, 32 tokens each."""
+text of the one-rank session runtime, 32 tokens each. (Where the session runtime is on a GPU, the
+same over NCCL on two GPUs.)"""
 
 import pytest
+import torch
 
 from tests.conftest import E2E_RUNTIME_ARGS
 
@@ -24,6 +26,8 @@ def _answers(client):
 
 @pytest.fixture(scope="module")
 def tp_runtime():
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("the session runtime is on the GPU and tp 2 there needs two (NCCL)")
     from sglite.launch import RuntimeProcess
 
     with RuntimeProcess(None, timeout=600, tp_size=2, **E2E_RUNTIME_ARGS) as rt:
