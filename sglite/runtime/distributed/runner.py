@@ -97,6 +97,7 @@ class TensorParallel:
 def start_tensor_parallel(runner, init_args: dict) -> TensorParallel:
     """Called by ModelRunner.__init__ right after the full model is loaded (before the KV pool)."""
     rank, world = init_args["tp_rank"], init_args["tp_size"]
+    shard_config(runner.model_config, rank, world)  # a head count that does not split: raise now
     if rank == 0:
         if runner.device.type == "cpu":  # the ranks share the cores: OpenMP pools must not overlap
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
@@ -132,8 +133,7 @@ def _spawn_workers(init_args: dict, device: torch.device, port: int) -> list:
         else:
             args["device"] = str(device)
         p = ctx.Process(target=_worker_main, args=(args, port, os.getpid(), torch.get_num_threads()),
-                        daemon=True,
-                        name=f"sglite-tp{rank}")
+                        daemon=True, name=f"sglite-tp{rank}")
         p.start()
         procs.append(p)
     return procs

@@ -97,3 +97,11 @@ def test_a_rank_that_fails_to_start_is_reported(monkeypatch):
     with pytest.raises(RuntimeError, match="rank 1 exited with code 1"):
         ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=64,
                     max_running_requests=2, tp_size=2)
+
+
+def test_a_head_count_that_does_not_split_is_refused_before_any_rank_starts():
+    from sglite.runtime.executor.model_runner import ModelRunner
+
+    with pytest.raises(ValueError, match="tp size 8"):  # 2 KV heads, 4 heads: 8 ranks cannot split
+        ModelRunner(load_format="dummy", preset="tiny", dtype="float32", max_total_tokens=64,
+                    max_running_requests=2, tp_size=8)
