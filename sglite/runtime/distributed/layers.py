@@ -229,4 +229,5 @@ def _check_supported(model: nn.Module) -> None:
                                       "are not split yet")
     for name, module in model.named_modules():
         if getattr(module, "quant_method", None) is not None:
-            raise NotImplementedError(f"tensor parallelism over quantized layers ({name}) is not supported yet")
+            raise NotImplementedError(f"tensor parallelism over quantized layers ({name}) is not "
+                                      "supported yet")

@@ -82,7 +82,8 @@ def test_head_shard_split_and_replicated():
     assert [(x.q_start, x.num_heads, x.kv_start, x.num_kv_heads) for x in s] == [(0, 4, 0, 2), (4, 4, 2, 2)]
     # 2 KV heads over 4 ranks: ranks 0, 1 read KV head 0, ranks 2, 3 KV head 1
     s = [head_shard(8, 2, r, 4) for r in range(4)]
-    assert [(x.q_start, x.kv_start, x.num_kv_heads) for x in s] == [(0, 0, 1), (2, 0, 1), (4, 1, 1), (6, 1, 1)]
+    assert [(x.q_start, x.kv_start, x.num_kv_heads) for x in s] == [
+        (0, 0, 1), (2, 0, 1), (4, 1, 1), (6, 1, 1)]
     # 3 GQA groups of 3 (SmolLM2-135M) over 2 ranks: 2 groups and 1
     s = [head_shard(9, 3, r, 2) for r in range(2)]
     assert [(x.q_start, x.num_heads, x.kv_start, x.num_kv_heads) for x in s] == [(0, 6, 0, 2), (6, 3, 2, 1)]
