@@ -10,9 +10,8 @@
 The runtime runs in a child process (sglite.launch.RuntimeProcess) and this process holds one
 ZmqClient; nothing here imports torch. Results are SGLang's dicts: `text`, `output_ids` and
 `meta_info` (id, prompt_tokens, completion_tokens, cached_tokens, finish_reason, and the logprob
-lists when return_logprob). The output ids come with the runtime's output logprobs, which the
-engine always asks for (top-k 0: one gathered logprob per token) and drops from meta_info unless
-the caller asked for them. A batch is sent at once, so the runtime batches it.
+lists when return_logprob); the output ids come on the runtime's last GenerateOut. A batch is
+sent at once, so the runtime batches it.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from typing import Any, AsyncIterator, Iterator
 from sglite import protocol
 from sglite.lang.backend.base import RuntimeRequestError
 
-_LOGPROB_KEYS = ("input_token_logprobs", "input_top_logprobs", "output_token_logprobs",
-                 "output_top_logprobs")
 
 
 class Engine:
@@ -112,30 +109,25 @@ class Engine:
             per(top_logprobs_num, 0)
         reqs = []
         for i, item in enumerate(items):
-            # output logprobs always: they carry the output token ids (see the module docstring)
             reqs.append((protocol.GenerateReq(
                 rid=self.client.new_rid("engine"), stream=stream, sampling_params=dict(sps[i]),
-                return_logprob=True, logprob_start_len=starts[i] if lps[i] else -1,
+                return_logprob=bool(lps[i]), logprob_start_len=starts[i] if lps[i] else -1,
                 top_logprobs_num=tops[i] if lps[i] else 0, **item), bool(lps[i])))
         return reqs, batch
 
-    def _collect(self, q) -> tuple[str, dict]:
+    def _collect(self, q) -> tuple[str, dict, list[int]]:
         text = ""
         while True:
             out = _check(self.client.recv(q))
             text += out.text
             if out.finished:
-                return text, out.meta_info
+                return text, out.meta_info, out.output_ids or []
 
     @staticmethod
-    def _finish(req: protocol.GenerateReq, wanted_logprobs: bool, got: tuple[str, dict]) -> dict:
-        text, meta = got
-        meta = dict(meta, id=req.rid)
-        ids = [t[1] for t in meta.get("output_token_logprobs") or []]
-        if not wanted_logprobs:
-            for key in _LOGPROB_KEYS:
-                meta.pop(key, None)
-        return {"text": text, "output_ids": ids, "meta_info": meta}
+    def _finish(req: protocol.GenerateReq, wanted_logprobs: bool,
+                got: tuple[str, dict, list[int]]) -> dict:
+        text, meta, ids = got
+        return {"text": text, "output_ids": ids, "meta_info": dict(meta, id=req.rid)}
 
     def _stream(self, item) -> Iterator[dict]:
         req, wanted = item
@@ -147,7 +139,7 @@ class Engine:
                 text += out.text
                 finished = out.finished
                 if finished:
-                    yield self._finish(req, wanted, (text, out.meta_info))
+                    yield self._finish(req, wanted, (text, out.meta_info, out.output_ids or []))
                 else:
                     yield {"text": text, "output_ids": [], "meta_info": dict(out.meta_info,
                                                                             id=req.rid)}

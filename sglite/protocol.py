@@ -126,6 +126,7 @@ class GenerateOut(msgspec.Struct, tag="out", kw_only=True):
     text: str  # the new text since the previous chunk (delta), or the whole text if not streaming
     finished: bool
     meta_info: dict[str, Any] = {}
+    output_ids: list[int] | None = None  # every output token id, on the last message only
 
 
 class ScoreOut(msgspec.Struct, tag="score_out", kw_only=True):

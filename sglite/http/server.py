@@ -92,11 +92,12 @@ class _AuthMiddleware:
 class _Choice:
     """One GenerateReq of an HTTP request and what arrived for it."""
 
-    __slots__ = ("index", "rid", "text", "meta", "finished", "error", "held", "sent")
+    __slots__ = ("index", "rid", "text", "meta", "finished", "error", "held", "sent", "output_ids")
 
     def __init__(self, index: int, rid: str):
         self.index, self.rid = index, rid
         self.text, self.meta, self.finished, self.error = "", {}, False, None
+        self.output_ids: list[int] | None = None  # from the last GenerateOut
         self.held = 0  # (chat streaming with tools) chars of text emitted as content so far
         self.sent = ""
 
@@ -293,6 +294,8 @@ class HttpFront:
                 c.text += item.text
                 c.meta = item.meta_info
                 c.finished = c.finished or item.finished
+                if item.output_ids is not None:
+                    c.output_ids = item.output_ids
         return changed
 
     async def _collect(self, request: Request, q, choices: dict[str, _Choice]) -> None:
@@ -697,9 +700,8 @@ class HttpFront:
         def result(c: _Choice, cumulative: str) -> dict:
             meta = dict(c.meta, id=names[c.index] if c.index < len(names) else c.rid)
             d = {"text": cumulative, "meta_info": meta}
-            lp = c.meta.get("output_token_logprobs")
-            if lp is not None:
-                d["output_ids"] = [t[1] for t in lp]
+            if c.output_ids is not None:
+                d["output_ids"] = c.output_ids
             if batch and stream:
                 d["index"] = c.index
             return d

@@ -28,7 +28,8 @@ class ClientSink:
 
     def on_output(self, req: Req, text: str, finished: bool, meta: dict) -> None:
         self.server.send(self.identity, protocol.GenerateOut(
-            rid=req.rid, text=text, finished=finished, meta_info=meta))
+            rid=req.rid, text=text, finished=finished, meta_info=meta,
+            output_ids=list(req.output_ids) if finished else None))
 
     def on_error(self, req: Req, message: str) -> None:
         self.server.send(self.identity, protocol.ErrorOut(rid=req.rid, message=message))
