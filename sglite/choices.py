@@ -1,7 +1,7 @@
 """SGLang's three ways to pick a `select` choice from per-token logprobs (pure Python).
 
-Used by the frontend (eager `select` over ScoreReq/ScoreOut) and by the runtime's graph executor,
-so this module imports nothing but the standard library.
+Used by the frontend (`select` over ScoreReq/ScoreOut); it imports nothing but the standard
+library, so the frontend stays free of torch.
 
 Token logprobs come per choice as SGLang's `(logprob, token_id, text)` tuples. `decide` is the
 one entry point both sides call with a ScoreOut's lists: it drops the boundary token when the
@@ -24,7 +24,7 @@ class ChoicesDecision:
 
 
 class ChoicesSamplingMethod:
-    """Callable with SGLang's keyword signature; `name` is what crosses the wire (GraphNode)."""
+    """Callable with SGLang's keyword signature; `name` identifies the method."""
 
     name = ""
     requires_unconditional_logprobs = False

@@ -73,29 +73,6 @@ class ScoreReq(msgspec.Struct, tag="score", kw_only=True):
     unconditional: bool = False
 
 
-class GraphReq(msgspec.Struct, tag="graph", kw_only=True):
-    """A whole traced program. Nodes come in topological order; a node's prompt is the full text
-    of its parent node (None: the empty string). A node's own full text is its prompt plus its
-    text (kind "text"), its generated text (kind "gen") or its chosen choice (kind "select"). A node
-    with several children is a fork: the runtime prefills the shared prefix once and runs the
-    branches concurrently. The runtime replies with one NodeOut per gen/select node as it
-    finishes, then a GraphDone; on an error, one ErrorOut naming the node, and the graph stops."""
-
-    rid: str
-    nodes: list["GraphNode"]
-
-
-class GraphNode(msgspec.Struct, kw_only=True):
-    id: int
-    kind: str  # "text" | "gen" | "select"
-    parent: int | None  # the node whose full text this node's prompt extends; None: empty
-    text: str = ""  # kind == "text"
-    name: str | None = None  # variable name for gen/select
-    sampling_params: dict[str, Any] = {}  # kind == "gen"
-    choices: list[str] = []  # kind == "select"
-    choices_method: str = "token_length_normalized"  # kind == "select"
-
-
 class AbortReq(msgspec.Struct, tag="abort", kw_only=True):
     rid: str
 
@@ -139,17 +116,6 @@ class ScoreOut(msgspec.Struct, tag="score_out", kw_only=True):
     meta_info: dict[str, Any] = {}  # prompt_tokens, cached_tokens (summed over choices)
 
 
-class NodeOut(msgspec.Struct, tag="node_out", kw_only=True):
-    rid: str
-    node_id: int
-    text: str  # the generated text (gen) or the chosen choice (select)
-    meta_info: dict[str, Any] = {}
-
-
-class GraphDone(msgspec.Struct, tag="graph_done", kw_only=True):
-    rid: str
-
-
 class InfoOut(msgspec.Struct, tag="info_out", kw_only=True):
     rid: str
     info: dict[str, Any]  # model_path, chat_template, context_length, eos/bos, counters, ...
@@ -172,8 +138,8 @@ class ErrorOut(msgspec.Struct, tag="error", kw_only=True):
 AUTH_USERNAME = "sglite"
 AUTH_TOKEN_ENV = "SGLITE_AUTH_TOKEN"
 
-Request = Union[GenerateReq, ScoreReq, GraphReq, AbortReq, FlushCacheReq, InfoReq]
-Reply = Union[GenerateOut, ScoreOut, NodeOut, GraphDone, InfoOut, OkOut, ErrorOut]
+Request = Union[GenerateReq, ScoreReq, AbortReq, FlushCacheReq, InfoReq]
+Reply = Union[GenerateOut, ScoreOut, InfoOut, OkOut, ErrorOut]
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

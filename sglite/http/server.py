@@ -808,8 +808,6 @@ def _decode_native(data: bytes):
 
 
 def _terminal_for(msg):
-    if isinstance(msg, protocol.GraphReq):
-        return lambda r: isinstance(r, (protocol.GraphDone, protocol.ErrorOut))
     if isinstance(msg, protocol.GenerateReq):
         return lambda r: not isinstance(r, protocol.GenerateOut) or r.finished
     return lambda r: True

@@ -132,30 +132,6 @@ def test_abort_reaches_the_replica(dp_runtime, make_client):
     assert info["num_running_reqs"] == 0 and all(r["load"] == 0 for r in info["replicas"])
 
 
-def _run_graph(client, text):
-    nodes = [protocol.GraphNode(id=0, kind="text", parent=None, text=text),
-             protocol.GraphNode(id=1, kind="gen", parent=0, name="a",
-                                sampling_params={"max_new_tokens": 5, "temperature": 0}),
-             protocol.GraphNode(id=2, kind="select", parent=1, name="b", choices=["yes", "no"])]
-    rid = client.new_rid()
-    client.send(protocol.GraphReq(rid=rid, nodes=nodes))
-    outs = {}
-    while not isinstance(reply := client.recv(), protocol.GraphDone):
-        assert reply.rid == rid and isinstance(reply, protocol.NodeOut), reply
-        outs[reply.node_id] = reply.text
-    return outs
-
-
-def test_a_graph_goes_whole_to_one_replica(dp_runtime, make_client):
-    c = _client(make_client, dp_runtime)
-    before = c.info()["replicas"]
-    via_router = _run_graph(c, DOCS[1] + "\nQ: why?")
-    after = c.info()["replicas"]
-    assert sorted(a["num_routed"] - b["num_routed"] for a, b in zip(after, before)) == [0, 1]
-    direct = make_client(after[0]["address"], timeout=60)
-    assert _run_graph(direct, DOCS[1] + "\nQ: why?") == via_router and set(via_router) == {1, 2}
-
-
 def _router_cmd(*replicas, timeout=30):
     address = f"ipc://{tempfile.gettempdir()}/sglite-test-router-{uuid.uuid4().hex[:8]}.sock"
     cmd = [sys.executable, "-m", "sglite.runtime.router", "--address", address,

@@ -2,9 +2,9 @@
 
 Clients speak `sglite.protocol` to the router exactly as to a runtime. Each request gets a
 router-wide rid (client rids are unique per client only) and goes to one replica:
-- GenerateReq / ScoreReq / GraphReq: to the replica `CacheAwarePolicy` picks for its prompt; its
+- GenerateReq / ScoreReq: to the replica `CacheAwarePolicy` picks for its prompt; its
   replies come back with the client's rid, and the last one (finished GenerateOut, ScoreOut,
-  GraphDone, ErrorOut) ends it;
+  ErrorOut) ends it;
 - AbortReq: to the replica that holds the request (the request then answers for itself);
 - InfoReq / FlushCacheReq: to every live replica; one merged reply (counters summed, each
   replica's own info under "replicas"; a flush is Ok only when every replica flushed).
@@ -366,19 +366,10 @@ class Router:
 
 
 def routing_key(msg) -> str | tuple[int, ...]:
-    """The prompt a request starts with: its text, its token ids, or a graph's leading text."""
+    """The prompt a request starts with: its text or its token ids."""
     if isinstance(msg, protocol.GenerateReq):
         return msg.text if msg.text is not None else tuple(msg.input_ids or ())
-    if isinstance(msg, protocol.ScoreReq):
-        return msg.text
-    # GraphReq: the text of the chain of text nodes the graph opens with
-    parts, parent = [], None
-    for node in msg.nodes:
-        if node.kind != "text" or node.parent != parent:
-            break
-        parts.append(node.text)
-        parent = node.id
-    return "".join(parts)
+    return msg.text  # ScoreReq
 
 
 def merge_infos(infos: list[dict]) -> dict:
@@ -401,7 +392,7 @@ def merge_infos(infos: list[dict]) -> dict:
 def _is_last(reply) -> bool:
     if isinstance(reply, protocol.GenerateOut):
         return reply.finished
-    return not isinstance(reply, protocol.NodeOut)  # ScoreOut, GraphDone, ErrorOut
+    return True  # ScoreOut, ErrorOut
 
 
 def _describe(reply) -> str:

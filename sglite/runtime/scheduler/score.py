@@ -9,8 +9,6 @@ prefix. The reply aligns token logprobs, ids and texts per choice (see protocol.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from sglite import protocol
 
 _PREFILL_ONLY = protocol.SamplingParams(max_new_tokens=0)
@@ -31,18 +29,13 @@ def _tokenize(handler, text: str, choices: list[str]) -> tuple[list[int], list[l
 
 
 class ScoreJob:
-    """Also used by the graph executor (select nodes) with `on_done` instead of a reply."""
-
-    def __init__(self, handler, identity: bytes, msg: protocol.ScoreReq, *,
-                 on_done: Callable[[protocol.ScoreOut], None] | None = None,
-                 on_error: Callable[[str], None] | None = None, group: str | None = None):
+    def __init__(self, handler, identity: bytes, msg: protocol.ScoreReq):
         if not msg.choices:
             raise ValueError("select needs at least one choice")
         self.handler, self.identity, self.rid, self.msg = handler, identity, msg.rid, msg
-        self.on_done = on_done or (lambda out: handler.server.send(identity, out))
-        self.on_error = on_error or (lambda m: handler.server.send(
-            identity, protocol.ErrorOut(rid=msg.rid, message=m)))
-        self.group = msg.rid if group is None else group  # what an AbortReq names
+        self.on_done = lambda out: handler.server.send(identity, out)
+        self.on_error = lambda m: handler.server.send(identity, protocol.ErrorOut(rid=msg.rid, message=m))
+        self.group = msg.rid  # what an AbortReq names
         self.done = False
         self.prefix_ids, self.choice_ids = _tokenize(handler, msg.text, msg.choices)
         p = len(self.prefix_ids)

@@ -41,7 +41,7 @@ class RequestHandler:
         self.scheduler = server.scheduler
         self.runner = self.scheduler.runner
         self.tokenizer = self.runner.tokenizer
-        self.jobs: list = []  # ScoreJob / GraphJob in progress (they submit internal requests)
+        self.jobs: list = []  # ScoreJobs in progress (they submit internal requests)
 
     def handle(self, identity: bytes, data: bytes) -> None:
         try:
@@ -91,11 +91,6 @@ class RequestHandler:
 
         self.jobs.append(ScoreJob(self, identity, msg))
 
-    def _on_GraphReq(self, identity: bytes, msg: protocol.GraphReq) -> None:
-        from sglite.runtime.scheduler.graph_executor import GraphJob
-
-        self.jobs.append(GraphJob(self, identity, msg))
-
     def _on_AbortReq(self, identity: bytes, msg: protocol.AbortReq) -> None:
         # the aborted request answers for itself (a final GenerateOut with finish_reason abort)
         self.scheduler.abort(lambda r: r.client == identity and r.group == msg.rid)
@@ -114,7 +109,7 @@ class RequestHandler:
             info["integrity"] = self.check_integrity()
         self.server.send(identity, protocol.InfoOut(rid=msg.rid, info=info))
 
-    # ---- helpers (also used by the score and graph jobs)
+    # ---- helpers (also used by the score jobs)
     def prompt_ids(self, *, text: str | None = None, input_ids: list[int] | None = None) -> list[int]:
         if (text is None) == (input_ids is None):
             raise ValueError("give exactly one of text or input_ids")

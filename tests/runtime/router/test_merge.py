@@ -28,8 +28,3 @@ def test_routing_key_is_the_prompt():
     assert routing_key(protocol.GenerateReq(rid="a", text="hello")) == "hello"
     assert routing_key(protocol.GenerateReq(rid="a", input_ids=[4, 5])) == (4, 5)
     assert routing_key(protocol.ScoreReq(rid="a", text="pick", choices=["x"])) == "pick"
-    nodes = [protocol.GraphNode(id=0, kind="text", parent=None, text="doc. "),
-             protocol.GraphNode(id=1, kind="text", parent=0, text="Q: hi"),
-             protocol.GraphNode(id=2, kind="gen", parent=1),
-             protocol.GraphNode(id=3, kind="text", parent=2, text="more")]
-    assert routing_key(protocol.GraphReq(rid="g", nodes=nodes)) == "doc. Q: hi"
