@@ -4,7 +4,7 @@ Used by the frontend (`select` over ScoreReq/ScoreOut); it imports nothing but t
 library, so the frontend stays free of torch.
 
 Token logprobs come per choice as SGLang's `(logprob, token_id, text)` tuples. `decide` is the
-one entry point both sides call with a ScoreOut's lists: it drops the boundary token when the
+entry point the interpreter calls with a ScoreOut's lists: it drops the boundary token when the
 prefix text already ends with that token's text (no token healing happened, so the token belongs
 to the prefix, not to the choice), averages the rest, and applies the method.
 """
