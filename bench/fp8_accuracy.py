@@ -95,12 +95,12 @@ def main():
     kw = dict(dtype="bfloat16", device=args.device, max_total_tokens=args.tokens + args.greedy + 600,
               max_running_requests=4, cuda_graph_max_bs=1)
     results, ref_logits, ref_greedy = [], None, None
-    prompt = None
+    ids = prompt = None
     for name, quant, kv in configs:
         t0 = time.perf_counter()
         runner = ModelRunner(None, quantization=quant, kv_cache_dtype=kv, **kw)
-        ids = text_tokens(runner.tokenizer, args.tokens)
-        if prompt is None:
+        if ids is None:  # once: the docs change under a long run (others edit them)
+            ids = text_tokens(runner.tokenizer, args.tokens)
             prompt = runner.tokenizer.apply_chat_template(
                 [{"role": "user", "content": "Explain in detail how a radix tree caches prompt prefixes."}],
                 add_generation_prompt=True)
