@@ -69,6 +69,9 @@ class ModelRunner:
             model_path, load_format, preset, config_overrides or {}, skip_tokenizer_init
         )
         self.kv_dtype = resolve_kv_dtype(kv_cache_dtype, self.dtype)
+        if tp_size > 1 and quantization is not None:
+            # the tp shards slice weights after loading; FP8 layers' scales are not sliced yet
+            raise ValueError("quantization with tp_size > 1 is not supported yet")
         self.model = self._load_model(load_format, seed, quantization)
         self.tp = None
         if tp_size > 1:  # shard the model; model_config becomes this rank's view (its heads)
