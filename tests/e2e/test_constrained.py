@@ -154,7 +154,7 @@ def test_streamed_jumps_add_up_to_the_unstreamed_text(client):
 
 @pytest.fixture(scope="module")
 def no_jump_runtime():
-    from conftest import E2E_RUNTIME_ARGS
+    from tests.conftest import E2E_RUNTIME_ARGS
 
     with RuntimeProcess(None, timeout=900, **E2E_RUNTIME_ARGS, disable_jump_forward=True,
                         num_threads=1) as rt:  # beside the shared runtime on 2 cores
