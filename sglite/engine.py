@@ -24,19 +24,12 @@ from sglite.lang.backend.base import RuntimeRequestError
 
 
 
-class Engine:
-    def __init__(self, model_path: str | None = None, *, launch_timeout: float = 600.0,
-                 **server_args):
-        from sglite.lang.backend.client import ZmqClient
-        from sglite.launch import RuntimeProcess
+class GenerateClient:
+    """SGLang's generate API over a runtime client (ZmqClient or HttpClient): what `sgl.Engine`
+    is beside the process it owns, and what `sgl.Runtime.generate(prompt, sampling_params)` uses."""
 
-        self.process = RuntimeProcess(model_path, timeout=launch_timeout, **server_args)
-        try:
-            self.client = ZmqClient(self.process.address, is_alive=self.process.is_alive)
-        except BaseException:
-            self.process.shutdown()
-            raise
-        self.server_info = self.process.info
+    def __init__(self, client):
+        self.client = client
 
     # ---- SGLang's API
     def generate(self, prompt: str | list[str] | None = None,
@@ -73,16 +66,6 @@ class Engine:
 
     def flush_cache(self) -> None:
         _check(self.client.call(protocol.FlushCacheReq(rid=self.client.new_rid("flush"))))
-
-    def shutdown(self) -> None:
-        self.client.close()
-        self.process.shutdown()
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     # ---- helpers
     def _requests(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
@@ -159,6 +142,31 @@ class Engine:
                 yield chunk
         finally:
             it.close()
+
+
+class Engine(GenerateClient):
+    def __init__(self, model_path: str | None = None, *, launch_timeout: float = 600.0,
+                 **server_args):
+        from sglite.lang.backend.client import ZmqClient
+        from sglite.launch import RuntimeProcess
+
+        self.process = RuntimeProcess(model_path, timeout=launch_timeout, **server_args)
+        try:
+            super().__init__(ZmqClient(self.process.address, is_alive=self.process.is_alive))
+        except BaseException:
+            self.process.shutdown()
+            raise
+        self.server_info = self.process.info
+
+    def shutdown(self) -> None:
+        self.client.close()
+        self.process.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
 
 def _check(msg):

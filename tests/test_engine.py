@@ -87,3 +87,26 @@ def test_same_greedy_output_as_the_frontend_runtime(engine, runtime_process):
         backend.shutdown()
     ours = engine.generate(PROMPTS, GREEDY)
     assert [s["out"] for s in states] == [o["text"] for o in ours]
+
+
+def test_runtime_generate_answers_as_sglangs_runtime(engine, runtime_process, embedded_tokenizer):
+    """sgl.Runtime / RuntimeEndpoint.generate(prompt, sampling_params) returns SGLang's /generate
+    response as a JSON string; input_ids and lists work as in the Engine; programs still run."""
+    import json
+
+    backend = sgl.RuntimeEndpoint(runtime_process.address, _is_alive=runtime_process.is_alive)
+    try:
+        one = json.loads(backend.generate(PROMPTS[0], GREEDY))
+        assert one["text"] == engine.generate(PROMPTS[0], GREEDY)["text"]
+        assert one["output_ids"] and one["meta_info"]["completion_tokens"] == len(one["output_ids"])
+        ids = embedded_tokenizer.encode(PROMPTS[1])
+        by_ids = json.loads(backend.generate(input_ids=[ids], sampling_params=GREEDY))
+        assert [o["text"] for o in by_ids] == [engine.generate(input_ids=ids, sampling_params=GREEDY)["text"]]
+
+        @sgl.function
+        def complete(s):
+            s += PROMPTS[0] + sgl.gen("out", max_tokens=5, temperature=0)
+
+        assert complete.run(backend=backend)["out"] == one["text"]
+    finally:
+        backend.shutdown()

@@ -53,8 +53,23 @@ class RuntimeEndpoint(BaseBackend):
                     name=str(self.info.get("model_path")))
         return self._chat_template
 
-    def generate(self, text: str, params: GenParams, *, stream: bool = False,
-                 ) -> Iterator[tuple[str, dict[str, Any]]]:
+    def generate(self, prompt=None, sampling_params=None, *, stream: bool = False, **kw):
+        """Two callers. The interpreter: generate(text, GenParams, stream=) -> an iterator of
+        (delta, meta). A user, as SGLang's `Runtime.generate`: generate(prompt | [prompts] |
+        input_ids=..., sampling_params=dict | [dicts], return_logprob=, logprob_start_len=,
+        top_logprobs_num=) -> SGLang's /generate response as a JSON string (a dict with text,
+        output_ids and meta_info, or a list of them); stream=True yields those dicts instead."""
+        if isinstance(sampling_params, GenParams):
+            return self._generate_node(prompt, sampling_params, stream=stream)
+        import json
+
+        from sglite.engine import GenerateClient
+
+        out = GenerateClient(self.client).generate(prompt, sampling_params, stream=stream, **kw)
+        return out if stream else json.dumps(out)
+
+    def _generate_node(self, text: str, params: GenParams, *, stream: bool = False,
+                       ) -> Iterator[tuple[str, dict[str, Any]]]:
         req = protocol.GenerateReq(rid=self.client.new_rid("gen"), text=_utf8(text),
                                    stream=stream,
                                    sampling_params=params.to_sampling_params(),
