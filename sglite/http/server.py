@@ -92,12 +92,14 @@ class _AuthMiddleware:
 class _Choice:
     """One GenerateReq of an HTTP request and what arrived for it."""
 
-    __slots__ = ("index", "rid", "text", "meta", "finished", "error", "held", "sent", "output_ids")
+    __slots__ = ("index", "rid", "text", "meta", "finished", "error", "held", "sent", "output_ids",
+                 "lp_sent")
 
     def __init__(self, index: int, rid: str):
         self.index, self.rid = index, rid
         self.text, self.meta, self.finished, self.error = "", {}, False, None
         self.output_ids: list[int] | None = None  # from the last GenerateOut
+        self.lp_sent = 0  # (streams) output logprob entries already sent
         self.held = 0  # (chat streaming with tools) chars of text emitted as content so far
         self.sent = ""
 
@@ -481,9 +483,11 @@ class HttpFront:
                         new = c.text[sent[rid]:]
                         sent[rid] = len(c.text)
                         if new or c.finished:
-                            yield _sse(chunk(c, new, _finish(c.meta) if c.finished else None,
-                                             _completion_logprobs(c.meta, len(echo[c.index]))
-                                             if want_lp and c.finished else None))
+                            lp = None
+                            if want_lp:  # the entries that arrived since the last chunk
+                                lp = _completion_logprobs(c.meta, len(echo[c.index]), c.lp_sent)
+                                c.lp_sent += len(lp["tokens"])
+                            yield _sse(chunk(c, new, _finish(c.meta) if c.finished else None, lp))
                     now = time.perf_counter()
                     if not ttft_seen:
                         self.metrics.ttft.observe(now - t0)
@@ -628,9 +632,13 @@ class HttpFront:
                                     call.to_openai(k) for k, call in enumerate(calls)]}))
                             c.held = len(c.text)
                             yield _sse(chunk(c, {}, "tool_calls" if calls else _finish(c.meta),
-                                             _chat_logprobs(c.meta) if body.logprobs else None))
+                                             _chat_logprobs(c.meta, c.lp_sent) if body.logprobs else None))
                         elif upto > c.held:
-                            yield _sse(chunk(c, {"content": c.text[c.held:upto]}))
+                            lp = None
+                            if body.logprobs:  # the entries that arrived since the last chunk
+                                lp = _chat_logprobs(c.meta, c.lp_sent)
+                                c.lp_sent += len(lp["content"])
+                            yield _sse(chunk(c, {"content": c.text[c.held:upto]}, None, lp))
                             c.held = upto
                     now = time.perf_counter()
                     if not ttft_seen:
@@ -830,7 +838,9 @@ def _finish(meta: dict) -> str | None:
     return {"stop": "stop", "length": "length", "abort": "abort"}.get(fr.get("type"), fr.get("type"))
 
 
-def _completion_logprobs(meta: dict, offset0: int = 0) -> dict:
+def _completion_logprobs(meta: dict, offset0: int = 0, start: int = 0) -> dict:
+    """OpenAI's completion logprobs of output entries [start:] (text offsets count from the
+    whole output, after offset0 characters of echo)."""
     toks = meta.get("output_token_logprobs") or []
     tops = meta.get("output_top_logprobs") or []
     tokens, lps, offsets, pos = [], [], [], offset0
@@ -840,13 +850,15 @@ def _completion_logprobs(meta: dict, offset0: int = 0) -> dict:
         lps.append(lp)
         offsets.append(pos)
         pos += len(text)
-    top = [{(t or ""): lp for lp, _i, t in row} for row in tops] if tops else None
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+    top = [{(t or ""): lp for lp, _i, t in row} for row in tops[start:]] if tops else None
+    return {"tokens": tokens[start:], "token_logprobs": lps[start:], "top_logprobs": top,
+            "text_offset": offsets[start:]}
 
 
-def _chat_logprobs(meta: dict) -> dict:
-    toks = meta.get("output_token_logprobs") or []
-    tops = meta.get("output_top_logprobs") or [[] for _ in toks]
+def _chat_logprobs(meta: dict, start: int = 0) -> dict:
+    """OpenAI's chat logprobs of output entries [start:]."""
+    toks = (meta.get("output_token_logprobs") or [])[start:]
+    tops = (meta.get("output_top_logprobs") or [[] for _ in range(start + len(toks))])[start:]
     content = []
     for (lp, _tid, text), row in zip(toks, tops):
         text = text or ""

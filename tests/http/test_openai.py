@@ -320,3 +320,27 @@ def test_64_concurrent_http_clients_are_all_answered(http_server, oai):
     for i in (0, 1, 37):
         alone = oai.completions.create(model="m", prompt=prompts[i], max_tokens=4, temperature=0)
         assert alone.choices[0].text == texts[i]
+
+
+def test_streamed_logprobs_come_with_their_chunks(oai):
+    """As OpenAI streams them: each chunk carries the logprobs of the tokens that arrived since
+    the last one, and together they cover the whole output once."""
+    chunks = list(oai.completions.create(model="m", prompt="The capital of France is",
+                                         max_tokens=8, temperature=0, logprobs=2, stream=True,
+                                         stream_options={"include_usage": True}))
+    with_lp = [c for c in chunks if c.choices and c.choices[0].logprobs
+               and c.choices[0].logprobs.tokens]
+    assert len(with_lp) >= 2
+    tokens = [t for c in with_lp for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in with_lp for o in c.choices[0].logprobs.text_offset]
+    assert len(tokens) == chunks[-1].usage.completion_tokens
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    chat = list(oai.chat.completions.create(model="m", messages=FRANCE, max_tokens=8,
+                                            temperature=0, logprobs=True, top_logprobs=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    entries = [e for c in chat if c.choices and c.choices[0].logprobs
+               for e in c.choices[0].logprobs.content]
+    assert sum(bool(c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content)
+               for c in chat) >= 2
+    assert len(entries) == chat[-1].usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)

@@ -206,10 +206,12 @@ class OutputProcessor:
             meta["jump_forward_tokens"] = req.num_jump_forward_tokens
         if req.is_finished:
             meta["finish_reason"] = dict(req.finish_reason)
-            if req.return_logprob:
-                for key in ("input_token_logprobs", "input_top_logprobs",
-                            "output_token_logprobs", "output_top_logprobs"):
-                    meta[key] = req.logprobs.get(key, [])
+        if req.return_logprob and (req.is_finished or req.stream):
+            # streamed chunks carry the lists so far (SGLang's cumulative meta_info), so a
+            # stream's reader can hand each chunk the logprobs of its own tokens
+            for key in ("input_token_logprobs", "input_top_logprobs",
+                        "output_token_logprobs", "output_top_logprobs"):
+                meta[key] = req.logprobs.get(key, [])
         return meta
 
     # ---- logprobs
