@@ -44,6 +44,9 @@ def test_bad_ids_fail_only_their_request(client):
         "big_stop": dict(sampling_params={**OK, "min_new_tokens": 2, "stop_token_ids": [vocab + 3]}),
         "neg_stop": dict(sampling_params={**OK, "min_new_tokens": 2, "stop_token_ids": [-1]}),
         "top_logprobs": dict(sampling_params=OK, return_logprob=True, top_logprobs_num=vocab + 1),
+        # above the runtime's cap (--max-top-logprobs, 20 by default): each top entry costs the
+        # whole batch's steps, so a huge one would slow every bystander
+        "many_tops": dict(sampling_params=OK, return_logprob=True, top_logprobs_num=21),
     }
     rids = {}
     for name, kw in bad.items():
@@ -55,6 +58,7 @@ def test_bad_ids_fail_only_their_request(client):
     assert "stop_token_ids" in results[rids["big_stop"]]["error"]
     assert "stop_token_ids" in results[rids["neg_stop"]]["error"]
     assert "top_logprobs_num" in results[rids["top_logprobs"]]["error"]
+    assert "--max-top-logprobs" in results[rids["many_tops"]]["error"]
     assert results[good]["error"] is None and results[good]["meta_info"]["completion_tokens"] == 4
 
 

@@ -57,6 +57,9 @@ class ServerArgs:
     # SGLITE_AUTH_TOKEN environment variable, if set. Never put on a command line by to_cli.
     auth_token: str | None = None
     seed: int = 0
+    # the most top logprobs a request may ask for per token (vLLM's --max-logprobs, OpenAI's 20):
+    # each one costs every step of its batch an entry per token (49k made a batch crawl)
+    max_top_logprobs: int = 20
     grammar_threads: int = 2
     disable_overlap: bool = False  # CUDA: read each decode's tokens before launching the next
     disable_window_free: bool = False  # keep out-of-window KV of windowed models (comparisons)
@@ -82,6 +85,8 @@ class ServerArgs:
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, "
                              f"got {self.schedule_policy!r}")
+        if self.max_top_logprobs < 0:
+            raise ValueError(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
@@ -170,6 +175,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "attention reads in bulk (default: 128 on CUDA, 1 on the CPU)")
     p.add_argument("--disable-radix-cache", action="store_true", default=d.disable_radix_cache)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=SCHEDULE_POLICIES)
+    p.add_argument("--max-top-logprobs", type=int, default=d.max_top_logprobs,
+                   help="most top logprobs per token a request may ask for (default 20)")
     p.add_argument("--log-interval", type=float, default=d.log_interval,
                    help="seconds between stats log lines (0: off)")
     p.add_argument("--address", default=d.address,

@@ -162,6 +162,10 @@ class RequestHandler:
         if not 0 <= kw.get("top_logprobs_num", 0) <= vocab:
             raise ValueError(f"top_logprobs_num must be in [0, {vocab}] (the vocabulary size), "
                              f"got {kw['top_logprobs_num']}")
+        cap = getattr(getattr(self.server, "args", None), "max_top_logprobs", None)
+        if cap is not None and kw.get("top_logprobs_num", 0) > cap:
+            raise ValueError(f"top_logprobs_num {kw['top_logprobs_num']} is above this runtime's "
+                             f"limit of {cap} (raise it with --max-top-logprobs)")
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"stop_token_ids contain {bad[0]}, outside the vocabulary [0, {vocab})")
