@@ -109,7 +109,34 @@ def test_mt_bench(default_backend):
     record("mt_bench", True)
 
 
-def test_select(default_backend):
+def hf_select(hf_model, prefix: str, options: list[str]) -> str:
+    """The choice transformers' logprobs make, scored as the runtime scores a select (text +
+    choice tokenized whole, from the prefix's last token on) and decided by the same rule."""
+    import torch
+
+    from sglite import choices as choice_methods
+
+    model, tok = hf_model
+    p = len(tok(prefix).input_ids)
+    lps, ids_out, texts = [], [], []
+    for option in options:
+        ids = tok(prefix + option).input_ids
+        start = min(max(p - 1, 1), len(ids) - 1)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, -1)
+        lps.append([float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids))])
+        ids_out.append(ids[start:])
+        texts.append([tok.decode([t]) for t in ids[start:]])
+    return choice_methods.decide("token_length_normalized", prefix_text=prefix, choices=options,
+                                 token_logprobs=lps, token_ids=ids_out,
+                                 token_texts=texts).decision
+
+
+def test_select(default_backend, hf_model):
+    head = ("Determine whether the statement below is True, False, or Unknown.\n"
+            "Statement: The capital of France is Pairs.\nAnswer: True\n")
+
     @sgl.function
     def true_or_false(s, statement):
         s += "Determine whether the statement below is True, False, or Unknown.\n"
@@ -118,10 +145,13 @@ def test_select(default_backend):
         s += "Statement: " + statement + "\n"
         s += "Answer:" + sgl.select("answer", ["True", "False", "Unknown"])
 
-    got = [true_or_false.run(statement=st)["answer"] for st in (
-        "The capital of Germany is Berlin.", "The capital of Canada is Tokyo.",
-        "Purple is a better color than green.")]
+    statements = ("The capital of Germany is Berlin.", "The capital of Canada is Tokyo.",
+                  "Purple is a better color than green.")
+    got = [true_or_false.run(statement=st)["answer"] for st in statements]
     assert all(a in ["True", "False", "Unknown"] for a in got)  # check_answer=False, as SGLang
+    # the model's own pick: transformers' logprobs on the same weights choose the same
+    assert got == [hf_select(hf_model, head + "Statement: " + st + "\nAnswer:",
+                             ["True", "False", "Unknown"]) for st in statements]
     record("select", got == ["True", "False", "Unknown"], str(got))
 
 
@@ -178,7 +208,7 @@ def test_decode_json(default_backend):
     record("decode_json", True)
 
 
-def test_expert_answer(default_backend):
+def test_expert_answer(default_backend, hf_model):
     @sgl.function
     def expert_answer(s, question):
         s += "Question: " + question + "\n"
@@ -190,6 +220,11 @@ def test_expert_answer(default_backend):
     ret = expert_answer.run(question="What is the capital of France?", temperature=0.1,
                             max_new_tokens=32)
     assert ret.error() is None and ret["answer"] is not None
+    # the same program greedy: its first gen is transformers' greedy continuation
+    greedy = expert_answer.run(question="What is the capital of France?", temperature=0,
+                               max_new_tokens=32)
+    assert_model_says(hf_model, "Question: What is the capital of France?\nA good person to "
+                      "answer this question is", greedy["expert"], 32, [".", "\n"])
     record("expert_answer", "paris" in ret.text().lower(), repr(ret["answer"]))
 
 
