@@ -249,7 +249,18 @@ def test_tool_use(default_backend):
     record("tool_use", ret["answer"] == str(lhs * rhs), repr(ret["expression"]))
 
 
-def test_react(default_backend):
+REACT_SHOTS = (
+    "\nQuestion: Which country does the founder of Microsoft live in?\n"
+    "Thought 1: I need to search for the founder of Microsoft.\n"
+    "Action 1: Search [Founder of Microsoft].\n"
+    "Observation 1: The founder of Microsoft is Bill Gates.\n"
+    "Thought 2: I need to search for the country where Bill Gates lives in.\n"
+    "Action 2: Search [Where does Bill Gates live].\n"
+    "Observation 2: Bill Gates lives in the United States.\n"
+    "Thought 3: The answer is the United States.\nAction 3: Finish [United States].\n\n")
+
+
+def test_react(default_backend, hf_model):
     @sgl.function
     def react(s, question):
         s += ("\nQuestion: Which country does the founder of Microsoft live in?\n"
@@ -271,9 +282,15 @@ def test_react(default_backend):
                 s += " [" + sgl.gen("answer", stop="]") + "].\n"
                 break
 
-    ret = react.run(question="What country does the creator of Linux live in?", temperature=0.1,
-                    max_new_tokens=24)
+    question = "What country does the creator of Linux live in?"
+    ret = react.run(question=question, temperature=0.1, max_new_tokens=24)
     assert ret.error() is None
+    # the same program greedy: its first thought is transformers' greedy continuation
+    greedy = react.run(question=question, temperature=0, max_new_tokens=24)
+    prompt = REACT_SHOTS + "Question: " + question + "\nThought 1:"
+    assert greedy.text().startswith(prompt)
+    first = greedy.text()[len(prompt):].split(".\n")[0]
+    assert_model_says(hf_model, prompt, first, 24, [".", "\n"])
     answer = ret["answer"].lower() if "answer" in ret else ""
     record("react", "finland" in answer or "states" in answer, repr(answer or ret.text()[-80:]))
 
