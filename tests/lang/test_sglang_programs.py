@@ -155,7 +155,36 @@ def test_select(default_backend, hf_model):
     record("select", got == ["True", "False", "Unknown"], str(got))
 
 
-def test_decode_int(default_backend):
+def hf_constrained_greedy(hf_model, prompt: str, regex: str, stops: list[str], max_tokens: int):
+    """transformers' greedy continuation under the same regex (xgrammar's mask on its logits)."""
+    import torch
+
+    from sglite.runtime.sampling.constrained import GrammarCache, GrammarState
+
+    model, tok = hf_model
+    cache = GrammarCache(tok, model.config.vocab_size, stop_token_ids=[tok.eos_token_id])
+    try:
+        state = GrammarState(cache.compile("regex", regex))
+    finally:
+        cache.shutdown()
+    ids, out = tok(prompt).input_ids, []
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+        allowed = state.allowed_mask()[: logits.shape[0]]
+        token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+        if token == tok.eos_token_id or not state.accept(token):
+            break
+        out.append(token)
+        if state.is_terminated() or any(x in tok.decode(out) for x in stops):
+            break
+    text = tok.decode(out, skip_special_tokens=True)
+    for x in stops:
+        text = text.split(x)[0]
+    return text
+
+
+def test_decode_int(default_backend, hf_model):
     @sgl.function
     def decode_int(s):
         s += "The number of hours in a day is " + sgl.gen_int("hours") + "\n"
@@ -165,6 +194,12 @@ def test_decode_int(default_backend):
     # which REGEX_INT (no length bound, as SGLang's) lets run to the cap
     ret = decode_int.run(temperature=0.1, max_new_tokens=16)
     hours, days = int(ret["hours"]), int(ret["days"])  # always an integer: the regex
+    # the same program greedy: its first number is transformers' greedy one under the regex
+    greedy = decode_int.run(temperature=0, max_new_tokens=16)
+    from sglite.lang.ir import REGEX_INT
+
+    assert greedy["hours"] == hf_constrained_greedy(
+        hf_model, "The number of hours in a day is ", REGEX_INT, [" ", "\n"], 16)
     record("decode_int", (hours, days) == (24, 365), f"{hours}, {days}")
 
 
