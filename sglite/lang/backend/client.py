@@ -45,7 +45,37 @@ class _Dead:
         self.message = message
 
 
-class ZmqClient:
+class ReplyQueues:
+    """What every runtime client shares: request ids, and one queue of replies per request
+    (a `_Dead` in it: the runtime is gone). Subclasses fill `_queues` and implement request,
+    send, forget and close."""
+
+    def _init_queues(self) -> None:
+        self._rid_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}-"
+        self._rid_counter = itertools.count()
+        self._queues: dict[str, queue.Queue] = {}
+        self._lock = threading.Lock()
+
+    def new_rid(self, kind: str = "r") -> str:
+        return f"{kind}-{self._rid_prefix}{next(self._rid_counter)}"
+
+    def recv(self, q: queue.Queue):
+        item = q.get()
+        if isinstance(item, _Dead):
+            q.put(item)  # later recv calls on this queue fail the same way
+            raise RuntimeDied(item.message)
+        return item
+
+    def call(self, msg):
+        """Send one request and return its single reply."""
+        q = self.request(msg)
+        try:
+            return self.recv(q)
+        finally:
+            self.forget(msg.rid)
+
+
+class ZmqClient(ReplyQueues):
     def __init__(self, address: str, *, is_alive=None, ping_interval: float = 5.0,
                  dead_after: float = 120.0, heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, auth_token: str | None = None):
@@ -54,10 +84,7 @@ class ZmqClient:
         self._ping_interval, self._dead_after = ping_interval, dead_after
         self._heartbeat_timeout = heartbeat_timeout
         self._ctx = zmq.Context.instance()
-        self._rid_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}-"
-        self._rid_counter = itertools.count()
-        self._queues: dict[str, queue.Queue] = {}
-        self._lock = threading.Lock()
+        self._init_queues()
         self._dead: str | None = None
         self._closed = threading.Event()
         wake = f"inproc://sglite-client-{self._rid_prefix}"
@@ -74,9 +101,6 @@ class ZmqClient:
         self._dealer.connect(address)
         self._thread = threading.Thread(target=self._loop, name="sglite-zmq", daemon=True)
         self._thread.start()
-
-    def new_rid(self, kind: str = "r") -> str:
-        return f"{kind}-{self._rid_prefix}{next(self._rid_counter)}"
 
     def request(self, msg) -> queue.Queue:
         """Send msg and return the queue its replies arrive on (call `forget(rid)` when done).
@@ -97,21 +121,6 @@ class ZmqClient:
         with self._lock:
             if self._dead is None and not self._closed.is_set():
                 self._push.send(data)
-
-    def recv(self, q: queue.Queue):
-        item = q.get()
-        if isinstance(item, _Dead):
-            q.put(item)  # later recv calls on this queue fail the same way
-            raise RuntimeDied(item.message)
-        return item
-
-    def call(self, msg):
-        """Send one request and return its single reply."""
-        q = self.request(msg)
-        try:
-            return self.recv(q)
-        finally:
-            self.forget(msg.rid)
 
     def forget(self, rid: str) -> None:
         with self._lock:

@@ -12,25 +12,18 @@ RuntimeDied, as a dead runtime does over ZeroMQ. The API key (the server's --api
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import struct
 import threading
-import uuid
 
 import httpx
 
 from sglite import protocol
-from sglite.lang.backend.client import RuntimeDied
+from sglite.lang.backend.client import ReplyQueues, RuntimeDied, _Dead
 
 
-class _Dead:
-    def __init__(self, message: str):
-        self.message = message
-
-
-class HttpClient:
+class HttpClient(ReplyQueues):
     def __init__(self, address: str, *, api_key: str | None = None, connect_timeout: float = 10.0,
                  is_alive=None, **_ignored):
         self.address = address.rstrip("/")
@@ -43,15 +36,9 @@ class HttpClient:
             base_url=self.address, headers=headers,
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=60.0, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-        self._rid_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}-"
-        self._rid_counter = itertools.count()
-        self._queues: dict[str, queue.Queue] = {}
+        self._init_queues()
         self._responses: dict[str, httpx.Response] = {}
-        self._lock = threading.Lock()
         self._closed = False
-
-    def new_rid(self, kind: str = "r") -> str:
-        return f"{kind}-{self._rid_prefix}{next(self._rid_counter)}"
 
     def request(self, msg) -> queue.Queue:
         """Send msg and return the queue its replies arrive on (call `forget(rid)` when done)."""
@@ -72,20 +59,6 @@ class HttpClient:
             self._http.post("/sglite/send", content=protocol.encode(msg))
         except httpx.HTTPError:
             pass
-
-    def recv(self, q: queue.Queue):
-        item = q.get()
-        if isinstance(item, _Dead):
-            q.put(item)
-            raise RuntimeDied(item.message)
-        return item
-
-    def call(self, msg):
-        q = self.request(msg)
-        try:
-            return self.recv(q)
-        finally:
-            self.forget(msg.rid)
 
     def forget(self, rid: str) -> None:
         with self._lock:
