@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 
 import torch
 import torch.distributed as dist
@@ -64,18 +63,20 @@ class TPGroup:
         (self.dev if t.device.type == "cuda" else self.cpu).broadcast([t], opts).wait()
         return t
 
-    def broadcast_object(self, obj=None, *, src: int = 0):
-        """A picklable object from src to every rank (two host broadcasts: length, bytes)."""
+    def broadcast_bytes(self, payload: bytes = b"", *, src: int = 0) -> bytes:
+        """Bytes from src to every rank (two host broadcasts: length, bytes). The caller encodes
+        them (runner.py: msgpack, never pickle: a rank that unpickles runs whatever arrives)."""
         if self.rank == src:
-            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
             size = torch.tensor([data.numel()], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
         self.broadcast(size, src=src)
         if self.rank != src:
             data = torch.empty(int(size), dtype=torch.uint8)
-        self.broadcast(data, src=src)
-        return obj if self.rank == src else pickle.loads(data.numpy().tobytes())
+        if int(size):
+            self.broadcast(data, src=src)
+        return payload if self.rank == src else data.numpy().tobytes()
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's value (e.g. KV slots that fit on each rank's device)."""

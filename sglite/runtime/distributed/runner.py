@@ -26,6 +26,8 @@ import threading
 import time
 import weakref
 
+import msgspec
+import numpy as np
 import torch
 
 from sglite.runtime.distributed.group import TPGroup, make_store
@@ -85,7 +87,7 @@ class TensorParallel:
             return
         self._closed = True
         try:
-            self.group.broadcast_object(None)
+            self.group.broadcast_bytes(_pack(None))
         except Exception:  # a worker already gone: nothing to stop
             pass
         for p in self.procs:
@@ -178,7 +180,7 @@ def serve_worker(runner) -> None:
     """Ranks > 0: run each call rank 0 broadcasts until it says stop (None)."""
     group, batches = runner.tp.group, {}
     while True:
-        msg = group.broadcast_object()
+        msg = _unpack(group.broadcast_bytes())
         if msg is None:
             return
         name, args, kwargs, seq, metas = msg
@@ -229,7 +231,7 @@ class _Leader:
             enc_args, enc_kwargs = self._encode(args, tensors), self._encode(kwargs, tensors)
             metas = [_TensorArg(i, tuple(t.shape), t.dtype, t.device.type != "cpu")
                      for i, t in enumerate(tensors)]
-            self.group.broadcast_object((name, enc_args, enc_kwargs, seq, metas))
+            self.group.broadcast_bytes(_pack((name, enc_args, enc_kwargs, seq, metas)))
             for t in tensors:
                 self.group.broadcast(t.contiguous())
             self.depth += 1
@@ -260,6 +262,53 @@ class _Leader:
                                           "make_*_batch call built")
             return _BatchRef(known[0])
         return obj
+
+
+# The control message on the wire: msgpack, with ext types for what plain msgpack lacks (tuples,
+# tensor placeholders, batch references); anything else is refused when it is encoded.
+_EXT_TUPLE, _EXT_TENSOR, _EXT_BATCH = 1, 2, 3
+
+
+def _to_wire(obj):
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, list):
+        return [_to_wire(o) for o in obj]
+    if isinstance(obj, tuple):
+        return msgspec.msgpack.Ext(_EXT_TUPLE, msgspec.msgpack.encode([_to_wire(o) for o in obj]))
+    if isinstance(obj, dict):
+        return {str(k): _to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, _TensorArg):
+        return msgspec.msgpack.Ext(_EXT_TENSOR, msgspec.msgpack.encode(
+            [obj.index, list(obj.shape), str(obj.dtype).removeprefix("torch."), obj.on_device]))
+    if isinstance(obj, _BatchRef):
+        return msgspec.msgpack.Ext(_EXT_BATCH, msgspec.msgpack.encode(obj.seq))
+    raise TypeError(f"tensor parallel: cannot send a {type(obj).__name__} to the other ranks")
+
+
+def _from_ext(code: int, data: memoryview):
+    value = msgspec.msgpack.decode(data, ext_hook=_from_ext)
+    if code == _EXT_TUPLE:
+        return tuple(value)
+    if code == _EXT_TENSOR:
+        index, shape, dtype, on_device = value
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"tensor parallel: unknown dtype {dtype!r} in a control message")
+        return _TensorArg(index, tuple(shape), dt, on_device)
+    if code == _EXT_BATCH:
+        return _BatchRef(value)
+    raise ValueError(f"tensor parallel: unknown ext type {code} in a control message")
+
+
+def _pack(msg) -> bytes:
+    return msgspec.msgpack.encode(_to_wire(msg))
+
+
+def _unpack(data: bytes):
+    return msgspec.msgpack.decode(data, ext_hook=_from_ext)
 
 
 def _target(runner, path: str):
