@@ -34,32 +34,18 @@ class RuntimeDied(RuntimeError):
     """The runtime process exited while a client was waiting on it."""
 
 
-class RuntimeProcess:
-    """A runtime in a child process. `.address` is its ZMQ endpoint; `.info` its InfoOut.info."""
+class ChildProcess:
+    """A child process of sglite (a runtime, the HTTP front): its output in a temporary log file,
+    told this process's pid (it exits when this process is gone), stopped when this object goes
+    away or at exit."""
 
-    def __init__(self, model_path: str | None = None, *, timeout: float = 600.0,
-                 env: dict[str, str] | None = None, **server_args):
-        """env: variables set for the child on top of this process's (e.g. CUDA_VISIBLE_DEVICES);
-        dp_size > 1 starts a router process that starts and owns the replicas."""
-        args = ServerArgs(model_path=model_path, **server_args)
-        if args.address is None:
-            args = ServerArgs(**{**_fields(args), "address": default_address()})
-        self.args = args
-        self.address = args.address
-        self._log = tempfile.NamedTemporaryFile(prefix="sglite-runtime-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "sglite", "serve", *args.to_cli()]
+    def __init__(self, cmd: list[str], *, log_prefix: str, env: dict[str, str] | None = None):
+        self._log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)
         env = {**os.environ, **(env or {}), "SGLITE_PARENT_PID": str(os.getpid())}
-        if args.auth_token:  # through the environment: a command line is visible to everyone
-            env[protocol.AUTH_TOKEN_ENV] = args.auth_token
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         # NOTE: a weakref finalizer, so the atexit hook does not keep this object alive
         self._finalizer = weakref.finalize(self, _terminate, self.proc)
         atexit.register(self._finalizer)
-        try:
-            self.info = self._wait_ready(timeout)
-        except BaseException:
-            self.shutdown()
-            raise
 
     @property
     def log_path(self) -> str:
@@ -76,11 +62,35 @@ class RuntimeProcess:
     def shutdown(self) -> None:
         self._finalizer()
 
-    def __enter__(self) -> "RuntimeProcess":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+class RuntimeProcess(ChildProcess):
+    """A runtime in a child process. `.address` is its ZMQ endpoint; `.info` its InfoOut.info."""
+
+    def __init__(self, model_path: str | None = None, *, timeout: float = 600.0,
+                 env: dict[str, str] | None = None, **server_args):
+        """env: variables set for the child on top of this process's (e.g. CUDA_VISIBLE_DEVICES);
+        dp_size > 1 starts a router process that starts and owns the replicas."""
+        args = ServerArgs(model_path=model_path, **server_args)
+        if args.address is None:
+            args = ServerArgs(**{**_fields(args), "address": default_address()})
+        self.args = args
+        self.address = args.address
+        env = dict(env or {})
+        if args.auth_token:  # through the environment: a command line is visible to everyone
+            env[protocol.AUTH_TOKEN_ENV] = args.auth_token
+        super().__init__([sys.executable, "-m", "sglite", "serve", *args.to_cli()],
+                         log_prefix="sglite-runtime-", env=env)
+        try:
+            self.info = self._wait_ready(timeout)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _wait_ready(self, timeout: float) -> dict:
         ctx = zmq.Context.instance()

@@ -6,16 +6,13 @@
 
 from __future__ import annotations
 
-import atexit
-import os
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-import weakref
+
+from sglite.launch import ChildProcess
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,7 +21,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class HttpServerProcess:
+class HttpServerProcess(ChildProcess):
     def __init__(self, runtime_address: str, *, host: str = "127.0.0.1", port: int | None = None,
                  api_key: str | None = None, served_model_name: str | None = None,
                  tool_call_parser: str = "auto", timeout: float = 600.0):
@@ -38,38 +35,12 @@ class HttpServerProcess:
             cmd += ["--api-key", api_key]
         if served_model_name:
             cmd += ["--served-model-name", served_model_name]
-        self._log = tempfile.NamedTemporaryFile(prefix="sglite-http-", suffix=".log", delete=False)
-        env = {**os.environ, "SGLITE_PARENT_PID": str(os.getpid())}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self._finalizer = weakref.finalize(self, _terminate, self.proc)
-        atexit.register(self._finalizer)
+        super().__init__(cmd, log_prefix="sglite-http-")
         try:
             wait_http_ready(self.url, timeout=timeout, alive=self.is_alive, log=self.log_tail)
         except BaseException:
             self.shutdown()
             raise
-
-    @property
-    def log_path(self) -> str:
-        return self._log.name
-
-    def log_tail(self, num_chars: int = 4000) -> str:
-        with open(self._log.name, "rb") as f:
-            f.seek(max(0, os.path.getsize(self._log.name) - num_chars))
-            return f.read().decode(errors="replace")
-
-    def is_alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def shutdown(self) -> None:
-        self._finalizer()
-
-    def __enter__(self) -> "HttpServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-
 
 def wait_http_ready(url: str, *, timeout: float, alive=lambda: True, log=lambda: "") -> None:
     deadline = time.monotonic() + timeout
@@ -87,13 +58,3 @@ def wait_http_ready(url: str, *, timeout: float, alive=lambda: True, log=lambda:
                                f"its log:\n{log()}")
         time.sleep(0.2)
 
-
-def _terminate(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
