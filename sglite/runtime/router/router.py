@@ -160,14 +160,7 @@ class Router:
 
     # ---- clients -> replicas
     def _receive(self) -> None:
-        batch = []
-        while True:
-            try:
-                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            batch.append((frames[0].bytes, _source_fd(frames[-1]), frames))
-        batch, gone = self.peers.sort(batch)
+        batch, gone = self.peers.receive()
         for identity in gone:
             self._client_gone(identity)
         for identity, frames in batch:
@@ -397,13 +390,6 @@ def _is_last(reply) -> bool:
 
 def _describe(reply) -> str:
     return reply.message if isinstance(reply, protocol.ErrorOut) else type(reply).__name__
-
-
-def _source_fd(frame: zmq.Frame) -> int | None:
-    try:
-        return frame.get(zmq.SRCFD)
-    except zmq.ZMQError:
-        return None
 
 
 def _guess_rid(data: bytes) -> str:

@@ -26,6 +26,7 @@ GONE_MEMORY_S = 600.0  # how long a gone identity's late messages are still reco
 
 class PeerTracker:
     def __init__(self, socket: zmq.Socket):
+        self.socket = socket
         self.monitor = socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._owner: dict[int, bytes] = {}  # descriptor -> identity of the last message on it
         self._gone: dict[bytes, float] = {}  # identity -> when its connection closed
@@ -39,6 +40,18 @@ class PeerTracker:
             return False
         self._gone[identity] = time.monotonic()
         return True
+
+    def receive(self) -> tuple[list[tuple[bytes, list]], list[bytes]]:
+        """Every message waiting on the ROUTER socket, then the monitor (`sort`): ((identity,
+        frames) to handle, identities that went away)."""
+        batch = []
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            batch.append((frames[0].bytes, _source_fd(frames[-1]), frames))
+        return self.sort(batch)
 
     def sort(self, batch: list[tuple[bytes, int | None, list]]) -> tuple[list, list[bytes]]:
         """batch: (identity, descriptor or None, frames) for messages read before this call.
@@ -80,3 +93,10 @@ class PeerTracker:
             return
         cutoff = time.monotonic() - GONE_MEMORY_S
         self._gone = {k: t for k, t in self._gone.items() if t > cutoff}
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    try:
+        return frame.get(zmq.SRCFD)  # the connection's descriptor (not for inproc peers)
+    except zmq.ZMQError:
+        return None

@@ -103,16 +103,10 @@ class Server:
 
     # ---- private
     def _receive(self, *, block: bool) -> None:
-        batch = []
-        if not block or self.socket.poll(IDLE_POLL_MS):
-            while True:
-                try:
-                    frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                batch.append((frames[0].bytes, _source_fd(frames[-1]), frames))
+        if block:
+            self.socket.poll(IDLE_POLL_MS)
         # the monitor is read after the messages (see peers.py for why the order matters)
-        batch, gone = self.peers.sort(batch)
+        batch, gone = self.peers.receive()
         for identity in gone:
             self.handler.client_gone(identity)
         for identity, frames in batch:
@@ -152,13 +146,6 @@ def _require_token(ctx: zmq.Context, socket: zmq.Socket, token: str | None):
     auth.configure_plain(domain="*", passwords={protocol.AUTH_USERNAME: token})
     socket.plain_server = True
     return auth
-
-
-def _source_fd(frame: zmq.Frame) -> int | None:
-    try:
-        return frame.get(zmq.SRCFD)  # the connection's descriptor (not for inproc peers)
-    except zmq.ZMQError:
-        return None
 
 
 def serve(args: ServerArgs) -> None:

@@ -7,8 +7,7 @@ import uuid
 import pytest
 import zmq
 
-from sglite.runtime.server.peers import PeerTracker
-from sglite.runtime.server.zmq_server import _source_fd
+from sglite.runtime.server.peers import PeerTracker, _source_fd
 
 
 @pytest.fixture
