@@ -246,14 +246,14 @@ class Scheduler:
             pending_ids = input_ids[: previous.continued] if previous is not None else None
             rows = _logprob_rows(reqs, logits.device)
             raw = None if rows is None else log_softmax_rows(logits[rows])  # before any mask
+            stale = None  # rows voided by a jump-forward (only possible in the branch below)
             if previous is not None and any(r.grammar is not None for r in reqs):
                 # a grammar's mask needs every token before: append the pending ones now, while
                 # the GPU runs this decode (their stop checks and jump-forwards may end or
                 # re-route requests of it: those rows are dropped when it is read)
                 self._finish_decode(previous)
                 previous = pending_ids = None
-            stale = ([not r.is_finished and r.extend_len > 0 for r in reqs]
-                     if pending_ids is None else None)
+                stale = [not r.is_finished and r.extend_len > 0 for r in reqs]
             next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
             pack = None if rows is None else pack_logprobs(
                 raw, next_ids[rows], max(r.top_logprobs_num for r in reqs if r.return_logprob))
