@@ -36,6 +36,8 @@ TRITON_TILES = [
     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=4),
     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3),
     dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+    dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, num_warps=4, num_stages=3),
+    dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=4),
@@ -232,13 +234,25 @@ def bench_server(args, device, quant: str | None, num_requests: int):
                     tokens += reply.meta_info["completion_tokens"]
             return tokens
 
+        def info() -> dict:
+            sock.send(protocol.encode(protocol.InfoReq(rid=f"i-{uuid.uuid4().hex[:6]}")))
+            return wait_reply(sock, alive=rt.is_alive, timeout=60, describe=rt.log_tail).info
+
         run(torch.randint(0, vocab, (64, args.prompt_len)).tolist(), 16)  # warm-up (compiles)
         prompts = torch.randint(0, vocab, (num_requests, args.prompt_len)).tolist()
+        before = info()
         t0 = time.perf_counter()
         tokens = run(prompts, args.output_len)
         elapsed = time.perf_counter() - t0
+        after = info()
         cap = rt.info.get("max_total_tokens")
         sock.close()
+    # where the time went: the scheduler's own prefill / decode clocks over the timed run
+    split = {key: round(after[key] - before[key], 3) for key in
+             ("prefill_time_s", "decode_time_s", "num_steps", "num_prefill_tokens", "num_decode_tokens")
+             if key in after and key in before}
+    print(f"server {quant or 'bf16'}: {elapsed:.2f} s, {split}, max_running {after.get('max_running_requests')}, "
+          f"cuda_graph_max_bs {after.get('cuda_graph_max_bs')}", flush=True)
     return tokens / elapsed, cap
 
 
