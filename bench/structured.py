@@ -199,10 +199,17 @@ def bench_grammar(args, server_args, *, jump: bool = True):
                 max_new_tokens=max(o.meta_info["completion_tokens"], 1), ignore_eos=True,
                 temperature=0.0)) for i, o in zip(idx, outs)]
 
-        def timed(msgs):
+        def timed(msgs, label=None):
+            before = c.info() if label else None
             t0 = time.perf_counter()
             outs = c.run_all(msgs)
             dt = time.perf_counter() - t0
+            if label:  # where the server's time went: steps, forwards on the GPU, host
+                after = c.info()
+                d = {k: round(after[k] - before[k], 3) for k in (
+                    "num_steps", "num_decode_tokens", "num_prefill_tokens", "busy_time_s",
+                    "gpu_forward_time_s", "schedule_time_s") if isinstance(after.get(k), (int, float))}
+                notes.append(f"{label}: {dt:.2f} s wall, server {d}")
             return outs, sum(o.meta_info["completion_tokens"] for o in outs) / dt
 
         everyone = range(n)
@@ -210,8 +217,8 @@ def bench_grammar(args, server_args, *, jump: bool = True):
         c.run_all(gens("json_schema", schema, range(8), 64) + gens("regex", REGEX, range(8), 64))  # compile, warm
         for name, kind, spec, check in (("JSON-schema", "json_schema", schema, valid_json),
                                         ("regex", "regex", REGEX, lambda t: re.fullmatch(REGEX, t))):
-            outs, constrained = timed(gens(kind, spec, everyone, 160))
-            _, plain = timed(same_lengths(outs, everyone))
+            outs, constrained = timed(gens(kind, spec, everyone, 160), f"{name} constrained")
+            _, plain = timed(same_lengths(outs, everyone), f"{name} baseline")
             done = [o for o in outs if o.meta_info["finish_reason"]["type"] == "stop"]
             bad = [o.text for o in done if not check(o.text)]
             notes.append(f"{name} (jump-forward {'on' if jump else 'off'}): {len(done)}/{n} finished by "

@@ -150,7 +150,8 @@ def _require_token(ctx: zmq.Context, socket: zmq.Socket, token: str | None):
 
 def serve(args: ServerArgs) -> None:
     """Load the model and serve until SIGTERM/SIGINT (or the launching process exits).
-    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there."""
+    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there ("{pid}" in
+    the path becomes the process id: several runtimes of one benchmark keep their own tables)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from sglite.runtime.executor.model_runner import ModelRunner
     from sglite.runtime.scheduler.scheduler import Scheduler
@@ -194,5 +195,5 @@ def serve(args: ServerArgs) -> None:
     try:
         prof.runcall(Server(args, scheduler).run)
     finally:
-        with open(profile_path, "w") as f:
+        with open(profile_path.replace("{pid}", str(os.getpid())), "w") as f:
             pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
