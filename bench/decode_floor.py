@@ -103,22 +103,49 @@ def bench_sglite(args, folder, device, prompt):
             graph.replay()
         sync(device)
         replay_s = (time.perf_counter() - t0) / args.steps
-    if args.profile:  # where the step's GPU time goes: eager forwards, kernels by total time
-        from torch.profiler import ProfilerActivity, profile
-
-        seq = len(prompt) + 2 * (args.steps + 3)
-        kind = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-        with profile(activities=[kind]) as prof:
-            for i in range(3):
-                batch = runner.make_decode_batch([row], [seq + i], last, runner.token_pool.alloc(1))
-                runner.forward(batch, use_cuda_graph=False)
-            sync(device)
-        print(prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=30,
-                                        max_name_column_width=70))
+    if args.profile:
+        profile_step(args, runner, row, len(prompt) + 2 * (args.steps + 3), last)
     cfg = runner.model_config
     kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
     del runner
     return weight_bytes, step_s, replay_s, kv_bytes, cfg
+
+
+def profile_step(args, runner, row, seq, last):
+    """Where the step's GPU time goes: eager forwards (kernels by GPU time; ops by input shape,
+    so that each linear's kernel time is told apart), then graph replays (the kernels as the
+    measured step runs them). --trace-dir writes the replays' chrome trace for the gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = runner.device
+    kind = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    sort = f"{device.type}_time_total"
+    with profile(activities=[kind], record_shapes=True) as prof:
+        for i in range(3):
+            batch = runner.make_decode_batch([row], [seq + i], last, runner.token_pool.alloc(1))
+            runner.forward(batch, use_cuda_graph=False)
+        sync(device)
+    print("## eager forward x3: kernels by GPU time")
+    print(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    print("## eager forward x3: ops by input shape")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30,
+                                                             max_name_column_width=40,
+                                                             max_shapes_column_width=70))
+    if runner.graph_runner is None:
+        return
+    graph = runner.graph_runner.graphs[1]
+    for _ in range(3):
+        graph.replay()
+    sync(device)
+    with profile(activities=[kind]) as prof:
+        for _ in range(5):
+            graph.replay()
+        sync(device)
+    print("## graph replay x5: kernels by GPU time")
+    print(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(args.trace_dir, f"{args.config}_replay_trace.json"))
 
 
 def bench_hf(args, hf_dict, device, prompt, attn: str) -> tuple[float, str]:
@@ -160,6 +187,7 @@ def main():
     ap.add_argument("--hf-steps", type=int, default=48)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the decode step's kernels by GPU time")
+    ap.add_argument("--trace-dir", default=None, help="--profile: write the replays' chrome trace here")
     ap.add_argument("--hf-attn", default="eager,sdpa",
                     help="transformers attention implementations to time (Gemma 2's soft-capping "
                          "is computed by eager only)")

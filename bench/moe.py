@@ -182,9 +182,26 @@ def part_sglite(args, out: Path, folder: str):
         tokens = sum(len(r.output_ids) for r in reqs) - before
         emit(out, dict(part="sglite_decode", batch=bs, tokens=tokens, seconds=elapsed,
                        tok_s=tokens / elapsed, ms_step=elapsed / (tokens / bs) * 1e3))
+        if args.profile and cuda and bs == args.batches[0]:
+            profile_steps(out, sched, bs)
         while sched.has_work:
             sched.step()
         del sched
+
+
+def profile_steps(out: Path, sched, bs: int, steps: int = 3):
+    """Where a decode step's time goes: host and GPU, kernels by GPU time, and the chrome trace
+    (moe_bs<bs>_trace.json) for the gaps between them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            sched.step()
+        sync()
+    print(f"## bs {bs}: {steps} scheduler steps, kernels by GPU time", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90),
+          flush=True)
+    prof.export_chrome_trace(str(out / f"moe_bs{bs}_trace.json"))
 
 
 # --- d. transformers baseline -------------------------------------------------------------------
@@ -243,6 +260,8 @@ def main():
     ap.add_argument("--hf-steps", type=int, default=4)
     ap.add_argument("--hf-repeats", type=int, default=2)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the first batch's decode steps (kernels by GPU time, chrome trace)")
     ap.add_argument("--timeouts", type=int, nargs=3, default=[65, 110, 105])
     args = ap.parse_args()
     out = Path(args.out)
