@@ -19,7 +19,7 @@ def main():
     from sglite.kernels import decode_attention as da
     from sglite.kernels import extend_attention as ea
     from sglite.kernels.activation import gelu_tanh_and_mul
-    from sglite.kernels.norm import fused_add_rms_norm, rms_norm
+    from sglite.kernels.norm import fused_add_rms_norm, norm_add_rms_norm, rms_norm
     from sglite.kernels.rotary import apply_rotary_qk
 
     da._tma_device = lambda device: True
@@ -46,6 +46,7 @@ def main():
     w = torch.zeros(hidden, dtype=torch.float32)
     rms_norm(x, w, 1e-6)
     fused_add_rms_norm(x, torch.zeros_like(x), w, 1e-6)
+    norm_add_rms_norm(x, torch.zeros_like(x), w, w, 1e-6, 1e-6)
     cc.compile_recorded("norms, fp32 (1 + w)")
     gelu_tanh_and_mul(torch.zeros(1, 2 * 14336, dtype=torch.bfloat16))
     cc.compile_recorded("gelu_tanh_and_mul")

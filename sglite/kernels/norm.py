@@ -6,6 +6,12 @@ fused path only differs from it by the fp32 reduction order:
   out = round(round(residual * rsqrt(mean(residual^2) + eps)) * weight)   (statistics in fp32)
 One program normalizes one row held whole in registers (hidden sizes up to MAX_N); rows are
 disjoint and each is read before it is written, so outputs may alias the inputs (in place).
+
+`norm_add_rms_norm` is two of these in one launch, for sandwich-norm layers (Gemma 2/3: a
+sublayer's output is normed before it joins the residual stream, and the stream is normed again
+for the next sublayer): x <- rms_norm(x, w0) is rounded exactly as the standalone launch stores
+it, then added to the residual and normed with w1 as `fused_add_rms_norm` does. At batch 1 these
+norms are single-program launches of a few microseconds each: one launch instead of two.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ MAX_N = 65536  # one row in registers: 64k fp32 over 16 warps is 128 values per 
 
 @triton.jit
 def _rms_norm_kernel(
-    X, Residual, Out, W,
+    X, Residual, Out, W, W0,
     stride_x, stride_r, stride_o,
-    N, eps,
+    N, eps, eps0,
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRE_NORM: tl.constexpr = False,  # x <- rms_norm(x, W0, eps0) first (norm_add_rms_norm)
     USE_PDL: tl.constexpr = False,
 ):
     wait_for_previous(USE_PDL)
@@ -32,6 +39,11 @@ def _rms_norm_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x = tl.load(X + cur_row * stride_x + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if PRE_NORM:  # rounded as the standalone norm stores it
+        rstd0 = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps0)
+        w0 = tl.load(W0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        x = ((x * rstd0).to(Out.dtype.element_ty).to(tl.float32) * w0).to(Out.dtype.element_ty)
+        x = x.to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(Residual + cur_row * stride_r + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         x = (x + r).to(Residual.dtype.element_ty)  # rounded as the unfused add rounds
@@ -54,17 +66,17 @@ def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: hidden size {x.shape[1]} > {MAX_N} (one row per program)")
 
 
-def _launch(x, residual, out, weight, eps):
+def _launch(x, residual, out, weight, eps, pre_weight=None, pre_eps=0.0):
     rows, n = x.shape
     if rows == 0:
         return
     block_n = triton.next_power_of_2(n)
     r = residual if residual is not None else x  # unused pointer when HAS_RESIDUAL is off
     _rms_norm_kernel[(rows,)](
-        x, r, out, weight,
+        x, r, out, weight, pre_weight if pre_weight is not None else weight,
         x.stride(0), r.stride(0), out.stride(0),
-        n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
+        n, eps, pre_eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, PRE_NORM=pre_weight is not None,
         num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1, **pdl_options(x),
     )
 
@@ -88,6 +100,21 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         raise ValueError(f"fused_add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} "
                          f"does not match x {tuple(x.shape)} {x.dtype}")
     _launch(x, residual, x, weight, eps)
+    return x, residual
+
+
+def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, pre_weight: torch.Tensor,
+                      weight: torch.Tensor, pre_eps: float, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place, one launch: residual <- rms_norm(x, pre_weight) + residual,
+    x <- rms_norm(residual, weight). Returns (x, residual); equal to rms_norm followed by
+    fused_add_rms_norm."""
+    _check(x, weight, "norm_add_rms_norm")
+    _check(x, pre_weight, "norm_add_rms_norm")
+    if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
+        raise ValueError(f"norm_add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} "
+                         f"does not match x {tuple(x.shape)} {x.dtype}")
+    _launch(x, residual, x, weight, eps, pre_weight, pre_eps)
     return x, residual
 
 

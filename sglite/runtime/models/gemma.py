@@ -61,6 +61,16 @@ class GemmaRMSNorm(nn.Module):
             return self._norm(residual), residual
         return self._norm(x)
 
+    def then_add_norm(self, x: torch.Tensor, residual: torch.Tensor, nxt: "GemmaRMSNorm"):
+        """The sandwich pair: nxt(self(x), residual) -> (normed, new residual). On CUDA one
+        launch (sglite.kernels.norm.norm_add_rms_norm), in place on x and residual, rounded as
+        the two fused launches it replaces."""
+        if use_fused(x) and self._plus_one is not None and nxt._plus_one is not None:
+            from sglite.kernels.norm import norm_add_rms_norm
+
+            return norm_add_rms_norm(x, residual, self._plus_one, nxt._plus_one, self.eps, nxt.eps)
+        return nxt(self(x), residual)
+
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -83,16 +93,20 @@ class GemmaDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.is_sliding = config.window_for_layer(layer_id) is not None
 
-    def forward(self, x, residual, cos, sin, batch, backend):
-        """Fused-residual form as LlamaDecoderLayer: x is the previous layer's (post-feedforward
-        normed) output, not yet added to the residual stream."""
+    def forward(self, x, residual, cos, sin, batch, backend, prev: "GemmaDecoderLayer | None" = None):
+        """x is the previous layer's MLP output (prev's), before its post-feedforward norm and
+        not yet added to the residual stream; the embedding for the first layer (residual None).
+        Returns this layer's MLP output and the residual stream in the same form: each sandwich
+        norm pair (a sublayer's post-norm and the next pre-norm, with the residual add between)
+        runs as one launch on CUDA (GemmaRMSNorm.then_add_norm)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.post_attention_layernorm(self.self_attn(x, cos, sin, batch, backend))
-        x, residual = self.pre_feedforward_layernorm(x, residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
+            x, residual = prev.post_feedforward_layernorm.then_add_norm(x, residual, self.input_layernorm)
+        x = self.self_attn(x, cos, sin, batch, backend)
+        x, residual = self.post_attention_layernorm.then_add_norm(x, residual,
+                                                                  self.pre_feedforward_layernorm)
+        return self.mlp(x), residual
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
@@ -111,16 +125,17 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)  # rounded as transformers
         rope = self.rotary(batch.positions, x.dtype)
         rope_local = rope if self.rotary_local is None else self.rotary_local(batch.positions, x.dtype)
-        residual = None
+        residual, prev = None, None
         for layer in self.model.layers:
             cos, sin = rope_local if layer.is_sliding else rope
-            x, residual = layer(x, residual, cos, sin, batch, backend)
+            x, residual = layer(x, residual, cos, sin, batch, backend, prev)
+            prev = layer
         rows = batch.logit_rows
         if rows is None and not batch.return_all_logits and not batch.is_decode:
             rows = _last_token_indices(batch, x.device)
         if rows is not None:
             x, residual = x[rows], residual[rows]
-        x = self.model.norm(x, residual)[0]
+        x = prev.post_feedforward_layernorm.then_add_norm(x, residual, self.model.norm)[0]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head).float()
         cap = self.config.final_logit_softcapping

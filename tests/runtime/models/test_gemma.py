@@ -71,9 +71,13 @@ def test_greedy_32_steps_match_generate(served):
     family.check_generate(runner, hf, family.prompts_for(runner.tokenizer, chat_ids))
 
 
-def test_gemma2_through_the_triton_kernels(tmp_path):
-    """The GPU path's attention (soft-capped decode / extend kernels, per-layer windows), here
-    under the Triton interpreter, against transformers."""
+def test_gemma2_through_the_triton_kernels(tmp_path, monkeypatch):
+    """The GPU path's attention (soft-capped decode / extend kernels, per-layer windows) and its
+    norms (each sandwich pair in one launch), here under the Triton interpreter, against
+    transformers."""
+    from sglite.runtime.models import gemma
+
+    monkeypatch.setattr(gemma, "use_fused", lambda t: True)
     folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
     runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
     family.check_logits(runner, hf, lengths=(16, 11))
@@ -97,3 +101,25 @@ def test_gemma_norm_fused_path_matches_torch(monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_a, ref_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_r, ref_r)
+
+
+def test_gemma_sandwich_pair_fused_matches_torch(monkeypatch):
+    """then_add_norm (a post-norm, the residual add and the next pre-norm) in one interpreted
+    launch against the torch path on fp32 rows, in place on x and the residual."""
+    from sglite.runtime.models import gemma
+
+    post, pre = gemma.GemmaRMSNorm(48, 1e-6), gemma.GemmaRMSNorm(48, 1e-5)
+    with torch.no_grad():
+        post.weight.normal_(0, 0.3)
+        pre.weight.normal_(0, 0.3)
+    post.refresh_fused()
+    pre.refresh_fused()
+    gen = torch.Generator().manual_seed(1)
+    x, r = torch.randn(3, 48, generator=gen) * 4, torch.randn(3, 48, generator=gen)
+    ref_x, ref_r = post.then_add_norm(x.clone(), r.clone(), pre)
+    monkeypatch.setattr(gemma, "use_fused", lambda t: True)
+    xx, rr = x.clone(), r.clone()
+    out_x, out_r = post.then_add_norm(xx, rr, pre)
+    assert out_x.data_ptr() == xx.data_ptr() and out_r.data_ptr() == rr.data_ptr()
+    torch.testing.assert_close(out_x, ref_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_r, ref_r, atol=1e-5, rtol=1e-5)
