@@ -23,7 +23,7 @@ from triton.runtime.jit import JITFunction
 
 _RECORDED: list = []
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-          torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
+          torch.int64: "i64", torch.int16: "i16", torch.float8_e4m3fn: "fp8e4nv"}
 _CUDA = torch.device("cuda")  # tile tables for the GPU, without one
 
 

@@ -47,7 +47,7 @@ except ImportError:  # an older triton: gathers only
 from .pdl import pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
-from .online_softmax import fp8_values, online_softmax_step, softcap, softcap_args, softmax_weights
+from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -70,7 +70,7 @@ def _decode_stage1_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
-    KV_FP8: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
@@ -109,6 +109,10 @@ def _decode_stage1_kernel(
     mask_q = mask_h[:, None] & mask_d[None, :]
     q = tl.load(Q + cur_batch * stride_qb + cur_heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_q, other=0.0)
+    if KV_FP8:
+        # FP8 keys widen to fp16 in one unpack per pair; to bf16 (q's dtype) each element then
+        # took a second conversion (F2F.BF16.F16 at 16/clock/SM: half an FP8 tile's time budget)
+        q = q.to(tl.float16)
     # finite start: a block whose keys are all masked then adds exp2(-inf) = 0, never NaN
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -120,11 +124,11 @@ def _decode_stage1_kernel(
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
                                    cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW,
-                                   HAS_CAP, BLOCK_N, KV_FP8)
+                                   HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM)
     else:
         acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                                      win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
-                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8)
+                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -162,7 +166,8 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 @triton.jit
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
                  qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc,
-                 HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr):
+                 HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
+                 WIDEN_ASM: tl.constexpr):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -174,9 +179,44 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
         k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale)
         qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                       float("-inf"))
-        acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
-                                            mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
+        if KV_FP8:  # the values as byte pairs (see _fp8_values_step)
+            offs_pair = tl.arange(0, acc.shape[1] // 2)
+            pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
+                            + offs_pair[None, :], mask=mask_n[:, None], other=0)
+            acc, l_i, m_i = _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+        else:
+            acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
+                                                mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM: tl.constexpr):
+    """online_softmax_step for FP8 values handed over as int16 [N, D / 2] (two e4m3 values each),
+    widened to fp16 [N, D] in registers before the dot. Loaded as fp8 [N, D], the compiler kept
+    them FP8 up to the dot and read the operand (the tile transposed: keys along its K axis)
+    from shared memory byte by byte: an LDS.U8 per value, 64 a thread per 64-key tile (sm90 SASS,
+    bench/fp8_compile_check.py); widened first, the fp16 tile goes through shared memory as
+    16-byte stores and ldmatrix.trans loads. The V scale is folded into the weights."""
+    p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+    v = _widen_pairs(pairs, WIDEN_ASM)
+    acc = acc * alpha[:, None] + tl.dot((p * v_scale).to(tl.float16), v)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _widen_pairs(x, WIDEN_ASM: tl.constexpr):
+    """int16 [R, C] of e4m3 pairs (little-endian: the low byte is the even element) -> fp16
+    [R, 2C]. On the GPU one cvt.rn.f16x2.e4m3x2 a pair (the bitwise form costs ~3 more integer
+    ops a value there); bitwise in the interpreter, which runs no inline asm."""
+    if WIDEN_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return tl.interleave(lo, hi)
 
 
 @triton.jit
@@ -199,7 +239,7 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
                logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr):
+               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
@@ -207,13 +247,16 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
     for start_n in range(split_start, split_end, BLOCK_N):
         first = tl.load(req_slots + _visible_pos(start_n, num_head, win_start, HAS_WINDOW))
         k = K_desc.load([first, kv_col]).to(q.dtype)
-        v = V_desc.load([first, kv_col])
         mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
         qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                       float("-inf"))
-        p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-        p, v = fp8_values(p, v, v_scale, KV_FP8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+            acc, l_i, m_i = _fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
+                                             WIDEN_ASM)
+        else:
+            v = V_desc.load([first, kv_col])
+            p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_i
 
 
@@ -402,7 +445,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, **cfg,
+        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, **cfg,
         **pdl_options(q),
     )
     if merge == "kernel":
@@ -417,6 +460,7 @@ def decode_attention_fwd(
 
 
 TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (_widen_pairs)
 
 
 def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -> tuple | None:
@@ -434,7 +478,12 @@ def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -
         if buf.stride() != (num_kv_heads * head_dim, head_dim, 1) or buf.data_ptr() % 16:
             return None
     shape, strides = [num_slots, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
-    return tuple(TensorDescriptor(buf, shape, strides, [block_n, head_dim]) for buf in (k_buffer, v_buffer))
+    k_desc = TensorDescriptor(k_buffer, shape, strides, [block_n, head_dim])
+    if v_buffer.dtype == torch.float8_e4m3fn:  # FP8 values as int16 pairs (decode kernel's _fp8_values_step)
+        half = num_kv_heads * head_dim // 2
+        return k_desc, TensorDescriptor(v_buffer.view(torch.int16), [num_slots, half], [half, 1],
+                                        [block_n, head_dim // 2])
+    return k_desc, TensorDescriptor(v_buffer, shape, strides, [block_n, head_dim])
 
 
 def _tma_device(device: torch.device) -> bool:

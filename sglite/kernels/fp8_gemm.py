@@ -82,6 +82,7 @@ def _w8a16_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """One program per BLOCK_N output channels x BLOCK_M rows, over all of K. BLOCK_M == 1 (one
     row): products summed on the CUDA cores; otherwise tl.dot on weights widened to X's dtype."""
@@ -100,11 +101,25 @@ def _w8a16_kernel(
         offs_k8 = tl.max_contiguous(offs_k, 8)
         w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k8[None, :]
         x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k8[None, :]
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = k0 + offs_k < K
-            x = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc2 += w * x
+        if PREFETCH:
+            # the next step's tile is loaded before this one's products: two tiles in flight per
+            # program (the loop has no dot, so Triton's pipeliner leaves its loads alone: without
+            # this each step waits out a whole DRAM round trip with nothing else requested)
+            mask_k = offs_k < K
+            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+                mask_k = k0 + offs_k < K  # all false on the last step: nothing read
+                x_next = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0)
+                w_next = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                acc2 += w.to(tl.float32) * x.to(tl.float32)
+                x, w = x_next, w_next
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                mask_k = k0 + offs_k < K
+                x = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                acc2 += w * x
         out = tl.sum(acc2, 1) * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)
         if HAS_BIAS:
             out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)

@@ -43,6 +43,20 @@ def test_w8a16_tiles_agree():
     assert rel_err(a, b) < 2e-3
 
 
+@pytest.mark.parametrize("k", [128, 100, 32])
+def test_w8a16_prefetch_same_sums(k):
+    """The one-row kernel with the next tile loaded ahead (PREFETCH) sums the same products, also
+    when K is not a multiple of the tile and when it is one tile (the prefetch then reads nothing)."""
+    gen = torch.Generator().manual_seed(k)
+    w, scale = _weights(48, k, gen)
+    x = torch.randn(1, k, generator=gen).to(ACT).to(DEVICE)
+    tiles = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
+    a = w8a16_matmul(x, w, scale, tiles=tiles)
+    b = w8a16_matmul(x, w, scale, tiles={**tiles, "PREFETCH": True})
+    ref = x.double() @ (w.double() * scale.double()[:, None]).T
+    assert rel_err(b, ref) < 2e-3 and rel_err(a, b) < 1e-3
+
+
 def test_quantize_rows_bit_exact():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 100, generator=gen) * torch.logspace(-3, 3, 6)[:, None]
