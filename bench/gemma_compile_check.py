@@ -48,6 +48,11 @@ def main():
     fused_add_rms_norm(x, torch.zeros_like(x), w, 1e-6)
     norm_add_rms_norm(x, torch.zeros_like(x), w, w, 1e-6, 1e-6)
     cc.compile_recorded("norms, fp32 (1 + w)")
+    from sglite.kernels.gemv import gemv
+
+    for n, k in ((8192, hidden), (hidden, 4096), (2 * 14336, hidden), (hidden, 14336)):
+        gemv(torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16))
+    cc.compile_recorded("gemv qkv / o / gate_up / down")
     gelu_tanh_and_mul(torch.zeros(1, 2 * 14336, dtype=torch.bfloat16))
     cc.compile_recorded("gelu_tanh_and_mul")
     qkv = torch.zeros(1, (heads + 2 * kv_heads) * dim, dtype=torch.bfloat16)

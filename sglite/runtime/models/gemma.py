@@ -28,6 +28,7 @@ from sglite.runtime.executor.attention.base import BaseAttentionBackend, Forward
 from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.models.layers import GatedMLP
 from sglite.runtime.models.layers.fused import use_fused
+from sglite.runtime.models.layers.linear import QuantLinear
 from sglite.runtime.models.layers.rotary import rotary_from_config
 from sglite.runtime.models.llama import LlamaAttention, LlamaForCausalLM, _last_token_indices
 
@@ -158,6 +159,37 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         for module in self.modules():
             if isinstance(module, GemmaRMSNorm):
                 module.refresh_fused()
+
+
+class _OneRowGemv:
+    """A linear layer's `quant_method` (layers/linear.py) that serves one-row bf16 inputs with
+    sglite.kernels.gemv (batch-1 decode; off unless gemv.ENABLED at call time) and everything else
+    with F.linear."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from sglite.kernels import gemv
+
+        if gemv.use_gemv(x, layer.weight, layer.bias):
+            return gemv.gemv(x, layer.weight)
+        return F.linear(x, layer.weight, layer.bias)
+
+
+def install_gemv(model: nn.Module) -> int:
+    """Route the decoder layers' qkv / o / gate_up / down projections through _OneRowGemv (o and
+    down become QuantLinear, same parameter names). Single GPU, unquantized only: tensor
+    parallelism and FP8 refuse or replace layers with a quant_method. Returns how many layers."""
+    method, count = _OneRowGemv(), 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn.o_proj) is nn.Linear:
+            attn.o_proj = QuantLinear(attn.o_proj)
+        if type(mlp.down_proj) is nn.Linear:
+            mlp.down_proj = QuantLinear(mlp.down_proj)
+        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if lin.quant_method is None:
+                lin.quant_method = method
+                count += 1
+    return count
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):

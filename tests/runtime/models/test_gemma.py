@@ -123,3 +123,31 @@ def test_gemma_sandwich_pair_fused_matches_torch(monkeypatch):
     assert out_x.data_ptr() == xx.data_ptr() and out_r.data_ptr() == rr.data_ptr()
     torch.testing.assert_close(out_x, ref_x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_r, ref_r, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma2_with_the_one_row_gemv(tmp_path, monkeypatch):
+    """install_gemv: the decoder's projections through the one-row GEMV kernel (batch-1 decode
+    rows, interpreted; gemv.use_gemv forced for CPU tensors) against transformers' logits."""
+    from sglite.kernels import gemv
+    from sglite.runtime.models import gemma
+
+    folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
+    runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
+    assert gemma.install_gemv(runner.model) == 4 * 4
+    rows_seen = []
+
+    def use(x, w, b):
+        rows_seen.append(x.shape[0])
+        return b is None and x.dim() == 2 and x.shape[0] == 1
+
+    monkeypatch.setattr(gemv, "use_gemv", use)
+    seq = torch.randint(3, family.VOCAB, (16,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = family.hf_logits(hf, seq)
+    row = runner.req_to_token.alloc()
+    loc = runner.token_pool.alloc(12)
+    logits = runner.forward(runner.make_extend_batch([row], [0], [seq[:12]], loc))
+    torch.testing.assert_close(logits[0], ref[11], atol=1e-4, rtol=1e-4)
+    for n in range(12, 16):
+        logits = runner.forward(runner.make_decode_batch([row], [n + 1], [seq[n]], runner.token_pool.alloc(1)))
+        torch.testing.assert_close(logits[0], ref[n], atol=1e-4, rtol=1e-4)
+    assert rows_seen.count(1) == 4 * 4 * 4  # every projection of every decode step took the kernel
