@@ -17,10 +17,18 @@ tests and the CPU executor use.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# the one-launch align kernel below up to this many (token, slot) pairs (one program walks them
+# all); past it the torch ops, whose ~17 launches are small next to a prefill chunk's GEMMs
+ALIGN_KERNEL_MAX_PAIRS = 4096
+# SGLITE_MOE_ALIGN=torch: the torch ops at every size (the before of benchmarks; read at import)
+ALIGN_KERNEL = os.environ.get("SGLITE_MOE_ALIGN", "kernel") != "torch"
 
 
 @triton.jit
@@ -79,10 +87,74 @@ def _fused_moe_kernel(
     tl.store(c_ptrs, acc.to(out_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _moe_align_kernel(
+    TopkIds, SortedIds, ExpertIds, NumPostPadded, n, num_experts, em,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program: what moe_align_block_size_torch computes, in one launch. Pass 1 counts the
+    pairs of each expert (one-hot sums over chunks of CHUNK pairs); the padded runs' ends are
+    their cumulative sum; each block's expert is the number of runs ending at or before it;
+    sorted_ids is filled with the padding value n, then (after a barrier: the same program
+    overwrites those slots) pass 2 places every pair at its run's start + the pairs of its expert
+    before it, in pair order (the stable sort's order)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < num_experts
+    offs_c = tl.arange(0, CHUNK)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in range(0, n, CHUNK):
+        ids = tl.load(TopkIds + start + offs_c, mask=start + offs_c < n, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    run_start = padded_end - padded
+    tl.store(NumPostPadded, tl.sum(padded, axis=0))
+    num_blocks = em // BLOCK_M
+    for b0 in range(0, num_blocks, CHUNK):
+        blocks = b0 + offs_c
+        ended = (padded_end[None, :] <= (blocks * BLOCK_M)[:, None]) & mask_e[None, :]
+        expert = tl.minimum(tl.sum(ended.to(tl.int32), axis=1), num_experts - 1)
+        tl.store(ExpertIds + blocks, expert, mask=blocks < num_blocks)
+    for p0 in range(0, em, CHUNK):
+        tl.store(SortedIds + p0 + offs_c, tl.full([CHUNK], 0, tl.int32) + n, mask=p0 + offs_c < em)
+    tl.debug_barrier()  # the fill's stores before pass 2 overwrites some of them
+    placed = tl.zeros([BLOCK_E], dtype=tl.int32)  # pairs of each expert placed so far
+    for start in range(0, n, CHUNK):
+        pairs = start + offs_c
+        ids = tl.load(TopkIds + pairs, mask=pairs < n, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
+        # the pair's slot: its run's start + placed before this chunk + earlier in this chunk
+        before = tl.cumsum(onehot, axis=0) - onehot
+        dest = tl.sum(onehot * (run_start + placed)[None, :] + onehot * before, axis=1)
+        tl.store(SortedIds + dest, pairs.to(tl.int32), mask=pairs < n)
+        placed += tl.sum(onehot, axis=0)
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int):
-    """topk_ids [T, k] -> (sorted_ids [EM] int32: pair indices grouped by expert, each group
-    padded to a multiple of block_m with T*k; expert_ids [EM / block_m] int32; num_post_padded
-    [1] int32). EM = T*k + min(E, T*k) * (block_m - 1), a bound that needs no host sync."""
+    """topk_ids [T, k] -> (sorted_ids [EM] int32: pair indices grouped by expert, in pair order
+    within each, each group padded to a multiple of block_m with T*k; expert_ids [EM / block_m]
+    int32; num_post_padded [1] int32). EM = T*k + min(E, T*k) * (block_m - 1), a bound that
+    needs no host sync. One launch (_moe_align_kernel) on CUDA and under the interpreter up to
+    ALIGN_KERNEL_MAX_PAIRS pairs, else the torch ops."""
+    n = topk_ids.numel()
+    runs_kernel = topk_ids.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if not (ALIGN_KERNEL and runs_kernel and 0 < n <= ALIGN_KERNEL_MAX_PAIRS):
+        return moe_align_block_size_torch(topk_ids, block_m, num_experts)
+    em = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
+    dev = topk_ids.device
+    sorted_ids = torch.empty(em, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(em // block_m, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    _moe_align_kernel[(1,)](
+        topk_ids.reshape(-1), sorted_ids, expert_ids, num_post, n, num_experts, em,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=64,
+        num_warps=4 if topk_ids.is_cuda else 1,
+    )
+    return sorted_ids, expert_ids, num_post
+
+
+def moe_align_block_size_torch(topk_ids: torch.Tensor, block_m: int, num_experts: int):
+    """moe_align_block_size in torch ops (~17 launches)."""
     flat = topk_ids.reshape(-1).long()
     n, dev = flat.numel(), flat.device
     em = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
