@@ -85,11 +85,34 @@ def decode_loop(runner, row, seq_len, last, steps) -> float:
 
 
 def bench_sglite(args, folder, device, prompt):
+    # as served: graphs captured for the model's context limit (a server's pool holds far more
+    # than it); --max-context pool sizes it from this benchmark's small pool (the first call's
+    # setup: 592 tokens, so the decode kernel ran 5 splits of 128 keys instead of 33)
+    ctx = None if args.max_context == "pool" else int(args.max_context or
+                                                     json.load(open(os.path.join(folder, "config.json")))[
+                                                         "max_position_embeddings"])
     runner = ModelRunner(folder, load_format="dummy", device=str(device), dtype="bfloat16",
                          max_total_tokens=len(prompt) + 2 * args.steps + 64, max_running_requests=2,
-                         cuda_graph_max_bs=1, skip_tokenizer_init=True)
+                         cuda_graph_max_bs=1, skip_tokenizer_init=True, max_context_len=ctx)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     row = runner.req_to_token.alloc()
+    step_s, replay_s, last = measure(args, runner, row, prompt)
+    variants = []
+    if args.variants and runner.graph_runner is not None:
+        variants = run_variants(args, runner, row, prompt, ctx)
+    if args.gemv_sweep and device.type == "cuda":
+        gemv_sweep(runner)
+    if args.profile:
+        profile_step(args, runner, row, len(prompt) + 2 * (args.steps + 3), last)
+    cfg = runner.model_config
+    kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
+    del runner
+    return weight_bytes, step_s, replay_s, kv_bytes, cfg, variants
+
+
+def measure(args, runner, row, prompt):
+    """Prefill the prompt afresh (pool reset), then the whole step twice and the replay alone."""
+    runner.token_pool.reset()
     loc = runner.token_pool.alloc(len(prompt))
     last = runner.forward(runner.make_extend_batch([row], [0], [prompt], loc)).argmax(-1).tolist()
     step_s = [decode_loop(runner, row, len(prompt) + r * (args.steps + 3), last, args.steps)
@@ -97,18 +120,127 @@ def bench_sglite(args, folder, device, prompt):
     replay_s = None
     if runner.graph_runner is not None:
         graph = runner.graph_runner.graphs[1]
-        sync(device)
+        sync(runner.device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             graph.replay()
-        sync(device)
+        sync(runner.device)
         replay_s = (time.perf_counter() - t0) / args.steps
-    if args.profile:
-        profile_step(args, runner, row, len(prompt) + 2 * (args.steps + 3), last)
-    cfg = runner.model_config
-    kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
-    del runner
-    return weight_bytes, step_s, replay_s, kv_bytes, cfg
+    return step_s, replay_s, last
+
+
+def recapture(runner, ctx) -> None:
+    """Capture the decode graphs again (after a kernel switch), sized for context limit ctx."""
+    graphs = runner.graph_runner
+    sync(runner.device)
+    graphs.graphs.clear()
+    graphs.logits.clear()
+    runner.attn_backend.init_cuda_graph_state(graphs.batch_sizes, max_context_len=ctx)
+    graphs._capture_all()
+
+
+def run_variants(args, runner, row, prompt, ctx):
+    """The same runner with one thing changed at a time (graphs captured again for each):
+    the pool-bound context, the one-row GEMV (gemma.install_gemv), decode tiles for head_dim > 128."""
+    from sglite.kernels import decode_attention as da
+    from sglite.kernels import gemv
+    from sglite.runtime.models import gemma
+
+    base_tiles = da.decode_tiles
+    served_ctx = runner.max_context_len
+    pool_ctx = min(runner.max_context_len, runner.kv_cache.capacity)
+
+    def tiles(over):
+        def table(head_dim, *, device, num_splits=1):
+            t = base_tiles(head_dim, device=device, num_splits=num_splits)
+            return {**t, **over} if head_dim > 128 else t
+        return table
+
+    def gemv_on(flag):
+        if flag and hasattr(runner.model, "model"):
+            gemma.install_gemv(runner.model)  # F.linear while gemv.ENABLED is off
+        gemv.ENABLED = flag
+
+    cases = [
+        (f"context {pool_ctx} (pool-bound, as the first figure)", pool_ctx, None, False),
+        ("one-row GEMV (SGLITE_GEMV=1)", served_ctx, None, True),
+        ("decode tiles d256: BLOCK_N 64, 8 warps", served_ctx, dict(BLOCK_N=64, num_warps=8), False),
+        ("decode tiles d256: BLOCK_N 32, 8 warps", served_ctx, dict(BLOCK_N=32, num_warps=8), False),
+        ("decode tiles d256: BLOCK_N 16, 4 warps", served_ctx, dict(BLOCK_N=16, num_warps=4), False),
+    ]
+    out = []
+    for name, cctx, over, use_gemv in cases:
+        try:
+            da.decode_tiles = tiles(over) if over else base_tiles
+            gemv_on(use_gemv)
+            recapture(runner, cctx)
+            step_s, replay_s, _ = measure(args, runner, row, prompt)
+            out.append((name, step_s, replay_s))
+        except Exception as e:  # noqa: BLE001 (a tile that does not compile: say so, go on)
+            print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        finally:
+            da.decode_tiles = base_tiles
+            gemv.ENABLED = False
+        print(f"variant done: {name}: {out[-1] if out and out[-1][0] == name else 'failed'}", flush=True)
+    recapture(runner, ctx or pool_ctx)
+    return out
+
+
+def gemv_sweep(runner) -> None:
+    """Each decoder projection alone, its 42 (num_layers) weights one after another in a CUDA
+    graph (each read once per replay, past the L2): cuBLAS F.linear vs the one-row GEMV tiles."""
+    import torch.nn.functional as F
+
+    from sglite.kernels.gemv import gemv
+
+    layers = runner.model.model.layers
+    shapes = {
+        "qkv": [l.self_attn.qkv_proj.weight for l in layers],
+        "o": [l.self_attn.o_proj.weight for l in layers],
+        "gate_up": [l.mlp.gate_up_proj.weight for l in layers],
+        "down": [l.mlp.down_proj.weight for l in layers],
+    }
+    configs = [None, dict(BLOCK_N=8, BLOCK_K=512, num_warps=4), dict(BLOCK_N=8, BLOCK_K=512, num_warps=8),
+               dict(BLOCK_N=4, BLOCK_K=512, num_warps=4), dict(BLOCK_N=16, BLOCK_K=512, num_warps=8),
+               dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8), dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)]
+    print("## one-row projections alone (us a call, TB/s of weights; graph of one call per layer)")
+    print("| shape | " + " | ".join("cuBLAS" if c is None else "{BLOCK_N}x{BLOCK_K} w{num_warps}".format(**c)
+                                    for c in configs) + " |")
+    for name, ws in shapes.items():
+        n, k = ws[0].shape
+        x = torch.randn(1, k, device=runner.device, dtype=ws[0].dtype)
+        outs = torch.empty(len(ws), 1, n, device=runner.device, dtype=ws[0].dtype)
+        ref = F.linear(x.float(), ws[0].float())
+        cells = []
+        for cfg in configs:
+            try:
+                def run():
+                    for i, w in enumerate(ws):
+                        if cfg is None:  # F.linear's kernel, into the buffer
+                            torch.mm(x, w.t(), out=outs[i])
+                        else:
+                            gemv(x, w, config=dict(cfg, num_stages=1), out=outs[i])
+                run()
+                err = ((outs[0].float() - ref).norm() / ref.norm()).item()
+                sync(runner.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                graph.replay()
+                sync(runner.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    graph.replay()
+                end.record()
+                sync(runner.device)
+                us = start.elapsed_time(end) * 1e3 / (10 * len(ws))
+                tbs = ws[0].numel() * ws[0].element_size() / (us * 1e-6) / 1e12
+                cells.append(f"{us:.1f} ({tbs:.2f}){' ERR %.0e' % err if err > 1e-2 else ''}")
+                del graph
+            except Exception as e:  # noqa: BLE001
+                cells.append(f"failed {type(e).__name__}")
+        print(f"| {name} {n}x{k} | " + " | ".join(cells) + " |", flush=True)
 
 
 def profile_step(args, runner, row, seq, last):
@@ -187,6 +319,12 @@ def main():
     ap.add_argument("--hf-steps", type=int, default=48)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the decode step's kernels by GPU time")
+    ap.add_argument("--max-context", default=None,
+                    help="context limit the graphs are captured for: the model's (default, as "
+                         "served), a number, or 'pool' (this benchmark's small pool)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the pool-bound context, the one-row GEMV and d256 decode tiles")
+    ap.add_argument("--gemv-sweep", action="store_true", help="time each projection alone: cuBLAS vs GEMV tiles")
     ap.add_argument("--trace-dir", default=None, help="--profile: write the replays' chrome trace here")
     ap.add_argument("--hf-attn", default="eager,sdpa",
                     help="transformers attention implementations to time (Gemma 2's soft-capping "
@@ -201,7 +339,7 @@ def main():
     prompt = torch.randint(3, hf_dict["vocab_size"], (args.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     copy_bw = copy_bandwidth(device)
-    weight_bytes, step_s, replay_s, kv_bytes, cfg = bench_sglite(args, folder, device, prompt)
+    weight_bytes, step_s, replay_s, kv_bytes, cfg, variants = bench_sglite(args, folder, device, prompt)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     floor = weight_bytes / copy_bw
@@ -218,6 +356,9 @@ def main():
              [floor / s for s in step_s])]
     if replay_s is not None:
         rows.append(("sglite graph replay alone ms/token", [replay_s * 1e3], [floor / replay_s]))
+    for name, v_step, v_replay in variants:
+        rows.append((f"variant {name}: whole step; replay", [s * 1e3 for s in v_step] + [v_replay * 1e3],
+                     [floor / s for s in v_step] + [floor / v_replay]))
     for hf_s, hf_note in hf:
         rows.append((f"transformers generate bs1 ms/token ({hf_note})", [hf_s * 1e3], [floor / hf_s]))
     print(f"\n{args.config} on {name}: {weight_bytes / 1e9:.2f} GB of weights, copy {copy_bw / 1e9:.0f} GB/s "
@@ -234,7 +375,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, device=name, weight_bytes=weight_bytes, copy_bw=copy_bw,
-                           floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf), f)
+                           floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants), f)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,41 @@ def part_kernel(args, out: Path, shape: dict):
                     sweep[json.dumps(cfg)] = repr(e)[:80]
             emit(out, dict(part="sweep", tokens=num_tokens, sweep=sweep))
         del ref32
+    if cuda:
+        align_rows(out, shape)
+
+
+def align_rows(out: Path, shape: dict, layers: int = 48):
+    """The align step alone, one call per layer in a CUDA graph (as a captured decode step runs
+    it): the one-launch kernel vs the torch ops, at decode batch sizes."""
+    import torch
+
+    from sglite.kernels import fused_moe as fm
+    from sglite.runtime.models.layers.moe import select_experts
+
+    for num_tokens in (1, 64, 256):
+        logits = torch.randn(layers, num_tokens, shape["num_experts"], device="cuda")
+        ids = [select_experts(lg, shape["num_experts_per_tok"], renormalize=True)[1] for lg in logits]
+        block_m = fm.moe_config(num_tokens, is_cuda=True)["BLOCK_M"]
+        row = dict(part="align", tokens=num_tokens, layers=layers)
+        for name, fn in (("kernel", fm.moe_align_block_size), ("torch", fm.moe_align_block_size_torch)):
+            got = [fn(i, block_m, shape["num_experts"]) for i in ids]  # warm-up, compile
+            ref = fm.moe_align_block_size_torch(ids[0], block_m, shape["num_experts"])
+            row[f"{name}_equal"] = all(torch.equal(a, b) for a, b in zip(got[0], ref))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in ids:
+                    fn(i, block_m, shape["num_experts"])
+            graph.replay()
+            sync()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            sync()
+            row[f"{name}_us"] = start.elapsed_time(end) * 1e3 / (10 * layers)
+        emit(out, row)
 
 
 SWEEP = [
@@ -143,10 +178,7 @@ class _Sink:
 def part_sglite(args, out: Path, folder: str):
     import torch
 
-    from sglite.protocol import SamplingParams
     from sglite.runtime.executor.model_runner import ModelRunner
-    from sglite.runtime.scheduler.req import Req
-    from sglite.runtime.scheduler.scheduler import Scheduler
 
     cuda = torch.cuda.is_available()
     max_bs = max(args.batches)
@@ -159,20 +191,47 @@ def part_sglite(args, out: Path, folder: str):
     emit(out, dict(part="sglite_load", seconds=time.perf_counter() - t0, weight_gb=weight_bytes / 1e9))
     vocab = runner.model_config.vocab_size
     for bs in args.batches:
-        runner.token_pool.reset()
-        sched = Scheduler(runner, max_running_requests=bs, chunked_prefill_size=bs * args.prompt_len,
-                          log_interval=0)
-        gen = torch.Generator().manual_seed(bs)
-        params = SamplingParams(temperature=0, max_new_tokens=args.decode_steps + 16, ignore_eos=True)
-        reqs = [Req(rid=f"r{i}", input_ids=torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(),
-                    params=params, sink=_Sink()) for i in range(bs)]
-        for req in reqs:
-            sched.outputs.init_request(req)
-            sched.add_request(req)
-        while not all(len(r.output_ids) >= 2 for r in reqs):  # prefilled, decode under way
-            sched.step()
-        for _ in range(3):
-            sched.step()
+        decode_at(args, out, runner, bs, vocab, "sglite_decode")
+        if args.profile and cuda and bs == args.batches[0]:
+            decode_at(args, out, runner, bs, vocab, None, profile=True)
+    if args.align_variant and cuda:  # the same decode with the align step as ~17 torch ops
+        from sglite.kernels import fused_moe as fm
+
+        fm.ALIGN_KERNEL = False
+        graphs = runner.graph_runner
+        sync()
+        graphs.graphs.clear()
+        graphs.logits.clear()
+        runner.attn_backend.init_cuda_graph_state(graphs.batch_sizes, max_context_len=runner.max_context_len)
+        graphs._capture_all()
+        decode_at(args, out, runner, args.batches[0], vocab, "sglite_decode_torch_align")
+
+
+def decode_at(args, out: Path, runner, bs: int, vocab: int, part: str | None, profile: bool = False):
+    """Decode steps of bs requests through the Scheduler: timed (a `part` row), or profiled."""
+    import torch
+
+    from sglite.protocol import SamplingParams
+    from sglite.runtime.scheduler.req import Req
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    runner.token_pool.reset()
+    sched = Scheduler(runner, max_running_requests=bs, chunked_prefill_size=bs * args.prompt_len,
+                      log_interval=0)
+    gen = torch.Generator().manual_seed(bs)
+    params = SamplingParams(temperature=0, max_new_tokens=args.decode_steps + 16, ignore_eos=True)
+    reqs = [Req(rid=f"r{i}", input_ids=torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(),
+                params=params, sink=_Sink()) for i in range(bs)]
+    for req in reqs:
+        sched.outputs.init_request(req)
+        sched.add_request(req)
+    while not all(len(r.output_ids) >= 2 for r in reqs):  # prefilled, decode under way
+        sched.step()
+    for _ in range(3):
+        sched.step()
+    if profile:
+        profile_steps(out, sched, bs)
+    else:
         sync()
         before, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
         for _ in range(args.decode_steps):
@@ -180,13 +239,11 @@ def part_sglite(args, out: Path, folder: str):
         sync()
         elapsed = time.perf_counter() - t0
         tokens = sum(len(r.output_ids) for r in reqs) - before
-        emit(out, dict(part="sglite_decode", batch=bs, tokens=tokens, seconds=elapsed,
+        emit(out, dict(part=part, batch=bs, tokens=tokens, seconds=elapsed,
                        tok_s=tokens / elapsed, ms_step=elapsed / (tokens / bs) * 1e3))
-        if args.profile and cuda and bs == args.batches[0]:
-            profile_steps(out, sched, bs)
-        while sched.has_work:
-            sched.step()
-        del sched
+    while sched.has_work:
+        sched.step()
+    del sched
 
 
 def profile_steps(out: Path, sched, bs: int, steps: int = 3):
@@ -260,9 +317,11 @@ def main():
     ap.add_argument("--hf-steps", type=int, default=4)
     ap.add_argument("--hf-repeats", type=int, default=2)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--align-variant", action="store_true",
+                    help="time the first batch again with the MoE align step as torch ops (the before)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first batch's decode steps (kernels by GPU time, chrome trace)")
-    ap.add_argument("--timeouts", type=int, nargs=3, default=[65, 110, 105])
+    ap.add_argument("--timeouts", type=int, nargs=3, default=[80, 170, 120])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,16 +364,23 @@ def print_table(out: Path):
                 f"{r['ref_ms']:.3f} | {r['speedup']:.1f}x | rel err {r['kernel_rel_err']:.1e} "
                 f"(loop {r['ref_rel_err']:.1e}); {r['experts_hit']} experts hit, floor "
                 f"{r['floor_ms']:.3f} ms ({r['floor_ms'] / r['kernel_ms']:.0%}) |")
+    for r in rows:
+        if r["part"] == "align":
+            lines.append(f"| MoE align step, {r['tokens']} tokens (us a layer, in a graph) | "
+                         f"{r['kernel_us']:.1f} | torch ops {r['torch_us']:.1f} | "
+                         f"{r['torch_us'] / r['kernel_us']:.1f}x | equal to the torch ops: "
+                         f"{r['kernel_equal']} |")
     hf = {r["batch"]: r for r in rows if r["part"] == "hf_decode"}
     bw = next((r["copy_gbs"] for r in rows if r["part"] == "kernel"), float("nan"))
     weight_gb = next((r["weight_gb"] for r in rows if r["part"] == "sglite_load"), float("nan"))
     for r in rows:
-        if r["part"] == "sglite_decode":
+        if r["part"] in ("sglite_decode", "sglite_decode_torch_align"):
             b = hf.get(r["batch"])
             base = f"{b['tok_s']:.0f} ({b['ms_step']:.0f} ms/step)" if b else "n/a"
             ratio = f"{r['tok_s'] / b['tok_s']:.1f}x" if b else "n/a"
             floor = weight_gb / bw * 1e3  # every expert is hit at these batches
-            lines.append(f"| decode bs{r['batch']} tok/s | {r['tok_s']:.0f} ({r['ms_step']:.1f} "
+            label = " (align as torch ops)" if r["part"] == "sglite_decode_torch_align" else ""
+            lines.append(f"| decode bs{r['batch']}{label} tok/s | {r['tok_s']:.0f} ({r['ms_step']:.1f} "
                          f"ms/step) | transformers {base} | {ratio} | weight-read floor "
                          f"{floor:.1f} ms/step ({floor / r['ms_step']:.0%}) |")
     for r in rows:
