@@ -186,6 +186,7 @@ def run_variants(args, runner, row, prompt, ctx):
     return out
 
 
+@torch.inference_mode()
 def gemv_sweep(runner) -> None:
     """Each decoder projection alone, its 42 (num_layers) weights one after another in a CUDA
     graph (each read once per replay, past the L2): cuBLAS F.linear vs the one-row GEMV tiles."""
@@ -356,8 +357,8 @@ def main():
              [floor / s for s in step_s])]
     if replay_s is not None:
         rows.append(("sglite graph replay alone ms/token", [replay_s * 1e3], [floor / replay_s]))
-    for name, v_step, v_replay in variants:
-        rows.append((f"variant {name}: whole step; replay", [s * 1e3 for s in v_step] + [v_replay * 1e3],
+    for v_name, v_step, v_replay in variants:
+        rows.append((f"variant {v_name}: whole step; replay", [s * 1e3 for s in v_step] + [v_replay * 1e3],
                      [floor / s for s in v_step] + [floor / v_replay]))
     for hf_s, hf_note in hf:
         rows.append((f"transformers generate bs1 ms/token ({hf_note})", [hf_s * 1e3], [floor / hf_s]))

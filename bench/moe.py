@@ -295,6 +295,15 @@ def part_hf(args, out: Path, shape: dict):
 
             if bs == args.batches[0]:
                 run(1)  # warm-up
+            if args.hf_slope:  # generate(n) at several n, the per-step time as the fitted slope
+                lens = [2, 6, 10, 18]
+                secs = [min(run(n) for _ in range(args.hf_repeats)) for n in lens]
+                mean_n, mean_s = sum(lens) / len(lens), sum(secs) / len(secs)
+                slope = (sum((n - mean_n) * (t - mean_s) for n, t in zip(lens, secs))
+                         / sum((n - mean_n) ** 2 for n in lens))
+                emit(out, dict(part="hf_slope", batch=bs, lens=lens, seconds=secs,
+                               ms_step=slope * 1e3, tok_s=bs / slope))
+                continue
             # the best of args.hf_repeats for each: one difference of two runs is noisy
             base = min(run(2) for _ in range(args.hf_repeats))
             full = min(run(2 + args.hf_steps) for _ in range(args.hf_repeats))
@@ -316,6 +325,8 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--hf-steps", type=int, default=4)
     ap.add_argument("--hf-repeats", type=int, default=2)
+    ap.add_argument("--hf-slope", action="store_true",
+                    help="transformers: time generate at 2, 6, 10, 18 tokens and fit the per-step slope")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--align-variant", action="store_true",
                     help="time the first batch again with the MoE align step as torch ops (the before)")

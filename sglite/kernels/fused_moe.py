@@ -25,8 +25,10 @@ import triton
 import triton.language as tl
 
 # the one-launch align kernel below up to this many (token, slot) pairs (one program walks them
-# all); past it the torch ops, whose ~17 launches are small next to a prefill chunk's GEMMs
-ALIGN_KERNEL_MAX_PAIRS = 4096
+# all, 64 at a time); past it the torch ops. H200, Qwen3-30B-A3B routing, one call per layer in a
+# CUDA graph (bench/moe.py, 2026-12-02): 8 pairs 4.9 vs 39.9 us, 512 pairs 24.3 vs 74.9 us,
+# 2048 pairs 82.2 vs 80.1 us (a tie: the single program's serial chunks)
+ALIGN_KERNEL_MAX_PAIRS = 1024
 # SGLITE_MOE_ALIGN=torch: the torch ops at every size (the before of benchmarks; read at import)
 ALIGN_KERNEL = os.environ.get("SGLITE_MOE_ALIGN", "kernel") != "torch"
 

@@ -12,7 +12,7 @@ norm or activation before it still runs; x is read after the wait. It never lets
 dependents launch early.
 
 `gemv_config(n, k)` is the tile table. Off unless `SGLITE_GEMV=1` (read at import; or set
-`gemv.ENABLED`): F.linear serves one row until this is measured faster in the whole step.
+`gemv.ENABLED`): measured, it does not beat cuBLAS in the whole step (see gemv_config).
 """
 
 from __future__ import annotations
@@ -60,10 +60,13 @@ def _gemv_kernel(
 
 
 def gemv_config(n: int, k: int) -> dict:
-    """Tiles for W [n, k]: 8 rows a program (448 programs at n = 3584), 512-column chunks (16 KB
-    of a 16-bit W in flight per program with the next chunk's load), 4 warps. Unmeasured guess
-    until bench/decode_floor.py --gemv-sweep says otherwise."""
-    return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=1)
+    """Tiles for W [n, k]: 4 rows a program, 512-column chunks, 4 warps: the best of six tiles on
+    each Gemma-2-9B projection alone (H200, bench/decode_floor.py --gemv-sweep, 2026-12-02):
+    qkv 17.5 us (3.36 TB/s), o 9.6 (3.05), gate_up 50.7 (4.05), down 29.7 (3.46); 8x512 with 4
+    warps (the first default) was 8 us a layer slower and lost 0.21 ms a step to cuBLAS in the
+    whole step. Even these tiles only tie cuBLAS's in-model times (qkv 16.6, o 10 + 1.7 reduce,
+    gate_up 52, down 28 + 1.7), hence off by default."""
+    return dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=1)
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
