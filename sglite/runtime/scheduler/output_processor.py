@@ -23,6 +23,7 @@ allowed token.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import torch
@@ -85,11 +86,17 @@ class OutputProcessor:
                                        [r.top_logprobs_num for r, _ in wanting])
         self.apply(reqs, next_ids, logprobs)
 
-    def apply(self, reqs: list[Req], next_ids: list[int], logprobs: Logprobs | None = None):
+    def apply(self, reqs: list[Req], next_ids: list[int], logprobs: Logprobs | None = None, *,
+              after_accept: Callable[[], Future] | None = None):
         """Append each request's sampled token: stop checks, text, jump-forward, replies.
-        logprobs: the gathered values of the requests with return_logprob, in order."""
+        logprobs: the gathered values of the requests with return_logprob, in order.
+        after_accept: started once the matchers have taken the tokens (the next step's mask fill,
+        on a worker thread: xgrammar releases the GIL); the text work runs beside it, and the
+        jump-forwards (which move matchers) wait for it."""
         values = iter(zip(*logprobs)) if logprobs is not None else None
         accepted = self._accept_grammar_tokens(reqs, next_ids)
+        running = after_accept() if after_accept is not None else None
+        constrained = []  # jump-forward and reply once the fill is done
         for req, token_id in zip(reqs, next_ids):
             value = next(values) if values is not None and req.return_logprob else None
             if req.is_finished:  # aborted by a sink earlier in this loop, or ended by a stop
@@ -100,32 +107,41 @@ class OutputProcessor:
             if value is not None:
                 self._append_lp(req, "output", value[0], token_id, self._top_entries(value[1]))
             self.append_token(req, token_id, accepted=accepted.get(req.uid))
+            if req.grammar is None:
+                self.emit(req)
+            else:
+                constrained.append(req)
+        if running is not None:
+            running.result()
+        for req in constrained:
             self.jump_forward(req)
             self.emit(req)
 
-    def _accept_grammar_tokens(self, reqs: list[Req], next_ids: list[int]) -> dict[int, bool]:
+    def _accept_grammar_tokens(self, reqs: list[Req], next_ids: list[int]) -> dict[int, tuple[bool, bool]]:
         """The constrained requests' matchers take their tokens in one batched call: req.uid ->
-        whether its grammar accepted its token."""
+        (whether its grammar accepted its token, whether the grammar is terminated now)."""
         rows = [(r, t) for r, t in zip(reqs, next_ids) if r.grammar is not None and not r.is_finished]
         if not rows:
             return {}
         from sglite.runtime.sampling.constrained import accept_tokens
 
         ok = accept_tokens([r.grammar for r, _ in rows], [t for _, t in rows])
-        return {r.uid: a for (r, _), a in zip(rows, ok)}
+        return {r.uid: (a, a and r.grammar.is_terminated()) for (r, _), a in zip(rows, ok)}
 
-    def append_token(self, req: Req, token_id: int, *, accepted: bool | None = None) -> None:
-        """accepted: req's grammar already took token_id (or refused it); None: take it here."""
+    def append_token(self, req: Req, token_id: int, *,
+                     accepted: tuple[bool, bool] | None = None) -> None:
+        """accepted: req's grammar already took token_id (or refused it), and whether it is
+        terminated then (no matcher call here: a mask fill may be reading it); None: take it."""
         req.output_ids.append(token_id)
         if accepted is None and req.grammar is not None:
-            accepted = req.grammar.accept(token_id)
-        if req.grammar is not None and not accepted:
+            ok = req.grammar.accept(token_id)
+            accepted = (ok, ok and req.grammar.is_terminated())
+        if req.grammar is not None and not accepted[0]:
             req.finish("abort", f"the grammar rejected token {token_id}")
             return
         p = req.params
         min_len = 0 if req.grammar is not None else p.min_new_tokens  # see the module docstring
-        if self._ends_on(req, token_id, min_len) or (
-                req.grammar is not None and req.grammar.is_terminated()):
+        if self._ends_on(req, token_id, min_len) or (req.grammar is not None and accepted[1]):
             req.finish("stop", token_id)
         else:
             self.append_text(req, req.detok.append(token_id) if req.detok else "")

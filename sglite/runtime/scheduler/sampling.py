@@ -4,9 +4,12 @@ the greedy fast path, and the raw logprobs that the output processor reports.
 Grammar masks: xgrammar fills the bitmask rows of all constrained requests in one threaded call
 into pinned host memory, then one non-blocking copy takes them (and the row indices) to the
 device, where one kernel applies them to the logits in place. No step waits for the GPU: in the
-overlapped decode the host fills while the forward whose logits the masks apply to runs."""
+overlapped decode the host fills while the forward whose logits the masks apply to runs, and
+(`start_fill`) on a worker thread while the loop thread appends the previous tokens' text."""
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
 import torch
@@ -21,6 +24,8 @@ class Sampling:
         self.eos_token_ids = tuple(eos_token_ids)
         self._bitmasks: list[torch.Tensor] = []  # int32 [rows, words] host buffers, two in turn
         self._turn = 0
+        self._worker: ThreadPoolExecutor | None = None  # start_fill's thread
+        self._filling: tuple | None = None  # (reqs, bitmask, future of the rows) of start_fill
 
     def sample(self, reqs: list[Req], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """logits [bs, vocab] (grammar masks are applied in place). Returns next ids and, when any
@@ -61,14 +66,32 @@ class Sampling:
             pending_ids=pending_ids if ahead else None)
         return batch.sample(logits.float())
 
+    def start_fill(self, reqs: list[Req], device: torch.device) -> Future:
+        """Fill the masks of reqs' constrained rows on the worker thread (their matchers must have
+        taken every token before, and nothing may move them until the future is done); the
+        next_ids_on_device / sample call for the same reqs applies them."""
+        from sglite.runtime.sampling.constrained import fill_bitmask
+
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sglite-grammar-fill")
+        bitmask = self._host_bitmask(len(reqs), device)
+        states = [r.grammar for r in reqs]
+        future = self._worker.submit(fill_bitmask, bitmask, states)  # threaded again inside
+        self._filling = (reqs, bitmask, future)
+        return future
+
     def _apply_grammars(self, reqs: list[Req], logits: torch.Tensor) -> None:
         """Mask the constrained rows of logits (in place) with their grammars' allowed tokens."""
+        filling, self._filling = self._filling, None
         if all(r.grammar is None for r in reqs):
             return
         from sglite.runtime.sampling.constrained import apply_bitmask, fill_bitmask
 
-        bitmask = self._host_bitmask(len(reqs), logits.device)
-        rows = fill_bitmask(bitmask, [r.grammar for r in reqs])  # threaded, on the host
+        if filling is not None and filling[0] is reqs:  # started by start_fill
+            bitmask, rows = filling[1], filling[2].result()
+        else:
+            bitmask = self._host_bitmask(len(reqs), logits.device)
+            rows = fill_bitmask(bitmask, [r.grammar for r in reqs])  # threaded, on the host
         if not rows:
             return
         if logits.device.type == "cuda":  # pinned: neither copy waits for the forward in flight

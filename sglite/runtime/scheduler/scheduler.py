@@ -21,7 +21,8 @@ takes the plain path.
 
 Constrained rows stay in that loop: a grammar's mask for decode N+1 needs decode N's token, so
 when the batch holds a grammar the pending tokens are appended (and accepted by the matchers)
-right after N+1 is launched, the masks of all constrained rows are filled (xgrammar, threaded)
+right after N+1 is launched, the masks of all constrained rows are filled (xgrammar, threaded, on
+a worker thread once the matchers have taken the tokens, beside the loop thread's text work)
 while the GPU runs it, and sampling is queued behind it with the masks applied on the device.
 Plain rows of the batch are sampled in the same op: they wait for no grammar work beyond that
 host time, which the forward hides. A request that jumps forward then (output_processor) voids
@@ -251,7 +252,9 @@ class Scheduler:
                 # a grammar's mask needs every token before: append the pending ones now, while
                 # the GPU runs this decode (their stop checks and jump-forwards may end or
                 # re-route requests of it: those rows are dropped when it is read)
-                self._finish_decode(previous)
+                device = logits.device
+                self._finish_decode(previous, after_accept=lambda: self.outputs.sampling.start_fill(
+                    reqs, device))
                 previous = pending_ids = None
                 stale = [not r.is_finished and r.extend_len > 0 for r in reqs]
             next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
@@ -295,12 +298,14 @@ class Scheduler:
         if pending is not None:
             self._finish_decode(pending)
 
-    def _finish_decode(self, pending: PendingDecode) -> None:
+    def _finish_decode(self, pending: PendingDecode, *, after_accept=None) -> None:
+        """after_accept: see OutputProcessor.apply (the next decode's mask fill)."""
         reqs, ids = pending.reqs, pending.token_ids()
         if pending.stale is not None:  # see PendingDecode.stale (never a logprob request)
             kept = [i for i, s in enumerate(pending.stale) if not s]
             reqs, ids = [reqs[i] for i in kept], [ids[i] for i in kept]
-        self._process_outputs(reqs, lambda: self.outputs.apply(reqs, ids, pending.logprobs()))
+        self._process_outputs(reqs, lambda: self.outputs.apply(reqs, ids, pending.logprobs(),
+                                                               after_accept=after_accept))
 
     def _forward(self, reqs: list[Req], run):
         """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not

@@ -196,4 +196,5 @@ def serve(args: ServerArgs) -> None:
         prof.runcall(Server(args, scheduler).run)
     finally:
         with open(profile_path.replace("{pid}", str(os.getpid())), "w") as f:
-            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
+            for key in ("tottime", "cumulative"):
+                pstats.Stats(prof, stream=f).sort_stats(key).print_stats(40)
