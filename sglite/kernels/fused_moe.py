@@ -175,6 +175,57 @@ def moe_align_block_size_torch(topk_ids: torch.Tensor, block_m: int, num_experts
     return sorted_ids, expert_ids.to(torch.int32), padded_end[-1:].to(torch.int32)
 
 
+@triton.jit
+def _route_kernel(
+    Logits, Weights, Ids, num_experts, stride_l,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
+):
+    """One program per token: softmax over the experts in fp32, the top k by repeated max (the
+    lowest expert id among equal probabilities, in descending order as torch.topk returns them),
+    renormalised to sum 1 if asked, stored in Weights' dtype; ids as int64."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < num_experts
+    x = tl.load(Logits + row * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = tl.where(mask, p, 0.0)
+    p = p / tl.sum(p, 0)
+    slots = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
+    left = tl.where(mask, p, -1.0)  # probabilities are >= 0: -1 is "taken / no expert"
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, 0)
+        idx = tl.min(tl.where(left == best, offs, BLOCK_E), 0)
+        top_w = tl.where(slots == j, best, top_w)
+        top_i = tl.where(slots == j, idx, top_i)
+        left = tl.where(offs == idx, -1.0, left)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(tl.where(slots < TOP_K, top_w, 0.0), 0)
+    keep = slots < TOP_K
+    tl.store(Weights + row * TOP_K + slots, top_w.to(Weights.dtype.element_ty), mask=keep)
+    tl.store(Ids + row * TOP_K + slots, top_i.to(tl.int64), mask=keep)
+
+
+def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool, dtype: torch.dtype):
+    """router_logits [T, E] -> (weights [T, k] in dtype, ids int64 [T, k]) in one launch: what
+    layers.moe.select_experts followed by .to(dtype) computes (softmax, topk, renorm, cast: 4-6
+    launches), up to exp's last-ulp rounding."""
+    num_tokens, num_experts = router_logits.shape
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=dtype, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if num_tokens:
+        _route_kernel[(num_tokens,)](
+            router_logits, weights, ids, num_experts, router_logits.stride(0),
+            TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+            BLOCK_E=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize,
+            num_warps=1 if num_experts <= 256 else 4,
+        )
+    return weights, ids
+
+
 def moe_config(num_tokens: int, *, is_cuda: bool) -> dict:
     """Tiles by token count, for Qwen3-30B-A3B's experts (E=128, I=768, H=2048) on an H200.
     Measured (bench/moe.py, 2026-12-02, do_bench medians incl. launches): at 64 tokens 16x64x128

@@ -147,3 +147,26 @@ def test_align_kernel_equals_the_torch_ops(num_tokens, num_experts, top_k, block
     assert torch.equal(num_post, ref_post)
     assert torch.equal(expert_ids, ref_experts)
     assert torch.equal(sorted_ids, ref_sorted)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,renorm", [
+    (1, 8, 2, True), (13, 60, 4, False), (40, 128, 8, True), (7, 12, 3, True), (5, 16, 1, False)])
+def test_route_kernel_matches_select_experts(num_tokens, num_experts, top_k, renorm):
+    """The one-launch router (interpreted) against select_experts + cast: the same experts in the
+    same order (bf16 logits tie: then any of the tied experts, as torch.topk's order is
+    unspecified), weights equal to fp32 rounding, cast to the activation dtype."""
+    from sglite.kernels.fused_moe import route
+    from sglite.runtime.models.layers.moe import select_experts
+
+    gen = torch.Generator().manual_seed(num_tokens * 31 + num_experts)
+    logits = (torch.randn(num_tokens, num_experts, generator=gen) * 2).to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        w, ids = route(logits.to(dtype), top_k, renormalize=renorm, dtype=dtype)
+        ref_w, ref_ids = select_experts(logits.to(dtype), top_k, renormalize=renorm)
+        assert ids.dtype == torch.int64 and w.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.equal(ids, ref_ids)
+        probs = torch.softmax(logits.to(dtype).float(), -1)
+        assert torch.equal(probs.gather(1, ids), probs.gather(1, ref_ids))  # ties only differ
+        assert all(len(set(r)) == top_k for r in ids.tolist())
+        torch.testing.assert_close(w, ref_w.to(dtype), atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 1e-2)

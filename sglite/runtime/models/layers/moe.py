@@ -3,7 +3,7 @@ block of Mixtral / Qwen2-MoE / Qwen3-MoE, numerically matched to transformers' b
 
 Router: softmax over all experts in fp32, top-k, then (Mixtral always, Qwen as `norm_topk_prob`
 says) renormalised to sum to 1; the weights are cast to the activation dtype, as transformers
-does. Experts run as sglite.kernels.fused_moe's Triton kernel on CUDA and under TRITON_INTERPRET
+does. Where the Triton experts run, the router is one launch too (fused_moe.route). Experts run as sglite.kernels.fused_moe's Triton kernel on CUDA and under TRITON_INTERPRET
 (the CPU tests), else as its torch reference loop (the CPU executor).
 """
 
@@ -28,6 +28,10 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+# SGLITE_MOE_ROUTE=torch: the router as torch ops (softmax, topk, renorm, cast) on CUDA too
+ROUTE_KERNEL = os.environ.get("SGLITE_MOE_ROUTE", "kernel") != "torch"
 
 
 def use_triton_moe(x: torch.Tensor) -> bool:
@@ -67,8 +71,15 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.top_k, renormalize=self.renormalize)
-        out = self.experts(x, weights.to(x.dtype), ids)
+        logits = self.gate(x)
+        if use_triton_moe(x) and ROUTE_KERNEL:  # one launch for softmax, top-k, renorm, cast
+            from sglite.kernels.fused_moe import route
+
+            weights, ids = route(logits, self.top_k, renormalize=self.renormalize, dtype=x.dtype)
+        else:
+            weights, ids = select_experts(logits, self.top_k, renormalize=self.renormalize)
+            weights = weights.to(x.dtype)
+        out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
