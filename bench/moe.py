@@ -194,17 +194,24 @@ def part_sglite(args, out: Path, folder: str):
         decode_at(args, out, runner, bs, vocab, "sglite_decode")
         if args.profile and cuda and bs == args.batches[0]:
             decode_at(args, out, runner, bs, vocab, None, profile=True)
-    if args.align_variant and cuda:  # the same decode with the align step as ~17 torch ops
+    for flag, on in (("route", args.route_variant), ("align", args.align_variant)):
+        if not (on and cuda):
+            continue
+        # the same decode with the router / then also the align step as torch ops (the before)
         from sglite.kernels import fused_moe as fm
+        from sglite.runtime.models.layers import moe as moe_layers
 
-        fm.ALIGN_KERNEL = False
+        if flag == "route":
+            moe_layers.ROUTE_KERNEL = False
+        else:
+            fm.ALIGN_KERNEL = False
         graphs = runner.graph_runner
         sync()
         graphs.graphs.clear()
         graphs.logits.clear()
         runner.attn_backend.init_cuda_graph_state(graphs.batch_sizes, max_context_len=runner.max_context_len)
         graphs._capture_all()
-        decode_at(args, out, runner, args.batches[0], vocab, "sglite_decode_torch_align")
+        decode_at(args, out, runner, args.batches[0], vocab, f"sglite_decode_torch_{flag}")
 
 
 def decode_at(args, out: Path, runner, bs: int, vocab: int, part: str | None, profile: bool = False):
@@ -328,6 +335,8 @@ def main():
     ap.add_argument("--hf-slope", action="store_true",
                     help="transformers: time generate at 2, 6, 10, 18 tokens and fit the per-step slope")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--route-variant", action="store_true",
+                    help="time the first batch again with the router as torch ops (the before)")
     ap.add_argument("--align-variant", action="store_true",
                     help="time the first batch again with the MoE align step as torch ops (the before)")
     ap.add_argument("--profile", action="store_true",
@@ -381,16 +390,21 @@ def print_table(out: Path):
                          f"{r['kernel_us']:.1f} | torch ops {r['torch_us']:.1f} | "
                          f"{r['torch_us'] / r['kernel_us']:.1f}x | equal to the torch ops: "
                          f"{r['kernel_equal']} |")
+    for r in rows:
+        if r["part"] == "hf_slope":
+            lines.append(f"| transformers bs{r['batch']} per-step slope over generate({r['lens']}) | | "
+                         f"{r['tok_s']:.0f} ({r['ms_step']:.1f} ms/step) | | seconds {r['seconds']} |")
     hf = {r["batch"]: r for r in rows if r["part"] == "hf_decode"}
     bw = next((r["copy_gbs"] for r in rows if r["part"] == "kernel"), float("nan"))
     weight_gb = next((r["weight_gb"] for r in rows if r["part"] == "sglite_load"), float("nan"))
     for r in rows:
-        if r["part"] in ("sglite_decode", "sglite_decode_torch_align"):
+        if r["part"].startswith("sglite_decode"):
             b = hf.get(r["batch"])
             base = f"{b['tok_s']:.0f} ({b['ms_step']:.0f} ms/step)" if b else "n/a"
             ratio = f"{r['tok_s'] / b['tok_s']:.1f}x" if b else "n/a"
             floor = weight_gb / bw * 1e3  # every expert is hit at these batches
-            label = " (align as torch ops)" if r["part"] == "sglite_decode_torch_align" else ""
+            label = {"sglite_decode_torch_align": " (router and align as torch ops)",
+                     "sglite_decode_torch_route": " (router as torch ops)"}.get(r["part"], "")
             lines.append(f"| decode bs{r['batch']}{label} tok/s | {r['tok_s']:.0f} ({r['ms_step']:.1f} "
                          f"ms/step) | transformers {base} | {ratio} | weight-read floor "
                          f"{floor:.1f} ms/step ({floor / r['ms_step']:.0%}) |")
