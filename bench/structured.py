@@ -217,6 +217,8 @@ def bench_grammar(args, server_args, *, jump: bool = True):
         c.run_all(gens("json_schema", schema, range(8), 64) + gens("regex", REGEX, range(8), 64))  # compile, warm
         for name, kind, spec, check in (("JSON-schema", "json_schema", schema, valid_json),
                                         ("regex", "regex", REGEX, lambda t: re.fullmatch(REGEX, t))):
+            if kind not in args.grammar_kinds.split(","):
+                continue
             outs, constrained = timed(gens(kind, spec, everyone, 160), f"{name} constrained")
             _, plain = timed(same_lengths(outs, everyone), f"{name} baseline")
             done = [o for o in outs if o.meta_info["finish_reason"]["type"] == "stop"]
@@ -227,7 +229,7 @@ def bench_grammar(args, server_args, *, jump: bool = True):
             rows.append((f"{n} {name} gens{'' if jump else ', jump-forward off'}, tokens/s",
                          f"constrained {constrained:.0f}", f"unconstrained, same lengths {plain:.0f}",
                          constrained / plain))
-        if jump:  # half-constrained: the plain half's speed beside constrained vs plain peers
+        if jump and "half" in args.grammar_kinds.split(","):  # half-constrained: the plain half's speed beside constrained vs plain peers
             half = n // 2
             json_outs = c.run_all(gens("json_schema", schema, range(half), 160))
             plain_idx = range(half, n)
@@ -266,6 +268,8 @@ def main():
     ap.add_argument("--grammar-bs", type=int, default=256)
     ap.add_argument("--grammar-jump", default="on,off", help="jump-forward settings to run")
     ap.add_argument("--parts", default="select,logprobs,grammar")
+    ap.add_argument("--grammar-kinds", default="json_schema,regex,half",
+                    help="grammar workloads to run (the half-constrained batch is 'half')")
     args = ap.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
