@@ -209,7 +209,9 @@ def bench_grammar(args, server_args, *, jump: bool = True):
                 d = {k: round(after[k] - before[k], 3) for k in (
                     "num_steps", "num_decode_tokens", "num_prefill_tokens", "busy_time_s",
                     "gpu_forward_time_s", "schedule_time_s") if isinstance(after.get(k), (int, float))}
-                notes.append(f"{label}: {dt:.2f} s wall, server {d}")
+                host = {k: round(v - before.get("host_time_s", {}).get(k, 0), 3)
+                        for k, v in after.get("host_time_s", {}).items()}
+                notes.append(f"{label}: {dt:.2f} s wall, server {d}, host time by phase {host}")
             return outs, sum(o.meta_info["completion_tokens"] for o in outs) / dt
 
         everyone = range(n)

@@ -23,6 +23,7 @@ allowed token.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -50,6 +51,7 @@ class OutputProcessor:
         self.vocab_size = model_config.vocab_size
         self.sampling = Sampling(model_config.vocab_size, eos_token_ids=model_config.eos_token_ids)
         self._token_texts: dict[int, str] = {}  # see _token_text
+        self.host_time: dict | None = None  # Stats.host_time, where the scheduler has one
 
     # ---- per request state
     def init_request(self, req: Req) -> None:
@@ -95,8 +97,10 @@ class OutputProcessor:
         on a worker thread: xgrammar releases the GIL); the text work runs beside it, and the
         jump-forwards (which move matchers) wait for it."""
         values = iter(zip(*logprobs)) if logprobs is not None else None
+        t = time.perf_counter()
         accepted = self._accept_grammar_tokens(reqs, next_ids)
         running = after_accept() if after_accept is not None else None
+        t = self._charge("append.accept", t)
         constrained = []  # jump-forward and reply once the fill is done
         for req, token_id in zip(reqs, next_ids):
             value = next(values) if values is not None and req.return_logprob else None
@@ -112,11 +116,20 @@ class OutputProcessor:
                 self.emit(req)
             else:
                 constrained.append(req)
+        t = self._charge("append.text", t)
         if running is not None:
             running.result()
+            t = self._charge("append.fill_wait", t)
         for req in constrained:
             self.jump_forward(req)
             self.emit(req)
+        self._charge("append.jump_emit", t)
+
+    def _charge(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.host_time is not None:
+            self.host_time[phase] = self.host_time.get(phase, 0.0) + now - since
+        return now
 
     def _accept_grammar_tokens(self, reqs: list[Req], next_ids: list[int]) -> dict[int, tuple[bool, bool]]:
         """The constrained requests' matchers take their tokens in one batched call: req.uid ->

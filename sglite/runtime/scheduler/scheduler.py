@@ -76,6 +76,7 @@ class Scheduler:
                                        enable_jump_forward=enable_jump_forward,
                                        truncate_kv=self.cache.truncate)
         self.stats = Stats(log_interval=log_interval)
+        self.outputs.host_time = self.stats.host_time
         self.waiting: list[Req] = []
         self.grammar_queue: list[Req] = []
         self.running: list[Req] = []  # holds a request row (and KV); prefilling or decoding
@@ -91,17 +92,24 @@ class Scheduler:
     # ---- the loop body
     def step(self) -> None:
         t0, forward_time = time.perf_counter(), self.stats.forward_time
+        charge = self.stats.add_host_time
         self._poll_grammars()
         self.outputs.jump_min_tokens = max(1, round(len(self.running) * self.jump_min_tokens_per_row))
+        t = charge("poll", t0)
         decoded = self._pending is not None and self._decode_ahead()
+        t = charge("decode", t)
         extend = self._schedule_extend()
+        t = charge("schedule", t)
         if extend:
             self._run_extend(extend)
+            t = charge("extend", t)
         decode = [] if decoded else self._schedule_decode()
         if decode:
             self._run_decode(decode)
+            t = charge("decode", t)
         self._drop_finished(queues=False)  # only running requests finish inside a step
         self.cache.free_window_kv(self.running)  # sliding window: KV no future query sees
+        charge("release", t)
         step_time = time.perf_counter() - t0
         self.stats.record_step(step_time - (self.stats.forward_time - forward_time), step_time)
         self.stats.maybe_log(self)
@@ -240,6 +248,7 @@ class Scheduler:
             [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], last_token_ids, slots, **fed))
         logits, input_ids = (None, None) if out is None else out
         self.stats.record_decode(len(reqs), time.perf_counter() - t0)
+        self.stats.add_host_time("decode.launch", t0)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         if logits is not None and self.enable_overlap:
@@ -257,12 +266,14 @@ class Scheduler:
                     reqs, device))
                 previous = pending_ids = None
                 stale = [not r.is_finished and r.extend_len > 0 for r in reqs]
+            t = time.perf_counter()
             next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
             pack = None if rows is None else pack_logprobs(
                 raw, next_ids[rows], max(r.top_logprobs_num for r in reqs if r.return_logprob))
             self._pending = PendingDecode.start(reqs, next_ids, pack)  # read next step, after
             if stale is not None and any(stale):
                 self._pending.stale = stale
+            self.stats.add_host_time("decode.sample", t)
             logits = None  # the next forward is queued behind this one
         if previous is not None:
             self._finish_decode(previous)
@@ -300,12 +311,15 @@ class Scheduler:
 
     def _finish_decode(self, pending: PendingDecode, *, after_accept=None) -> None:
         """after_accept: see OutputProcessor.apply (the next decode's mask fill)."""
+        t = time.perf_counter()
         reqs, ids = pending.reqs, pending.token_ids()
+        t = self.stats.add_host_time("decode.wait_tokens", t)
         if pending.stale is not None:  # see PendingDecode.stale (never a logprob request)
             kept = [i for i, s in enumerate(pending.stale) if not s]
             reqs, ids = [reqs[i] for i in kept], [ids[i] for i in kept]
         self._process_outputs(reqs, lambda: self.outputs.apply(reqs, ids, pending.logprobs(),
                                                                after_accept=after_accept))
+        self.stats.add_host_time("decode.append", t)
 
     def _forward(self, reqs: list[Req], run):
         """run(): a forward of reqs; None if it raised (a broken forward fails its batch, not

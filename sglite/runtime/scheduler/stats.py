@@ -27,6 +27,9 @@ class Stats:
     # CUDA: seconds the device spent inside forwards (events around each launch, read once they
     # have completed): with busy_time, how much of the runtime's working time the GPU computes
     gpu_forward_time: float = 0.0
+    # host seconds per phase of the loop (scheduler.step's parts, OutputProcessor.apply's): where
+    # a host-bound step's time goes, without a profiler's distortion
+    host_time: dict = field(default_factory=dict)
     _gpu_events: list = field(default_factory=list)
     _last_log: float = field(default_factory=time.monotonic)
     _window: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
@@ -45,6 +48,12 @@ class Stats:
         self.num_steps += 1
         self.schedule_time += schedule_seconds
         self.busy_time += step_seconds
+
+    def add_host_time(self, phase: str, since: float) -> float:
+        """Charge perf_counter() - since to phase; returns perf_counter() (the next phase's start)."""
+        now = time.perf_counter()
+        self.host_time[phase] = self.host_time.get(phase, 0.0) + now - since
+        return now
 
     def forward_started(self, device):
         """A CUDA start event for the forward launched next (None elsewhere)."""
@@ -103,6 +112,7 @@ class Stats:
                 self.gpu_forward_time += first.elapsed_time(last) / 1e3
             self._gpu_events.clear()
             c["gpu_forward_time_s"] = round(self.gpu_forward_time, 4)
+        c["host_time_s"] = {k: round(v, 4) for k, v in self.host_time.items()}
         c.update(scheduler.cache.counters())
         c["kv_usage"] = round(1 - (c["kv_free"] + c["kv_evictable"]) / max(c["kv_total"], 1), 4)
         return c
