@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TRITON_MAX_M = 16  # rows up to which fp8_linear takes the Triton kernel for any shape (fp8_path)
 
@@ -82,7 +84,7 @@ def _w8a16_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     """One program per BLOCK_N output channels x BLOCK_M rows, over all of K. BLOCK_M == 1 (one
     row): products summed on the CUDA cores; otherwise tl.dot on weights widened to X's dtype."""
@@ -102,19 +104,24 @@ def _w8a16_kernel(
         w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k8[None, :]
         x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k8[None, :]
         if PREFETCH:
-            # the next step's tile is loaded before this one's products: two tiles in flight per
-            # program (the loop has no dot, so Triton's pipeliner leaves its loads alone: without
-            # this each step waits out a whole DRAM round trip with nothing else requested)
-            mask_k = offs_k < K
-            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
-                mask_k = k0 + offs_k < K  # all false on the last step: nothing read
-                x_next = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0)
-                w_next = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            # as sglite/kernels/gemv.py: in-bounds rows (no N mask on the loads), x loaded as a
+            # whole [BLOCK_N, BLOCK_K] tile (each row the same, L1 hits) so that it shares W's
+            # layout, the next chunk loaded before this one's products, and, launched with PDL,
+            # the first chunk of W before the wait: no kernel of the forward writes weights
+            # (pdl.py), so they stream while the kernel before still finishes
+            rows = tl.where(mask_n, offs_n, 0).to(tl.int64)
+            w_ptrs = W + rows[:, None] * stride_wn + offs_k8[None, :]
+            x_ptrs = X + pid_m.to(tl.int64) * stride_xm + (rows * 0)[:, None] + offs_k8[None, :]
+            w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+            wait_for_previous(USE_PDL)
+            allow_dependents(EARLY)  # the next kernel launches during this one's last wave
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
+                w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=(k0 + BLOCK_K + offs_k < K)[None, :], other=0.0)
                 acc2 += w.to(tl.float32) * x.to(tl.float32)
-                x, w = x_next, w_next
+                w = w_next
         else:
+            wait_for_previous(USE_PDL)
             for k0 in range(0, K, BLOCK_K):
                 mask_k = k0 + offs_k < K
                 x = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0).to(tl.float32)
@@ -125,6 +132,7 @@ def _w8a16_kernel(
             out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(Out + pid_m.to(tl.int64) * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
     else:
+        wait_for_previous(USE_PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
@@ -150,14 +158,17 @@ def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
         return dict(TILE_OVERRIDES[(m, n, k)])
     if device.type != "cuda":  # interpreter: small tiles so tiny tests take several K steps
         return dict(BLOCK_M=1 if m == 1 else 16, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
-    if m == 1 and n <= 8192:
+    if m == 1 and ONE_ROW_PDL:  # gemv.py's layout and PDL (unmeasured in isolation: bench part a)
+        return dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=True)
+    if m == 1 and n == 6144:  # H200 sweep 2026-12-02 19:52 (do_bench): qkv 15.1 us
+        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1)
+    if m == 1:  # o 11.6, gate_up 45.6, down 25.4 us
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3)
-    if m == 1:
-        return dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=4)
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
 
 
 TILE_OVERRIDES: dict[tuple[int, int, int], dict] = {}
+ONE_ROW_PDL = True  # one row: the PREFETCH kernel launched with PDL (False: the plain loop; benchmarks)
 
 
 def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -172,33 +183,35 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     cfg = dict(tiles or fp8_gemm_tiles(m, n, k, device=x.device))
     bm, bn = cfg.pop("BLOCK_M"), cfg["BLOCK_N"]
     grid = (triton.cdiv(n, bn), m if bm == 1 else triton.cdiv(m, bm))
+    pdl = {}
+    if bm == 1 and cfg.get("PREFETCH"):  # weights before the wait, dependents launched early
+        pdl = pdl_options(x)
+        if pdl:
+            pdl["EARLY"] = early_launch(x)
     _w8a16_kernel[grid](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, **cfg,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, **cfg, **pdl,
     )
     return out
 
 
 def fp8_path(m: int, n: int) -> str:
     """Which path runs x [m, K] @ W [n, K].T, from the H200 sweep at Llama-3-8B shapes
-    (bench/fp8.py part g, us, bf16 F.linear / rowwise _scaled_mm incl. the activation quant /
-    Triton W8A16; docs in /work/notes/fp8-docs.md):
-    - "triton" up to TRITON_MAX_M rows (qkv 6144x4096 M=1: 23.6 / 27.0 / 18.4; gate_up
-      28672x4096 M=16: 69.0 / 55.7 / 47.9), and up to 64 rows for n <= 8192 (o M=64:
-      17.9 / 70.5 / 34.5; down 4096x14336 M=64: 44.7 / 101.6 / 87.1);
-    - "rowwise" (per-token x per-channel scales in cuBLAS/CUTLASS) from 1024 rows (M=4096: qkv
-      263.8 / 194.9, gate_up 1239 / 852, down 640 / 469) and for wide n (gate_up M=64: 71.0 /
-      53.5; M=256: 99.0 / 65.1);
-    - "tensorwise" between, for n <= 8192, where rowwise lost to bf16 (qkv M=256: 28.0 / 80.7,
-      down M=256: 52.9 / 114.6): unit-scale FP8 GEMM (cuBLASLt's per-tensor path, issue 19's
-      1.35-1.44x at 64-256 rows) and the per-token x per-channel scales in one epilogue launch.
-      Not measured yet end to end: part g's "tensorwise" column is its check."""
-    if m <= TRITON_MAX_M or (m <= 64 and n <= 8192):
+    (bench/fp8.py part g, 2026-12-02 19:52, us: bf16 F.linear / FP8):
+    - "triton" (W8A16) up to 16 rows (qkv M=16: 22.6 / 20.1; gate_up M=16: 70.2 / 48.6); from 32
+      rows it loses to cuBLAS (qkv M=64: 40.5 vs rowwise 22.3);
+    - "rowwise" (per-token x per-channel scales, fast accumulation: 5-10% faster than without,
+      same error) everywhere else (M=4096: qkv 262.4 / 178.0, gate_up 1340.6 / 734.6, down
+      596.9 / 453.1; M=512: o 28.4 / 24.4, gate_up 175.1 / 103.6, down 84.9 / 61.8);
+    - "tensorwise" (unit-scale GEMM, the scales in one epilogue launch) for qkv-wide n at 257-1023
+      rows, where rowwise picked a slow kernel (qkv M=512: rowwise 71.6-76.7, fp8_linear's
+      tensorwise 39.9, bf16 39.0)."""
+    if m <= TRITON_MAX_M:
         return "triton"
-    if m >= 1024 or n > 8192:
-        return "rowwise"
-    return "tensorwise"
+    if 4096 < n <= 8192 and 256 < m < 1024:
+        return "tensorwise"
+    return "rowwise"
 
 
 @triton.jit
@@ -248,7 +261,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     xq, x_scale = quantize_rows(x)
     if path == "rowwise":
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
-                               out_dtype=x.dtype)
+                               out_dtype=x.dtype, use_fast_accum=True)
     else:
         one = _unit_scale(x.device)
         out = scale_rows_cols(torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=x.dtype),

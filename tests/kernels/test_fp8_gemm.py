@@ -96,5 +96,5 @@ def test_scale_rows_cols_in_place():
 
 def test_fp8_path_by_shape():
     assert fp8_gemm.fp8_path(1, 28672) == fp8_gemm.fp8_path(16, 28672) == "triton"
-    assert fp8_gemm.fp8_path(64, 4096) == "triton" and fp8_gemm.fp8_path(64, 28672) == "rowwise"
-    assert fp8_gemm.fp8_path(256, 6144) == "tensorwise" and fp8_gemm.fp8_path(4096, 6144) == "rowwise"
+    assert fp8_gemm.fp8_path(64, 4096) == "rowwise" and fp8_gemm.fp8_path(512, 28672) == "rowwise"
+    assert fp8_gemm.fp8_path(512, 6144) == "tensorwise" and fp8_gemm.fp8_path(4096, 6144) == "rowwise"
