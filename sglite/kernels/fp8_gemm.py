@@ -160,7 +160,7 @@ def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
         return dict(BLOCK_M=1 if m == 1 else 16, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
     if m == 1 and ONE_ROW_PDL:  # gemv.py's layout and PDL (unmeasured in isolation: bench part a)
         return dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=True)
-    if m == 1 and n == 6144:  # H200 sweep 2026-12-02 19:52 (do_bench): qkv 15.1 us
+    if m == 1 and n == 6144:  # H200 sweep 2026-12-02 18:52 (do_bench): qkv 15.1 us
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1)
     if m == 1:  # o 11.6, gate_up 45.6, down 25.4 us
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3)
@@ -168,7 +168,7 @@ def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
 
 
 TILE_OVERRIDES: dict[tuple[int, int, int], dict] = {}
-ONE_ROW_PDL = True  # one row: the PREFETCH kernel launched with PDL (False: the plain loop; benchmarks)
+ONE_ROW_PDL = False  # one row: the PREFETCH kernel launched with PDL; off until measured (bench/fp8.py part a)
 
 
 def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -198,7 +198,7 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 def fp8_path(m: int, n: int) -> str:
     """Which path runs x [m, K] @ W [n, K].T, from the H200 sweep at Llama-3-8B shapes
-    (bench/fp8.py part g, 2026-12-02 19:52, us: bf16 F.linear / FP8):
+    (bench/fp8.py part g, 2026-12-02 18:52, us: bf16 F.linear / FP8):
     - "triton" (W8A16) up to 16 rows (qkv M=16: 22.6 / 20.1; gate_up M=16: 70.2 / 48.6); from 32
       rows it loses to cuBLAS (qkv M=64: 40.5 vs rowwise 22.3);
     - "rowwise" (per-token x per-channel scales, fast accumulation: 5-10% faster than without,
