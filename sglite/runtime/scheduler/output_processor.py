@@ -51,7 +51,8 @@ class OutputProcessor:
         self.vocab_size = model_config.vocab_size
         self.sampling = Sampling(model_config.vocab_size, eos_token_ids=model_config.eos_token_ids)
         self._token_texts: dict[int, str] = {}  # see _token_text
-        self.host_time: dict | None = None  # Stats.host_time, where the scheduler has one
+        # (phase, since) -> now: Stats.add_host_time where a scheduler owns this processor
+        self.charge: Callable[[str, float], float] = lambda phase, since: time.perf_counter()
 
     # ---- per request state
     def init_request(self, req: Req) -> None:
@@ -100,7 +101,7 @@ class OutputProcessor:
         t = time.perf_counter()
         accepted = self._accept_grammar_tokens(reqs, next_ids)
         running = after_accept() if after_accept is not None else None
-        t = self._charge("append.accept", t)
+        t = self.charge("append.accept", t)
         constrained = []  # jump-forward and reply once the fill is done
         for req, token_id in zip(reqs, next_ids):
             value = next(values) if values is not None and req.return_logprob else None
@@ -116,20 +117,15 @@ class OutputProcessor:
                 self.emit(req)
             else:
                 constrained.append(req)
-        t = self._charge("append.text", t)
+        t = self.charge("append.text", t)
         if running is not None:
             running.result()
-            t = self._charge("append.fill_wait", t)
+            t = self.charge("append.fill_wait", t)
         for req in constrained:
             self.jump_forward(req)
             self.emit(req)
-        self._charge("append.jump_emit", t)
+        self.charge("append.jump_emit", t)
 
-    def _charge(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        if self.host_time is not None:
-            self.host_time[phase] = self.host_time.get(phase, 0.0) + now - since
-        return now
 
     def _accept_grammar_tokens(self, reqs: list[Req], next_ids: list[int]) -> dict[int, tuple[bool, bool]]:
         """The constrained requests' matchers take their tokens in one batched call: req.uid ->

@@ -76,7 +76,7 @@ class Scheduler:
                                        enable_jump_forward=enable_jump_forward,
                                        truncate_kv=self.cache.truncate)
         self.stats = Stats(log_interval=log_interval)
-        self.outputs.host_time = self.stats.host_time
+        self.outputs.charge = self.stats.add_host_time
         self.waiting: list[Req] = []
         self.grammar_queue: list[Req] = []
         self.running: list[Req] = []  # holds a request row (and KV); prefilling or decoding
