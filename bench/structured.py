@@ -91,6 +91,9 @@ def bench_select(args, server_args, radix: bool, questions, choices):
     ctr = {k: round(after.get(k, 0) - before.get(k, 0), 4) for k in (
         "num_prefill_tokens", "num_cached_tokens", "num_prompt_tokens", "busy_time_s",
         "gpu_forward_time_s") if isinstance(after.get(k), (int, float))}
+    ctr["host_time_s"] = {k: round(v - before.get("host_time_s", {}).get(k, 0), 3)
+                          for k, v in after.get("host_time_s", {}).items()}
+    ctr["host_time_max_s"] = after.get("host_time_max_s")
     return len(questions) / dt, ctr, outs
 
 
@@ -211,7 +214,8 @@ def bench_grammar(args, server_args, *, jump: bool = True):
                     "gpu_forward_time_s", "schedule_time_s") if isinstance(after.get(k), (int, float))}
                 host = {k: round(v - before.get("host_time_s", {}).get(k, 0), 3)
                         for k, v in after.get("host_time_s", {}).items()}
-                notes.append(f"{label}: {dt:.2f} s wall, server {d}, host time by phase {host}")
+                notes.append(f"{label}: {dt:.2f} s wall, server {d}, host time by phase {host}, "
+                             f"longest single charge {after.get('host_time_max_s')}")
             return outs, sum(o.meta_info["completion_tokens"] for o in outs) / dt
 
         everyone = range(n)

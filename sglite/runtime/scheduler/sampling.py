@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import time
+from typing import Callable
+
 import msgspec
 import torch
 
@@ -26,6 +29,9 @@ class Sampling:
         self._turn = 0
         self._worker: ThreadPoolExecutor | None = None  # start_fill's thread
         self._filling: tuple | None = None  # (reqs, bitmask, future of the rows) of start_fill
+        # (phase, since) -> now: Stats.add_host_time where a scheduler owns this (phases nested in
+        # the scheduler's decode.sample)
+        self.charge: Callable[[str, float], float] = lambda phase, since: time.perf_counter()
 
     def sample(self, reqs: list[Req], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """logits [bs, vocab] (grammar masks are applied in place). Returns next ids and, when any
@@ -87,11 +93,13 @@ class Sampling:
             return
         from sglite.runtime.sampling.constrained import apply_bitmask, fill_bitmask
 
+        t = time.perf_counter()
         if filling is not None and filling[0] is reqs:  # started by start_fill
             bitmask, rows = filling[1], filling[2].result()
         else:
             bitmask = self._host_bitmask(len(reqs), logits.device)
             rows = fill_bitmask(bitmask, [r.grammar for r in reqs])  # threaded, on the host
+        t = self.charge("masks.fill", t)
         if not rows:
             return
         if logits.device.type == "cuda":  # pinned: neither copy waits for the forward in flight
@@ -99,6 +107,7 @@ class Sampling:
                           tensor_async(rows, torch.int32, logits.device))
         else:
             apply_bitmask(logits, bitmask, rows)
+        self.charge("masks.apply", t)
 
     def _host_bitmask(self, rows: int, device: torch.device) -> torch.Tensor:
         """One of two host buffers, in turn: the copy of the one filled last step may still be

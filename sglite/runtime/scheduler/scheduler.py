@@ -76,7 +76,7 @@ class Scheduler:
                                        enable_jump_forward=enable_jump_forward,
                                        truncate_kv=self.cache.truncate)
         self.stats = Stats(log_interval=log_interval)
-        self.outputs.charge = self.stats.add_host_time
+        self.outputs.charge = self.outputs.sampling.charge = self.stats.add_host_time
         self.waiting: list[Req] = []
         self.grammar_queue: list[Req] = []
         self.running: list[Req] = []  # holds a request row (and KV); prefilling or decoding
@@ -207,6 +207,7 @@ class Scheduler:
 
     # ---- forwards
     def _run_extend(self, adder: PrefillAdder) -> None:
+        charge, t = self.stats.add_host_time, time.perf_counter()  # phases nested in "extend"
         reqs = adder.reqs
         prefix_lens = [r.kv_len for r in reqs]
         new_ids = [r.fill_ids[r.kv_len: r.kv_len + len(s)] for r, s in zip(reqs, adder.slots)]
@@ -216,19 +217,23 @@ class Scheduler:
             logits_from=logits_from)
         for req, slots in zip(reqs, adder.slots):
             self.cache.extend(req, slots, written=True)
-        t0 = time.perf_counter()
+        t = t0 = charge("extend.prepare", t)
         logits = self._forward(reqs, lambda: self.runner.forward(batch))
         self.stats.record_extend(batch.num_tokens, time.perf_counter() - t0)
+        t = charge("extend.forward", t)
         if logits is None:
             return
         if logits_from is not None:
             self.outputs.input_logprobs(reqs, prefix_lens, new_ids, logits, logits_from)
             num_rows = [len(ids) - first for ids, first in zip(new_ids, logits_from)]
             logits = logits[torch.tensor(num_rows).cumsum(0) - 1]  # each request's last row
+            t = charge("extend.input_logprobs", t)
         for req in reqs:
             if not req.is_finished:
                 self.cache.cache_unfinished(req)  # share the prompt (chunk) with later peers
+        t = charge("extend.cache", t)
         self._sample_and_process(reqs, logits)
+        charge("extend.sample", t)
 
     def _run_decode(self, reqs: list[Req]) -> None:
         slots = self.cache.alloc_decode(reqs)
@@ -268,12 +273,13 @@ class Scheduler:
                 stale = [not r.is_finished and r.extend_len > 0 for r in reqs]
             t = time.perf_counter()
             next_ids = self.outputs.sampling.next_ids_on_device(reqs, logits, pending_ids=pending_ids)
+            t = self.stats.add_host_time("decode.sample", t)
             pack = None if rows is None else pack_logprobs(
                 raw, next_ids[rows], max(r.top_logprobs_num for r in reqs if r.return_logprob))
             self._pending = PendingDecode.start(reqs, next_ids, pack)  # read next step, after
             if stale is not None and any(stale):
                 self._pending.stale = stale
-            self.stats.add_host_time("decode.sample", t)
+            self.stats.add_host_time("decode.pending", t)
             logits = None  # the next forward is queued behind this one
         if previous is not None:
             self._finish_decode(previous)

@@ -30,6 +30,7 @@ class Stats:
     # host seconds per phase of the loop (scheduler.step's parts, OutputProcessor.apply's): where
     # a host-bound step's time goes, without a profiler's distortion
     host_time: dict = field(default_factory=dict)
+    host_time_max: dict = field(default_factory=dict)  # each phase's longest charge since the last read
     _gpu_events: list = field(default_factory=list)
     _last_log: float = field(default_factory=time.monotonic)
     _window: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
@@ -53,6 +54,8 @@ class Stats:
         """Charge perf_counter() - since to phase; returns perf_counter() (the next phase's start)."""
         now = time.perf_counter()
         self.host_time[phase] = self.host_time.get(phase, 0.0) + now - since
+        if now - since > self.host_time_max.get(phase, 0.0):
+            self.host_time_max[phase] = now - since
         return now
 
     def forward_started(self, device):
@@ -116,6 +119,13 @@ class Stats:
         c.update(scheduler.cache.counters())
         c["kv_usage"] = round(1 - (c["kv_free"] + c["kv_evictable"]) / max(c["kv_total"], 1), 4)
         return c
+
+    def take_host_time_max(self) -> dict:
+        """Each phase's longest single charge since the last call (then forgotten): tells a spike
+        (a compile, an allocation) from a steady cost, which the sums cannot."""
+        out = {k: round(v, 4) for k, v in self.host_time_max.items()}
+        self.host_time_max.clear()
+        return out
 
     def maybe_log(self, scheduler) -> None:
         now = time.monotonic()

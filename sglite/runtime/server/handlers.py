@@ -202,6 +202,7 @@ class RequestHandler:
             "pid": os.getpid(),
         }
         info.update(self.scheduler.stats.counters(self.scheduler))
+        info["host_time_max_s"] = self.scheduler.stats.take_host_time_max()
         return info
 
     def check_integrity(self) -> str:
