@@ -275,6 +275,7 @@ def main():
     ap.add_argument("--bs", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--grammar-bs", type=int, default=256)
+    ap.add_argument("--num-threads", type=int, default=None, help="the servers' torch CPU threads")
     ap.add_argument("--grammar-repeat", type=int, default=1,
                     help="rounds of each grammar workload; the table reports the last")
     ap.add_argument("--grammar-jump", default="on,off", help="jump-forward settings to run")
@@ -286,6 +287,8 @@ def main():
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"card: {card}, torch {torch.__version__}", flush=True)
     server_args = dict(device=args.device, load_format="dummy", log_interval=0)
+    if args.num_threads is not None:
+        server_args["num_threads"] = args.num_threads
     table = []
     if "select" in args.parts:
         questions, choices = select_workload(random.Random(0), args.num_select)
