@@ -1,0 +1,83 @@
+"""Host time of filling the grammar masks of a JSON-schema batch, step by step, by xgrammar's thread
+count (issue 15: on an H200 host the first decode of 256 JSON gens charged 0.2 s to the mask fill,
+where the steady steps take a few ms). The matchers walk the schema of bench/structured.py from the
+text a jump-forward prefills (`{"name": "`), one random allowed token a step (seeded), like the
+benchmark's greedy gens on random weights. The baseline beside each row: the same fill through one
+thread.
+
+    python bench/grammar_fill_threads.py --model .benchmodel     # any machine; the folder's tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import xgrammar as xgr
+from transformers import AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.structured import SCHEMA  # noqa: E402
+from sglite.runtime.sampling.constrained import GrammarCache, GrammarState, allocate_bitmask  # noqa: E402
+
+
+def walk(compiled, tokenizer, matcher: xgr.BatchGrammarMatcher, bs: int, steps: int, seed: int) -> list[float]:
+    """Seconds of each step's fill for bs fresh matchers."""
+    vocab = compiled.vocab_size
+    prefix = tokenizer.encode('{"name": "', add_special_tokens=False)
+    states = [GrammarState(compiled) for _ in range(bs)]
+    for s in states:
+        assert s.accept_many(prefix)
+    bitmask = allocate_bitmask(bs, vocab)
+    shifts = torch.arange(32, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(steps):
+        rows = [i for i, s in enumerate(states) if not s.is_terminated()]
+        if not rows:
+            break
+        t = time.perf_counter()
+        matcher.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
+        times.append(time.perf_counter() - t)
+        allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bs, -1)[:, :vocab].bool()
+        scores = torch.rand(bs, vocab, generator=gen).masked_fill_(~allowed, -1.0)
+        ids = scores.argmax(-1).tolist()
+        for i in rows:
+            assert states[i].accept(ids[i])
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="a folder with a tokenizer and config.json")
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--threads", default="1,2,4,8,auto")
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    cache = GrammarCache(tokenizer, vocab)
+    compiled = cache.get_future("json_schema", json.dumps(SCHEMA)).result()
+    print(f"host: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable)")
+    print("| batch | threads | first fill ms | 2nd | 3rd | steady ms (median of the rest) | total ms | "
+          "1 thread total ms | speed-up |\n|---|---|---|---|---|---|---|---|---|")
+    for bs in [int(b) for b in args.batches.split(",")]:
+        base = None
+        for threads in args.threads.split(","):
+            matcher = xgr.BatchGrammarMatcher(max_threads=threads if threads == "auto" else int(threads))
+            walk(compiled, tokenizer, matcher, 8, 3, seed=1)  # the pool's threads started
+            times = walk(compiled, tokenizer, matcher, bs, args.steps, seed=0)
+            rest = sorted(times[3:]) or [0.0]
+            total = sum(times)
+            base = total if base is None else base
+            print(f"| {bs} | {threads} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} | "
+                  f"{rest[len(rest) // 2] * 1e3:.2f} | {total * 1e3:.1f} | {base * 1e3:.1f} | {base / total:.2f}x |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
