@@ -5,7 +5,8 @@ g. linear layers at Llama-3-8B shapes: bf16 F.linear vs the FP8 paths (Triton W8
 a. batch-1 decode ms/token, FP8 weights vs bf16 (CUDA graphs, the runner's whole step);
 k. FP8 KV pool: capacity in the same memory, and decode attention reading FP8 vs bf16 pages
    (bs 64 x 4096, bs 1 x 32k) as a share of the d2d copy bandwidth (bytes actually read);
-b. offline N x (prompt, output) through `sglite serve`, FP8 weights vs bf16.
+b. offline N x (prompt, output) through `sglite serve`, FP8 weights vs bf16;
+p. (not in the default parts) batch-1 graph replay profiled kernel by kernel: bf16, FP8, FP8 with PDL.
 
     python bench/fp8.py --model .benchmodel          # H200 (carry .whl, .benchmodel)
 Accuracy on the embedded SmolLM2 runs on the CPU (bench/fp8_accuracy.py): its GGUF (98 MB) is
@@ -182,6 +183,133 @@ def linears_alone(runner, device):
     calls = [lambda m=m: linear_forward(m, xs[m.in_features]) for m in mods]
     ms = graph_ms(calls) * len(calls)  # the whole graph's replay
     return ms * 1e-3, [m.weight.numel() * m.weight.element_size() for m in mods]
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    for key, cls in (("w8a16", "fp8 W8A16 linear"), ("quant_rows", "fp8 act quant"), ("scale_out", "fp8 epilogue"),
+                     ("decode", "attention"), ("attn", "attention"), ("attention", "attention"),
+                     ("norm", "norm"), ("rotary", "rotary"), ("rope", "rotary"), ("gemv", "cuBLAS/gemv"),
+                     ("gemm", "cuBLAS/gemv"), ("nvjet", "cuBLAS/gemv"), ("cutlass", "cuBLAS/gemv"),
+                     ("xmma", "cuBLAS/gemv"), ("silu", "act"), ("act", "act"), ("argmax", "sampling"),
+                     ("copy", "copy/elementwise"), ("elementwise", "copy/elementwise"), ("fill", "copy/elementwise")):
+        if key in n:
+            return cls
+    return "other"
+
+
+def replay_profile(graph, device, replays: int, trace_path: str | None):
+    """Kernels of `replays` back-to-back replays of one CUDA graph under torch.profiler: per replay,
+    each kernel name's device time, the union of kernel intervals (busy) and the span (first start
+    to last end), so span - busy is the idle time between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        graph.replay()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        sync(device)
+    import tempfile
+
+    path = trace_path or tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    events = [e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel" and "dur" in e]
+    if trace_path is None:
+        os.remove(path)
+    if not events:
+        return None
+    events.sort(key=lambda e: e["ts"])
+    by_name: dict[str, list] = {}
+    busy, end = 0.0, -1e30
+    for e in events:
+        s, d = float(e["ts"]), float(e["dur"])
+        busy += max(0.0, s + d - max(s, end))
+        end = max(end, s + d)
+        row = by_name.setdefault(e["name"], [0, 0.0])
+        row[0] += 1
+        row[1] += d
+    span = end - float(events[0]["ts"])
+    return dict(n=len(events) / replays, busy_us=busy / replays, span_us=span / replays,
+                kernels={k: (c / replays, t / replays) for k, (c, t) in by_name.items()})
+
+
+def bench_profile(args, device, copy_bw):
+    """Part p: where batch-1's replay time goes, bf16 vs FP8 (plain one-row loop and the PDL one),
+    kernel by kernel from a profile of back-to-back graph replays (the same graphs part a times)."""
+    from sglite.runtime.executor.cuda_graph import CudaGraphRunner
+
+    out_dir = os.environ.get("OUT")
+    profiles = {}
+    for name, quant in (("bf16", None), ("fp8", "fp8")):
+        runner = ModelRunner(args.model, load_format="dummy", device=str(device), dtype="bfloat16",
+                             max_total_tokens=4096, max_running_requests=2, cuda_graph_max_bs=1,
+                             quantization=quant)
+        row = runner.req_to_token.alloc()
+        prompt = torch.randint(0, runner.model_config.vocab_size, (128,)).tolist()
+        last = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
+                              ).argmax(-1).tolist()
+        seq = 128
+        variants = [(name, False)] if quant is None else [("fp8", False), ("fp8 pdl", True)]
+        for vname, pdl in variants:
+            if quant:
+                fp8_gemm.ONE_ROW_PDL = pdl
+                runner.graph_runner = CudaGraphRunner(runner, max_bs=1)
+            step_s = decode_loop(runner, [row], [seq], last, 16)
+            seq += 16 + 3
+            graph = runner.graph_runner.graphs[1]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.decode_steps):
+                graph.replay()
+            sync(device)
+            replay_ms = (time.perf_counter() - t0) / args.decode_steps * 1e3
+            trace = os.path.join(out_dir, f"trace_{vname.replace(' ', '_')}.json") if out_dir else None
+            prof = replay_profile(graph, device, 20, trace)
+            if trace and os.path.exists(trace):  # keep $OUT small: gzip the raw trace
+                import gzip
+                import shutil
+
+                with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+                    shutil.copyfileobj(f, g)
+                os.remove(trace)
+            if prof is None:
+                print(f"profile {vname}: no kernel events recorded", flush=True)
+                continue
+            prof.update(step_ms=step_s * 1e3, replay_ms=replay_ms)
+            profiles[vname] = prof
+            print(f"profile {vname}: step {step_s * 1e3:.3f} ms, replay {replay_ms:.3f} ms; per replay "
+                  f"{prof['n']:.0f} kernels, span {prof['span_us']:.1f} us, busy {prof['busy_us']:.1f} us, "
+                  f"idle {prof['span_us'] - prof['busy_us']:.1f} us", flush=True)
+            top = sorted(prof["kernels"].items(), key=lambda kv: -kv[1][1])[:25]
+            for kname, (cnt, us) in top:
+                print(f"   {us:9.1f} us  {cnt:5.0f} x {us / cnt:7.2f} us  [{kernel_class(kname)}] {kname[:110]}")
+        fp8_gemm.ONE_ROW_PDL = False
+        del runner
+        torch.cuda.empty_cache()
+    classes = sorted({kernel_class(k) for p in profiles.values() for k in p["kernels"]})
+    names = list(profiles)
+    print("\n| class (us per replay: count x) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for cls in classes:
+        cells = []
+        for v in names:
+            ks = [(c, t) for k, (c, t) in profiles[v]["kernels"].items() if kernel_class(k) == cls]
+            cells.append(f"{sum(t for _, t in ks):.1f} ({sum(c for c, _ in ks):.0f})")
+        print(f"| {cls} | " + " | ".join(cells) + " |")
+    for key in ("busy_us", "span_us"):
+        print(f"| {key} | " + " | ".join(f"{profiles[v][key]:.1f}" for v in names) + " |")
+    print("| idle_us | " + " | ".join(f"{profiles[v]['span_us'] - profiles[v]['busy_us']:.1f}" for v in names) + " |")
+    print("| replay_ms (timed outside the profiler) | " + " | ".join(f"{profiles[v]['replay_ms']:.3f}" for v in names) + " |")
+    if out_dir:
+        with open(os.path.join(out_dir, "profile.json"), "w") as f:
+            json.dump(profiles, f, indent=1)
+    if "bf16" in profiles and "fp8" in profiles:
+        b, f8 = profiles["bf16"], profiles["fp8"]
+        ROWS.append(("p. bs1 replay busy us (kernel union), FP8", f8["busy_us"], "bf16 busy us", b["busy_us"],
+                     b["busy_us"] / f8["busy_us"], f"idle {f8['span_us'] - f8['busy_us']:.1f} vs "
+                     f"{b['span_us'] - b['busy_us']:.1f} us; replay {f8['replay_ms']:.3f} vs {b['replay_ms']:.3f} ms"))
 
 
 def paged_pool(bs, ctx, dtype, device, page=128, heads=8, dim=128):
@@ -401,6 +529,8 @@ def main():
         run_part("a: batch-1 decode", bench_batch1, args, device, copy_bw)
     if "k" in parts:
         run_part("k: FP8 KV", bench_kv, args, device, copy_bw)
+    if "p" in parts:
+        run_part("p: batch-1 replay profile", bench_profile, args, device, copy_bw)
     if "b" in parts[1:]:
         run_part("b: offline", bench_offline, args, device, t_start)
     print(f"\ncard: {card}; d2d copy {copy_bw / 1e9:.0f} GB/s (read + write); total {time.perf_counter() - t_start:.0f} s")

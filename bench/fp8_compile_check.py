@@ -108,6 +108,24 @@ def main():
         fp8_gemm.w8a16_matmul(torch.zeros(m, k, dtype=torch.bfloat16), w, torch.ones(n),
                               tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))
         compile_recorded(f"w8a16 M={m} N={n} K={k}")
+    # the one-row PREFETCH kernel with PDL (ONE_ROW_PDL): on CPU tensors pdl_options gives nothing
+    fp8_gemm.ONE_ROW_PDL = True
+    fp8_gemm.pdl_options = lambda t: dict(USE_PDL=True)  # launch_pdl is a launcher option, not compiled
+    fp8_gemm.early_launch = lambda t: True
+    for m, n, k in ((1, 6144, 4096), (1, 4096, 14336)):
+        w = torch.zeros(n, k).to(torch.float8_e4m3fn)
+        fp8_gemm.w8a16_matmul(torch.zeros(m, k, dtype=torch.bfloat16), w, torch.ones(n),
+                              tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))
+        compile_recorded(f"w8a16 PDL M={m} N={n} K={k}")
+    fp8_gemm.ONE_ROW_PDL = False
+    # SmolLM2-135M (the accuracy run's model): head_dim 64, 9 query / 3 KV heads, FP8 pool
+    k_buf = torch.zeros(4096, 3, 64).to(torch.float8_e4m3fn)
+    for splits in (1, 4):
+        q = torch.zeros(2, 9, 64, dtype=torch.bfloat16)
+        da.decode_attention_fwd(q, k_buf, k_buf, torch.empty_like(q), torch.zeros(2, 1024, dtype=torch.int32),
+                                torch.arange(2), i32(512, 512), scale=0.1, num_splits=splits, page_size=128,
+                                tiles=da.decode_tiles(64, device=_CUDA, num_splits=splits), k_scale=0.5)
+        compile_recorded(f"decode fp8 d64 9/3 heads splits {splits}")
     fp8_gemm.scale_rows_cols(torch.zeros(256, 6144, dtype=torch.bfloat16), torch.ones(256, 1), torch.ones(6144))
     compile_recorded("scale_rows_cols")
     fp8_gemm.quantize_rows(torch.zeros(256, 4096, dtype=torch.bfloat16))
