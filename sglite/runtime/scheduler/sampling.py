@@ -3,7 +3,7 @@ the greedy fast path, and the raw logprobs that the output processor reports.
 
 Grammar masks: xgrammar fills the bitmask rows of all constrained requests in one threaded call
 into pinned host memory, then one non-blocking copy takes them (and the row indices) to the
-device, where one kernel applies them to the logits in place. No step waits for the GPU: in the
+device, where a few torch ops apply them to the logits in place. No step waits for the GPU: in the
 overlapped decode the host fills while the forward whose logits the masks apply to runs, and
 (`start_fill`) on a worker thread while the loop thread appends the previous tokens' text."""
 
@@ -17,7 +17,6 @@ from typing import Callable
 import msgspec
 import torch
 
-from sglite.runtime.executor.transfer import tensor_async
 from sglite.runtime.scheduler.req import Req
 
 
@@ -102,11 +101,9 @@ class Sampling:
         t = self.charge("masks.fill", t)
         if not rows:
             return
-        if logits.device.type == "cuda":  # pinned: neither copy waits for the forward in flight
-            apply_bitmask(logits, bitmask[: len(reqs)].to(logits.device, non_blocking=True),
-                          tensor_async(rows, torch.int32, logits.device))
-        else:
-            apply_bitmask(logits, bitmask, rows)
+        if logits.device.type == "cuda":  # pinned: the copy does not wait for the forward in flight
+            bitmask = bitmask[: len(reqs)].to(logits.device, non_blocking=True)
+        apply_bitmask(logits, bitmask, rows)
         self.charge("masks.apply", t)
 
     def _host_bitmask(self, rows: int, device: torch.device) -> torch.Tensor:

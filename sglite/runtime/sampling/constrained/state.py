@@ -14,12 +14,14 @@ Unconstrained rows are neither filled nor applied, and the whole batch goes thro
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 import torch
 import xgrammar as xgr
 
+from sglite.runtime.executor.transfer import tensor_async
 from sglite.runtime.sampling.constrained.grammar_cache import CompiledGrammar
 
 
@@ -95,6 +97,15 @@ def allocate_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
 _batch_matcher: xgr.BatchGrammarMatcher | None = None
 
 
+def fill_threads() -> int | str:
+    """xgrammar's fill threads: SGLITE_GRAMMAR_FILL_THREADS, else 1. Measured on the H200 host
+    (16 CPUs, bench/grammar_fill_threads.py, docs/benchmarks.md): with xgrammar 0.2.9 one thread
+    fills a 256-row JSON batch in a fraction of a millisecond a step, and more threads only add
+    their hand-off to every step."""
+    value = os.environ.get("SGLITE_GRAMMAR_FILL_THREADS", "1")
+    return value if value == "auto" else max(1, int(value))
+
+
 def accept_tokens(states: Sequence[GrammarState], token_ids: Sequence[int]) -> list[bool]:
     """states[i].accept(token_ids[i]) for all i in one call into xgrammar (a decode step's
     constrained rows: 256 rows 4.4 ms instead of 5.8 ms on a 2-core host)."""
@@ -121,7 +132,7 @@ def fill_bitmask(
         states[rows[0]].fill_allowed(bitmask, rows[0])
     elif rows:
         if _batch_matcher is None:
-            _batch_matcher = xgr.BatchGrammarMatcher(max_threads="auto")
+            _batch_matcher = xgr.BatchGrammarMatcher(max_threads=fill_threads())
         _batch_matcher.batch_fill_next_token_bitmask(
             [states[i].matcher for i in rows], bitmask, rows
         )
@@ -133,7 +144,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
     """Set disallowed logits of `rows` to -inf, in place. logits: float [bs, vocab] on CPU or
     CUDA (its width is the model's vocab_size, which the bitmask was sized for); bitmask: the
     int32 tensor fill_bitmask wrote, on the host (copied to the logits' device here) or already
-    there; rows: a list, or an int32 tensor on the logits' device (no host-to-device copy)."""
+    there; rows: a list (its host-to-device copy never waits for the GPU), or an integer tensor on
+    the logits' device."""
     if len(rows) == 0:
         return
     if logits.dim() != 2 or bitmask.shape[1] * 32 < logits.shape[1]:
@@ -141,12 +153,38 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
             f"logits {tuple(logits.shape)} do not fit bitmask {tuple(bitmask.shape)}: "
             "allocate the bitmask with the model's vocab_size"
         )
+    if logits.device.type == "cpu":
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1],
+                                        indices=rows if isinstance(rows, list) else list(rows))
+        return
     if bitmask.device != logits.device:
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(
-        logits, bitmask, vocab_size=logits.shape[1],
-        indices=rows if isinstance(rows, torch.Tensor) else list(rows),
-    )
+    _apply_on_device(logits, bitmask, rows)
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _apply_on_device(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
+    """Plain torch ops (unpack the bits, masked_fill) instead of xgrammar's Triton kernel, which
+    compiles once per dtype and row-count class at its first use in a server's life (70-1500 ms
+    on an H200, a stall of the whole batch) and costs 2-3x the host time per launch
+    (bench/grammar_apply.py). All rows: in place; some rows: gathered, masked, scattered back."""
+    shifts = _SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    vocab = logits.shape[1]
+    every_row = isinstance(rows, list) and rows == list(range(logits.shape[0]))
+    if every_row:
+        target, words = logits, bitmask[: logits.shape[0]]
+    else:
+        rows = (rows.long() if isinstance(rows, torch.Tensor)
+                else tensor_async(list(rows), torch.long, logits.device))
+        target, words = logits.index_select(0, rows), bitmask.index_select(0, rows)
+    banned = ((words.unsqueeze(-1) >> shifts) & 1).view(words.shape[0], -1)[:, :vocab] == 0
+    target.masked_fill_(banned, float("-inf"))
+    if not every_row:
+        logits.index_copy_(0, rows, target)
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -100,6 +100,26 @@ def test_rollback_and_reset(cache, tokenizer):
     assert state.num_accepted == 0 and not state.is_completed()
 
 
+@pytest.mark.parametrize("rows_kind", ["every row", "some rows", "row tensor"])
+def test_torch_apply_matches_xgrammars_kernel(cache, rows_kind):
+    """The device path (unpack + masked_fill, run here on CPU tensors) masks exactly what
+    xgrammar's own apply does, with the same padded-vocab rule and untouched other rows."""
+    from sglite.runtime.sampling.constrained.state import _apply_on_device
+
+    digits = cache.compile("regex", "[0-9]+")
+    states = [GrammarState(digits), GrammarState(cache.compile("regex", "[a-c]{2}")), None]
+    if rows_kind == "every row":
+        states = states[:2]
+    bitmask = allocate_bitmask(len(states), VOCAB)
+    bitmask[-1] = 12345  # a stale row fill_bitmask leaves alone must not be applied
+    rows = fill_bitmask(bitmask, states)
+    logits = torch.randn(len(states), VOCAB)
+    want = logits.clone()
+    apply_bitmask(want, bitmask, rows)  # xgrammar's CPU kernel
+    _apply_on_device(logits, bitmask, torch.tensor(rows) if rows_kind == "row tensor" else rows)
+    assert torch.equal(logits, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_apply_on_cuda_matches_cpu(cache):
