@@ -169,7 +169,13 @@ def _apply_on_device(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
     """Plain torch ops (unpack the bits, masked_fill) instead of xgrammar's Triton kernel, which
     compiles once per dtype and row-count class at its first use in a server's life (70-1500 ms
     on an H200, a stall of the whole batch) and costs 2-3x the host time per launch
-    (bench/grammar_apply.py). All rows: in place; some rows: gathered, masked, scattered back."""
+    (bench/grammar_apply.py). All rows: in place; some rows: gathered, masked, scattered back.
+    Under inference mode: the logits come from the forward's (inference) tensors."""
+    with torch.inference_mode():
+        _mask_rows(logits, bitmask, rows)
+
+
+def _mask_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
     shifts = _SHIFTS.get(logits.device)
     if shifts is None:
         shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)

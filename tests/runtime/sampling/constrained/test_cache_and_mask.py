@@ -113,7 +113,8 @@ def test_torch_apply_matches_xgrammars_kernel(cache, rows_kind):
     bitmask = allocate_bitmask(len(states), VOCAB)
     bitmask[-1] = 12345  # a stale row fill_bitmask leaves alone must not be applied
     rows = fill_bitmask(bitmask, states)
-    logits = torch.randn(len(states), VOCAB)
+    with torch.inference_mode():  # as the forward's logits are
+        logits = torch.randn(len(states), VOCAB)
     want = logits.clone()
     apply_bitmask(want, bitmask, rows)  # xgrammar's CPU kernel
     _apply_on_device(logits, bitmask, torch.tensor(rows) if rows_kind == "row tensor" else rows)
