@@ -1,0 +1,167 @@
+"""Mask-fill time of regex grammars with bounded repetitions, as xgrammar compiles them (`X{m,n}`,
+the baseline) beside the same grammars with the repetitions written out (`[a-z]{2,4}` ->
+`[a-z] [a-z] [a-z]? [a-z]?`, each optional its own expression, a rule name only where its body is
+one class or string; the forms sharing one rule across the copies or nesting the optionals
+were slower still):
+256 matchers per regex walk to the end, one random allowed token a step (seeded; the benchmark's
+greedy gens on random weights pick as arbitrarily), all rows filled in one xgrammar call on one
+thread, as the runtime fills them. An experiment the runtime does not adopt (docs/benchmarks.md,
+issue 15): written out, some regexes fill 10-40x faster, others 4x slower, and the compile grows
+with the bound (`[A-Za-z ]{5,30}`: 14.5 s instead of 0.2 s on 2 CPUs).
+
+    python bench/ebnf_repeats.py --model .benchmodel      # any machine; the folder's tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+import xgrammar as xgr
+from transformers import AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.structured import REGEX  # noqa: E402
+
+REGEXES = [
+    REGEX,
+    r"[A-Z][a-z]{3,12}, [A-Z][a-z]{3,12}",
+    r"\w{2,16}@[a-z]{2,10}\.(com|org)",
+    r"((25[0-5]|2[0-4]\d|[01]?\d\d?)\.){3}(25[0-5]|2[0-4]\d|[01]?\d\d?)",
+    r"(0|[1-9][0-9]{0,6})(\.[0-9]{1,4})?",
+    r"[A-Za-z ]{5,30}\.",
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}",
+]
+
+
+MAX_EXPANDED = 32  # the largest upper bound written out
+
+_TOKEN = re.compile(
+    r'(?P<string>"(?:\\.|[^"\\])*")'
+    r"|(?P<cls>\[(?:\\.|[^\]\\])*\])"
+    r"|(?P<rep>\{\s*(?P<lo>\d+)\s*(?:,\s*(?P<hi>-?\d+)\s*)?\})"
+    r"|(?P<ident>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<open>\()|(?P<close>\))"
+    r"|(?P<other>\s+|.)",
+    re.S,
+)
+
+
+_RULE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*::=\s*(.*?)\s*$", re.M)
+_SIMPLE = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]', re.S)
+
+
+def expand_bounded_repeats(ebnf: str, max_bound: int = MAX_EXPANDED) -> str:
+    """ebnf with every `atom{m,n}` (atom: a string or character class, or the name of a rule that
+    is one; 0 < n <= max_bound) replaced by its sequence. Other text is kept as is."""
+    simple = {name: body for name, body in ((m.group(1), _strip_parens(m.group(2)))
+                                            for m in _RULE.finditer(ebnf))
+              if _SIMPLE.fullmatch(body)}
+    groups: list[list[str]] = [[]]  # output pieces of each open parenthesis, outermost first
+    last_atom = [False]  # per group: its last piece is an atom a repetition may apply to
+    for m in _TOKEN.finditer(ebnf):
+        text = m.group(0)
+        if m.group("rep") is not None:
+            lo = int(m.group("lo"))
+            hi = lo if m.group("hi") is None else int(m.group("hi"))
+            atom = groups[-1][-1] if last_atom[-1] else ""
+            atom = simple.get(atom, _strip_parens(atom))
+            if _SIMPLE.fullmatch(atom) and 0 <= lo <= hi <= max_bound and hi > 0:
+                groups[-1][-1] = _sequence(atom, lo, hi)
+            else:
+                groups[-1].append(text)
+            last_atom[-1] = False
+        elif m.group("open") is not None:
+            groups.append([text])
+            last_atom.append(False)
+        elif m.group("close") is not None and len(groups) > 1:
+            inner = groups.pop() + [text]
+            last_atom.pop()
+            groups[-1].append("".join(inner))
+            last_atom[-1] = True
+        else:
+            groups[-1].append(text)
+            last_atom[-1] = m.group("other") is None
+    while len(groups) > 1:  # unbalanced: leave it for xgrammar to reject
+        inner = groups.pop()
+        groups[-1].append("".join(inner))
+    return "".join(groups[0])
+
+
+def _sequence(atom: str, lo: int, hi: int) -> str:
+    return " ".join([atom] * lo + [atom + "?"] * (hi - lo))
+
+
+def _strip_parens(body: str) -> str:
+    """`(([a-z]))` -> `[a-z]`: the outer parentheses xgrammar prints around a rule's body."""
+    while body.startswith("(") and body.endswith(")") and _balanced(body[1:-1]):
+        body = body[1:-1].strip()
+    return body
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for m in _TOKEN.finditer(text):
+        if m.group("open") is not None:
+            depth += 1
+        elif m.group("close") is not None:
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
+
+
+def walk(compiled, bs: int, vocab: int, seed: int, max_steps: int = 64) -> list[float]:
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(bs)]
+    batch = xgr.BatchGrammarMatcher(max_threads=1)
+    bitmask = xgr.allocate_token_bitmask(bs, vocab)
+    shifts = torch.arange(32, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(max_steps):
+        rows = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+        if not rows:
+            break
+        t = time.perf_counter()
+        batch.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
+        times.append(time.perf_counter() - t)
+        allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bs, -1)[:, :vocab].bool()
+        ids = torch.rand(bs, vocab, generator=gen).masked_fill_(~allowed, -1.0).argmax(-1).tolist()
+        for i in rows:
+            assert matchers[i].accept_token(ids[i])
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="a folder with a tokenizer and config.json")
+    ap.add_argument("--bs", type=int, default=256)
+    args = ap.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab),
+                                   max_threads=1, cache_enabled=False)
+    print(f"host: {os.cpu_count()} CPUs, batch {args.bs}, one fill thread")
+    print("| regex | form | compile ms | steps | longest fill ms | all fills ms | all fills, "
+          "xgrammar's form | speed-up |\n|---|---|---|---|---|---|---|---|")
+    for regex in REGEXES:
+        ebnf = str(xgr.Grammar.from_regex(regex))
+        base = None
+        for form, text in (("xgrammar's X{m,n}", ebnf), ("written out", expand_bounded_repeats(ebnf))):
+            t = time.perf_counter()
+            compiled = compiler.compile_grammar(text)
+            compile_ms = (time.perf_counter() - t) * 1e3
+            times = walk(compiled, args.bs, vocab, seed=0)
+            total = sum(times) * 1e3
+            base = total if base is None else base
+            print(f"| `{regex}` | {form} | {compile_ms:.0f} | {len(times)} | {max(times) * 1e3:.1f} | "
+                  f"{total:.1f} | {base:.1f} | {base / total:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
