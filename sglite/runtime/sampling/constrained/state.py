@@ -176,9 +176,9 @@ def _apply_on_device(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
 
 
 def _mask_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
-    shifts = _SHIFTS.get(logits.device)
+    shifts = _SHIFTS.get(logits.device)  # bit k of byte i is token 8 i + k (little-endian words)
     if shifts is None:
-        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+        shifts = _SHIFTS[logits.device] = torch.arange(8, dtype=torch.uint8, device=logits.device)
     vocab = logits.shape[1]
     every_row = isinstance(rows, list) and rows == list(range(logits.shape[0]))
     if every_row:
@@ -187,7 +187,8 @@ def _mask_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
         rows = (rows.long() if isinstance(rows, torch.Tensor)
                 else tensor_async(list(rows), torch.long, logits.device))
         target, words = logits.index_select(0, rows), bitmask.index_select(0, rows)
-    banned = ((words.unsqueeze(-1) >> shifts) & 1).view(words.shape[0], -1)[:, :vocab] == 0
+    banned = ((words.contiguous().view(torch.uint8).unsqueeze(-1) >> shifts) & 1)
+    banned = banned.view(words.shape[0], -1)[:, :vocab] == 0
     target.masked_fill_(banned, float("-inf"))
     if not every_row:
         logits.index_copy_(0, rows, target)
