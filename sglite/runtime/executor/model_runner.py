@@ -146,7 +146,14 @@ class ModelRunner:
         """An eager decode batch, staged as the CUDA graphs stage theirs (one host block, one
         host-to-device copy, then the unpack that also writes the slots into req_to_token); fed_ids
         and fed_index as in forward_decode."""
-        bs = self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
+        self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
+        self._mirror_decode(req_pool_indices, seq_lens, out_cache_loc)
+        return self._decode_batch(req_pool_indices, seq_lens, last_token_ids, out_cache_loc,
+                                  fed_ids=fed_ids, fed_index=fed_index)
+
+    def _decode_batch(self, req_pool_indices, seq_lens, last_token_ids, out_cache_loc, *,
+                      fed_ids=None, fed_index=None) -> ForwardBatch:
+        bs = len(seq_lens)
         host = stage_decode_batch(last_token_ids, seq_lens, req_pool_indices, out_cache_loc, num_rows=bs,
                                   num_fed=0 if fed_ids is None else len(fed_ids), fed_index=fed_index)
         staged = to_device_async(host, self.device)
@@ -176,15 +183,21 @@ class ModelRunner:
         without an index. Returns (logits float32 [bs, vocab], the input ids on the device [bs]);
         from a CUDA graph both are views that the next forward overwrites."""
         bs = self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
+        self._mirror_decode(req_pool_indices, seq_lens, out_cache_loc)
         graphs = self.graph_runner
         if (use_cuda_graph and graphs is not None and bs <= graphs.max_bs
                 and (fed_ids is None or len(fed_ids) <= graphs.max_bs)):
             with torch.inference_mode():
                 return graphs.replay_decode(req_pool_indices, seq_lens, last_token_ids,
                                             out_cache_loc, fed_ids=fed_ids, fed_index=fed_index)
-        batch = self.make_decode_batch(req_pool_indices, seq_lens, last_token_ids, out_cache_loc,
-                                       fed_ids=fed_ids, fed_index=fed_index)
+        batch = self._decode_batch(req_pool_indices, seq_lens, last_token_ids, out_cache_loc,
+                                   fed_ids=fed_ids, fed_index=fed_index)
         return self.forward(batch, use_cuda_graph=False), batch.input_ids
+
+    def _mirror_decode(self, req_pool_indices, seq_lens, out_cache_loc) -> None:
+        """The host mirror of the slots a decode writes on the device (position seq_len - 1)."""
+        self.req_to_token.mirror(torch.tensor(req_pool_indices), torch.tensor(seq_lens) - 1,
+                                 out_cache_loc)
 
     def _check_decode(self, req_pool_indices, seq_lens, last_token_ids, out_cache_loc) -> int:
         bs = len(seq_lens)
@@ -225,6 +238,7 @@ class ModelRunner:
         per_token = _aligned_rows([torch.tensor(input_ids, dtype=torch.int64).view(1, -1),
                                    positions.to(torch.int64).view(1, -1), token_rows.view(1, -1),
                                    out_cache_loc.to(torch.int64).view(1, -1)], num_tokens)
+        self.req_to_token.mirror(token_rows, positions, out_cache_loc)  # the device write below
         host = torch.cat([per_token, _aligned_rows([torch.tensor(
             [rows, seq_lens, prefix_lens, extend_lens], dtype=torch.int64)], bs)])
         packed = to_device_async(host, self.device)

@@ -304,6 +304,7 @@ class CacheManager:
             f"protected {self.num_protected} + held {self.num_held} != total {self.num_total}")
         for r in self.holders:
             assert 0 <= r.tree_len <= r.kv_len <= r.seq_len, f"bad lengths in request {r.rid}"
+            self.req_to_token.check_mirror(r.req_pool_idx, r.kv_len)
             if r.num_window_freed:
                 assert r.tree_len <= r.window_freed_start < r.window_freed_end <= r.kv_len, (
                     f"window-freed range outside the request's own KV in request {r.rid}")

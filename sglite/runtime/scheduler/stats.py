@@ -50,6 +50,22 @@ class Stats:
         self.schedule_time += schedule_seconds
         self.busy_time += step_seconds
 
+    def watch_gc(self) -> None:
+        """Charge each collection of Python's garbage collector to the host phase "gc" (it also
+        counts inside whatever phase it interrupted): a full collection over a server's objects
+        is a stall of the whole batch, invisible to the phases' own names."""
+        import gc
+
+        started = [0.0]
+
+        def on_gc(event: str, info: dict) -> None:
+            if event == "start":
+                started[0] = time.perf_counter()
+            else:
+                self.add_host_time(f"gc{info.get('generation', '')}", started[0])
+
+        gc.callbacks.append(on_gc)
+
     def add_host_time(self, phase: str, since: float) -> float:
         """Charge perf_counter() - since to phase; returns perf_counter() (the next phase's start)."""
         now = time.perf_counter()
