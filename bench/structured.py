@@ -225,17 +225,18 @@ def bench_grammar(args, server_args, *, jump: bool = True):
                                         ("regex", "regex", REGEX, lambda t: re.fullmatch(REGEX, t))):
             if kind not in args.grammar_kinds.split(","):
                 continue
-            for rep in range(args.grammar_repeat - 1):  # earlier rounds: a server warm at this batch
-                outs, _ = timed(gens(kind, spec, everyone, 160), f"{name} constrained, round {rep + 1}")
-                timed(same_lengths(outs, everyone), f"{name} baseline, round {rep + 1}")
-            outs, constrained = timed(gens(kind, spec, everyone, 160), f"{name} constrained")
-            _, plain = timed(same_lengths(outs, everyone), f"{name} baseline")
+            pairs = []  # (constrained, plain) tokens/s of each round, the two run back to back
+            for rep in range(args.grammar_repeat):
+                outs, constrained = timed(gens(kind, spec, everyone, 160), f"{name} constrained, round {rep + 1}")
+                _, plain = timed(same_lengths(outs, everyone), f"{name} baseline, round {rep + 1}")
+                pairs.append((constrained, plain))
+            constrained, plain, spread = _median_round(pairs)
             done = [o for o in outs if o.meta_info["finish_reason"]["type"] == "stop"]
             bad = [o.text for o in done if not check(o.text)]
             notes.append(f"{name} (jump-forward {'on' if jump else 'off'}): {len(done)}/{n} finished by "
                          f"the grammar, {len(bad)} invalid {bad[:2]}; sample {outs[0].text!r}; "
                          f"mean {sum(o.meta_info['completion_tokens'] for o in outs) / n:.1f} tokens")
-            rows.append((f"{n} {name} gens{'' if jump else ', jump-forward off'}, tokens/s",
+            rows.append((f"{n} {name} gens{'' if jump else ', jump-forward off'}, tokens/s{spread}",
                          f"constrained {constrained:.0f}", f"unconstrained, same lengths {plain:.0f}",
                          constrained / plain))
         if jump and "half" in args.grammar_kinds.split(","):  # half-constrained: the plain half's speed beside constrained vs plain peers
@@ -258,12 +259,25 @@ def bench_grammar(args, server_args, *, jump: bool = True):
                 t_plain = max(done_at[r][0] for r in want)
                 return sum(done_at[r][1] for r in want) / t_plain
 
-            beside_plain = plain_half(same_lengths(json_outs, range(half)))
-            beside_json = plain_half(gens("json_schema", schema, range(half), 160))
-            rows.append((f"{half} plain gens beside {half} others, plain half's tokens/s",
+            pairs = [(plain_half(gens("json_schema", schema, range(half), 160)),
+                      plain_half(same_lengths(json_outs, range(half)))) for _ in range(args.grammar_repeat)]
+            beside_json, beside_plain, spread = _median_round(pairs)
+            rows.append((f"{half} plain gens beside {half} others, plain half's tokens/s{spread}",
                          f"beside JSON-schema gens {beside_json:.0f}",
                          f"beside unconstrained gens {beside_plain:.0f}", beside_json / beside_plain))
     return rows, notes
+
+
+def _median_round(pairs: list[tuple[float, float]]) -> tuple[float, float, str]:
+    """The round of median ratio among all but the first (a warm-up, when there are more), and a
+    note of the rounds' ratio range: the host's speed moves between and within calls."""
+    timed = pairs[1:] if len(pairs) > 1 else pairs
+    ranked = sorted(timed, key=lambda p: p[0] / p[1])
+    a, b = ranked[(len(ranked) - 1) // 2]
+    if len(ranked) == 1:
+        return a, b, ""
+    ratios = [x / y for x, y in ranked]
+    return a, b, f" (median of {len(ranked)} rounds after a warm-up; ratios {ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def main():
@@ -277,7 +291,8 @@ def main():
     ap.add_argument("--grammar-bs", type=int, default=256)
     ap.add_argument("--num-threads", type=int, default=None, help="the servers' torch CPU threads")
     ap.add_argument("--grammar-repeat", type=int, default=1,
-                    help="rounds of each grammar workload; the table reports the last")
+                    help="rounds of each grammar workload, constrained and baseline back to back; with "
+                         "more than one the first is a warm-up and the table reports the median round")
     ap.add_argument("--grammar-jump", default="on,off", help="jump-forward settings to run")
     ap.add_argument("--parts", default="select,logprobs,grammar")
     ap.add_argument("--grammar-kinds", default="json_schema,regex,half",
