@@ -22,13 +22,16 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.structured import SCHEMA  # noqa: E402
+from bench.structured import REGEX  # noqa: E402
 from sglite.runtime.sampling.constrained import GrammarCache, GrammarState, allocate_bitmask  # noqa: E402
+from sglite.runtime.sampling.constrained.state import _Filler  # noqa: E402
 
 
-def walk(compiled, tokenizer, matcher: xgr.BatchGrammarMatcher, bs: int, steps: int, seed: int) -> list[float]:
-    """Seconds of each step's fill for bs fresh matchers."""
+def walk(compiled, tokenizer, matcher, bs: int, steps: int, seed: int, prefix_text: str = '{"name": "') -> list[float]:
+    """Seconds of each step's fill for bs fresh matchers (matcher: an xgrammar BatchGrammarMatcher
+    or the runtime's _Filler, which shares the rows among Python threads)."""
     vocab = compiled.vocab_size
-    prefix = tokenizer.encode('{"name": "', add_special_tokens=False)
+    prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
     states = [GrammarState(compiled) for _ in range(bs)]
     for s in states:
         assert s.accept_many(prefix)
@@ -41,7 +44,10 @@ def walk(compiled, tokenizer, matcher: xgr.BatchGrammarMatcher, bs: int, steps: 
         if not rows:
             break
         t = time.perf_counter()
-        matcher.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
+        if isinstance(matcher, _Filler):
+            matcher.fill([states[i].matcher for i in rows], bitmask, rows)
+        else:
+            matcher.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
         times.append(time.perf_counter() - t)
         allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bs, -1)[:, :vocab].bool()
         scores = torch.rand(bs, vocab, generator=gen).masked_fill_(~allowed, -1.0)
@@ -55,29 +61,34 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a folder with a tokenizer and config.json")
     ap.add_argument("--batches", default="64,256")
-    ap.add_argument("--threads", default="1,2,4,8,auto")
+    ap.add_argument("--threads", default="1,8,auto,split2,split4",
+                    help="xgrammar thread counts, or splitN: the runtime's rows over N Python threads")
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     cache = GrammarCache(tokenizer, vocab)
-    compiled = cache.get_future("json_schema", json.dumps(SCHEMA)).result()
+    workloads = {"json": (cache.get_future("json_schema", json.dumps(SCHEMA)).result(), '{"name": "'),
+                 "regex": (cache.get_future("regex", REGEX).result(), "(")}
     print(f"host: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable)")
-    print("| batch | threads | first fill ms | 2nd | 3rd | steady ms (median of the rest) | total ms | "
-          "1 thread total ms | speed-up |\n|---|---|---|---|---|---|---|---|---|")
-    for bs in [int(b) for b in args.batches.split(",")]:
-        base = None
-        for threads in args.threads.split(","):
-            matcher = xgr.BatchGrammarMatcher(max_threads=threads if threads == "auto" else int(threads))
-            walk(compiled, tokenizer, matcher, 8, 3, seed=1)  # the pool's threads started
-            times = walk(compiled, tokenizer, matcher, bs, args.steps, seed=0)
-            rest = sorted(times[3:]) or [0.0]
-            total = sum(times)
-            base = total if base is None else base
-            print(f"| {bs} | {threads} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} | "
-                  f"{rest[len(rest) // 2] * 1e3:.2f} | {total * 1e3:.1f} | {base * 1e3:.1f} | {base / total:.2f}x |",
-                  flush=True)
-
+    print("| grammar | batch | threads | first fill ms | 2nd | 3rd | steady ms (median of the rest) | "
+          "longest ms | total ms | 1 thread total ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, (compiled, prefix) in workloads.items():
+        for bs in [int(b) for b in args.batches.split(",")]:
+            base = None
+            for threads in args.threads.split(","):
+                if threads.startswith("split"):  # the runtime's fill: rows shared among Python threads
+                    matcher = _Filler(int(threads[5:]))
+                else:
+                    matcher = xgr.BatchGrammarMatcher(max_threads=threads if threads == "auto" else int(threads))
+                walk(compiled, tokenizer, matcher, 8, 3, seed=1, prefix_text=prefix)  # threads started
+                times = walk(compiled, tokenizer, matcher, bs, args.steps, seed=0, prefix_text=prefix)
+                rest = sorted(times[3:]) or [0.0]
+                total = sum(times)
+                base = total if base is None else base
+                print(f"| {name} | {bs} | {threads} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
+                      f"{times[2] * 1e3:.2f} | {rest[len(rest) // 2] * 1e3:.2f} | {max(times) * 1e3:.1f} | "
+                      f"{total * 1e3:.1f} | {base * 1e3:.1f} | {base / total:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -9,12 +9,13 @@ One decode step for a batch with some constrained rows:
     for r, t in zip(reqs, next_ids): r.grammar and r.grammar.accept(t)
 
 Unconstrained rows are neither filled nor applied, and the whole batch goes through one fill call
-(xgrammar's BatchGrammarMatcher, threaded in C++) and one apply kernel.
+(xgrammar's BatchGrammarMatcher, one C++ thread each over a share of the rows) and one apply.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -94,16 +95,42 @@ def allocate_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
     return xgr.allocate_token_bitmask(batch_size, vocab_size)
 
 
-_batch_matcher: xgr.BatchGrammarMatcher | None = None
+ROWS_PER_FILL_THREAD = 32  # fewer rows a thread and the hand-off costs more than it saves
 
 
-def fill_threads() -> int | str:
-    """xgrammar's fill threads: SGLITE_GRAMMAR_FILL_THREADS, else 1. Measured on the H200 host
-    (16 CPUs, bench/grammar_fill_threads.py, docs/benchmarks.md): with xgrammar 0.2.9 one thread
-    fills a 256-row JSON batch in a fraction of a millisecond a step, and more threads only add
-    their hand-off to every step."""
-    value = os.environ.get("SGLITE_GRAMMAR_FILL_THREADS", "1")
-    return value if value == "auto" else max(1, int(value))
+def fill_threads() -> int:
+    """Threads that share a fill's rows: SGLITE_GRAMMAR_FILL_THREADS, else a quarter of the CPUs
+    (at most 4, at least 1). Each runs xgrammar's batched fill on one C++ thread over its share:
+    xgrammar's own threading ("auto", 8 threads) cost 2.5-3 ms a step on the H200 host where one
+    thread fills 256 JSON rows in 0.74 ms (bench/grammar_fill_threads.py), but one thread alone
+    leaves a rare expensive state serial (the benchmark regex's [a-z]{2,8}: 108 ms for 256 rows;
+    57 ms split over 2 Python threads on a 2-CPU box, the median step 0.57 -> 0.76 ms)."""
+    value = os.environ.get("SGLITE_GRAMMAR_FILL_THREADS")
+    if value:
+        return max(1, int(value))
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+class _Filler:
+    """The thread pool and one single-threaded BatchGrammarMatcher per thread."""
+
+    def __init__(self, threads: int):
+        self.matchers = [xgr.BatchGrammarMatcher(max_threads=1) for _ in range(threads)]
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="sglite-grammar-rows") if threads > 1 else None
+
+    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        k = min(len(self.matchers), max(1, len(rows) // ROWS_PER_FILL_THREAD))
+        if k == 1:
+            self.matchers[0].batch_fill_next_token_bitmask(matchers, bitmask, rows)
+            return
+        futures = [self.pool.submit(self.matchers[j].batch_fill_next_token_bitmask,
+                                    matchers[j::k], bitmask, rows[j::k]) for j in range(1, k)]
+        self.matchers[0].batch_fill_next_token_bitmask(matchers[0::k], bitmask, rows[0::k])
+        for f in futures:
+            f.result()
+
+
+_filler: _Filler | None = None
 
 
 def accept_tokens(states: Sequence[GrammarState], token_ids: Sequence[int]) -> list[bool]:
@@ -124,18 +151,16 @@ def fill_bitmask(
     """Fill bitmask[i] for every constrained row i (states[i] not None and not terminated).
     Returns those row indices, the `rows` for apply_bitmask. Rows of other requests are left as
     they are and are never applied."""
-    global _batch_matcher
+    global _filler
     if bitmask.shape[0] < len(states):
         raise ValueError(f"bitmask has {bitmask.shape[0]} rows for a batch of {len(states)}")
     rows = [i for i, s in enumerate(states) if s is not None and not s.is_terminated()]
     if len(rows) == 1:
         states[rows[0]].fill_allowed(bitmask, rows[0])
     elif rows:
-        if _batch_matcher is None:
-            _batch_matcher = xgr.BatchGrammarMatcher(max_threads=fill_threads())
-        _batch_matcher.batch_fill_next_token_bitmask(
-            [states[i].matcher for i in rows], bitmask, rows
-        )
+        if _filler is None:
+            _filler = _Filler(fill_threads())
+        _filler.fill([states[i].matcher for i in rows], bitmask, rows)
     return rows
 
 

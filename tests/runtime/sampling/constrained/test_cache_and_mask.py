@@ -166,3 +166,23 @@ def test_bounded_json_strings_follow_json_rules(cache, tokenizer):
     assert accepts('{"n": "abc"}') and accepts('{"n": "é"}')
     assert not accepts('{"n": "a\x1eb"}') and not accepts('{"n": "a\tb"}')
     assert not accepts('{"n": "abcd"}')
+
+
+def test_fill_split_over_threads_matches_one_thread(cache, tokenizer):
+    """Rows shared among threads (each its own single-threaded xgrammar matcher) fill exactly the
+    bitmask one thread fills, rows of unconstrained requests untouched."""
+    from sglite.runtime.sampling.constrained.state import ROWS_PER_FILL_THREAD, _Filler
+
+    grammars = [cache.compile("regex", "[0-9]+"), cache.compile("regex", "[a-c]{2,5}x"),
+                cache.compile("json_schema", json.dumps({"type": "object"}))]
+    n = 3 * ROWS_PER_FILL_THREAD + 5
+    states = [GrammarState(grammars[i % 3]) for i in range(n)]
+    for i, s in enumerate(states):  # different states within each grammar
+        if i % 3 == 1 and i % 2:
+            assert s.accept_many(tokenizer.encode("ab", add_special_tokens=False))
+    rows = [i for i in range(n) if i % 7]  # some rows unconstrained
+    one, split = allocate_bitmask(n, VOCAB), allocate_bitmask(n, VOCAB)
+    one[0] = split[0] = 77
+    _Filler(1).fill([states[i].matcher for i in rows], one, rows)
+    _Filler(3).fill([states[i].matcher for i in rows], split, rows)
+    assert torch.equal(one, split) and int(split[0, 0]) == 77
