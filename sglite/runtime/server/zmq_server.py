@@ -171,7 +171,9 @@ def serve(args: ServerArgs) -> None:
     grammar_cache = None
     if runner.tokenizer is not None:
         from sglite.runtime.sampling.constrained import GrammarCache
+        from sglite.runtime.sampling.constrained.state import fill_threads
 
+        fill_threads()  # a bad SGLITE_GRAMMAR_FILL_THREADS fails the start, not a constrained batch
         grammar_cache = GrammarCache(runner.tokenizer, runner.model_config.vocab_size,
                                      num_threads=args.grammar_threads,
                                      stop_token_ids=runner.model_config.eos_token_ids or None)

@@ -107,7 +107,9 @@ def fill_threads() -> int:
     57 ms split over 2 Python threads on a 2-CPU box, the median step 0.57 -> 0.76 ms)."""
     value = os.environ.get("SGLITE_GRAMMAR_FILL_THREADS")
     if value:
-        return max(1, int(value))
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"SGLITE_GRAMMAR_FILL_THREADS={value!r}: expected a positive number of threads")
+        return int(value)
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
