@@ -22,6 +22,7 @@ Kinds:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import xgrammar as xgr
+
+logger = logging.getLogger("sglite.runtime")
 
 KINDS = ("regex", "json_schema", "grammar")
 
@@ -66,6 +69,7 @@ class GrammarCache:
         # the bitmask covers all of it and padded ids are never allowed.
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        _warn_if_slow_xgrammar()
         stop = list(stop_token_ids) if stop_token_ids else None
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop
@@ -122,6 +126,21 @@ class GrammarCache:
         except RuntimeError as e:
             raise ValueError(f"invalid {_NAMES[kind]} {_short(spec)}: {_clean(e)}") from None
         return CompiledGrammar(kind, spec, grammar, self.token_bytes, self.vocab_size)
+
+
+def _warn_if_slow_xgrammar() -> None:
+    """pyproject asks for xgrammar >= 0.2.9; an environment holding an older one (an image's own
+    wheel) still runs, 100x slower on a JSON batch's first fills (docs/benchmarks.md, issue 15)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("xgrammar")
+    except metadata.PackageNotFoundError:
+        return
+    parts = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:3])
+    if parts < (0, 2, 9):
+        logger.warning("xgrammar %s: versions before 0.2.9 take 0.4-1.6 s for a 256-row JSON batch's "
+                       "first mask fills (3-8 ms in 0.2.9); pip install 'xgrammar>=0.2.9'", version)
 
 
 # xgrammar (0.2.9) spells a length-bounded JSON string's character as [^"\\\r\n]: raw control
