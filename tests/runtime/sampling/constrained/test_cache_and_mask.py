@@ -186,3 +186,16 @@ def test_fill_split_over_threads_matches_one_thread(cache, tokenizer):
     _Filler(1).fill([states[i].matcher for i in rows], one, rows)
     _Filler(3).fill([states[i].matcher for i in rows], split, rows)
     assert torch.equal(one, split) and int(split[0, 0]) == 77
+
+
+def test_fill_thread_count_from_the_environment(monkeypatch):
+    from sglite.runtime.sampling.constrained.state import fill_threads
+
+    monkeypatch.setenv("SGLITE_GRAMMAR_FILL_THREADS", "3")
+    assert fill_threads() == 3
+    for bad in ("auto", "0", "-2"):
+        monkeypatch.setenv("SGLITE_GRAMMAR_FILL_THREADS", bad)
+        with pytest.raises(ValueError, match="SGLITE_GRAMMAR_FILL_THREADS"):
+            fill_threads()
+    monkeypatch.delenv("SGLITE_GRAMMAR_FILL_THREADS")
+    assert 1 <= fill_threads() <= 4
