@@ -21,11 +21,11 @@ import re
 import sys
 import time
 
-import torch
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.grammar_fill_threads import walk  # noqa: E402
 from bench.structured import REGEX  # noqa: E402
 
 REGEXES = [
@@ -116,27 +116,6 @@ def _balanced(text: str) -> bool:
     return depth == 0
 
 
-def walk(compiled, bs: int, vocab: int, seed: int, max_steps: int = 64) -> list[float]:
-    matchers = [xgr.GrammarMatcher(compiled) for _ in range(bs)]
-    batch = xgr.BatchGrammarMatcher(max_threads=1)
-    bitmask = xgr.allocate_token_bitmask(bs, vocab)
-    shifts = torch.arange(32, dtype=torch.int32)
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    for _ in range(max_steps):
-        rows = [i for i, m in enumerate(matchers) if not m.is_terminated()]
-        if not rows:
-            break
-        t = time.perf_counter()
-        batch.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
-        times.append(time.perf_counter() - t)
-        allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bs, -1)[:, :vocab].bool()
-        ids = torch.rand(bs, vocab, generator=gen).masked_fill_(~allowed, -1.0).argmax(-1).tolist()
-        for i in rows:
-            assert matchers[i].accept_token(ids[i])
-    return times
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a folder with a tokenizer and config.json")
@@ -156,7 +135,8 @@ def main():
             t = time.perf_counter()
             compiled = compiler.compile_grammar(text)
             compile_ms = (time.perf_counter() - t) * 1e3
-            times = walk(compiled, args.bs, vocab, seed=0)
+            fill = xgr.BatchGrammarMatcher(max_threads=1).batch_fill_next_token_bitmask
+            times = walk(compiled, vocab, fill, args.bs, 64, seed=0)
             total = sum(times) * 1e3
             base = total if base is None else base
             print(f"| `{regex}` | {form} | {compile_ms:.0f} | {len(times)} | {max(times) * 1e3:.1f} | "

@@ -21,39 +21,33 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.structured import SCHEMA  # noqa: E402
-from bench.structured import REGEX  # noqa: E402
-from sglite.runtime.sampling.constrained import GrammarCache, GrammarState, allocate_bitmask  # noqa: E402
+from bench.structured import REGEX, SCHEMA  # noqa: E402
+from sglite.runtime.sampling.constrained import GrammarCache, allocate_bitmask, bitmask_to_bool  # noqa: E402
 from sglite.runtime.sampling.constrained.state import _Filler  # noqa: E402
 
 
-def walk(compiled, tokenizer, matcher, bs: int, steps: int, seed: int, prefix_text: str = '{"name": "') -> list[float]:
-    """Seconds of each step's fill for bs fresh matchers (matcher: an xgrammar BatchGrammarMatcher
-    or the runtime's _Filler, which shares the rows among Python threads)."""
-    vocab = compiled.vocab_size
-    prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
-    states = [GrammarState(compiled) for _ in range(bs)]
-    for s in states:
-        assert s.accept_many(prefix)
+def walk(grammar, vocab: int, fill, bs: int, steps: int, seed: int, prefix: list[int] = ()) -> list[float]:
+    """Seconds of each step's fill for bs fresh matchers of the compiled xgrammar `grammar`, each
+    having taken the token ids `prefix`, then one random allowed token a step (seeded).
+    fill(matchers, bitmask, rows): an xgrammar BatchGrammarMatcher's batch_fill_next_token_bitmask,
+    or the runtime's _Filler.fill, which shares the rows among Python threads."""
+    matchers = [xgr.GrammarMatcher(grammar) for _ in range(bs)]
+    for m in matchers:
+        assert all(m.accept_token(t) for t in prefix)
     bitmask = allocate_bitmask(bs, vocab)
-    shifts = torch.arange(32, dtype=torch.int32)
     gen = torch.Generator().manual_seed(seed)
     times = []
     for _ in range(steps):
-        rows = [i for i, s in enumerate(states) if not s.is_terminated()]
+        rows = [i for i, m in enumerate(matchers) if not m.is_terminated()]
         if not rows:
             break
         t = time.perf_counter()
-        if isinstance(matcher, _Filler):
-            matcher.fill([states[i].matcher for i in rows], bitmask, rows)
-        else:
-            matcher.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
+        fill([matchers[i] for i in rows], bitmask, rows)
         times.append(time.perf_counter() - t)
-        allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bs, -1)[:, :vocab].bool()
-        scores = torch.rand(bs, vocab, generator=gen).masked_fill_(~allowed, -1.0)
+        scores = torch.rand(bs, vocab, generator=gen).masked_fill_(~bitmask_to_bool(bitmask, vocab), -1.0)
         ids = scores.argmax(-1).tolist()
         for i in rows:
-            assert states[i].accept(ids[i])
+            assert matchers[i].accept_token(ids[i])
     return times
 
 
@@ -73,22 +67,25 @@ def main():
     print(f"host: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable)")
     print("| grammar | batch | threads | first fill ms | 2nd | 3rd | steady ms (median of the rest) | "
           "longest ms | total ms | 1 thread total ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, (compiled, prefix) in workloads.items():
+    for name, (compiled, prefix_text) in workloads.items():
+        prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
         for bs in [int(b) for b in args.batches.split(",")]:
             base = None
             for threads in args.threads.split(","):
                 if threads.startswith("split"):  # the runtime's fill: rows shared among Python threads
-                    matcher = _Filler(int(threads[5:]))
+                    fill = _Filler(int(threads[5:])).fill
                 else:
-                    matcher = xgr.BatchGrammarMatcher(max_threads=threads if threads == "auto" else int(threads))
-                walk(compiled, tokenizer, matcher, 8, 3, seed=1, prefix_text=prefix)  # threads started
-                times = walk(compiled, tokenizer, matcher, bs, args.steps, seed=0, prefix_text=prefix)
+                    fill = xgr.BatchGrammarMatcher(
+                        max_threads=threads if threads == "auto" else int(threads)).batch_fill_next_token_bitmask
+                walk(compiled.xgr_grammar, vocab, fill, 8, 3, seed=1, prefix=prefix)  # threads started
+                times = walk(compiled.xgr_grammar, vocab, fill, bs, args.steps, seed=0, prefix=prefix)
                 rest = sorted(times[3:]) or [0.0]
                 total = sum(times)
                 base = total if base is None else base
                 print(f"| {name} | {bs} | {threads} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
                       f"{times[2] * 1e3:.2f} | {rest[len(rest) // 2] * 1e3:.2f} | {max(times) * 1e3:.1f} | "
                       f"{total * 1e3:.1f} | {base * 1e3:.1f} | {base / total:.2f}x |", flush=True)
+
 
 if __name__ == "__main__":
     main()
