@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -263,22 +263,18 @@ class OutputProcessor:
             self._record_logprobs("input", logits, wanting, rows)
 
     def _record_logprobs(self, kind: str, logits: torch.Tensor, wanting: list[tuple[Req, int]],
-                         rows: list[int]) -> None:
+                         rows: Sequence[int]) -> None:
         """logits [n, vocab] raw; wanting: (request, the token its row scores) for each of `rows`
         (increasing). When most rows are wanted all are gathered and the others dropped
         from the small result: `logits[rows]` would copy nearly the whole [n, vocab] block (a
         select's input logprobs: 45 ms a batch on a CPU)."""
-        if len(rows) == logits.shape[0]:
-            token_ids, top_nums = [t for _, t in wanting], [r.top_logprobs_num for r, _ in wanting]
-        elif 2 * len(rows) < logits.shape[0]:
-            logits, token_ids = logits[rows], [t for _, t in wanting]
-            top_nums = [r.top_logprobs_num for r, _ in wanting]
-        else:
-            token_ids, top_nums = [0] * logits.shape[0], [0] * logits.shape[0]
-            for row, (req, token_id) in zip(rows, wanting):
-                token_ids[row], top_nums[row] = token_id, req.top_logprobs_num
+        if 2 * len(rows) < logits.shape[0]:  # few rows: gather those
+            logits, rows = logits[rows], range(len(rows))
+        token_ids, top_nums = [0] * logits.shape[0], [0] * logits.shape[0]  # unwanted rows: dropped
+        for row, (req, token_id) in zip(rows, wanting):
+            token_ids[row], top_nums[row] = token_id, req.top_logprobs_num
         chosen, tops = gather_logprobs(logits, token_ids, top_nums)
-        if len(chosen) != len(wanting):
+        if len(rows) < len(chosen):
             chosen, tops = [chosen[i] for i in rows], [tops[i] for i in rows]
         for (req, token_id), logprob, top in zip(wanting, chosen, tops):
             self._append_lp(req, kind, logprob, token_id, self._top_entries(top))
