@@ -225,15 +225,16 @@ def bench_grammar(args, server_args, *, jump: bool = True):
                                         ("regex", "regex", REGEX, lambda t: re.fullmatch(REGEX, t))):
             if kind not in args.grammar_kinds.split(","):
                 continue
-            pairs = []  # (constrained, plain) tokens/s of each round, the two run back to back
+            pairs, every_out = [], []  # (constrained, plain) tokens/s of each round, back to back
             for rep in range(args.grammar_repeat):
                 outs, constrained = timed(gens(kind, spec, everyone, 160), f"{name} constrained, round {rep + 1}")
                 _, plain = timed(same_lengths(outs, everyone), f"{name} baseline, round {rep + 1}")
                 pairs.append((constrained, plain))
+                every_out += outs
             constrained, plain, spread = _median_round(pairs)
-            done = [o for o in outs if o.meta_info["finish_reason"]["type"] == "stop"]
+            done = [o for o in every_out if o.meta_info["finish_reason"]["type"] == "stop"]  # all rounds
             bad = [o.text for o in done if not check(o.text)]
-            notes.append(f"{name} (jump-forward {'on' if jump else 'off'}): {len(done)}/{n} finished by "
+            notes.append(f"{name} (jump-forward {'on' if jump else 'off'}): {len(done)}/{len(every_out)} finished by "
                          f"the grammar, {len(bad)} invalid {bad[:2]}; sample {outs[0].text!r}; "
                          f"mean {sum(o.meta_info['completion_tokens'] for o in outs) / n:.1f} tokens")
             rows.append((f"{n} {name} gens{'' if jump else ', jump-forward off'}, tokens/s{spread}",
@@ -271,8 +272,8 @@ def bench_grammar(args, server_args, *, jump: bool = True):
 def _median_round(pairs: list[tuple[float, float]]) -> tuple[float, float, str]:
     """The round of median ratio among all but the first (a warm-up, when there are more), and a
     note of the rounds' ratio range: the host's speed moves between and within calls."""
-    timed = pairs[1:] if len(pairs) > 1 else pairs
-    ranked = sorted(timed, key=lambda p: p[0] / p[1])
+    measured = pairs[1:] if len(pairs) > 1 else pairs
+    ranked = sorted(measured, key=lambda p: p[0] / p[1])
     a, b = ranked[(len(ranked) - 1) // 2]
     if len(ranked) == 1:
         return a, b, ""
