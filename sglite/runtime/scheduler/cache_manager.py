@@ -228,7 +228,8 @@ class CacheManager:
         if self.disable_radix_cache:
             self.token_pool.free(_live(self._slots(req, 0, req.kv_len)))
         else:
-            self._insert(req, req.fill_ids[: req.kv_len])
+            if req.tree_len < req.kv_len:  # else its whole KV is on the locked path already
+                self._insert(req, req.fill_ids[: req.kv_len])
             self.tree.dec_lock_ref(req.last_node)
         self.req_to_token.free(req.req_pool_idx)
         self.holders.discard(req)

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+from sglite.runtime.executor.transfer import tensor_async
 from sglite.runtime.scheduler.req import Req
-from sglite.runtime.sampling.logprobs import Logprobs, gather_logprobs
+from sglite.runtime.sampling.logprobs import (Logprobs, gather_logprobs, log_softmax_rows,
+                                             pack_logprobs, unpack_logprobs)
 from sglite.runtime.scheduler.sampling import Sampling
 
 # A jump that must gain more tokens than this is so rare (JSON's forced keys and punctuation are
@@ -69,8 +72,9 @@ class OutputProcessor:
         return GrammarState(compiled)
 
     # ---- after a forward
-    def process(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        """reqs: requests whose every token has KV; logits [len(reqs), vocab] of their last one."""
+    def process(self, reqs: list[Req], logits: torch.Tensor | None) -> None:
+        """reqs: requests whose every token has KV; logits [len(reqs), vocab] of their last one
+        (None when none of them samples: prefill-only requests)."""
         rows = []
         for i, req in enumerate(reqs):
             if len(req.output_ids) >= req.params.max_new_tokens:  # 0: prefill only (select)
@@ -241,11 +245,12 @@ class OutputProcessor:
         return meta
 
     # ---- logprobs
-    def input_logprobs(self, reqs: list[Req], prefix_lens: list[int], new_ids: list[list[int]],
-                       logits: torch.Tensor, logits_from: list[int]) -> None:
+    def pack_input_logprobs(self, reqs: list[Req], prefix_lens: list[int], new_ids: list[list[int]],
+                            logits: torch.Tensor, logits_from: list[int]) -> LogprobPack | None:
         """logits: [num_rows, vocab], for each request the rows of its new tokens from offset
         logits_from[i] on (see `logits_from`). The row of position p scores input token p + 1;
-        token 0 has no logprob (None). All requests' rows are gathered in one batch."""
+        token 0 has no logprob (None, recorded now). All requests' rows are packed in one batch
+        on the device; `record_logprobs` records them once the pack is on the host."""
         rows, wanting, offset = [], [], 0
         for req, prefix_len, ids, first in zip(reqs, prefix_lens, new_ids, logits_from):
             if req.wants_input_logprobs:
@@ -259,25 +264,15 @@ class OutputProcessor:
                 if prefix_len + len(ids) >= len(req.input_ids):
                     req.input_logprobs_done = True
             offset += len(ids) - first
-        if rows:
-            self._record_logprobs("input", logits, wanting, rows)
+        return _pack_logprobs("input", logits, wanting, rows) if rows else None
 
-    def _record_logprobs(self, kind: str, logits: torch.Tensor, wanting: list[tuple[Req, int]],
-                         rows: Sequence[int]) -> None:
-        """logits [n, vocab] raw; wanting: (request, the token its row scores) for each of `rows`
-        (increasing). When most rows are wanted all are gathered and the others dropped
-        from the small result: `logits[rows]` would copy nearly the whole [n, vocab] block (a
-        select's input logprobs: 45 ms a batch on a CPU)."""
-        if 2 * len(rows) < logits.shape[0]:  # few rows: gather those
-            logits, rows = logits[rows], range(len(rows))
-        token_ids, top_nums = [0] * logits.shape[0], [0] * logits.shape[0]  # unwanted rows: dropped
-        for row, (req, token_id) in zip(rows, wanting):
-            token_ids[row], top_nums[row] = token_id, req.top_logprobs_num
-        chosen, tops = gather_logprobs(logits, token_ids, top_nums)
-        if len(rows) < len(chosen):
-            chosen, tops = [chosen[i] for i in rows], [tops[i] for i in rows]
-        for (req, token_id), logprob, top in zip(wanting, chosen, tops):
-            self._append_lp(req, kind, logprob, token_id, self._top_entries(top))
+    def record_logprobs(self, pack: LogprobPack, host: torch.Tensor) -> None:
+        """Append the entries of a pack (`host`: its device tensor, now on the CPU)."""
+        chosen, tops = unpack_logprobs(host, pack.top_nums)
+        if len(pack.keep) < len(chosen):
+            chosen, tops = [chosen[i] for i in pack.keep], [tops[i] for i in pack.keep]
+        for (req, token_id), logprob, top in zip(pack.wanting, chosen, tops):
+            self._append_lp(req, pack.kind, logprob, token_id, self._top_entries(top))
 
     def _top_entries(self, top: list[tuple[float, int]]) -> list:
         return [[v, i, self._token_text(i)] for v, i in top]
@@ -308,6 +303,35 @@ class OutputProcessor:
             text = "" if self.tokenizer is None else self.tokenizer.decode([token_id])
             self._token_texts[token_id] = text
         return text
+
+
+@dataclass
+class LogprobPack:
+    """Logprobs of some rows of a forward, packed on the device (sampling/logprobs.py) and not
+    read yet: `wanting[j]` = (request, the token it scores) is row `keep[j]` of the pack."""
+    kind: str  # "input" or "output": which of a request's logprob lists the entries join
+    wanting: list[tuple[Req, int]]
+    keep: Sequence[int]
+    top_nums: list[int]  # per pack row: how many top logprobs it keeps
+    device: torch.Tensor  # pack_logprobs' [rows, 1 + 2k] fp32
+
+
+def _pack_logprobs(kind: str, logits: torch.Tensor, wanting: list[tuple[Req, int]],
+                   rows: Sequence[int]) -> LogprobPack:
+    """logits [n, vocab] raw; wanting: (request, the token its row scores) for each of `rows`
+    (increasing). When most rows are wanted all are packed and the others dropped from the small
+    result: `logits[rows]` would copy nearly the whole [n, vocab] block (a select's input
+    logprobs: 45 ms a batch on a CPU). No host-device copy here waits for the GPU."""
+    device = logits.device
+    if 2 * len(rows) < logits.shape[0]:  # few rows: gather those
+        logits = logits.index_select(0, tensor_async(rows, torch.int64, device))
+        rows = range(len(rows))
+    token_ids, top_nums = [0] * logits.shape[0], [0] * logits.shape[0]  # unwanted rows: dropped
+    for row, (req, token_id) in zip(rows, wanting):
+        token_ids[row], top_nums[row] = token_id, req.top_logprobs_num
+    packed = pack_logprobs(log_softmax_rows(logits), tensor_async(token_ids, torch.int64, device),
+                           max(top_nums))
+    return LogprobPack(kind, wanting, rows, top_nums, packed)
 
 
 def _is_plain(req: Req) -> bool:

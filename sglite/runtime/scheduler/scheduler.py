@@ -17,7 +17,11 @@ pending token wasted its row of that decode (its token is dropped, the KV writte
 token is cached with the rest). Until they are appended a continued request holds KV for one
 token the host has not seen (kv_len = seq_len + 1); `CacheManager.release` frees that slot if it
 ends then (abort). Anything else (no room, nothing continues) reads the pending tokens first and
-takes the plain path.
+takes the plain path. An extend that samples nothing (prefill-only requests, such as a select's
+prefix and choices, and prompt chunks) is read likewise a step later (`PendingExtend`): its KV
+joins the tree at launch, its input logprobs are packed on the device, and they are recorded
+(and its prefill-only requests finish) once the next step has launched its forwards, so that the
+host's scheduling and output work run beside the GPU's next forward (pending.py).
 
 Constrained rows stay in that loop: a grammar's mask for decode N+1 needs decode N's token, so
 when the batch holds a grammar the pending tokens are appended (and accepted by the matchers)
@@ -40,6 +44,7 @@ from sglite.runtime.executor.transfer import to_device_async
 from sglite.runtime.sampling.logprobs import log_softmax_rows, pack_logprobs, unpack_logprobs
 from sglite.runtime.scheduler.cache_manager import CacheManager, freeable_window
 from sglite.runtime.scheduler.output_processor import OutputProcessor
+from sglite.runtime.scheduler.pending import PendingDecode, PendingExtend, samples_nothing
 from sglite.runtime.scheduler.req import Req, ReqState
 from sglite.runtime.scheduler.policy import (AddResult, PrefillAdder, decode_reserve,
                                             order_waiting)
@@ -83,16 +88,18 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.enable_overlap = enable_overlap
         self._pending: PendingDecode | None = None  # a decode whose tokens are not read yet
+        self._pending_extend: PendingExtend | None = None  # an extend read after the next launch
         self.jump_min_tokens_per_row = JUMP_MIN_TOKENS_PER_ROW
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.grammar_queue)
+        return bool(self.waiting or self.running or self.grammar_queue or self._pending_extend)
 
     # ---- the loop body
     def step(self) -> None:
         t0, forward_time = time.perf_counter(), self.stats.forward_time
         charge = self.stats.add_host_time
+        pending_extend = self._pending_extend  # read once this step has launched its forwards
         self._poll_grammars()
         self.outputs.jump_min_tokens = max(1, round(len(self.running) * self.jump_min_tokens_per_row))
         t = charge("poll", t0)
@@ -107,6 +114,9 @@ class Scheduler:
         if decode:
             self._run_decode(decode)
             t = charge("decode", t)
+        if pending_extend is not None and self._pending_extend is pending_extend:
+            self._finish_extend()  # no extend launched behind it this step
+            t = charge("extend.finish", t)
         self._drop_finished(queues=False)  # only running requests finish inside a step
         self.cache.free_window_kv(self.running)  # sliding window: KV no future query sees
         charge("release", t)
@@ -207,6 +217,10 @@ class Scheduler:
 
     # ---- forwards
     def _run_extend(self, adder: PrefillAdder) -> None:
+        """Overlap: an extend that samples nothing is read one step later (PendingExtend), after
+        the next forward is launched, so that the host's work on it runs beside that forward;
+        its KV is in the tree at once (the cache needs slots, not results). The extend before
+        (pending) is read right after this one's launch."""
         charge, t = self.stats.add_host_time, time.perf_counter()  # phases nested in "extend"
         reqs = adder.reqs
         prefix_lens = [r.kv_len for r in reqs]
@@ -222,18 +236,46 @@ class Scheduler:
         self.stats.record_extend(batch.num_tokens, time.perf_counter() - t0)
         t = charge("extend.forward", t)
         if logits is None:
+            self._finish_extend()
             return
+        packed = None
         if logits_from is not None:
-            self.outputs.input_logprobs(reqs, prefix_lens, new_ids, logits, logits_from)
-            num_rows = [len(ids) - first for ids, first in zip(new_ids, logits_from)]
-            logits = logits[torch.tensor(num_rows).cumsum(0) - 1]  # each request's last row
+            packed = self.outputs.pack_input_logprobs(reqs, prefix_lens, new_ids, logits, logits_from)
             t = charge("extend.input_logprobs", t)
         for req in reqs:
             if not req.is_finished:
                 self.cache.cache_unfinished(req)  # share the prompt (chunk) with later peers
         t = charge("extend.cache", t)
+        if self.enable_overlap and samples_nothing(reqs):
+            self._finish_extend(then=PendingExtend(reqs, packed))
+            charge("extend.finish", t)
+            return
+        self._finish_extend()
+        t = charge("extend.finish", t)
+        if packed is not None:
+            self.outputs.record_logprobs(packed, packed.device.cpu())
+            num_rows = [len(ids) - first for ids, first in zip(new_ids, logits_from)]
+            logits = logits[torch.tensor(num_rows).cumsum(0) - 1]  # each request's last row
+            t = charge("extend.input_logprobs", t)
         self._sample_and_process(reqs, logits)
         charge("extend.sample", t)
+
+    def _finish_extend(self, *, then: PendingExtend | None = None) -> None:
+        """Read and process the pending extend, if any (it ran before any forward launched since:
+        this waits for it alone), and leave `then` pending in its place."""
+        pending, self._pending_extend = self._pending_extend, then
+        if pending is None:
+            return
+
+        def process():
+            host = pending.read()
+            if pending.logprobs is not None:
+                self.outputs.record_logprobs(pending.logprobs, host)
+            done = [r for r, d in zip(pending.reqs, pending.done) if d and not r.is_finished]
+            if done:
+                self.outputs.process(done, None)  # prefill-only: they finish, nothing sampled
+
+        self._process_outputs(pending.reqs, process)
 
     def _run_decode(self, reqs: list[Req]) -> None:
         slots = self.cache.alloc_decode(reqs)
@@ -377,50 +419,6 @@ class Scheduler:
                 req.state = ReqState.FINISHED
 
 
-class PendingDecode:
-    """A launched decode's tokens: on the device (the next decode's inputs) and on their way to
-    pinned host memory (read once the copy's event has completed), with the logprobs of the
-    requests that want them (packed on the device, sampling/logprobs.py, copied with the tokens)."""
-
-    def __init__(self, reqs: list[Req], next_ids: torch.Tensor, host_ids: torch.Tensor, event,
-                 host_logprobs: torch.Tensor | None = None):
-        self.reqs, self.next_ids, self.host_ids, self.event = reqs, next_ids, host_ids, event
-        self.host_logprobs = host_logprobs  # [num wanting, 1 + 2k] fp32
-        self.continued = 0  # how many of reqs the next decode continues (set when it launches)
-        # per request: its row is void. Set when the tokens before were appended between this
-        # decode's launch and its sampling (grammar batches) and made the request jump forward
-        # (its row saw the old tokens; the new ones go through an extend or the next decode).
-        # Requests that ended then are skipped as finished.
-        self.stale: list[bool] | None = None
-
-    def is_stale(self, i: int) -> bool:
-        return self.stale is not None and self.stale[i]
-
-    @classmethod
-    def start(cls, reqs: list[Req], next_ids: torch.Tensor,
-              logprobs: torch.Tensor | None = None) -> PendingDecode:
-        """next_ids: a new device tensor (the graph's logits get overwritten by the next replay)."""
-        if next_ids.device.type != "cuda":
-            return cls(reqs, next_ids, next_ids, None, logprobs)
-        host_ids = _to_pinned(next_ids)
-        host_lp = None if logprobs is None else _to_pinned(logprobs)
-        event = torch.cuda.Event()
-        event.record()
-        return cls(reqs, next_ids, host_ids, event, host_lp)
-
-    def token_ids(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host_ids.tolist()
-
-    def logprobs(self):
-        """After token_ids(): (chosen, tops) of the requests with return_logprob, or None."""
-        if self.host_logprobs is None:
-            return None
-        return unpack_logprobs(self.host_logprobs,
-                               [r.top_logprobs_num for r in self.reqs if r.return_logprob])
-
-
 def _logprob_rows(reqs: list[Req], device) -> slice | torch.Tensor | None:
     """The rows of a decode batch whose logprobs are wanted: None, all (a slice: no index
     tensor), or a device index copied through pinned memory (a pageable copy would wait for the
@@ -431,12 +429,6 @@ def _logprob_rows(reqs: list[Req], device) -> slice | torch.Tensor | None:
     if len(wanting) == len(reqs):
         return slice(None)
     return to_device_async(torch.tensor(wanting, dtype=torch.int64), device)
-
-
-def _to_pinned(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
 
 
 def _grammar_spec(req: Req) -> tuple[str, str] | None:

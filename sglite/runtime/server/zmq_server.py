@@ -150,8 +150,9 @@ def _require_token(ctx: zmq.Context, socket: zmq.Socket, token: str | None):
 
 def serve(args: ServerArgs) -> None:
     """Load the model and serve until SIGTERM/SIGINT (or the launching process exits).
-    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there ("{pid}" in
-    the path becomes the process id: several runtimes of one benchmark keep their own tables)."""
+    SGLITE_PROFILE=path: run the loop under cProfile and write its top functions there, and the raw
+    table to path.prof ("{pid}" in the path becomes the process id: several runtimes of one
+    benchmark keep their own tables)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from sglite.runtime.executor.model_runner import ModelRunner
     from sglite.runtime.scheduler.scheduler import Scheduler
@@ -198,7 +199,9 @@ def serve(args: ServerArgs) -> None:
     try:
         prof.runcall(Server(args, scheduler).run)
     finally:
-        with open(profile_path.replace("{pid}", str(os.getpid())), "w") as f:
+        path = profile_path.replace("{pid}", str(os.getpid()))
+        prof.dump_stats(path + ".prof")  # the raw table, for pstats' callers / callees views
+        with open(path, "w") as f:
             for key in ("tottime", "cumulative"):
                 pstats.Stats(prof, stream=f).sort_stats(key).print_stats(40)
 

@@ -23,7 +23,8 @@ def runner():
 
 
 def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = None,
-         logprob_rids=()):
+         logprob_rids=(), input_logprob_rids=(), seen=None):
+    """seen: a dict that gets "extend" if an extend was ever left pending (read a step later)."""
     from sglite.runtime.scheduler.scheduler import Scheduler
 
     runner.token_pool.reset()  # the previous run's tree (and its slots) goes with its Scheduler
@@ -32,6 +33,8 @@ def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = Non
     reqs = {}
     for rid, prompt, params in specs:
         lp = dict(return_logprob=True, top_logprobs_num=3) if rid in logprob_rids else {}
+        if rid in input_logprob_rids:  # as a select's choice: from the second prompt token on
+            lp = dict(return_logprob=True, logprob_start_len=1, top_logprobs_num=2)
         req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params(params), sink=RecordingSink(), **lp)
         sched.outputs.init_request(req)
         sched.add_request(req)
@@ -41,6 +44,8 @@ def _run(runner, specs, *, overlap: bool, abort_at: tuple[int, str] | None = Non
         sched.step()
         num_steps += 1
         pending_seen |= sched._pending is not None
+        if seen is not None and sched._pending_extend is not None:
+            seen["extend"] = True
         sched.cache.check_integrity()
         sched.cache.token_pool.check_integrity()
         if abort_at and num_steps == abort_at[0]:
@@ -109,6 +114,53 @@ def test_logprob_requests_stay_in_the_overlapped_loop(runner):
         tops_a, tops_b = req.logprobs["output_top_logprobs"], over[rid].logprobs["output_top_logprobs"]
         assert [[i for _, i, _ in t] for t in tops_a] == [[i for _, i, _ in t] for t in tops_b]
         assert all(len(t) == 3 for t in tops_b)
+
+
+def test_prefill_only_extends_are_read_a_step_later(runner):
+    """Extends that sample nothing (prefill-only requests, as a select's, and prompt chunks) are
+    read after the next forward is launched: the same input logprobs (values, ids, tops) and
+    finish reasons as the plain loop, beside generating requests, one of them also scored."""
+    gen = torch.Generator().manual_seed(2)
+    vocab = runner.model_config.vocab_size
+
+    def prompt(n):
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    only = {"max_new_tokens": 0}
+    specs = [(f"s{i}", prompt(n), only) for i, n in enumerate([6, 30, 9, 57, 12])]  # 30, 57: chunked
+    specs += [("g0", prompt(40), {"temperature": 0, "ignore_eos": True, "max_new_tokens": 5}),
+              ("g1", prompt(8), {"temperature": 0, "ignore_eos": True, "max_new_tokens": 3})]
+    scored = {"s0", "s1", "s3", "s4", "g0"}
+    plain, _ = _run(runner, specs, overlap=False, input_logprob_rids=scored)
+    seen = {}
+    over, _ = _run(runner, specs, overlap=True, input_logprob_rids=scored, seen=seen)
+    assert seen.get("extend")
+    for rid, req in plain.items():
+        assert over[rid].output_ids == req.output_ids, rid
+        assert over[rid].finish_reason == req.finish_reason, rid
+        if rid not in scored:
+            assert over[rid].logprobs == {}, rid
+            continue
+        a, b = req.logprobs["input_token_logprobs"], over[rid].logprobs["input_token_logprobs"]
+        assert len(a) == len(b) == len(req.input_ids) - 1, rid
+        for (la, ta, _), (lb, tb, _) in zip(a, b):
+            assert ta == tb and abs(la - lb) < 1e-4, rid
+        tops_a, tops_b = req.logprobs["input_top_logprobs"], over[rid].logprobs["input_top_logprobs"]
+        assert [[i for _, i, _ in t] for t in tops_a] == [[i for _, i, _ in t] for t in tops_b], rid
+    assert over["s3"].finish_reason == {"type": "length", "matched": None}
+
+
+def test_abort_while_an_extend_is_pending(runner):
+    """A prefill-only request aborted while its extend is pending finishes once, as aborted, and
+    its KV goes back (the integrity checks after every step)."""
+    gen = torch.Generator().manual_seed(3)
+    vocab = runner.model_config.vocab_size
+    specs = [(f"s{i}", torch.randint(0, vocab, (n,), generator=gen).tolist(), {"max_new_tokens": 0})
+             for i, n in enumerate([50, 7, 9])]
+    over, _ = _run(runner, specs, overlap=True, abort_at=(1, "s0"), input_logprob_rids={"s0", "s1"})
+    assert over["s0"].finish_reason["type"] == "abort"
+    assert over["s1"].finish_reason["type"] == "length"
+    assert len(over["s1"].logprobs["input_token_logprobs"]) == 6
 
 
 def test_overlap_abort_while_pending(runner):
