@@ -119,6 +119,11 @@ class RadixCache:
         """Add `key` with its KV `slots` (0 = freed position). Returns the length of the prefix of
         `key` that was already in the tree: the tree keeps its own slots there, so the caller frees
         its non-zero slots in [its cached length, returned length). The tree takes the rest."""
+        return self.insert_path(key, slots)[0]
+
+    def insert_path(self, key: list[int], slots: torch.Tensor) -> tuple[int, TreeNode]:
+        """insert, and the node where `key` ends (lock it to protect the key; the path spells
+        key, with the tree's slots, holes included: match_prefix stops at the first hole)."""
         _check_slots(key, slots)
         now = next(self._clock)
         node, pos = self.root, 0
@@ -129,8 +134,8 @@ class RadixCache:
                 child = self._split(child, n)
             node, pos = child, pos + n
         if pos < len(key):
-            self._add_leaf(node, key[pos:], slots[pos:].clone(), now)
-        return pos
+            return pos, self._add_leaf(node, key[pos:], slots[pos:].clone(), now)
+        return pos, node
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         while node is not self.root:
@@ -214,13 +219,14 @@ class RadixCache:
         child.num_live -= upper.num_live
         return upper
 
-    def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor, now: int) -> None:
+    def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor, now: int) -> TreeNode:
         leaf = TreeNode(key, value, parent)
         leaf.last_access = now
         parent.children[key[0]] = leaf
         self._leaves.discard(parent)
         self._leaves.add(leaf)
         self.evictable_size += leaf.num_live  # a new leaf is never locked
+        return leaf
 
     def _remove_leaf(self, leaf: TreeNode) -> TreeNode:
         live = leaf.value[leaf.value != 0]

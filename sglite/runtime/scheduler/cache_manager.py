@@ -207,14 +207,14 @@ class CacheManager:
         key = req.fill_ids[: req.kv_len]
         if self.sliding_window is not None and self._tree_has_hole_on(key):
             return  # we keep owning these slots; release() hands them over (or frees them)
-        self._insert(req, key)
-        m = self.tree.match_prefix(key)
-        assert m.length == req.kv_len, f"tree lost tokens: matched {m.length} of {req.kv_len}"
-        self.tree.inc_lock_ref(m.last_node)
+        prefix_in_tree, node = self._insert(req, key)  # no holes on this path (checked above)
+        self.tree.inc_lock_ref(node)
         self.tree.dec_lock_ref(req.last_node)
-        # the tree's slots replace our duplicates in [tree_len, prefix_in_tree)
-        self.req_to_token.write(req.req_pool_idx, 0, m.slots)
-        req.last_node, req.tree_len = m.last_node, req.kv_len
+        if prefix_in_tree > req.tree_len:  # the tree's slots replace our duplicates there
+            m = self.tree.match_prefix(key[:prefix_in_tree])
+            assert m.length == prefix_in_tree, f"tree lost tokens: matched {m.length} of {prefix_in_tree}"
+            self.req_to_token.write(req.req_pool_idx, req.tree_len, m.slots[req.tree_len:])
+        req.last_node, req.tree_len = node, req.kv_len
 
     def release(self, req: Req) -> None:
         """A finished or aborted request gives everything back; its KV stays in the tree
@@ -318,12 +318,14 @@ class CacheManager:
                 "kv_total": self.num_total}
 
     # ---- helpers
-    def _insert(self, req: Req, key: list[int]) -> None:
+    def _insert(self, req: Req, key: list[int]):
+        """Put req's KV of `key` into the tree: (how much of key the tree had, its end node)."""
         slots = self._slots(req, 0, len(key))
-        prefix_in_tree = self.tree.insert(key, slots)
+        prefix_in_tree, node = self.tree.insert_path(key, slots)
         # [tree_len, prefix_in_tree): the tree already had these tokens; our copies are duplicates
         if prefix_in_tree > req.tree_len:  # (0 = already freed by the window: skip)
             self.token_pool.free(_live(slots[req.tree_len:prefix_in_tree]))
+        return prefix_in_tree, node
 
     def _alloc_pages(self, k: int) -> np.ndarray | None:
         """k whole pages, evicting from the tree to make them; None: single slots must do."""
