@@ -286,7 +286,9 @@ def main():
     ap.add_argument("--model", required=True, help="config-only folder (bench/make_bench_model.py)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--num-select", type=int, default=200)
-    ap.add_argument("--hf-programs", type=int, default=20)
+    ap.add_argument("--hf-programs", type=int, default=20, help="0: no transformers baseline")
+    ap.add_argument("--no-select-radix-off", dest="select_radix_off", action="store_false",
+                    help="select with the radix cache on only (e.g. under SGLITE_PROFILE)")
     ap.add_argument("--bs", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--grammar-bs", type=int, default=256)
@@ -309,17 +311,20 @@ def main():
     if "select" in args.parts:
         questions, choices = select_workload(random.Random(0), args.num_select)
         on, ctr_on, outs = bench_select(args, server_args, True, questions, choices)
-        off, ctr_off, _ = bench_select(args, server_args, False, questions, choices)
-        print(f"select counters radix on {ctr_on}, off {ctr_off}; meta {outs[0].meta_info}", flush=True)
-        table.append(("20-shot select, programs/s", f"radix on {on:.1f}", f"radix off {off:.1f}", on / off))
+        print(f"select counters radix on {ctr_on}; meta {outs[0].meta_info}", flush=True)
+        if args.select_radix_off:
+            off, ctr_off, _ = bench_select(args, server_args, False, questions, choices)
+            print(f"select counters radix off {ctr_off}", flush=True)
+            table.append(("20-shot select, programs/s", f"radix on {on:.1f}", f"radix off {off:.1f}", on / off))
         if ctr_on.get("busy_time_s"):
             share = ctr_on.get("gpu_forward_time_s", 0) / ctr_on["busy_time_s"]
             table.append(("20-shot select, radix on: GPU time in forwards / server busy time",
                           f"{ctr_on.get('gpu_forward_time_s', 0):.2f} s", f"{ctr_on['busy_time_s']:.2f} s",
                           share))
-        hf = hf_select(args, device, args.model, questions, choices)
-        table.append(("20-shot select, programs/s", f"radix on {on:.1f}",
-                      f"transformers 1 program at a time {hf:.1f}", on / hf))
+        if args.hf_programs > 0:
+            hf = hf_select(args, device, args.model, questions, choices)
+            table.append(("20-shot select, programs/s", f"radix on {on:.1f}",
+                          f"transformers 1 program at a time {hf:.1f}", on / hf))
     if "logprobs" in args.parts:
         for bs, plain, lp in bench_logprobs(args, server_args):
             table.append((f"{bs} gens x {args.gen_len} tokens, tokens/s", f"top-5 logprobs {lp:.0f}",

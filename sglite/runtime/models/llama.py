@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglite.runtime.executor.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
+from sglite.runtime.executor.transfer import tensor_async
 from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, rotate_qk
 from sglite.runtime.models.layers.rotary import rotary_from_config
@@ -221,4 +222,4 @@ def _last_token_indices(batch: ForwardBatch, device) -> torch.Tensor:
     for n in batch.extend_lens_cpu:
         total += n
         ends.append(total - 1)
-    return torch.tensor(ends, dtype=torch.int64, device=device)
+    return tensor_async(ends, torch.int64, device)  # a pageable copy would wait for the GPU
