@@ -48,7 +48,7 @@ def _sync_sites():
     sites = []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchronizing" not in str(message):
+        if "called a synchronizing CUDA operation" not in str(message):
             return
         frames = [f for f in traceback.extract_stack() if "/sglite/" in f.filename]
         sites.append(f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].line}" if frames

@@ -148,6 +148,7 @@ class ModelRunner:
         and fed_index as in forward_decode."""
         self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
         self._mirror_decode(req_pool_indices, seq_lens, out_cache_loc)
+        self.req_to_token.flush()
         return self._decode_batch(req_pool_indices, seq_lens, last_token_ids, out_cache_loc,
                                   fed_ids=fed_ids, fed_index=fed_index)
 
@@ -184,6 +185,7 @@ class ModelRunner:
         from a CUDA graph both are views that the next forward overwrites."""
         bs = self._check_decode(req_pool_indices, seq_lens, last_token_ids, out_cache_loc)
         self._mirror_decode(req_pool_indices, seq_lens, out_cache_loc)
+        self.req_to_token.flush()  # the scheduler's writes (prefix hits), before the graph reads
         graphs = self.graph_runner
         if (use_cuda_graph and graphs is not None and bs <= graphs.max_bs
                 and (fed_ids is None or len(fed_ids) <= graphs.max_bs)):
@@ -212,6 +214,7 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch, *, use_cuda_graph: bool = True) -> torch.Tensor:
         """Logits float32 [bs, vocab], or [num_tokens, vocab] if batch.return_all_logits.
         From a CUDA graph the logits are a view that the next forward overwrites."""
+        self.req_to_token.flush()  # the scheduler's writes since the batch was made
         with torch.inference_mode():
             graphs = self.graph_runner
             if use_cuda_graph and graphs is not None and graphs.can_run(batch):
@@ -238,6 +241,7 @@ class ModelRunner:
         per_token = _aligned_rows([torch.tensor(input_ids, dtype=torch.int64).view(1, -1),
                                    positions.to(torch.int64).view(1, -1), token_rows.view(1, -1),
                                    out_cache_loc.to(torch.int64).view(1, -1)], num_tokens)
+        self.req_to_token.flush()  # the scheduler's writes first: the scatter below is newer
         self.req_to_token.mirror(token_rows, positions, out_cache_loc)  # the device write below
         host = torch.cat([per_token, _aligned_rows([torch.tensor(
             [rows, seq_lens, prefix_lens, extend_lens], dtype=torch.int64)], bs)])
