@@ -58,20 +58,26 @@ class ReqToToken:
 
     def flush(self) -> None:
         """Copy what `write` put into the mirror since the last flush to the device table: each
-        written row's span [lo, hi), all rows in one host-to-device copy from pinned memory (it
-        waits for no forward) and one scatter. Every forward that reads the table is launched
-        after it (ModelRunner)."""
+        written row's span [lo, hi), their values gathered into one pinned block, one
+        host-to-device copy (it waits for no forward) and one scatter whose indices are built on
+        the device. Every forward that reads the table is launched after it (ModelRunner)."""
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
-        rows = torch.tensor(list(dirty), dtype=torch.int64)
-        lengths = torch.tensor([hi - lo for lo, hi in dirty.values()], dtype=torch.int64)
-        positions = torch.cat([torch.arange(lo, hi, dtype=torch.int64) for lo, hi in dirty.values()])
-        rows = rows.repeat_interleave(lengths)
-        staged = torch.empty(3, len(rows), dtype=torch.int64, pin_memory=True)
-        staged[0], staged[1], staged[2] = rows, positions, self.host[rows, positions]
-        on_device = staged.to(self.table.device, non_blocking=True)
-        self.table[on_device[0], on_device[1]] = on_device[2].to(torch.int32)
+        rows, spans = list(dirty), list(dirty.values())
+        lengths = [hi - lo for lo, hi in spans]
+        total = sum(lengths)
+        values = torch.empty(total, dtype=torch.int32, pin_memory=True)
+        torch.cat([self.host[r, lo:hi] for r, (lo, hi) in zip(rows, spans)], out=values)
+        meta = torch.tensor([rows, [lo for lo, _ in spans], lengths], dtype=torch.int64).pin_memory()
+        device = self.table.device
+        row, lo, length = meta.to(device, non_blocking=True)
+        values = values.to(device, non_blocking=True)
+        # element j of row i's run lies at lo[i] + j - first[i] (output_size: no sync for the shape)
+        first = torch.cumsum(length, 0) - length
+        rows_of = torch.repeat_interleave(row, length, output_size=total)
+        shift = torch.repeat_interleave(first - lo, length, output_size=total)
+        self.table[rows_of, torch.arange(total, device=device) - shift] = values
 
     def mirror(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """Record in the host mirror what a forward wrote into the device table:

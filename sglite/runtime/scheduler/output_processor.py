@@ -111,6 +111,10 @@ class OutputProcessor:
             value = next(values) if values is not None and req.return_logprob else None
             if req.is_finished:  # aborted by a sink earlier in this loop, or ended by a stop
                 continue  # token before this (overlapped) decode was read
+            if not req.params.max_new_tokens:  # prefill only: its last prompt token went through
+                req.finish("length")  # a decode (one token left after a chunk); nothing sampled
+                self.emit(req)
+                continue
             if _is_plain(req):
                 self._append_plain(req, token_id)
                 continue

@@ -150,6 +150,18 @@ def test_prefill_only_extends_are_read_a_step_later(runner):
     assert over["s3"].finish_reason == {"type": "length", "matched": None}
 
 
+def test_prefill_only_request_whose_last_token_goes_through_a_decode(runner):
+    """25 prompt tokens in chunks of 24: the last one is computed by a decode, which the
+    overlapped loop reads a step later; a prefill-only request still gets no output token."""
+    prompt = torch.randint(0, runner.model_config.vocab_size, (25,),
+                           generator=torch.Generator().manual_seed(4)).tolist()
+    for overlap in (False, True):
+        reqs, _ = _run(runner, [("s", prompt, {"max_new_tokens": 0})], overlap=overlap,
+                       input_logprob_rids={"s"})
+        assert reqs["s"].output_ids == [] and reqs["s"].finish_reason["type"] == "length", overlap
+        assert len(reqs["s"].logprobs["input_token_logprobs"]) == 24, overlap
+
+
 def test_abort_while_an_extend_is_pending(runner):
     """A prefill-only request aborted while its extend is pending finishes once, as aborted, and
     its KV goes back (the integrity checks after every step)."""
