@@ -226,7 +226,7 @@ def decode_at(args, out: Path, runner, bs: int, vocab: int, part: str | None, pr
     sched = Scheduler(runner, max_running_requests=bs, chunked_prefill_size=bs * args.prompt_len,
                       log_interval=0)
     gen = torch.Generator().manual_seed(bs)
-    params = SamplingParams(temperature=0, max_new_tokens=args.decode_steps + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_new_tokens=2 * args.decode_steps + 16, ignore_eos=True)
     reqs = [Req(rid=f"r{i}", input_ids=torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(),
                 params=params, sink=_Sink()) for i in range(bs)]
     for req in reqs:
@@ -238,16 +238,20 @@ def decode_at(args, out: Path, runner, bs: int, vocab: int, part: str | None, pr
         sched.step()
     if profile:
         profile_steps(out, sched, bs)
-    else:
-        sync()
-        before, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
-        for _ in range(args.decode_steps):
-            sched.step()
-        sync()
-        elapsed = time.perf_counter() - t0
-        tokens = sum(len(r.output_ids) for r in reqs) - before
-        emit(out, dict(part=part, batch=bs, tokens=tokens, seconds=elapsed,
-                       tok_s=tokens / elapsed, ms_step=elapsed / (tokens / bs) * 1e3))
+    else:  # two windows of decode_steps: the spread is the noise; the row keeps the slower
+        windows = []
+        for _ in range(2):
+            sync()
+            before, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
+            for _ in range(args.decode_steps):
+                sched.step()
+            sync()
+            elapsed = time.perf_counter() - t0
+            tokens = sum(len(r.output_ids) for r in reqs) - before
+            windows.append((elapsed / (tokens / bs) * 1e3, tokens, elapsed))
+        ms_step, tokens, elapsed = max(windows)
+        emit(out, dict(part=part, batch=bs, tokens=tokens, seconds=elapsed, tok_s=bs / (ms_step / 1e3),
+                       ms_step=ms_step, ms_step_windows=[w[0] for w in windows]))
     while sched.has_work:
         sched.step()
     del sched
@@ -269,7 +273,31 @@ def profile_steps(out: Path, sched, bs: int, steps: int = 3):
 
 
 # --- d. transformers baseline -------------------------------------------------------------------
+class _StepClock:
+    """A stopping criterion that never stops: it synchronizes and reads the clock each time
+    generate calls it (once per new token), so that the intervals are the decode steps one by one
+    (forward, sampling, bookkeeping). generate already waits on the GPU every step (its
+    unfinished-sequences check), so the extra synchronize costs nothing it did not pay."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        sync()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def part_hf(args, out: Path, shape: dict):
+    """transformers `generate` at each batch: the decode step as the median of the per-step
+    intervals (_StepClock) after the first two steps, over args.hf_repeats runs of 2 + hf_steps
+    tokens, each run after a warm-up of the same length; with --hf-slope also the slope of the
+    best-of-repeats generate time over 2/6/10/18 tokens, which needs no hook. The baseline is the
+    faster of the two (the less favourable to sglite). --hf-impls times the other experts
+    implementations at the first batch (per-step median of short runs); --hf-profile profiles
+    generate's decode steps (CPU time vs GPU time: launch-bound or not)."""
     import torch
     import transformers
 
@@ -284,40 +312,99 @@ def part_hf(args, out: Path, shape: dict):
             model = transformers.Qwen3MoeForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(torch.float32)
+    default_impl = str(getattr(model.config, "_experts_implementation", None))
     emit(out, dict(part="hf_load", seconds=time.perf_counter() - t0, transformers=transformers.__version__,
-                   experts_impl=str(getattr(config, "_experts_implementation", None))))
+                   experts_impl=default_impl, gpu_mem_gb=torch.cuda.memory_allocated() / 1e9 if cuda else 0))
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for bs in args.batches:
             ids = torch.randint(0, shape["vocab_size"], (bs, args.prompt_len), generator=gen).to(dev)
-
-            def run(n):
-                sync()
-                t = time.perf_counter()
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-                sync()
-                assert out.shape == (bs, args.prompt_len + n), out.shape
-                return time.perf_counter() - t
-
-            if bs == args.batches[0]:
-                run(1)  # warm-up
-            if args.hf_slope:  # generate(n) at several n, the per-step time as the fitted slope
+            run = _generate_fn(model, ids, args.prompt_len)
+            n_full = 2 + args.hf_steps
+            run(n_full)  # warm-up at the longest length: allocator, kernels, handles
+            steps, totals = [], []
+            for _ in range(args.hf_repeats):
+                clock = _StepClock()
+                totals.append(run(n_full, clock))
+                steps.append([b - a for a, b in zip(clock.times[1:], clock.times[2:])])
+            flat = sorted(s for run_steps in steps for s in run_steps)
+            row = dict(part="hf_decode", batch=bs, impl=default_impl, steps=args.hf_steps,
+                       ms_step_median=_median(flat) * 1e3, ms_step_min=flat[0] * 1e3,
+                       ms_step_max=flat[-1] * 1e3,
+                       ms_step_run_medians=[_median(sorted(s)) * 1e3 for s in steps], generate_s=totals)
+            if args.hf_slope and bs in args.hf_slope_batches:  # generate(n) at several n, the per-step time as the fitted slope
                 lens = [2, 6, 10, 18]
                 secs = [min(run(n) for _ in range(args.hf_repeats)) for n in lens]
                 mean_n, mean_s = sum(lens) / len(lens), sum(secs) / len(secs)
                 slope = (sum((n - mean_n) * (t - mean_s) for n, t in zip(lens, secs))
                          / sum((n - mean_n) ** 2 for n in lens))
-                emit(out, dict(part="hf_slope", batch=bs, lens=lens, seconds=secs,
-                               ms_step=slope * 1e3, tok_s=bs / slope))
-                continue
-            # the best of args.hf_repeats for each: one difference of two runs is noisy
-            base = min(run(2) for _ in range(args.hf_repeats))
-            full = min(run(2 + args.hf_steps) for _ in range(args.hf_repeats))
-            decode_s = max(full - base, 1e-9)
-            emit(out, dict(part="hf_decode", batch=bs, steps=args.hf_steps, seconds=decode_s,
-                           tok_s=bs * args.hf_steps / decode_s,
-                           ms_step=decode_s / args.hf_steps * 1e3, generate2_s=base))
+                row.update(slope_lens=lens, slope_seconds=secs, ms_step_slope=slope * 1e3)
+            row["ms_step"] = min(row["ms_step_median"], row.get("ms_step_slope", float("inf")))
+            row["tok_s"] = bs / (row["ms_step"] / 1e3)
+            emit(out, row)
+            if args.hf_profile and cuda and bs == args.batches[0]:
+                profile_hf(out, run, bs)
+            if bs == args.batches[0] and hasattr(model, "set_experts_implementation"):
+                for impl in args.hf_impls:
+                    if impl == default_impl:
+                        continue
+                    try:
+                        model.set_experts_implementation(impl)
+                        run(4)
+                        clock = _StepClock()
+                        run(2 + 4, clock)
+                        st = sorted(b - a for a, b in zip(clock.times[1:], clock.times[2:]))
+                        emit(out, dict(part="hf_impl", batch=bs, impl=impl, ms_step_median=_median(st) * 1e3,
+                                       ms_step_min=st[0] * 1e3))
+                    except Exception as e:  # noqa: BLE001 (out of memory, say so)
+                        emit(out, dict(part="hf_impl", batch=bs, impl=impl, error=repr(e)[:200]))
+                    finally:
+                        model.set_experts_implementation(default_impl)
+                        if cuda:
+                            torch.cuda.empty_cache()
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    return (sorted_values[n // 2] + sorted_values[(n - 1) // 2]) / 2
+
+
+def _generate_fn(model, ids, prompt_len: int):
+    import torch
+
+    bs = ids.shape[0]
+
+    def run(n, clock=None):
+        extra = {"stopping_criteria": [clock]} if clock is not None else {}
+        sync()
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **extra)
+        sync()
+        assert out.shape == (bs, prompt_len + n), out.shape
+        return time.perf_counter() - t
+
+    return run
+
+
+def profile_hf(out: Path, run, bs: int):
+    """One generate(6) under the profiler: wall time vs the GPU's kernel time, and the top ops by
+    CPU and by GPU time (moe_hf_profile.txt)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(6)
+    wall = time.perf_counter() - t0
+    avg = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in avg)
+    launches = sum(e.count for e in avg if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    text = (prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70)
+            + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20,
+                                                 max_name_column_width=70))
+    (out / "moe_hf_profile.txt").write_text(text)
+    emit(out, dict(part="hf_profile", batch=bs, tokens=6, wall_s=wall, gpu_busy_s=gpu_us / 1e6,
+                   kernel_launches=launches))
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -330,10 +417,16 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--hf-steps", type=int, default=4)
+    ap.add_argument("--hf-steps", type=int, default=12,
+                    help="transformers: decode steps a timed run has past its first two")
     ap.add_argument("--hf-repeats", type=int, default=2)
     ap.add_argument("--hf-slope", action="store_true",
                     help="transformers: time generate at 2, 6, 10, 18 tokens and fit the per-step slope")
+    ap.add_argument("--hf-slope-batches", type=int, nargs="+", default=[64])
+    ap.add_argument("--hf-impls", nargs="*", default=["batched_mm", "eager"],
+                    help="transformers experts implementations timed beside the default, first batch")
+    ap.add_argument("--hf-profile", action="store_true",
+                    help="profile one transformers generate(6) at the first batch")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--route-variant", action="store_true",
                     help="time the first batch again with the router as torch ops (the before)")
@@ -368,7 +461,8 @@ def main():
                 print(proc.stderr[-3000:], flush=True)
         except subprocess.TimeoutExpired as e:
             status = "timeout"
-            (out / f"moe_{part}.log").write_text(f"{e.stdout or ''}{e.stderr or ''}")
+            text = [t.decode(errors="replace") if isinstance(t, bytes) else (t or "") for t in (e.stdout, e.stderr)]
+            (out / f"moe_{part}.log").write_text("".join(text))
         print(f"# part {part}: {status} in {time.perf_counter() - t0:.0f} s", flush=True)
     print_table(out)
 
@@ -391,22 +485,40 @@ def print_table(out: Path):
                          f"{r['torch_us'] / r['kernel_us']:.1f}x | equal to the torch ops: "
                          f"{r['kernel_equal']} |")
     for r in rows:
-        if r["part"] == "hf_slope":
-            lines.append(f"| transformers bs{r['batch']} per-step slope over generate({r['lens']}) | | "
-                         f"{r['tok_s']:.0f} ({r['ms_step']:.1f} ms/step) | | seconds {r['seconds']} |")
-    hf = {r["batch"]: r for r in rows if r["part"] == "hf_decode"}
+        if r["part"] == "hf_decode":
+            slope = (f"; slope over generate({r['slope_lens']}) {r['ms_step_slope']:.1f} ms/step "
+                     f"(best-of seconds {[round(x, 3) for x in r['slope_seconds']]})" if "ms_step_slope" in r else "")
+            lines.append(f"| transformers bs{r['batch']} ({r['impl']}) ms/step | | {r['ms_step']:.1f} | | "
+                         f"per-step median {r['ms_step_median']:.1f} (min {r['ms_step_min']:.1f}, max "
+                         f"{r['ms_step_max']:.1f}; run medians {[round(x, 1) for x in r['ms_step_run_medians']]})"
+                         f"{slope} |")
+        elif r["part"] == "hf_impl":
+            got = (f"{r['ms_step_median']:.1f} (min {r['ms_step_min']:.1f})" if "error" not in r
+                   else r["error"][:60])
+            lines.append(f"| transformers bs{r['batch']} experts `{r['impl']}` ms/step | | {got} | | per-step median |")
+        elif r["part"] == "hf_profile":
+            lines.append(f"| transformers bs{r['batch']} generate({r['tokens']}) under the profiler | | "
+                         f"wall {r['wall_s']:.2f} s | | GPU kernel time {r['gpu_busy_s']:.2f} s, "
+                         f"{r['kernel_launches']} launches |")
+    hf = {}
+    for r in rows:  # the fastest transformers figure at each batch: the baseline
+        if r["part"] in ("hf_decode", "hf_impl") and "ms_step_median" in r:
+            ms = r.get("ms_step", r["ms_step_median"])
+            if r["batch"] not in hf or ms < hf[r["batch"]]["ms_step"]:
+                hf[r["batch"]] = dict(ms_step=ms, tok_s=r["batch"] / (ms / 1e3))
     bw = next((r["copy_gbs"] for r in rows if r["part"] == "kernel"), float("nan"))
     weight_gb = next((r["weight_gb"] for r in rows if r["part"] == "sglite_load"), float("nan"))
     for r in rows:
         if r["part"].startswith("sglite_decode"):
             b = hf.get(r["batch"])
-            base = f"{b['tok_s']:.0f} ({b['ms_step']:.0f} ms/step)" if b else "n/a"
+            base = f"{b['tok_s']:.0f} ({b['ms_step']:.1f} ms/step)" if b else "n/a"
             ratio = f"{r['tok_s'] / b['tok_s']:.1f}x" if b else "n/a"
             floor = weight_gb / bw * 1e3  # every expert is hit at these batches
             label = {"sglite_decode_torch_align": " (router and align as torch ops)",
                      "sglite_decode_torch_route": " (router as torch ops)"}.get(r["part"], "")
+            windows = " / ".join(f"{w:.2f}" for w in r.get("ms_step_windows", []))
             lines.append(f"| decode bs{r['batch']}{label} tok/s | {r['tok_s']:.0f} ({r['ms_step']:.1f} "
-                         f"ms/step) | transformers {base} | {ratio} | weight-read floor "
+                         f"ms/step; windows {windows}) | transformers {base} | {ratio} | weight-read floor "
                          f"{floor:.1f} ms/step ({floor / r['ms_step']:.0%}) |")
     for r in rows:
         if r["part"] in ("sglite_load", "hf_load") or "sweep" in r:
