@@ -97,11 +97,13 @@ def bench_sglite(args, folder, device, prompt):
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     row = runner.req_to_token.alloc()
     step_s, replay_s, last = measure(args, runner, row, prompt)
+    if args.gemv_sweep and device.type == "cuda":
+        from sglite.kernels import gemv
+
+        gemv.TILES.update(gemv_sweep(runner))  # the GEMV variants run the best tiles found here
     variants = []
     if args.variants and runner.graph_runner is not None:
         variants = run_variants(args, runner, row, prompt, ctx)
-    if args.gemv_sweep and device.type == "cuda":
-        gemv_sweep(runner)
     if args.profile:
         profile_step(args, runner, row, len(prompt) + 2 * (args.steps + 3), last)
     cfg = runner.model_config
@@ -140,54 +142,42 @@ def recapture(runner, ctx) -> None:
 
 
 def run_variants(args, runner, row, prompt, ctx):
-    """The same runner with one thing changed at a time (graphs captured again for each):
-    the pool-bound context, the one-row GEMV (gemma.install_gemv), decode tiles for head_dim > 128."""
-    from sglite.kernels import decode_attention as da
-    from sglite.kernels import gemv
+    """The same runner with one thing changed at a time (graphs captured again for each): the
+    one-row GEMV (gemma.install_gemv, tiles from this call's --gemv-sweep when it ran) on some or
+    all projections, and the chained early launch (pdl.CHAIN) with and without it."""
+    from sglite.kernels import gemv, pdl
     from sglite.runtime.models import gemma
 
-    base_tiles = da.decode_tiles
     served_ctx = runner.max_context_len
-    pool_ctx = min(runner.max_context_len, runner.kv_cache.capacity)
-
-    def tiles(over):
-        def table(head_dim, *, device, num_splits=1):
-            t = base_tiles(head_dim, device=device, num_splits=num_splits)
-            return {**t, **over} if head_dim > 128 else t
-        return table
-
-    def gemv_on(flag):
-        if flag and hasattr(runner.model, "model"):
-            gemma.install_gemv(runner.model)  # F.linear while gemv.ENABLED is off
-        gemv.ENABLED = flag
-
-    cases = [
-        (f"context {pool_ctx} (pool-bound, as the first figure)", pool_ctx, None, False),
-        ("one-row GEMV (SGLITE_GEMV=1)", served_ctx, None, True),
-        ("decode tiles d256: BLOCK_N 64, 8 warps", served_ctx, dict(BLOCK_N=64, num_warps=8), False),
-        ("decode tiles d256: BLOCK_N 32, 8 warps", served_ctx, dict(BLOCK_N=32, num_warps=8), False),
-        ("decode tiles d256: BLOCK_N 16, 4 warps", served_ctx, dict(BLOCK_N=16, num_warps=4), False),
+    cases = [  # (name, projections through the GEMV, chained early launch)
+        ("one-row GEMV on o + gate_up", ("o", "gate_up"), False),
+        ("one-row GEMV on all four projections", gemma.GEMV_PROJECTIONS, False),
+        ("one-row GEMV on all four + chained early launch", gemma.GEMV_PROJECTIONS, True),
+        ("one-row GEMV on o + gate_up + chained early launch", ("o", "gate_up"), True),
+        ("cuBLAS + chained early launch (norms, activation)", (), True),
     ]
     out = []
-    for name, cctx, over, use_gemv in cases:
+    for name, which, chain in cases:
         try:
-            da.decode_tiles = tiles(over) if over else base_tiles
-            gemv_on(use_gemv)
-            recapture(runner, cctx)
+            if hasattr(runner.model, "model"):
+                gemma.install_gemv(runner.model, which)  # F.linear while gemv.ENABLED is off
+            gemv.ENABLED, pdl.CHAIN = bool(which), chain
+            recapture(runner, served_ctx)
             step_s, replay_s, _ = measure(args, runner, row, prompt)
             out.append((name, step_s, replay_s))
-        except Exception as e:  # noqa: BLE001 (a tile that does not compile: say so, go on)
+        except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
-            da.decode_tiles = base_tiles
-            gemv.ENABLED = False
+            gemv.ENABLED, pdl.CHAIN = False, False
         print(f"variant done: {name}: {out[-1] if out and out[-1][0] == name else 'failed'}", flush=True)
-    recapture(runner, ctx or pool_ctx)
+    if hasattr(runner.model, "model"):
+        gemma.install_gemv(runner.model, ())
+    recapture(runner, ctx or served_ctx)
     return out
 
 
 @torch.inference_mode()
-def gemv_sweep(runner) -> None:
+def gemv_sweep(runner) -> dict:
     """Each decoder projection alone, its 42 (num_layers) weights one after another in a CUDA
     graph (each read once per replay, past the L2): cuBLAS F.linear vs the one-row GEMV tiles."""
     import torch.nn.functional as F
@@ -201,9 +191,10 @@ def gemv_sweep(runner) -> None:
         "gate_up": [l.mlp.gate_up_proj.weight for l in layers],
         "down": [l.mlp.down_proj.weight for l in layers],
     }
-    configs = [None, dict(BLOCK_N=8, BLOCK_K=512, num_warps=4), dict(BLOCK_N=8, BLOCK_K=512, num_warps=8),
-               dict(BLOCK_N=4, BLOCK_K=512, num_warps=4), dict(BLOCK_N=16, BLOCK_K=512, num_warps=8),
-               dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8), dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)]
+    configs = [None, dict(BLOCK_N=4, BLOCK_K=512, num_warps=4), dict(BLOCK_N=8, BLOCK_K=512, num_warps=8),
+               dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4), dict(BLOCK_N=2, BLOCK_K=512, num_warps=4),
+               dict(BLOCK_N=1, BLOCK_K=1024, num_warps=4), dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8)]
+    best = {}
     print("## one-row projections alone (us a call, TB/s of weights; graph of one call per layer)")
     print("| shape | " + " | ".join("cuBLAS" if c is None else "{BLOCK_N}x{BLOCK_K} w{num_warps}".format(**c)
                                     for c in configs) + " |")
@@ -238,10 +229,14 @@ def gemv_sweep(runner) -> None:
                 us = start.elapsed_time(end) * 1e3 / (10 * len(ws))
                 tbs = ws[0].numel() * ws[0].element_size() / (us * 1e-6) / 1e12
                 cells.append(f"{us:.1f} ({tbs:.2f}){' ERR %.0e' % err if err > 1e-2 else ''}")
+                if cfg is not None and err <= 1e-2 and us < best.get((n, k), (float("inf"),))[0]:
+                    best[(n, k)] = (us, dict(cfg, num_stages=1))
                 del graph
             except Exception as e:  # noqa: BLE001
                 cells.append(f"failed {type(e).__name__}")
         print(f"| {name} {n}x{k} | " + " | ".join(cells) + " |", flush=True)
+    print(f"GEMV tiles for the variants: {best}", flush=True)
+    return {shape: cfg for shape, (_, cfg) in best.items()}
 
 
 def profile_step(args, runner, row, seq, last):
@@ -324,7 +319,7 @@ def main():
                     help="context limit the graphs are captured for: the model's (default, as "
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
-                    help="also time the pool-bound context, the one-row GEMV and d256 decode tiles")
+                    help="also time the one-row GEMV on some / all projections and the chained early launch")
     ap.add_argument("--gemv-sweep", action="store_true", help="time each projection alone: cuBLAS vs GEMV tiles")
     ap.add_argument("--trace-dir", default=None, help="--profile: write the replays' chrome trace here")
     ap.add_argument("--hf-attn", default="eager,sdpa",

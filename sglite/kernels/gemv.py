@@ -23,9 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_options, wait_for_previous
+from .pdl import allow_dependents, chain_launch, pdl_options, wait_for_previous
 
 ENABLED = os.environ.get("SGLITE_GEMV", "0") == "1"
+# (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
+# the same call's --gemv-sweep before it times the GEMV variants)
+TILES: dict[tuple[int, int], dict] = {}
 
 
 @triton.jit
@@ -33,6 +36,7 @@ def _gemv_kernel(
     X, W, Out, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,  # pdl.chain_launch: the next kernel launches after the wait
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -48,6 +52,7 @@ def _gemv_kernel(
     # weights only before the wait: nothing in the forward writes them (pdl.py)
     w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
     wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
@@ -65,7 +70,9 @@ def gemv_config(n: int, k: int) -> dict:
     qkv 17.5 us (3.36 TB/s), o 9.6 (3.05), gate_up 50.7 (4.05), down 29.7 (3.46); 8x512 with 4
     warps (the first default) was 8 us a layer slower and lost 0.21 ms a step to cuBLAS in the
     whole step. Even these tiles only tie cuBLAS's in-model times (qkv 16.6, o 10 + 1.7 reduce,
-    gate_up 52, down 28 + 1.7), hence off by default."""
+    gate_up 52, down 28 + 1.7), hence off by default. TILES overrides per shape."""
+    if (n, k) in TILES:
+        return dict(TILES[(n, k)])
     return dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=1)
 
 
@@ -89,5 +96,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = None,
         cfg.update(num_warps=1, num_stages=1)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device) if out is None else out
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, weight, out, n, k, weight.stride(0), **cfg, **pdl_options(x))
+        x, weight, out, n, k, weight.stride(0), **cfg, **pdl_options(x),
+        **({"EARLY": True} if chain_launch(x) else {}))
     return out

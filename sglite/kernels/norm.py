@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_options, wait_for_previous
+from .pdl import allow_dependents, chain_launch, pdl_options, wait_for_previous
 
 MAX_N = 65536  # one row in registers: 64k fp32 over 16 warps is 128 values per thread
 
@@ -33,15 +33,20 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
     PRE_NORM: tl.constexpr = False,  # x <- rms_norm(x, W0, eps0) first (norm_add_rms_norm)
     USE_PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,  # pdl.chain_launch: the next kernel launches after the wait
 ):
-    wait_for_previous(USE_PDL)
     cur_row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    # the weights before the wait: no kernel of the forward writes them (pdl.py)
+    w = tl.load(W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if PRE_NORM:
+        w0 = tl.load(W0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)
     x = tl.load(X + cur_row * stride_x + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if PRE_NORM:  # rounded as the standalone norm stores it
         rstd0 = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps0)
-        w0 = tl.load(W0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         x = ((x * rstd0).to(Out.dtype.element_ty).to(tl.float32) * w0).to(Out.dtype.element_ty)
         x = x.to(tl.float32)
     if HAS_RESIDUAL:
@@ -51,7 +56,6 @@ def _rms_norm_kernel(
         x = x.to(tl.float32)
     mean_sq = tl.sum(x * x, axis=0) / N
     rstd = 1.0 / tl.sqrt(mean_sq + eps)
-    w = tl.load(W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = (x * rstd).to(Out.dtype.element_ty).to(tl.float32) * w
     tl.store(Out + cur_row * stride_o + offs_n, y.to(Out.dtype.element_ty), mask=mask_n)
 
@@ -78,6 +82,7 @@ def _launch(x, residual, out, weight, eps, pre_weight=None, pre_eps=0.0):
         n, eps, pre_eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, PRE_NORM=pre_weight is not None,
         num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1, **pdl_options(x),
+        **({"EARLY": True} if chain_launch(x) else {}),
     )
 
 

@@ -174,10 +174,17 @@ class _OneRowGemv:
         return F.linear(x, layer.weight, layer.bias)
 
 
-def install_gemv(model: nn.Module) -> int:
-    """Route the decoder layers' qkv / o / gate_up / down projections through _OneRowGemv (o and
-    down become QuantLinear, same parameter names). Single GPU, unquantized only: tensor
-    parallelism and FP8 refuse or replace layers with a quant_method. Returns how many layers."""
+GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+def install_gemv(model: nn.Module, which: tuple[str, ...] = GEMV_PROJECTIONS) -> int:
+    """Route the decoder layers' projections named in `which` (of qkv / o / gate_up / down)
+    through _OneRowGemv and the others back to F.linear (o and down become QuantLinear, same
+    parameter names). Single GPU, unquantized only: tensor parallelism and FP8 refuse or replace
+    layers with another quant_method, which is left alone. Returns how many layers use it."""
+    unknown = set(which) - set(GEMV_PROJECTIONS)
+    if unknown:
+        raise ValueError(f"install_gemv: unknown projections {sorted(unknown)} (of {GEMV_PROJECTIONS})")
     method, count = _OneRowGemv(), 0
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -185,10 +192,11 @@ def install_gemv(model: nn.Module) -> int:
             attn.o_proj = QuantLinear(attn.o_proj)
         if type(mlp.down_proj) is nn.Linear:
             mlp.down_proj = QuantLinear(mlp.down_proj)
-        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            if lin.quant_method is None:
-                lin.quant_method = method
-                count += 1
+        lins = dict(qkv=attn.qkv_proj, o=attn.o_proj, gate_up=mlp.gate_up_proj, down=mlp.down_proj)
+        for name, lin in lins.items():
+            if lin.quant_method is None or isinstance(lin.quant_method, _OneRowGemv):
+                lin.quant_method = method if name in which else None
+                count += name in which
     return count
 
 

@@ -151,3 +151,30 @@ def test_gemma2_with_the_one_row_gemv(tmp_path, monkeypatch):
         logits = runner.forward(runner.make_decode_batch([row], [n + 1], [seq[n]], runner.token_pool.alloc(1)))
         torch.testing.assert_close(logits[0], ref[n], atol=1e-4, rtol=1e-4)
     assert rows_seen.count(1) == 4 * 4 * 4  # every projection of every decode step took the kernel
+
+
+def test_install_gemv_on_a_subset(tmp_path):
+    """install_gemv(which=...): the named projections take the GEMV method, the others go back to
+    F.linear, and a second call with another subset replaces the first."""
+    from sglite.runtime.models import gemma
+
+    folder, _, _ = family.save_model(tmp_path, _gemma2(), "gemma")
+    runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
+    layers = runner.model.model.layers
+
+    def which():
+        out = set()
+        for layer in layers:
+            lins = dict(qkv=layer.self_attn.qkv_proj, o=layer.self_attn.o_proj,
+                        gate_up=layer.mlp.gate_up_proj, down=layer.mlp.down_proj)
+            out |= {name for name, lin in lins.items() if lin.quant_method is not None}
+        return out
+
+    assert gemma.install_gemv(runner.model, ("o", "gate_up")) == 2 * len(layers)
+    assert which() == {"o", "gate_up"}
+    assert gemma.install_gemv(runner.model) == 4 * len(layers)
+    assert which() == set(gemma.GEMV_PROJECTIONS)
+    assert gemma.install_gemv(runner.model, ("down",)) == len(layers)
+    assert which() == {"down"}
+    with pytest.raises(ValueError):
+        gemma.install_gemv(runner.model, ("lm_head",))
