@@ -3,8 +3,9 @@ transformers `generate` at batch 1 beside it (issue 18).
 
 Random bf16 weights: sglite serves a config-only folder written here with load_format=dummy;
 transformers builds the same config with its own init. sglite's number is the runner's whole step
-(batch build, CUDA graph replay, argmax read back to the host), as bench/gpu_e2e.py part a; the
-floor is the weight bytes over the measured device-to-device copy bandwidth (bytes read plus
+(batch build, CUDA graph replay, argmax read back to the host), as bench/gpu_e2e.py part a, and
+with --scheduler the same request decoded through the Scheduler (as served: its overlapped loop
+builds the next batch while the GPU runs this one); the floor is the weight bytes over the measured device-to-device copy bandwidth (bytes read plus
 written); transformers is (generate(1 + N) - generate(1)) / N at batch 1 (decode steps only).
 
     python bench/decode_floor.py --config gemma2-9b            # H100/H200
@@ -92,11 +93,12 @@ def bench_sglite(args, folder, device, prompt):
                                                      json.load(open(os.path.join(folder, "config.json")))[
                                                          "max_position_embeddings"])
     runner = ModelRunner(folder, load_format="dummy", device=str(device), dtype="bfloat16",
-                         max_total_tokens=len(prompt) + 2 * args.steps + 64, max_running_requests=2,
+                         max_total_tokens=len(prompt) + 4 * args.steps + 128, max_running_requests=2,
                          cuda_graph_max_bs=1, skip_tokenizer_init=True, max_context_len=ctx)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     row = runner.req_to_token.alloc()
     step_s, replay_s, last = measure(args, runner, row, prompt)
+    sched_s = scheduler_decode(args, runner, prompt) if args.scheduler else []
     if args.gemv_sweep and device.type == "cuda":
         from sglite.kernels import gemv
 
@@ -109,7 +111,7 @@ def bench_sglite(args, folder, device, prompt):
     cfg = runner.model_config
     kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
     del runner
-    return weight_bytes, step_s, replay_s, kv_bytes, cfg, variants
+    return weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s
 
 
 def measure(args, runner, row, prompt):
@@ -143,37 +145,70 @@ def recapture(runner, ctx) -> None:
 
 def run_variants(args, runner, row, prompt, ctx):
     """The same runner with one thing changed at a time (graphs captured again for each): the
-    one-row GEMV (gemma.install_gemv, tiles from this call's --gemv-sweep when it ran) on some or
-    all projections, and the chained early launch (pdl.CHAIN) with and without it."""
-    from sglite.kernels import gemv, pdl
+    projections on cuBLAS without the chained early launch (the default before the one-row GEMV,
+    SGLITE_GEMV=0), or the GEMV on o + gate_up only."""
+    from sglite.kernels import gemv
     from sglite.runtime.models import gemma
 
     served_ctx = runner.max_context_len
-    cases = [  # (name, projections through the GEMV, chained early launch)
-        ("one-row GEMV on o + gate_up", ("o", "gate_up"), False),
-        ("one-row GEMV on all four projections", gemma.GEMV_PROJECTIONS, False),
-        ("one-row GEMV on all four + chained early launch", gemma.GEMV_PROJECTIONS, True),
-        ("one-row GEMV on o + gate_up + chained early launch", ("o", "gate_up"), True),
-        ("cuBLAS + chained early launch (norms, activation)", (), True),
+    cases = [  # (name, projections through the GEMV; none: gemv.ENABLED off, so no chain)
+        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0, the previous default)", ()),
+        ("one-row GEMV on o + gate_up only", ("o", "gate_up")),
     ]
     out = []
-    for name, which, chain in cases:
+    for name, which in cases:
         try:
-            if hasattr(runner.model, "model"):
-                gemma.install_gemv(runner.model, which)  # F.linear while gemv.ENABLED is off
-            gemv.ENABLED, pdl.CHAIN = bool(which), chain
+            gemma.set_one_row_gemv(runner.model, which)
+            gemv.ENABLED = bool(which)
             recapture(runner, served_ctx)
             step_s, replay_s, _ = measure(args, runner, row, prompt)
             out.append((name, step_s, replay_s))
         except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
-            gemv.ENABLED, pdl.CHAIN = False, False
+            gemma.set_one_row_gemv(runner.model)
+            gemv.ENABLED = True
         print(f"variant done: {name}: {out[-1] if out and out[-1][0] == name else 'failed'}", flush=True)
-    if hasattr(runner.model, "model"):
-        gemma.install_gemv(runner.model, ())
     recapture(runner, ctx or served_ctx)
     return out
+
+
+class _Sink:
+    def on_output(self, req, text, finished, meta):
+        pass
+
+    def on_error(self, req, message):
+        raise RuntimeError(message)
+
+
+def scheduler_decode(args, runner, prompt) -> list[float]:
+    """Seconds per decode step of one request through the Scheduler (as served: its overlapped
+    loop, CUDA graphs), two windows of args.steps steps after the prefill and 3 steps."""
+    from sglite.protocol import SamplingParams
+    from sglite.runtime.scheduler.req import Req
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    runner.token_pool.reset()
+    sched = Scheduler(runner, max_running_requests=1, chunked_prefill_size=len(prompt), log_interval=0)
+    params = SamplingParams(temperature=0, max_new_tokens=2 * args.steps + 16, ignore_eos=True)
+    req = Req(rid="r0", input_ids=list(prompt), params=params, sink=_Sink())
+    sched.outputs.init_request(req)
+    sched.add_request(req)
+    while len(req.output_ids) < 2:
+        sched.step()
+    for _ in range(3):
+        sched.step()
+    windows = []
+    for _ in range(2):
+        sync(runner.device)
+        before, t0 = len(req.output_ids), time.perf_counter()
+        for _ in range(args.steps):
+            sched.step()
+        sync(runner.device)
+        windows.append((time.perf_counter() - t0) / (len(req.output_ids) - before))
+    while sched.has_work:
+        sched.step()
+    return windows
 
 
 @torch.inference_mode()
@@ -319,7 +354,9 @@ def main():
                     help="context limit the graphs are captured for: the model's (default, as "
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
-                    help="also time the one-row GEMV on some / all projections and the chained early launch")
+                    help="also time cuBLAS projections (SGLITE_GEMV=0) and the one-row GEMV on o + gate_up only")
+    ap.add_argument("--scheduler", action="store_true",
+                    help="also time the decode through the Scheduler (as served: overlapped loop)")
     ap.add_argument("--gemv-sweep", action="store_true", help="time each projection alone: cuBLAS vs GEMV tiles")
     ap.add_argument("--trace-dir", default=None, help="--profile: write the replays' chrome trace here")
     ap.add_argument("--hf-attn", default="eager,sdpa",
@@ -335,7 +372,7 @@ def main():
     prompt = torch.randint(3, hf_dict["vocab_size"], (args.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     copy_bw = copy_bandwidth(device)
-    weight_bytes, step_s, replay_s, kv_bytes, cfg, variants = bench_sglite(args, folder, device, prompt)
+    weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s = bench_sglite(args, folder, device, prompt)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     floor = weight_bytes / copy_bw
@@ -350,6 +387,9 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = [("sglite bs1 decode ms/token (runner's whole step)", [s * 1e3 for s in step_s],
              [floor / s for s in step_s])]
+    if sched_s:
+        rows.append(("sglite bs1 decode through the Scheduler (as served, overlapped loop) ms/token",
+                     [s * 1e3 for s in sched_s], [floor / s for s in sched_s]))
     if replay_s is not None:
         rows.append(("sglite graph replay alone ms/token", [replay_s * 1e3], [floor / replay_s]))
     for v_name, v_step, v_replay in variants:
@@ -371,7 +411,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, device=name, weight_bytes=weight_bytes, copy_bw=copy_bw,
-                           floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants), f)
+                           floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants,
+                           scheduler_s=sched_s), f)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ Captured into CUDA graphs, the launches become programmatic edges.
 `SGLITE_PDL=0` turns PDL off, `SGLITE_PDL_EARLY=0` only the early launch (read at import; the
 before/after benchmarks).
 
-Chained early launch (`SGLITE_PDL_CHAIN=1`, or `pdl.CHAIN` at call time; off by default until a
-whole decode step measures it faster): the norm, activation and one-row GEMV kernels also call
-`allow_dependents()` right after their wait, so that at batch 1, where the projections run
-sglite.kernels.gemv instead of cuBLAS, every kernel of a layer is launched while its predecessor
-runs and the GEMVs load their first weight chunk behind the norm or activation before them. The
-rule above still holds: each of them reads, before its wait, only weights.
+Chained early launch: the norm, activation and one-row GEMV kernels also call
+`allow_dependents()` right after their wait when their caller asks (`early=True`; the models
+whose batch-1 projections run sglite.kernels.gemv instead of cuBLAS: Gemma), so that every kernel
+of a layer is launched while its predecessor runs and the GEMVs load their first weight chunk
+behind the norm or activation before them. The rule above still holds: each of them reads,
+before its wait, only weights. `SGLITE_PDL_CHAIN=1` (or `pdl.CHAIN`, read at call time) turns it
+on for every caller (benchmarks).
 """
 
 from __future__ import annotations
@@ -79,8 +80,3 @@ def pdl_options(t: torch.Tensor) -> dict:
 def early_launch(t: torch.Tensor) -> bool:
     """The EARLY constexpr of a kernel that calls allow_dependents, computing on t's device."""
     return EARLY_LAUNCH and use_pdl(t)
-
-
-def chain_launch(t: torch.Tensor) -> bool:
-    """The EARLY constexpr of the norm / activation / GEMV kernels (chained early launch, CHAIN)."""
-    return CHAIN and early_launch(t)

@@ -126,14 +126,12 @@ def test_gemma_sandwich_pair_fused_matches_torch(monkeypatch):
 
 
 def test_gemma2_with_the_one_row_gemv(tmp_path, monkeypatch):
-    """install_gemv: the decoder's projections through the one-row GEMV kernel (batch-1 decode
-    rows, interpreted; gemv.use_gemv forced for CPU tensors) against transformers' logits."""
+    """Gemma's decoder projections through the one-row GEMV kernel (batch-1 decode rows,
+    interpreted; gemv.use_gemv forced for CPU tensors) against transformers' logits."""
     from sglite.kernels import gemv
-    from sglite.runtime.models import gemma
 
     folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
     runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
-    assert gemma.install_gemv(runner.model) == 4 * 4
     rows_seen = []
 
     def use(x, w, b):
@@ -153,9 +151,9 @@ def test_gemma2_with_the_one_row_gemv(tmp_path, monkeypatch):
     assert rows_seen.count(1) == 4 * 4 * 4  # every projection of every decode step took the kernel
 
 
-def test_install_gemv_on_a_subset(tmp_path):
-    """install_gemv(which=...): the named projections take the GEMV method, the others go back to
-    F.linear, and a second call with another subset replaces the first."""
+def test_set_one_row_gemv_on_a_subset(tmp_path):
+    """set_one_row_gemv(which=...): the named projections are flagged for the GEMV, the others go
+    back to cuBLAS, and a second call with another subset replaces the first."""
     from sglite.runtime.models import gemma
 
     folder, _, _ = family.save_model(tmp_path, _gemma2(), "gemma")
@@ -167,14 +165,13 @@ def test_install_gemv_on_a_subset(tmp_path):
         for layer in layers:
             lins = dict(qkv=layer.self_attn.qkv_proj, o=layer.self_attn.o_proj,
                         gate_up=layer.mlp.gate_up_proj, down=layer.mlp.down_proj)
-            out |= {name for name, lin in lins.items() if lin.quant_method is not None}
+            out |= {name for name, lin in lins.items() if lin.one_row_gemv}
         return out
 
-    assert gemma.install_gemv(runner.model, ("o", "gate_up")) == 2 * len(layers)
+    assert which() == set(gemma.GEMV_PROJECTIONS)  # as built
+    assert gemma.set_one_row_gemv(runner.model, ("o", "gate_up")) == 2 * len(layers)
     assert which() == {"o", "gate_up"}
-    assert gemma.install_gemv(runner.model) == 4 * len(layers)
-    assert which() == set(gemma.GEMV_PROJECTIONS)
-    assert gemma.install_gemv(runner.model, ("down",)) == len(layers)
+    assert gemma.set_one_row_gemv(runner.model, ("down",)) == len(layers)
     assert which() == {"down"}
     with pytest.raises(ValueError):
-        gemma.install_gemv(runner.model, ("lm_head",))
+        gemma.set_one_row_gemv(runner.model, ("lm_head",))
