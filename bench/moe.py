@@ -18,6 +18,7 @@ JSON lines under --out and a table at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -295,9 +296,10 @@ def part_hf(args, out: Path, shape: dict):
     intervals (_StepClock) after the first two steps, over args.hf_repeats runs of 2 + hf_steps
     tokens, each run after a warm-up of the same length; with --hf-slope also the slope of the
     best-of-repeats generate time over 2/6/10/18 tokens, which needs no hook. The baseline is the
-    faster of the two (the less favourable to sglite). --hf-impls times the other experts
-    implementations at the first batch (per-step median of short runs); --hf-profile profiles
-    generate's decode steps (CPU time vs GPU time: launch-bound or not)."""
+    faster of the two (the less favourable to sglite). --hf-backends: generate as shipped and/or
+    with grouped_mm kept for its decode steps (_decode_backend); the table's baseline is the
+    fastest transformers figure at each batch. --hf-profile profiles one generate (CPU time vs
+    GPU time; which kernels)."""
     import torch
     import transformers
 
@@ -319,49 +321,61 @@ def part_hf(args, out: Path, shape: dict):
     with torch.inference_mode():
         for bs in args.batches:
             ids = torch.randint(0, shape["vocab_size"], (bs, args.prompt_len), generator=gen).to(dev)
-            run = _generate_fn(model, ids, args.prompt_len)
-            n_full = 2 + args.hf_steps
-            run(n_full)  # warm-up at the longest length: allocator, kernels, handles
-            steps, totals = [], []
-            for _ in range(args.hf_repeats):
-                clock = _StepClock()
-                totals.append(run(n_full, clock))
-                steps.append([b - a for a, b in zip(clock.times[1:], clock.times[2:])])
-            flat = sorted(s for run_steps in steps for s in run_steps)
-            row = dict(part="hf_decode", batch=bs, impl=default_impl, steps=args.hf_steps,
-                       ms_step_median=_median(flat) * 1e3, ms_step_min=flat[0] * 1e3,
-                       ms_step_max=flat[-1] * 1e3,
-                       ms_step_run_medians=[_median(sorted(s)) * 1e3 for s in steps], generate_s=totals)
-            if args.hf_slope and bs in args.hf_slope_batches:  # generate(n) at several n, the per-step time as the fitted slope
-                lens = [2, 6, 10, 18]
-                secs = [min(run(n) for _ in range(args.hf_repeats)) for n in lens]
-                mean_n, mean_s = sum(lens) / len(lens), sum(secs) / len(secs)
-                slope = (sum((n - mean_n) * (t - mean_s) for n, t in zip(lens, secs))
-                         / sum((n - mean_n) ** 2 for n in lens))
-                row.update(slope_lens=lens, slope_seconds=secs, ms_step_slope=slope * 1e3)
-            row["ms_step"] = min(row["ms_step_median"], row.get("ms_step_slope", float("inf")))
-            row["tok_s"] = bs / (row["ms_step"] / 1e3)
-            emit(out, row)
-            if args.hf_profile and cuda and bs == args.batches[0]:
-                profile_hf(out, run, bs)
-            if bs == args.batches[0] and hasattr(model, "set_experts_implementation"):
-                for impl in args.hf_impls:
-                    if impl == default_impl:
-                        continue
-                    try:
-                        model.set_experts_implementation(impl)
-                        run(4)
-                        clock = _StepClock()
-                        run(2 + 4, clock)
-                        st = sorted(b - a for a, b in zip(clock.times[1:], clock.times[2:]))
-                        emit(out, dict(part="hf_impl", batch=bs, impl=impl, ms_step_median=_median(st) * 1e3,
-                                       ms_step_min=st[0] * 1e3))
-                    except Exception as e:  # noqa: BLE001 (out of memory, say so)
-                        emit(out, dict(part="hf_impl", batch=bs, impl=impl, error=repr(e)[:200]))
-                    finally:
-                        model.set_experts_implementation(default_impl)
-                        if cuda:
-                            torch.cuda.empty_cache()
+            for backend in args.hf_backends:
+                if backend == "default" and bs not in (args.hf_default_batches or args.batches):
+                    continue
+                if backend == "grouped_mm" and not hasattr(model, "_optimize_model_for_decode"):
+                    emit(out, dict(part="hf_decode_skipped", batch=bs, impl=backend,
+                                   why="this transformers has no decode-stage switch"))
+                    continue
+                with _decode_backend(model, backend):
+                    hf_decode_at(args, out, model, ids, bs, f"{default_impl}" if backend == "default"
+                                 else f"{backend} kept for decode")
+                if args.hf_profile and cuda and bs == args.batches[0] and backend == args.hf_backends[0]:
+                    profile_hf(out, _generate_fn(model, ids, args.prompt_len), bs)
+
+
+@contextlib.contextmanager
+def _decode_backend(model, backend: str):
+    """"default": generate as shipped (transformers 5 switches grouped_mm experts to batched_mm for
+    its decode stage, GenerationMixin._optimize_model_for_decode); "grouped_mm": that switch
+    turned off, so the decode steps run grouped_mm too (the faster of the two at these batches:
+    batched_mm copies every selected expert's weights per token)."""
+    if backend == "default":
+        yield
+        return
+    if backend != "grouped_mm":
+        raise ValueError(f"unknown transformers decode backend {backend!r} (default, grouped_mm)")
+    model._optimize_model_for_decode = contextlib.nullcontext  # instance attribute: the switch off
+    try:
+        yield
+    finally:
+        del model._optimize_model_for_decode
+
+
+def hf_decode_at(args, out: Path, model, ids, bs: int, impl: str):
+    run = _generate_fn(model, ids, args.prompt_len)
+    n_full = 2 + args.hf_steps
+    run(n_full)  # warm-up at the longest length: allocator, kernels, handles
+    steps, totals = [], []
+    for _ in range(args.hf_repeats):
+        clock = _StepClock()
+        totals.append(run(n_full, clock))
+        steps.append([b - a for a, b in zip(clock.times[1:], clock.times[2:])])
+    flat = sorted(s for run_steps in steps for s in run_steps)
+    row = dict(part="hf_decode", batch=bs, impl=impl, steps=args.hf_steps,
+               ms_step_median=_median(flat) * 1e3, ms_step_min=flat[0] * 1e3, ms_step_max=flat[-1] * 1e3,
+               ms_step_run_medians=[_median(sorted(s)) * 1e3 for s in steps], generate_s=totals)
+    if args.hf_slope and bs in args.hf_slope_batches:  # generate(n) at several n: the fitted slope
+        lens = [2, 6, 10, 18]
+        secs = [min(run(n) for _ in range(args.hf_repeats)) for n in lens]
+        mean_n, mean_s = sum(lens) / len(lens), sum(secs) / len(secs)
+        slope = (sum((n - mean_n) * (t - mean_s) for n, t in zip(lens, secs))
+                 / sum((n - mean_n) ** 2 for n in lens))
+        row.update(slope_lens=lens, slope_seconds=secs, ms_step_slope=slope * 1e3)
+    row["ms_step"] = min(row["ms_step_median"], row.get("ms_step_slope", float("inf")))
+    row["tok_s"] = bs / (row["ms_step"] / 1e3)
+    emit(out, row)
 
 
 def _median(sorted_values: list[float]) -> float:
@@ -423,8 +437,11 @@ def main():
     ap.add_argument("--hf-slope", action="store_true",
                     help="transformers: time generate at 2, 6, 10, 18 tokens and fit the per-step slope")
     ap.add_argument("--hf-slope-batches", type=int, nargs="+", default=[64])
-    ap.add_argument("--hf-impls", nargs="*", default=["batched_mm", "eager"],
-                    help="transformers experts implementations timed beside the default, first batch")
+    ap.add_argument("--hf-backends", nargs="+", default=["default", "grouped_mm"],
+                    help="transformers decode: 'default' (generate as shipped: batched_mm experts for "
+                         "decode) and/or 'grouped_mm' (its decode-stage switch off)")
+    ap.add_argument("--hf-default-batches", type=int, nargs="*", default=None,
+                    help="batches at which the 'default' backend runs (all when not given)")
     ap.add_argument("--hf-profile", action="store_true",
                     help="profile one transformers generate(6) at the first batch")
     ap.add_argument("--sweep", action="store_true")
@@ -492,18 +509,14 @@ def print_table(out: Path):
                          f"per-step median {r['ms_step_median']:.1f} (min {r['ms_step_min']:.1f}, max "
                          f"{r['ms_step_max']:.1f}; run medians {[round(x, 1) for x in r['ms_step_run_medians']]})"
                          f"{slope} |")
-        elif r["part"] == "hf_impl":
-            got = (f"{r['ms_step_median']:.1f} (min {r['ms_step_min']:.1f})" if "error" not in r
-                   else r["error"][:60])
-            lines.append(f"| transformers bs{r['batch']} experts `{r['impl']}` ms/step | | {got} | | per-step median |")
         elif r["part"] == "hf_profile":
             lines.append(f"| transformers bs{r['batch']} generate({r['tokens']}) under the profiler | | "
                          f"wall {r['wall_s']:.2f} s | | GPU kernel time {r['gpu_busy_s']:.2f} s, "
                          f"{r['kernel_launches']} launches |")
     hf = {}
     for r in rows:  # the fastest transformers figure at each batch: the baseline
-        if r["part"] in ("hf_decode", "hf_impl") and "ms_step_median" in r:
-            ms = r.get("ms_step", r["ms_step_median"])
+        if r["part"] == "hf_decode":
+            ms = r["ms_step"]
             if r["batch"] not in hf or ms < hf[r["batch"]]["ms_step"]:
                 hf[r["batch"]] = dict(ms_step=ms, tok_s=r["batch"] / (ms / 1e3))
     bw = next((r["copy_gbs"] for r in rows if r["part"] == "kernel"), float("nan"))
