@@ -189,7 +189,8 @@ def part_sglite(args, out: Path, folder: str):
                          max_total_tokens=max_bs * (args.prompt_len + args.decode_steps + 64),
                          max_running_requests=max_bs, cuda_graph_max_bs=max_bs)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    emit(out, dict(part="sglite_load", seconds=time.perf_counter() - t0, weight_gb=weight_bytes / 1e9))
+    emit(out, dict(part="sglite_load", seconds=time.perf_counter() - t0, weight_gb=weight_bytes / 1e9,
+                   copy_gbs=copy_bandwidth() / 1e9 if cuda else float("nan")))
     vocab = runner.model_config.vocab_size
     for bs in args.batches:
         decode_at(args, out, runner, bs, vocab, "sglite_decode")
@@ -451,7 +452,10 @@ def main():
                     help="time the first batch again with the MoE align step as torch ops (the before)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first batch's decode steps (kernels by GPU time, chrome trace)")
-    ap.add_argument("--timeouts", type=int, nargs=3, default=[80, 170, 120])
+    ap.add_argument("--parts", nargs="+", default=["kernel", "sglite", "hf"],
+                    choices=["kernel", "sglite", "hf"], help="which parts the driver runs")
+    ap.add_argument("--timeouts", type=int, nargs=3, default=[80, 170, 120],
+                    help="seconds for the kernel, sglite and hf parts")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -468,6 +472,8 @@ def main():
     (out / "moe_results.jsonl").unlink(missing_ok=True)
     passthrough = [a for a in sys.argv[1:]]
     for part, timeout in zip(("kernel", "sglite", "hf"), args.timeouts):
+        if part not in args.parts:
+            continue
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--part", part, *passthrough],
@@ -519,7 +525,8 @@ def print_table(out: Path):
             ms = r["ms_step"]
             if r["batch"] not in hf or ms < hf[r["batch"]]["ms_step"]:
                 hf[r["batch"]] = dict(ms_step=ms, tok_s=r["batch"] / (ms / 1e3))
-    bw = next((r["copy_gbs"] for r in rows if r["part"] == "kernel"), float("nan"))
+    bw = next((r["copy_gbs"] for r in rows if r["part"] in ("kernel", "sglite_load") and "copy_gbs" in r),
+              float("nan"))
     weight_gb = next((r["weight_gb"] for r in rows if r["part"] == "sglite_load"), float("nan"))
     for r in rows:
         if r["part"].startswith("sglite_decode"):
