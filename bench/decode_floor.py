@@ -97,6 +97,8 @@ def bench_sglite(args, folder, device, prompt):
                          cuda_graph_max_bs=1, skip_tokenizer_init=True, max_context_len=ctx)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     row = runner.req_to_token.alloc()
+    check = check_paths(runner, row, prompt)
+    print(f"served path (graph, GEMV, chain) vs eager cuBLAS, logits per step: {check}", flush=True)
     step_s, replay_s, last = measure(args, runner, row, prompt)
     sched_s = scheduler_decode(args, runner, prompt) if args.scheduler else []
     if args.gemv_sweep and device.type == "cuda":
@@ -111,7 +113,7 @@ def bench_sglite(args, folder, device, prompt):
     cfg = runner.model_config
     kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
     del runner
-    return weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s
+    return weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s, check
 
 
 def measure(args, runner, row, prompt):
@@ -131,6 +133,33 @@ def measure(args, runner, row, prompt):
         sync(runner.device)
         replay_s = (time.perf_counter() - t0) / args.steps
     return step_s, replay_s, last
+
+
+def check_paths(runner, row, prompt, steps: int = 8) -> dict:
+    """The served path (graph replay: one-row GEMV, chained early launch) against the eager
+    cuBLAS path (gemv.ENABLED off) on the same state, step by step: after the prompt's prefill,
+    each step runs the graph, then the same step eagerly on cuBLAS (same slot, rewriting its K/V),
+    then goes on with the graph's argmax. A race in the early launches shows as a large error."""
+    from sglite.kernels import gemv
+
+    runner.token_pool.reset()
+    loc = runner.token_pool.alloc(len(prompt))
+    last = runner.forward(runner.make_extend_batch([row], [0], [prompt], loc)).argmax(-1).tolist()
+    seq, errs, same_top1 = len(prompt), [], 0
+    for _ in range(steps):
+        seq += 1
+        slot = runner.token_pool.alloc(1)
+        got = runner.forward_decode([row], [seq], last, slot)[0].float().clone()
+        gemv.ENABLED = False
+        try:
+            ref = runner.forward_decode([row], [seq], last, slot, use_cuda_graph=False)[0].float()
+        finally:
+            gemv.ENABLED = True
+        errs.append(((got - ref).norm() / ref.norm()).item())
+        same_top1 += int(got.argmax(-1).item() == ref.argmax(-1).item())
+        last = got.argmax(-1).tolist()
+    return dict(max_rel_err=max(errs), mean_rel_err=sum(errs) / len(errs), same_top1=same_top1,
+                steps=steps, finite=True)
 
 
 def recapture(runner, ctx) -> None:
@@ -371,7 +400,8 @@ def main():
     prompt = torch.randint(3, hf_dict["vocab_size"], (args.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     copy_bw = copy_bandwidth(device)
-    weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s = bench_sglite(args, folder, device, prompt)
+    weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s, check = bench_sglite(
+        args, folder, device, prompt)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     floor = weight_bytes / copy_bw
@@ -407,11 +437,13 @@ def main():
         print(f"| {case} | {' / '.join(f'{m:.3f}' for m in ms)} | {' / '.join(f'{r:.3f}' for r in ratio)} |")
     for hf_s, hf_note in hf:
         print(f"sglite vs transformers ({hf_note}): {hf_s / min(step_s):.1f}x")
+    print(f"served path vs eager cuBLAS (logits, {check['steps']} steps): max rel err "
+          f"{check['max_rel_err']:.2e}, same argmax {check['same_top1']}/{check['steps']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, device=name, weight_bytes=weight_bytes, copy_bw=copy_bw,
                            floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants,
-                           scheduler_s=sched_s), f)
+                           scheduler_s=sched_s, check=check), f)
 
 
 if __name__ == "__main__":
