@@ -14,6 +14,11 @@ to the attention backend through AttentionLayer, as for Mistral / Qwen2. Since s
 global, no KV can be freed behind the window (ModelConfig.is_all_windowed is False, so the
 scheduler's window freeing stays off for these models).
 
+Batch-1 decode on CUDA: the four decoder projections run sglite.kernels.gemv (one row, no split-K;
+layers/linear.py dispatches on the `one_row_gemv` flag set here), and the norms and GeGLU let the
+next launch start early (pdl.py's chained launch), so each GEMV streams its first weights while
+the kernel before it runs (Gemma-2-9B on an H200: replay 5.93 -> 5.34 ms, docs/benchmarks.md).
+
 Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, 4B and up) are not served; the
 text-only Gemma3ForCausalLM (gemma-3-1b, or a text model extracted from a larger one) is.
 """
