@@ -3,8 +3,9 @@ transformers `generate` at batch 1 beside it (issue 18).
 
 Random bf16 weights: sglite serves a config-only folder written here with load_format=dummy;
 transformers builds the same config with its own init. sglite's number is the runner's whole step
-(batch build, CUDA graph replay, argmax read back to the host), as bench/gpu_e2e.py part a; the
-floor is the weight bytes over the measured device-to-device copy bandwidth (bytes read plus
+(batch build, CUDA graph replay, argmax read back to the host), as bench/gpu_e2e.py part a, and
+with --scheduler the same request decoded through the Scheduler (as served: its overlapped loop
+builds the next batch while the GPU runs this one); the floor is the weight bytes over the measured device-to-device copy bandwidth (bytes read plus
 written); transformers is (generate(1 + N) - generate(1)) / N at batch 1 (decode steps only).
 
     python bench/decode_floor.py --config gemma2-9b            # H100/H200
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from decode_paths import check_paths, gemv_off_check, scheduler_decode  # beside this script
 from sglite.runtime.executor.model_runner import ModelRunner
 
 _GEMMA2_9B = dict(
@@ -92,22 +94,30 @@ def bench_sglite(args, folder, device, prompt):
                                                      json.load(open(os.path.join(folder, "config.json")))[
                                                          "max_position_embeddings"])
     runner = ModelRunner(folder, load_format="dummy", device=str(device), dtype="bfloat16",
-                         max_total_tokens=len(prompt) + 2 * args.steps + 64, max_running_requests=2,
+                         max_total_tokens=len(prompt) + 4 * args.steps + 128, max_running_requests=2,
                          cuda_graph_max_bs=1, skip_tokenizer_init=True, max_context_len=ctx)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     row = runner.req_to_token.alloc()
+    check = check_paths(runner, row, prompt)
+    print(f"served path (graph, GEMV, chain) vs eager cuBLAS, logits per step: {check}", flush=True)
+    if args.check_only:
+        gemv_off_check(runner, row, prompt, recapture)
+        raise SystemExit(0)
     step_s, replay_s, last = measure(args, runner, row, prompt)
+    sched_s = scheduler_decode(args, runner, prompt) if args.scheduler else []
+    if args.gemv_sweep and device.type == "cuda":
+        from sglite.kernels import gemv
+
+        gemv.TILES.update(gemv_sweep(runner))  # the GEMV variants run the best tiles found here
     variants = []
     if args.variants and runner.graph_runner is not None:
         variants = run_variants(args, runner, row, prompt, ctx)
-    if args.gemv_sweep and device.type == "cuda":
-        gemv_sweep(runner)
     if args.profile:
         profile_step(args, runner, row, len(prompt) + 2 * (args.steps + 3), last)
     cfg = runner.model_config
     kv_bytes = runner.kv_cache.total_bytes // runner.kv_cache.capacity  # per token, all layers
     del runner
-    return weight_bytes, step_s, replay_s, kv_bytes, cfg, variants
+    return weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s, check
 
 
 def measure(args, runner, row, prompt):
@@ -140,54 +150,36 @@ def recapture(runner, ctx) -> None:
 
 
 def run_variants(args, runner, row, prompt, ctx):
-    """The same runner with one thing changed at a time (graphs captured again for each):
-    the pool-bound context, the one-row GEMV (gemma.install_gemv), decode tiles for head_dim > 128."""
-    from sglite.kernels import decode_attention as da
+    """The same runner with one thing changed at a time (graphs captured again for each): the
+    projections on cuBLAS without the chained early launch (the default before the one-row GEMV,
+    SGLITE_GEMV=0)."""
     from sglite.kernels import gemv
     from sglite.runtime.models import gemma
 
-    base_tiles = da.decode_tiles
     served_ctx = runner.max_context_len
-    pool_ctx = min(runner.max_context_len, runner.kv_cache.capacity)
-
-    def tiles(over):
-        def table(head_dim, *, device, num_splits=1):
-            t = base_tiles(head_dim, device=device, num_splits=num_splits)
-            return {**t, **over} if head_dim > 128 else t
-        return table
-
-    def gemv_on(flag):
-        if flag and hasattr(runner.model, "model"):
-            gemma.install_gemv(runner.model)  # F.linear while gemv.ENABLED is off
-        gemv.ENABLED = flag
-
-    cases = [
-        (f"context {pool_ctx} (pool-bound, as the first figure)", pool_ctx, None, False),
-        ("one-row GEMV (SGLITE_GEMV=1)", served_ctx, None, True),
-        ("decode tiles d256: BLOCK_N 64, 8 warps", served_ctx, dict(BLOCK_N=64, num_warps=8), False),
-        ("decode tiles d256: BLOCK_N 32, 8 warps", served_ctx, dict(BLOCK_N=32, num_warps=8), False),
-        ("decode tiles d256: BLOCK_N 16, 4 warps", served_ctx, dict(BLOCK_N=16, num_warps=4), False),
-    ]
+    cases = [  # (name, projections through the GEMV; none: gemv.ENABLED off, so no chain)
+        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0, the previous default)", ()),
+    ]  # (the GEMV on o + gate_up only, with and without the chain: 2026-12-03's first call)
     out = []
-    for name, cctx, over, use_gemv in cases:
+    for name, which in cases:
         try:
-            da.decode_tiles = tiles(over) if over else base_tiles
-            gemv_on(use_gemv)
-            recapture(runner, cctx)
+            gemma.set_one_row_gemv(runner.model, which)
+            gemv.ENABLED = bool(which)
+            recapture(runner, served_ctx)
             step_s, replay_s, _ = measure(args, runner, row, prompt)
             out.append((name, step_s, replay_s))
-        except Exception as e:  # noqa: BLE001 (a tile that does not compile: say so, go on)
+        except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
-            da.decode_tiles = base_tiles
-            gemv.ENABLED = False
+            gemma.set_one_row_gemv(runner.model)
+            gemv.ENABLED = True
         print(f"variant done: {name}: {out[-1] if out and out[-1][0] == name else 'failed'}", flush=True)
-    recapture(runner, ctx or pool_ctx)
+    recapture(runner, ctx or served_ctx)
     return out
 
 
 @torch.inference_mode()
-def gemv_sweep(runner) -> None:
+def gemv_sweep(runner) -> dict:
     """Each decoder projection alone, its 42 (num_layers) weights one after another in a CUDA
     graph (each read once per replay, past the L2): cuBLAS F.linear vs the one-row GEMV tiles."""
     import torch.nn.functional as F
@@ -201,9 +193,10 @@ def gemv_sweep(runner) -> None:
         "gate_up": [l.mlp.gate_up_proj.weight for l in layers],
         "down": [l.mlp.down_proj.weight for l in layers],
     }
-    configs = [None, dict(BLOCK_N=8, BLOCK_K=512, num_warps=4), dict(BLOCK_N=8, BLOCK_K=512, num_warps=8),
-               dict(BLOCK_N=4, BLOCK_K=512, num_warps=4), dict(BLOCK_N=16, BLOCK_K=512, num_warps=8),
-               dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8), dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)]
+    configs = [None, dict(BLOCK_N=4, BLOCK_K=512, num_warps=4), dict(BLOCK_N=8, BLOCK_K=512, num_warps=8),
+               dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4), dict(BLOCK_N=2, BLOCK_K=512, num_warps=4),
+               dict(BLOCK_N=1, BLOCK_K=1024, num_warps=4), dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8)]
+    best = {}
     print("## one-row projections alone (us a call, TB/s of weights; graph of one call per layer)")
     print("| shape | " + " | ".join("cuBLAS" if c is None else "{BLOCK_N}x{BLOCK_K} w{num_warps}".format(**c)
                                     for c in configs) + " |")
@@ -238,10 +231,14 @@ def gemv_sweep(runner) -> None:
                 us = start.elapsed_time(end) * 1e3 / (10 * len(ws))
                 tbs = ws[0].numel() * ws[0].element_size() / (us * 1e-6) / 1e12
                 cells.append(f"{us:.1f} ({tbs:.2f}){' ERR %.0e' % err if err > 1e-2 else ''}")
+                if cfg is not None and err <= 1e-2 and us < best.get((n, k), (float("inf"),))[0]:
+                    best[(n, k)] = (us, dict(cfg, num_stages=1))
                 del graph
             except Exception as e:  # noqa: BLE001
                 cells.append(f"failed {type(e).__name__}")
         print(f"| {name} {n}x{k} | " + " | ".join(cells) + " |", flush=True)
+    print(f"GEMV tiles for the variants: {best}", flush=True)
+    return {shape: cfg for shape, (_, cfg) in best.items()}
 
 
 def profile_step(args, runner, row, seq, last):
@@ -324,7 +321,11 @@ def main():
                     help="context limit the graphs are captured for: the model's (default, as "
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
-                    help="also time the pool-bound context, the one-row GEMV and d256 decode tiles")
+                    help="also time cuBLAS projections (SGLITE_GEMV=0) and the one-row GEMV on o + gate_up only")
+    ap.add_argument("--check-only", action="store_true",
+                    help="only the served-path checks against eager launches, no timing")
+    ap.add_argument("--scheduler", action="store_true",
+                    help="also time the decode through the Scheduler (as served: overlapped loop)")
     ap.add_argument("--gemv-sweep", action="store_true", help="time each projection alone: cuBLAS vs GEMV tiles")
     ap.add_argument("--trace-dir", default=None, help="--profile: write the replays' chrome trace here")
     ap.add_argument("--hf-attn", default="eager,sdpa",
@@ -340,7 +341,8 @@ def main():
     prompt = torch.randint(3, hf_dict["vocab_size"], (args.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     copy_bw = copy_bandwidth(device)
-    weight_bytes, step_s, replay_s, kv_bytes, cfg, variants = bench_sglite(args, folder, device, prompt)
+    weight_bytes, step_s, replay_s, kv_bytes, cfg, variants, sched_s, check = bench_sglite(
+        args, folder, device, prompt)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     floor = weight_bytes / copy_bw
@@ -355,6 +357,9 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = [("sglite bs1 decode ms/token (runner's whole step)", [s * 1e3 for s in step_s],
              [floor / s for s in step_s])]
+    if sched_s:
+        rows.append(("sglite bs1 decode through the Scheduler (as served, overlapped loop) ms/token",
+                     [s * 1e3 for s in sched_s], [floor / s for s in sched_s]))
     if replay_s is not None:
         rows.append(("sglite graph replay alone ms/token", [replay_s * 1e3], [floor / replay_s]))
     for v_name, v_step, v_replay in variants:
@@ -373,10 +378,14 @@ def main():
         print(f"| {case} | {' / '.join(f'{m:.3f}' for m in ms)} | {' / '.join(f'{r:.3f}' for r in ratio)} |")
     for hf_s, hf_note in hf:
         print(f"sglite vs transformers ({hf_note}): {hf_s / min(step_s):.1f}x")
+    print(f"served path vs eager cuBLAS (logits, {check['steps']} steps): max rel err "
+          f"{check['max_rel_err']:.2e}, same argmax {check['same_top1']}/{check['steps']}; vs the same "
+          f"kernels launched eagerly: {check['max_rel_err_vs_eager_same_kernels']:.2e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, device=name, weight_bytes=weight_bytes, copy_bw=copy_bw,
-                           floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants), f)
+                           floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants,
+                           scheduler_s=sched_s, check=check), f)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ k. the fused-MoE kernel (sglite.kernels.fused_moe) vs its torch reference (trans
    both against an fp32 reference on the same (upcast) inputs;
 d. decode tokens/s at batch 64 and 256 through sglite's Scheduler (CUDA graphs, overlapped loop;
    random weights from a config-only folder, load_format="dummy") vs transformers `generate` at
-   the same batch (random weights, same shape; decode time = generate(2 + n) - generate(2)).
+   the same batch (random weights, same shape), as shipped and with grouped_mm kept for its
+   decode steps: the per-step time from a clock in generate's loop (bench/moe_hf.py).
 
 Each part runs in its own process (two copies of the model do not fit one card); results are
 JSON lines under --out and a table at the end.
@@ -188,7 +189,8 @@ def part_sglite(args, out: Path, folder: str):
                          max_total_tokens=max_bs * (args.prompt_len + args.decode_steps + 64),
                          max_running_requests=max_bs, cuda_graph_max_bs=max_bs)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    emit(out, dict(part="sglite_load", seconds=time.perf_counter() - t0, weight_gb=weight_bytes / 1e9))
+    emit(out, dict(part="sglite_load", seconds=time.perf_counter() - t0, weight_gb=weight_bytes / 1e9,
+                   copy_gbs=copy_bandwidth() / 1e9 if cuda else float("nan")))
     vocab = runner.model_config.vocab_size
     for bs in args.batches:
         decode_at(args, out, runner, bs, vocab, "sglite_decode")
@@ -226,7 +228,7 @@ def decode_at(args, out: Path, runner, bs: int, vocab: int, part: str | None, pr
     sched = Scheduler(runner, max_running_requests=bs, chunked_prefill_size=bs * args.prompt_len,
                       log_interval=0)
     gen = torch.Generator().manual_seed(bs)
-    params = SamplingParams(temperature=0, max_new_tokens=args.decode_steps + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_new_tokens=2 * args.decode_steps + 16, ignore_eos=True)
     reqs = [Req(rid=f"r{i}", input_ids=torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(),
                 params=params, sink=_Sink()) for i in range(bs)]
     for req in reqs:
@@ -238,16 +240,20 @@ def decode_at(args, out: Path, runner, bs: int, vocab: int, part: str | None, pr
         sched.step()
     if profile:
         profile_steps(out, sched, bs)
-    else:
-        sync()
-        before, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
-        for _ in range(args.decode_steps):
-            sched.step()
-        sync()
-        elapsed = time.perf_counter() - t0
-        tokens = sum(len(r.output_ids) for r in reqs) - before
-        emit(out, dict(part=part, batch=bs, tokens=tokens, seconds=elapsed,
-                       tok_s=tokens / elapsed, ms_step=elapsed / (tokens / bs) * 1e3))
+    else:  # two windows of decode_steps: the spread is the noise; the row keeps the slower
+        windows = []
+        for _ in range(2):
+            sync()
+            before, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
+            for _ in range(args.decode_steps):
+                sched.step()
+            sync()
+            elapsed = time.perf_counter() - t0
+            tokens = sum(len(r.output_ids) for r in reqs) - before
+            windows.append((elapsed / (tokens / bs) * 1e3, tokens, elapsed))
+        ms_step, tokens, elapsed = max(windows)
+        emit(out, dict(part=part, batch=bs, tokens=tokens, seconds=elapsed, tok_s=bs / (ms_step / 1e3),
+                       ms_step=ms_step, ms_step_windows=[w[0] for w in windows]))
     while sched.has_work:
         sched.step()
     del sched
@@ -268,56 +274,11 @@ def profile_steps(out: Path, sched, bs: int, steps: int = 3):
     prof.export_chrome_trace(str(out / f"moe_bs{bs}_trace.json"))
 
 
-# --- d. transformers baseline -------------------------------------------------------------------
+# --- d. transformers baseline: bench/moe_hf.py -------------------------------------------------
 def part_hf(args, out: Path, shape: dict):
-    import torch
-    import transformers
+    import moe_hf  # beside this script
 
-    cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
-    cfg = {k: v for k, v in shape.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    config = transformers.Qwen3MoeConfig(**cfg, initializer_range=0.02)
-    t0 = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
-    try:
-        with torch.device(dev):
-            model = transformers.Qwen3MoeForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(torch.float32)
-    emit(out, dict(part="hf_load", seconds=time.perf_counter() - t0, transformers=transformers.__version__,
-                   experts_impl=str(getattr(config, "_experts_implementation", None))))
-    gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for bs in args.batches:
-            ids = torch.randint(0, shape["vocab_size"], (bs, args.prompt_len), generator=gen).to(dev)
-
-            def run(n):
-                sync()
-                t = time.perf_counter()
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-                sync()
-                assert out.shape == (bs, args.prompt_len + n), out.shape
-                return time.perf_counter() - t
-
-            if bs == args.batches[0]:
-                run(1)  # warm-up
-            if args.hf_slope:  # generate(n) at several n, the per-step time as the fitted slope
-                lens = [2, 6, 10, 18]
-                secs = [min(run(n) for _ in range(args.hf_repeats)) for n in lens]
-                mean_n, mean_s = sum(lens) / len(lens), sum(secs) / len(secs)
-                slope = (sum((n - mean_n) * (t - mean_s) for n, t in zip(lens, secs))
-                         / sum((n - mean_n) ** 2 for n in lens))
-                emit(out, dict(part="hf_slope", batch=bs, lens=lens, seconds=secs,
-                               ms_step=slope * 1e3, tok_s=bs / slope))
-                continue
-            # the best of args.hf_repeats for each: one difference of two runs is noisy
-            base = min(run(2) for _ in range(args.hf_repeats))
-            full = min(run(2 + args.hf_steps) for _ in range(args.hf_repeats))
-            decode_s = max(full - base, 1e-9)
-            emit(out, dict(part="hf_decode", batch=bs, steps=args.hf_steps, seconds=decode_s,
-                           tok_s=bs * args.hf_steps / decode_s,
-                           ms_step=decode_s / args.hf_steps * 1e3, generate2_s=base))
+    return moe_hf.part_hf(args, out, shape, emit)
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -330,10 +291,19 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--hf-steps", type=int, default=4)
+    ap.add_argument("--hf-steps", type=int, default=12,
+                    help="transformers: decode steps a timed run has past its first two")
     ap.add_argument("--hf-repeats", type=int, default=2)
     ap.add_argument("--hf-slope", action="store_true",
                     help="transformers: time generate at 2, 6, 10, 18 tokens and fit the per-step slope")
+    ap.add_argument("--hf-slope-batches", type=int, nargs="+", default=[64])
+    ap.add_argument("--hf-backends", nargs="+", default=["default", "grouped_mm"],
+                    help="transformers decode: 'default' (generate as shipped: batched_mm experts for "
+                         "decode) and/or 'grouped_mm' (its decode-stage switch off)")
+    ap.add_argument("--hf-default-batches", type=int, nargs="*", default=None,
+                    help="batches at which the 'default' backend runs (all when not given)")
+    ap.add_argument("--hf-profile", action="store_true",
+                    help="profile one transformers generate(6) at the first batch")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--route-variant", action="store_true",
                     help="time the first batch again with the router as torch ops (the before)")
@@ -341,7 +311,10 @@ def main():
                     help="time the first batch again with the MoE align step as torch ops (the before)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first batch's decode steps (kernels by GPU time, chrome trace)")
-    ap.add_argument("--timeouts", type=int, nargs=3, default=[80, 170, 120])
+    ap.add_argument("--parts", nargs="+", default=["kernel", "sglite", "hf"],
+                    choices=["kernel", "sglite", "hf"], help="which parts the driver runs")
+    ap.add_argument("--timeouts", type=int, nargs=3, default=[80, 170, 120],
+                    help="seconds for the kernel, sglite and hf parts")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,6 +331,8 @@ def main():
     (out / "moe_results.jsonl").unlink(missing_ok=True)
     passthrough = [a for a in sys.argv[1:]]
     for part, timeout in zip(("kernel", "sglite", "hf"), args.timeouts):
+        if part not in args.parts:
+            continue
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--part", part, *passthrough],
@@ -368,7 +343,8 @@ def main():
                 print(proc.stderr[-3000:], flush=True)
         except subprocess.TimeoutExpired as e:
             status = "timeout"
-            (out / f"moe_{part}.log").write_text(f"{e.stdout or ''}{e.stderr or ''}")
+            text = [t.decode(errors="replace") if isinstance(t, bytes) else (t or "") for t in (e.stdout, e.stderr)]
+            (out / f"moe_{part}.log").write_text("".join(text))
         print(f"# part {part}: {status} in {time.perf_counter() - t0:.0f} s", flush=True)
     print_table(out)
 
@@ -391,22 +367,37 @@ def print_table(out: Path):
                          f"{r['torch_us'] / r['kernel_us']:.1f}x | equal to the torch ops: "
                          f"{r['kernel_equal']} |")
     for r in rows:
-        if r["part"] == "hf_slope":
-            lines.append(f"| transformers bs{r['batch']} per-step slope over generate({r['lens']}) | | "
-                         f"{r['tok_s']:.0f} ({r['ms_step']:.1f} ms/step) | | seconds {r['seconds']} |")
-    hf = {r["batch"]: r for r in rows if r["part"] == "hf_decode"}
-    bw = next((r["copy_gbs"] for r in rows if r["part"] == "kernel"), float("nan"))
+        if r["part"] == "hf_decode":
+            slope = (f"; slope over generate({r['slope_lens']}) {r['ms_step_slope']:.1f} ms/step "
+                     f"(best-of seconds {[round(x, 3) for x in r['slope_seconds']]})" if "ms_step_slope" in r else "")
+            lines.append(f"| transformers bs{r['batch']} ({r['impl']}) ms/step | | {r['ms_step']:.1f} | | "
+                         f"per-step median {r['ms_step_median']:.1f} (min {r['ms_step_min']:.1f}, max "
+                         f"{r['ms_step_max']:.1f}; run medians {[round(x, 1) for x in r['ms_step_run_medians']]})"
+                         f"{slope} |")
+        elif r["part"] == "hf_profile":
+            lines.append(f"| transformers bs{r['batch']} generate({r['tokens']}) under the profiler | | "
+                         f"wall {r['wall_s']:.2f} s | | GPU kernel time {r['gpu_busy_s']:.2f} s, "
+                         f"{r['kernel_launches']} launches |")
+    hf = {}
+    for r in rows:  # the fastest transformers figure at each batch: the baseline
+        if r["part"] == "hf_decode":
+            ms = r["ms_step"]
+            if r["batch"] not in hf or ms < hf[r["batch"]]["ms_step"]:
+                hf[r["batch"]] = dict(ms_step=ms, tok_s=r["batch"] / (ms / 1e3))
+    bw = next((r["copy_gbs"] for r in rows if r["part"] in ("kernel", "sglite_load") and "copy_gbs" in r),
+              float("nan"))
     weight_gb = next((r["weight_gb"] for r in rows if r["part"] == "sglite_load"), float("nan"))
     for r in rows:
         if r["part"].startswith("sglite_decode"):
             b = hf.get(r["batch"])
-            base = f"{b['tok_s']:.0f} ({b['ms_step']:.0f} ms/step)" if b else "n/a"
+            base = f"{b['tok_s']:.0f} ({b['ms_step']:.1f} ms/step)" if b else "n/a"
             ratio = f"{r['tok_s'] / b['tok_s']:.1f}x" if b else "n/a"
             floor = weight_gb / bw * 1e3  # every expert is hit at these batches
             label = {"sglite_decode_torch_align": " (router and align as torch ops)",
                      "sglite_decode_torch_route": " (router as torch ops)"}.get(r["part"], "")
+            windows = " / ".join(f"{w:.2f}" for w in r.get("ms_step_windows", []))
             lines.append(f"| decode bs{r['batch']}{label} tok/s | {r['tok_s']:.0f} ({r['ms_step']:.1f} "
-                         f"ms/step) | transformers {base} | {ratio} | weight-read floor "
+                         f"ms/step; windows {windows}) | transformers {base} | {ratio} | weight-read floor "
                          f"{floor:.1f} ms/step ({floor / r['ms_step']:.0%}) |")
     for r in rows:
         if r["part"] in ("sglite_load", "hf_load") or "sweep" in r:

@@ -12,15 +12,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pdl import pdl_options, wait_for_previous
+from . import pdl
+from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 BLOCK_N = 1024
 
 
 @triton.jit
 def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
-                         GELU: tl.constexpr = False):
+                         GELU: tl.constexpr = False, EARLY: tl.constexpr = False):
     wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)  # pdl.chain_launch: the down projection's GEMV launches now
     cur_row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -34,13 +36,15 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK_N: tl.constexpr, U
     tl.store(Out + cur_row * stride_o + offs_n, (act * up).to(Out.dtype.element_ty), mask=mask_n)
 
 
-def gelu_tanh_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def gelu_tanh_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, early: bool = False) -> torch.Tensor:
     """x [T, 2I] -> gelu(gate, approximate="tanh") * up, [T, I] in x's dtype."""
-    return silu_and_mul(x, out=out, _gelu=True)
+    return silu_and_mul(x, out=out, _gelu=True, early=early)
 
 
-def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, _gelu: bool = False) -> torch.Tensor:
-    """x [T, 2I] -> [T, I] in x's dtype."""
+def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, _gelu: bool = False,
+                 early: bool = False) -> torch.Tensor:
+    """x [T, 2I] -> [T, I] in x's dtype. early: the next kernel may launch once this one's
+    programs have waited (pdl.py, chained early launch; also on under pdl.CHAIN)."""
     if x.dim() != 2 or x.shape[1] % 2 or x.stride(-1) != 1:
         raise ValueError(f"silu_and_mul: need [T, 2I] with a contiguous last axis, got "
                          f"{tuple(x.shape)} strides {x.stride()}")
@@ -54,7 +58,7 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, _gelu: boo
     block = min(BLOCK_N, triton.next_power_of_2(n))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](
         x, out, x.stride(0), out.stride(0), n, BLOCK_N=block, num_warps=4 if x.is_cuda else 1,
-        GELU=_gelu, **pdl_options(x),
+        GELU=_gelu, **pdl_options(x), **({"EARLY": True} if (early or pdl.CHAIN) and early_launch(x) else {}),
     )
     return out
 

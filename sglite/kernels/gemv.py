@@ -1,18 +1,20 @@
 """One-row bf16/fp16 linear (GEMV) for batch-1 decode: out[1, N] = x[1, K] @ W[N, K]^T.
 
 A batch-1 decode step is the weights streamed once; cuBLAS picks split-K kernels for the narrow
-projections (o_proj, down_proj: a second reduce launch each) and reaches 2.5-3.5 TB/s on 29-103 MB
-matrices (Gemma-2-9B on an H200, bench/decode_floor.py --profile, 2026-12-02) against ~4.35 TB/s
-for the 1.8 GB LM head. Here each program owns BLOCK_N whole rows (no split-K, no second launch),
-streams them in BLOCK_K chunks with the next chunk's load issued before the current one's FMAs,
-accumulates elementwise in fp32 and reduces once after the loop. Launched with PDL: the weights
-are not written by any kernel of the forward, so each program loads its first chunk before
-`wait_for_previous()` (pdl.py's rule: only what was written before the forward began), while the
-norm or activation before it still runs; x is read after the wait. It never lets its own
-dependents launch early.
+projections (o_proj, down_proj: a second reduce launch each) and reaches 2.4-3.6 TB/s on 29-103 MB
+matrices (Gemma-2-9B on an H200, bench/decode_floor.py --gemv-sweep). Here each program owns
+BLOCK_N whole rows (no split-K, no second launch), streams them in BLOCK_K chunks with the next
+chunk's load issued before the current one's FMAs, accumulates elementwise in fp32 and reduces
+once after the loop. Launched with PDL: the weights are not written by any kernel of the forward,
+so each program loads its first chunk before `wait_for_previous()` (pdl.py's rule: only what was
+written before the forward began), while the norm or activation before it still runs; x is read
+after the wait. With `early=True` (pdl.py's chained early launch) it then lets its own dependent
+launch.
 
-`gemv_config(n, k)` is the tile table. Off unless `SGLITE_GEMV=1` (read at import; or set
-`gemv.ENABLED`): measured, it does not beat cuBLAS in the whole step (see gemv_config).
+Which layers run it: those whose model sets `one_row_gemv` on them (Gemma's four decoder
+projections; layers/linear.py dispatches), for one-row inputs, while ENABLED (`SGLITE_GEMV=0`
+turns it off; read at import, or set `gemv.ENABLED`). Measured in the whole step (H200,
+2026-12-03): with the chained early launch, Gemma-2-9B's batch-1 graph replay 5.93 -> 5.34 ms.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_options, wait_for_previous
+from . import pdl
+from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
-ENABLED = os.environ.get("SGLITE_GEMV", "0") == "1"
+ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
+# (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
+# the same call's --gemv-sweep before it times the GEMV variants)
+TILES: dict[tuple[int, int], dict] = {}
 
 
 @triton.jit
@@ -33,6 +39,7 @@ def _gemv_kernel(
     X, W, Out, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,  # pdl.chain_launch: the next kernel launches after the wait
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -48,6 +55,7 @@ def _gemv_kernel(
     # weights only before the wait: nothing in the forward writes them (pdl.py)
     w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
     wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
@@ -60,13 +68,16 @@ def _gemv_kernel(
 
 
 def gemv_config(n: int, k: int) -> dict:
-    """Tiles for W [n, k]: 4 rows a program, 512-column chunks, 4 warps: the best of six tiles on
-    each Gemma-2-9B projection alone (H200, bench/decode_floor.py --gemv-sweep, 2026-12-02):
-    qkv 17.5 us (3.36 TB/s), o 9.6 (3.05), gate_up 50.7 (4.05), down 29.7 (3.46); 8x512 with 4
-    warps (the first default) was 8 us a layer slower and lost 0.21 ms a step to cuBLAS in the
-    whole step. Even these tiles only tie cuBLAS's in-model times (qkv 16.6, o 10 + 1.7 reduce,
-    gate_up 52, down 28 + 1.7), hence off by default."""
-    return dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=1)
+    """Tiles for W [n, k] (TILES overrides per shape): 2 rows a program, 512-column chunks, 4
+    warps; 2048-column chunks and 8 warps for long rows (k >= 8192). The best of six tiles on each
+    Gemma-2-9B projection alone (H200, bench/decode_floor.py --gemv-sweep, 2026-12-03; cuBLAS in
+    brackets): qkv 16.9 us (16.7), o 9.5 (12.4 with its split-K reduce), gate_up 50.1 (49.8), down
+    27.2 (28.8). 4x512 (the previous default) was 0.5-2.7 us slower on each."""
+    if (n, k) in TILES:
+        return dict(TILES[(n, k)])
+    if k >= 8192:
+        return dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=2, BLOCK_K=512, num_warps=4, num_stages=1)
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
@@ -77,8 +88,9 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K], weight [N, K] (rows contiguous) -> [1, N] in x's dtype."""
+         out: torch.Tensor | None = None, early: bool = False) -> torch.Tensor:
+    """x [1, K], weight [N, K] (rows contiguous) -> [1, N] in x's dtype. early: the next kernel
+    may launch once this one's programs have waited (pdl.py; also on under pdl.CHAIN)."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} (need [1, K], [N, K])")
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
@@ -89,5 +101,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = None,
         cfg.update(num_warps=1, num_stages=1)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device) if out is None else out
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, weight, out, n, k, weight.stride(0), **cfg, **pdl_options(x))
+        x, weight, out, n, k, weight.stride(0), **cfg, **pdl_options(x),
+        **({"EARLY": True} if (early or pdl.CHAIN) and early_launch(x) else {}))
     return out

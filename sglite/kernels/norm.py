@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_options, wait_for_previous
+from . import pdl
+from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 MAX_N = 65536  # one row in registers: 64k fp32 over 16 warps is 128 values per thread
 
@@ -33,15 +34,20 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
     PRE_NORM: tl.constexpr = False,  # x <- rms_norm(x, W0, eps0) first (norm_add_rms_norm)
     USE_PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,  # pdl.chain_launch: the next kernel launches after the wait
 ):
-    wait_for_previous(USE_PDL)
     cur_row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    # the weights before the wait: no kernel of the forward writes them (pdl.py)
+    w = tl.load(W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if PRE_NORM:
+        w0 = tl.load(W0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)
     x = tl.load(X + cur_row * stride_x + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if PRE_NORM:  # rounded as the standalone norm stores it
         rstd0 = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps0)
-        w0 = tl.load(W0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         x = ((x * rstd0).to(Out.dtype.element_ty).to(tl.float32) * w0).to(Out.dtype.element_ty)
         x = x.to(tl.float32)
     if HAS_RESIDUAL:
@@ -51,7 +57,6 @@ def _rms_norm_kernel(
         x = x.to(tl.float32)
     mean_sq = tl.sum(x * x, axis=0) / N
     rstd = 1.0 / tl.sqrt(mean_sq + eps)
-    w = tl.load(W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = (x * rstd).to(Out.dtype.element_ty).to(tl.float32) * w
     tl.store(Out + cur_row * stride_o + offs_n, y.to(Out.dtype.element_ty), mask=mask_n)
 
@@ -66,7 +71,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: hidden size {x.shape[1]} > {MAX_N} (one row per program)")
 
 
-def _launch(x, residual, out, weight, eps, pre_weight=None, pre_eps=0.0):
+def _launch(x, residual, out, weight, eps, pre_weight=None, pre_eps=0.0, early=False):
     rows, n = x.shape
     if rows == 0:
         return
@@ -78,33 +83,36 @@ def _launch(x, residual, out, weight, eps, pre_weight=None, pre_eps=0.0):
         n, eps, pre_eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, PRE_NORM=pre_weight is not None,
         num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1, **pdl_options(x),
+        **({"EARLY": True} if (early or pdl.CHAIN) and early_launch(x) else {}),
     )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, N] -> normalized [rows, N] in x's dtype (into `out`, which may be x)."""
+             out: torch.Tensor | None = None, early: bool = False) -> torch.Tensor:
+    """x [rows, N] -> normalized [rows, N] in x's dtype (into `out`, which may be x). early: the
+    next kernel may launch once this one's programs have waited (pdl.py, chained early launch;
+    also on under pdl.CHAIN) -- for callers whose next kernel is a PDL launch (the GEMV)."""
     _check(x, weight, "rms_norm")
     out = torch.empty_like(x) if out is None else out
     if out.shape != x.shape or out.stride(-1) != 1:
         raise ValueError(f"rms_norm: out {tuple(out.shape)} does not match x {tuple(x.shape)}")
-    _launch(x, None, out, weight, eps)
+    _launch(x, None, out, weight, eps, early=early)
     return out
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, *, early: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: residual <- x + residual, x <- rms_norm(residual). Returns (x, residual)."""
     _check(x, weight, "fused_add_rms_norm")
     if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
         raise ValueError(f"fused_add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} "
                          f"does not match x {tuple(x.shape)} {x.dtype}")
-    _launch(x, residual, x, weight, eps)
+    _launch(x, residual, x, weight, eps, early=early)
     return x, residual
 
 
 def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, pre_weight: torch.Tensor,
-                      weight: torch.Tensor, pre_eps: float, eps: float
+                      weight: torch.Tensor, pre_eps: float, eps: float, *, early: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """In place, one launch: residual <- rms_norm(x, pre_weight) + residual,
     x <- rms_norm(residual, weight). Returns (x, residual); equal to rms_norm followed by
@@ -114,7 +122,7 @@ def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, pre_weight: torch
     if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
         raise ValueError(f"norm_add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} "
                          f"does not match x {tuple(x.shape)} {x.dtype}")
-    _launch(x, residual, x, weight, eps, pre_weight, pre_eps)
+    _launch(x, residual, x, weight, eps, pre_weight, pre_eps, early=early)
     return x, residual
 
 

@@ -17,6 +17,14 @@ Captured into CUDA graphs, the launches become programmatic edges.
 
 `SGLITE_PDL=0` turns PDL off, `SGLITE_PDL_EARLY=0` only the early launch (read at import; the
 before/after benchmarks).
+
+Chained early launch: the norm, activation and one-row GEMV kernels also call
+`allow_dependents()` right after their wait when their caller asks (`early=True`; the models
+whose batch-1 projections run sglite.kernels.gemv instead of cuBLAS: Gemma), so that every kernel
+of a layer is launched while its predecessor runs and the GEMVs load their first weight chunk
+behind the norm or activation before them. The rule above still holds: each of them reads,
+before its wait, only weights. `SGLITE_PDL_CHAIN=1` (or `pdl.CHAIN`, read at call time) turns it
+on for every caller (benchmarks).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ except ImportError:  # an older triton: no PDL
 
 ENABLED = os.environ.get("SGLITE_PDL", "1") != "0" and _gdc_wait is not None
 EARLY_LAUNCH = os.environ.get("SGLITE_PDL_EARLY", "1") != "0"
+CHAIN = os.environ.get("SGLITE_PDL_CHAIN", "0") == "1"
 
 
 def use_pdl(t: torch.Tensor) -> bool:

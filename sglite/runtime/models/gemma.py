@@ -14,6 +14,11 @@ to the attention backend through AttentionLayer, as for Mistral / Qwen2. Since s
 global, no KV can be freed behind the window (ModelConfig.is_all_windowed is False, so the
 scheduler's window freeing stays off for these models).
 
+Batch-1 decode on CUDA: the four decoder projections run sglite.kernels.gemv (one row, no split-K;
+layers/linear.py dispatches on the `one_row_gemv` flag set here), and the norms and GeGLU let the
+next launch start early (pdl.py's chained launch), so each GEMV streams its first weights while
+the kernel before it runs (Gemma-2-9B on an H200: replay 5.93 -> 5.34 ms, docs/benchmarks.md).
+
 Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, 4B and up) are not served; the
 text-only Gemma3ForCausalLM (gemma-3-1b, or a text model extracted from a larger one) is.
 """
@@ -54,9 +59,9 @@ class GemmaRMSNorm(nn.Module):
             from sglite.kernels.norm import fused_add_rms_norm, rms_norm
 
             if residual is not None:
-                return fused_add_rms_norm(x, residual, self._plus_one, self.eps)
+                return fused_add_rms_norm(x, residual, self._plus_one, self.eps, early=_chain())
             rows = x.reshape(-1, x.shape[-1])
-            return rms_norm(rows, self._plus_one, self.eps).view(x.shape)
+            return rms_norm(rows, self._plus_one, self.eps, early=_chain()).view(x.shape)
         if residual is not None:
             residual = x + residual
             return self._norm(residual), residual
@@ -69,13 +74,22 @@ class GemmaRMSNorm(nn.Module):
         if use_fused(x) and self._plus_one is not None and nxt._plus_one is not None:
             from sglite.kernels.norm import norm_add_rms_norm
 
-            return norm_add_rms_norm(x, residual, self._plus_one, nxt._plus_one, self.eps, nxt.eps)
+            return norm_add_rms_norm(x, residual, self._plus_one, nxt._plus_one, self.eps, nxt.eps,
+                                     early=_chain())
         return nxt(self(x), residual)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def _chain() -> bool:
+    """Whether the norms and the activation let the next kernel launch early (pdl.py): where the
+    projections after them are the one-row GEMV (a PDL launch that loads weights before its wait)."""
+    from sglite.kernels import gemv
+
+    return gemv.ENABLED
 
 
 class GemmaAttention(LlamaAttention):
@@ -93,6 +107,13 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.is_sliding = config.window_for_layer(layer_id) is not None
+        # batch-1 decode: the four projections through the one-row GEMV (layers/linear.py), the
+        # activation before down_proj launching it early; o / down as QuantLinear for that hook
+        # (same parameter names; FP8 and tensor parallelism replace or refuse them as before)
+        self.self_attn.o_proj = QuantLinear(self.self_attn.o_proj)
+        self.mlp.down_proj = QuantLinear(self.mlp.down_proj)
+        self.mlp.early_act = True
+        set_one_row_gemv(self)
 
     def forward(self, x, residual, cos, sin, batch, backend, prev: "GemmaDecoderLayer | None" = None):
         """x is the previous layer's MLP output (prev's), before its post-feedforward norm and
@@ -161,34 +182,24 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
                 module.refresh_fused()
 
 
-class _OneRowGemv:
-    """A linear layer's `quant_method` (layers/linear.py) that serves one-row bf16 inputs with
-    sglite.kernels.gemv (batch-1 decode; off unless gemv.ENABLED at call time) and everything else
-    with F.linear."""
-
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from sglite.kernels import gemv
-
-        if gemv.use_gemv(x, layer.weight, layer.bias):
-            return gemv.gemv(x, layer.weight)
-        return F.linear(x, layer.weight, layer.bias)
+GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
 
-def install_gemv(model: nn.Module) -> int:
-    """Route the decoder layers' qkv / o / gate_up / down projections through _OneRowGemv (o and
-    down become QuantLinear, same parameter names). Single GPU, unquantized only: tensor
-    parallelism and FP8 refuse or replace layers with a quant_method. Returns how many layers."""
-    method, count = _OneRowGemv(), 0
-    for layer in model.model.layers:
+def set_one_row_gemv(module: nn.Module, which: tuple[str, ...] = GEMV_PROJECTIONS) -> int:
+    """The decoder layers (of a model, or one layer) whose projections named in `which` (of qkv /
+    o / gate_up / down) take the one-row GEMV at batch 1; the others go back to cuBLAS. Returns
+    how many projections have it (benchmarks: bench/decode_floor.py --variants)."""
+    unknown = set(which) - set(GEMV_PROJECTIONS)
+    if unknown:
+        raise ValueError(f"set_one_row_gemv: unknown projections {sorted(unknown)} (of {GEMV_PROJECTIONS})")
+    layers = module.model.layers if hasattr(module, "model") else [module]
+    count = 0
+    for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if type(attn.o_proj) is nn.Linear:
-            attn.o_proj = QuantLinear(attn.o_proj)
-        if type(mlp.down_proj) is nn.Linear:
-            mlp.down_proj = QuantLinear(mlp.down_proj)
-        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            if lin.quant_method is None:
-                lin.quant_method = method
-                count += 1
+        lins = dict(qkv=attn.qkv_proj, o=attn.o_proj, gate_up=mlp.gate_up_proj, down=mlp.down_proj)
+        for name, lin in lins.items():
+            lin.one_row_gemv = name in which
+            count += name in which
     return count
 
 

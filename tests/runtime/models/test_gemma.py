@@ -126,14 +126,12 @@ def test_gemma_sandwich_pair_fused_matches_torch(monkeypatch):
 
 
 def test_gemma2_with_the_one_row_gemv(tmp_path, monkeypatch):
-    """install_gemv: the decoder's projections through the one-row GEMV kernel (batch-1 decode
-    rows, interpreted; gemv.use_gemv forced for CPU tensors) against transformers' logits."""
+    """Gemma's decoder projections through the one-row GEMV kernel (batch-1 decode rows,
+    interpreted; gemv.use_gemv forced for CPU tensors) against transformers' logits."""
     from sglite.kernels import gemv
-    from sglite.runtime.models import gemma
 
     folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
     runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
-    assert gemma.install_gemv(runner.model) == 4 * 4
     rows_seen = []
 
     def use(x, w, b):
@@ -151,3 +149,29 @@ def test_gemma2_with_the_one_row_gemv(tmp_path, monkeypatch):
         logits = runner.forward(runner.make_decode_batch([row], [n + 1], [seq[n]], runner.token_pool.alloc(1)))
         torch.testing.assert_close(logits[0], ref[n], atol=1e-4, rtol=1e-4)
     assert rows_seen.count(1) == 4 * 4 * 4  # every projection of every decode step took the kernel
+
+
+def test_set_one_row_gemv_on_a_subset(tmp_path):
+    """set_one_row_gemv(which=...): the named projections are flagged for the GEMV, the others go
+    back to cuBLAS, and a second call with another subset replaces the first."""
+    from sglite.runtime.models import gemma
+
+    folder, _, _ = family.save_model(tmp_path, _gemma2(), "gemma")
+    runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
+    layers = runner.model.model.layers
+
+    def which():
+        out = set()
+        for layer in layers:
+            lins = dict(qkv=layer.self_attn.qkv_proj, o=layer.self_attn.o_proj,
+                        gate_up=layer.mlp.gate_up_proj, down=layer.mlp.down_proj)
+            out |= {name for name, lin in lins.items() if lin.one_row_gemv}
+        return out
+
+    assert which() == set(gemma.GEMV_PROJECTIONS)  # as built
+    assert gemma.set_one_row_gemv(runner.model, ("o", "gate_up")) == 2 * len(layers)
+    assert which() == {"o", "gate_up"}
+    assert gemma.set_one_row_gemv(runner.model, ("down",)) == len(layers)
+    assert which() == {"down"}
+    with pytest.raises(ValueError):
+        gemma.set_one_row_gemv(runner.model, ("lm_head",))

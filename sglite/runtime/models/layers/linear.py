@@ -15,9 +15,16 @@ from torch import nn
 
 
 def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] -> [..., out] through the layer's quant method, or F.linear without one."""
+    """x [..., in] -> [..., out] through the layer's quant method, or F.linear without one; a
+    layer whose model set `one_row_gemv` on it takes sglite.kernels.gemv for one-row CUDA inputs
+    (batch-1 decode; chained early launch, pdl.py)."""
     method = getattr(layer, "quant_method", None)
     if method is None:
+        if getattr(layer, "one_row_gemv", False):
+            from sglite.kernels import gemv
+
+            if gemv.use_gemv(x, layer.weight, layer.bias):
+                return gemv.gemv(x, layer.weight, early=True)
         return F.linear(x, layer.weight, layer.bias)
     return method.apply(layer, x)
 

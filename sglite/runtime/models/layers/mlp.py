@@ -21,6 +21,7 @@ class GatedMLP(nn.Module):
             hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}
         )
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.early_act = False  # the activation lets down_proj launch early (pdl.py; Gemma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gelu = self.act == "gelu_pytorch_tanh"
@@ -28,6 +29,6 @@ class GatedMLP(nn.Module):
             from sglite.kernels.activation import gelu_tanh_and_mul, silu_and_mul
 
             fn = gelu_tanh_and_mul if gelu else silu_and_mul
-            return self.down_proj(fn(self.gate_up_proj.fused(x)))
+            return self.down_proj(fn(self.gate_up_proj.fused(x), early=self.early_act))
         gate, up = self.gate_up_proj(x)
         return self.down_proj((F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up)
