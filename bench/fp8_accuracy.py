@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sglite.kernels import fp8_gemm
+from sglite.kernels import decode_attention, fp8_gemm
 from sglite.runtime.executor.model_runner import ModelRunner
 from sglite.runtime.models.quant import fp8 as fp8_quant
 
@@ -52,6 +52,19 @@ def chunked_logits(runner, ids, chunk) -> torch.Tensor:
                                          return_all_logits=True)
         out.append(runner.forward(batch).float().cpu())
     return torch.cat(out)  # [len(ids), vocab]
+
+
+def decode_logits(runner, ids, steps) -> torch.Tensor:
+    """The last `steps` tokens of ids fed one decode step each (teacher-forced) after the rest as
+    one prefill: the decode kernel reading the pool (FP8 KV included). [steps, vocab]."""
+    row = runner.req_to_token.alloc()
+    prefix = ids[: len(ids) - steps]
+    batch = runner.make_extend_batch([row], [0], [prefix], runner.token_pool.alloc(len(prefix)))
+    out = [runner.forward(batch).float().cpu().view(1, -1)]
+    for i in range(len(prefix), len(ids) - 1):
+        logits, _ = runner.forward_decode([row], [i + 1], [ids[i]], runner.token_pool.alloc(1))
+        out.append(logits.float().cpu().view(1, -1))
+    return torch.cat(out)
 
 
 def greedy(runner, prompt, steps) -> list[int]:
@@ -94,7 +107,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--chunk", type=int, nargs="+", default=[256])
     ap.add_argument("--small-layer-max-m", type=int, default=None)
-    ap.add_argument("--configs", default="weights,kv", help="FP8 configs beside bf16: weights, kv (weights + KV)")
+    ap.add_argument("--configs", default="weights,kv", help="FP8 configs beside bf16: weights, kv (weights + KV), "
+                    "kvq (weights + KV, decode's q.K^T as an FP8 product: decode_attention.FP8_Q_PRODUCT), "
+                    "weights0 (weights, every layer's activations FP8 past 16 rows: SMALL_LAYER_MAX_M 0)")
+    ap.add_argument("--decode-steps", type=int, default=256, help="teacher-forced decode steps at the text's end")
     ap.add_argument("--greedy", type=int, default=256)
     ap.add_argument("--act-quant", action="store_true")
     ap.add_argument("--no-greedy", action="store_true", help="KL only (the greedy part decodes one row: "
@@ -104,17 +120,22 @@ def main():
         emulate_activation_quant()
     if args.small_layer_max_m is not None:
         fp8_gemm.SMALL_LAYER_MAX_M = args.small_layer_max_m
+    small_max_m = fp8_gemm.SMALL_LAYER_MAX_M
     configs = [("bf16", None, "auto")]
     configs += [c for key, c in (("weights", ("fp8 weights", "fp8", "auto")),
-                                 ("kv", ("fp8 weights + fp8 KV", "fp8", "fp8_e4m3")))
+                                 ("kv", ("fp8 weights + fp8 KV", "fp8", "fp8_e4m3")),
+                                 ("kvq", ("fp8 weights + fp8 KV, FP8 q.K^T in decode", "fp8", "fp8_e4m3")),
+                                 ("weights0", ("fp8 weights, SMALL_LAYER_MAX_M 0", "fp8", "auto")))
                 if key in args.configs.split(",")]
     kw = dict(dtype="bfloat16", device=args.device,
-              max_total_tokens=args.tokens * len(args.chunk) + 2 * args.greedy + 1200,
+              max_total_tokens=args.tokens * (len(args.chunk) + 1) + 2 * args.greedy + 1200,
               max_running_requests=len(args.chunk) + 4, cuda_graph_max_bs=1)
     results, ref_logits, ref_greedy = [], None, None
     ids = prompt = None
     for name, quant, kv in configs:
         t0 = time.perf_counter()
+        decode_attention.FP8_Q_PRODUCT = "FP8 q.K^T" in name
+        fp8_gemm.SMALL_LAYER_MAX_M = 0 if "SMALL_LAYER_MAX_M 0" in name else small_max_m
         runner = ModelRunner(args.model, quantization=quant, kv_cache_dtype=kv, **kw)
         if ids is None:  # once: the docs change under a long run (others edit them)
             ids = text_tokens(runner.tokenizer, args.tokens)
@@ -122,6 +143,7 @@ def main():
                 [{"role": "user", "content": "Explain in detail how a radix tree caches prompt prefixes."}],
                 add_generation_prompt=True)
         logits = [chunked_logits(runner, ids, chunk) for chunk in args.chunk]
+        logits.append(decode_logits(runner, ids, args.decode_steps))
         gen = None if args.no_greedy else greedy(runner, prompt, args.greedy)
         if ref_logits is None:
             ref_logits, ref_greedy = logits, gen
@@ -139,11 +161,12 @@ def main():
         del runner
     mode = "per-token FP8 activations emulated where fp8_path takes them" if args.act_quant else (
         "GPU kernels" if args.device != "cpu" else "weights dequantized, activations bf16")
-    print(f"\nSmolLM2-135M-Instruct, {args.device} ({mode}; SMALL_LAYER_MAX_M {fp8_gemm.SMALL_LAYER_MAX_M}); "
+    print(f"\nSmolLM2-135M-Instruct, {args.device} ({mode}; SMALL_LAYER_MAX_M {small_max_m} unless named); "
           f"{args.tokens} tokens of docs/*.md + README; greedy {args.greedy} tokens")
-    heads = " | ".join(f"mean KL vs bf16, {c}-token chunks" for c in args.chunk)
+    heads = " | ".join([f"mean KL vs bf16, {c}-token chunks" for c in args.chunk]
+                       + [f"mean KL, last {args.decode_steps} tokens as decode steps"])
     print(f"| config | {heads} | teacher-forced top-1 agreement | identical greedy prefix |")
-    print("|---|" + "---|" * len(args.chunk) + "---|---|")
+    print("|---|" + "---|" * (len(args.chunk) + 1) + "---|---|")
     for name, kls, agree, same in results:
         print(f"| {name} | " + " | ".join(f"{k:.5f}" for k in kls) + f" | {agree:.3f} | {same}/{args.greedy} |")
 

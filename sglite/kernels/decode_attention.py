@@ -47,6 +47,7 @@ except ImportError:  # an older triton: gathers only
 from .pdl import pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
+from .fp8_gemm import round_to_e4m3
 from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
@@ -70,7 +71,7 @@ def _decode_stage1_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
-    KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
@@ -109,14 +110,24 @@ def _decode_stage1_kernel(
     mask_q = mask_h[:, None] & mask_d[None, :]
     q = tl.load(Q + cur_batch * stride_qb + cur_heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_q, other=0.0)
-    if KV_FP8:
+    if Q_FP8:
+        # q rounded to e4m3 (one scale per head row), so that q.K^T runs on FP8 keys as they are
+        # (an FP8 MMA: no key is widened); the row scales join qk_scale
+        qf = q.to(tl.float32)
+        q_sc = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / 448.0
+        q = round_to_e4m3(qf * (1.0 / q_sc)[:, None]).to(tl.float8e4nv)
+        qk_scale = qk_scale * q_sc[None, :]  # scores come keys x heads (_fp8_keys_step)
+    elif KV_FP8:
         # FP8 keys widen to fp16 in one unpack per pair; to bf16 (q's dtype) each element then
         # took a second conversion (F2F.BF16.F16 at 16/clock/SM: half an FP8 tile's time budget)
         q = q.to(tl.float16)
     # finite start: a block whose keys are all masked then adds exp2(-inf) = 0, never NaN
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    if Q_FP8:
+        acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)  # transposed: see _fp8_keys_step
+    else:
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     req_slots = Req_to_token + req_row * stride_req
     k_base = K_Buf + cur_kv_head * stride_buf_kh
     v_base = V_Buf + cur_kv_head * stride_buf_vh
@@ -124,11 +135,14 @@ def _decode_stage1_kernel(
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
                                    cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW,
-                                   HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM)
+                                   HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8)
     else:
         acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                                      win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
-                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM)
+                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM,
+                                     Q_FP8)
+    if Q_FP8:
+        acc = tl.trans(acc)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -167,7 +181,7 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
                  qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc,
                  HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
-                 WIDEN_ASM: tl.constexpr):
+                 WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -176,17 +190,24 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                         other=0).to(tl.int64)
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
-        k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale)
-        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                      float("-inf"))
-        if KV_FP8:  # the values as byte pairs (see _fp8_values_step)
-            offs_pair = tl.arange(0, acc.shape[1] // 2)
+        k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale); with Q_FP8 kept FP8
+        if Q_FP8:
+            offs_pair = tl.arange(0, acc.shape[0] // 2)
             pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
                             + offs_pair[None, :], mask=mask_n[:, None], other=0)
-            acc, l_i, m_i = _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+            acc, l_i, m_i = _fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc,
+                                           HAS_CAP, WIDEN_ASM)
         else:
-            acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
-                                                mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
+            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                          float("-inf"))
+            if KV_FP8:  # the values as byte pairs (see _fp8_values_step)
+                offs_pair = tl.arange(0, acc.shape[1] // 2)
+                pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
+                                + offs_pair[None, :], mask=mask_n[:, None], other=0)
+                acc, l_i, m_i = _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+            else:
+                acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
+                                                    mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
     return acc, l_i, m_i
 
 
@@ -202,6 +223,25 @@ def _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM: tl.constexpr)
     v = _widen_pairs(pairs, WIDEN_ASM)
     acc = acc * alpha[:, None] + tl.dot((p * v_scale).to(tl.float16), v)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc_t,
+                   HAS_CAP: tl.constexpr, WIDEN_ASM: tl.constexpr):
+    """One tile with q and K both FP8 (Q_FP8), computed transposed so that the keys are the
+    products' M axis: scores [N, H] = K q^T with K [N, D] and q [H, D] both K-major, as an FP8
+    MMA needs (H, the padded query heads of the group, is too few rows to be M: 64 a warpgroup),
+    and acc_t [D, H] += V^T P^T with the values widened to fp16 (D = 128 rows). qk_scale [1, H]
+    holds each head row's q scale; m_i, l_i [H] as in the other steps."""
+    s = tl.dot(k, tl.trans(q))  # [N, H] fp32
+    s = tl.where(mask_n[:, None], softcap(s * qk_scale, logit_cap, HAS_CAP), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(p, 0)
+    v = _widen_pairs(pairs, WIDEN_ASM)  # [N, D] fp16
+    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), (p * v_scale).to(tl.float16))
+    return acc_t, l_i, m_new
 
 
 @triton.jit
@@ -239,7 +279,7 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
                logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr):
+               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
@@ -248,15 +288,19 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
         first = tl.load(req_slots + _visible_pos(start_n, num_head, win_start, HAS_WINDOW))
         k = K_desc.load([first, kv_col]).to(q.dtype)
         mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
-        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                      float("-inf"))
-        if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
-            acc, l_i, m_i = _fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
-                                             WIDEN_ASM)
+        if Q_FP8:
+            acc, l_i, m_i = _fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
+                                           v_scale, m_i, l_i, acc, HAS_CAP, WIDEN_ASM)
         else:
-            v = V_desc.load([first, kv_col])
-            p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                          float("-inf"))
+            if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+                acc, l_i, m_i = _fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
+                                                 WIDEN_ASM)
+            else:
+                v = V_desc.load([first, kv_col])
+                p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_i
 
 
@@ -425,6 +469,8 @@ def decode_attention_fwd(
     # splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms). tiles["tma"]
     # True/False overrides (tests, benchmarks).
     tma = cfg.pop("tma", None)
+    # tiles["q_fp8"]: q.K^T as an FP8 product (q rounded to e4m3 per head) on an FP8 pool
+    q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and k_buffer.dtype == torch.float8_e4m3fn
     if tma is None:
         tma = num_splits > 1 and not has_window
     paged = page_size > 1 and page_size % block_n == 0
@@ -445,7 +491,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, **cfg,
+        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, **cfg,
         **pdl_options(q),
     )
     if merge == "kernel":
@@ -459,6 +505,9 @@ def decode_attention_fwd(
     return out
 
 
+# an FP8 pool's decode with q rounded to e4m3 and q.K^T on the FP8 matrix units (_fp8_keys_step);
+# off until measured (bench/fp8.py part k, bench/fp8_accuracy.py's "kvq" config)
+FP8_Q_PRODUCT = os.environ.get("SGLITE_FP8_Q_PRODUCT", "0") == "1"
 TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (_widen_pairs)
 
