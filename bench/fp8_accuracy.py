@@ -157,7 +157,8 @@ def main():
                 agree = (forced == torch.tensor(ref_greedy)).float().mean().item()
                 same = next((i for i, (a, b) in enumerate(zip(gen, ref_greedy)) if a != b), args.greedy)
                 results.append((name, kls, agree, same))
-        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s; KL {['%.5f' % k for k in results[-1][1]]}, "
+              f"agreement {results[-1][2]:.3f}, greedy prefix {results[-1][3]}", flush=True)
         del runner
     mode = "per-token FP8 activations emulated where fp8_path takes them" if args.act_quant else (
         "GPU kernels" if args.device != "cpu" else "weights dequantized, activations bf16")
