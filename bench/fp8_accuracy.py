@@ -139,9 +139,11 @@ def main():
         runner = ModelRunner(args.model, quantization=quant, kv_cache_dtype=kv, **kw)
         if ids is None:  # once: the docs change under a long run (others edit them)
             ids = text_tokens(runner.tokenizer, args.tokens)
-            prompt = runner.tokenizer.apply_chat_template(
+            # the template as text, then its ids: transformers 5 returns a BatchEncoding where 4.x gave ids
+            text = runner.tokenizer.apply_chat_template(
                 [{"role": "user", "content": "Explain in detail how a radix tree caches prompt prefixes."}],
-                add_generation_prompt=True)
+                add_generation_prompt=True, tokenize=False)
+            prompt = list(runner.tokenizer(text, add_special_tokens=False).input_ids)
         logits = [chunked_logits(runner, ids, chunk) for chunk in args.chunk]
         logits.append(decode_logits(runner, ids, args.decode_steps))
         gen = None if args.no_greedy else greedy(runner, prompt, args.greedy)
