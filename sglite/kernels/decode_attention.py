@@ -48,6 +48,7 @@ from .pdl import pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
 from .fp8_gemm import round_to_e4m3
+from .fp8_kv_tiles import fp8_keys_step, fp8_values_step
 from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
@@ -116,7 +117,7 @@ def _decode_stage1_kernel(
         qf = q.to(tl.float32)
         q_sc = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / 448.0
         q = round_to_e4m3(qf * (1.0 / q_sc)[:, None]).to(tl.float8e4nv)
-        qk_scale = qk_scale * q_sc[None, :]  # scores come keys x heads (_fp8_keys_step)
+        qk_scale = qk_scale * q_sc[None, :]  # scores come keys x heads (fp8_kv_tiles.fp8_keys_step)
     elif KV_FP8:
         # FP8 keys widen to fp16 in one unpack per pair; to bf16 (q's dtype) each element then
         # took a second conversion (F2F.BF16.F16 at 16/clock/SM: half an FP8 tile's time budget)
@@ -125,7 +126,7 @@ def _decode_stage1_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     if Q_FP8:
-        acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)  # transposed: see _fp8_keys_step
+        acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)  # transposed: see fp8_kv_tiles.fp8_keys_step
     else:
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     req_slots = Req_to_token + req_row * stride_req
@@ -195,68 +196,20 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
             offs_pair = tl.arange(0, acc.shape[0] // 2)
             pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
                             + offs_pair[None, :], mask=mask_n[:, None], other=0)
-            acc, l_i, m_i = _fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc,
+            acc, l_i, m_i = fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc,
                                            HAS_CAP, WIDEN_ASM)
         else:
             qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                           float("-inf"))
-            if KV_FP8:  # the values as byte pairs (see _fp8_values_step)
+            if KV_FP8:  # the values as byte pairs (see fp8_kv_tiles.fp8_values_step)
                 offs_pair = tl.arange(0, acc.shape[1] // 2)
                 pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
                                 + offs_pair[None, :], mask=mask_n[:, None], other=0)
-                acc, l_i, m_i = _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+                acc, l_i, m_i = fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
             else:
                 acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
                                                     mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
     return acc, l_i, m_i
-
-
-@triton.jit
-def _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM: tl.constexpr):
-    """online_softmax_step for FP8 values handed over as int16 [N, D / 2] (two e4m3 values each),
-    widened to fp16 [N, D] in registers before the dot. Loaded as fp8 [N, D], the compiler kept
-    them FP8 up to the dot and read the operand (the tile transposed: keys along its K axis)
-    from shared memory byte by byte: an LDS.U8 per value, 64 a thread per 64-key tile (sm90 SASS,
-    bench/fp8_compile_check.py); widened first, the fp16 tile goes through shared memory as
-    16-byte stores and ldmatrix.trans loads. The V scale is folded into the weights."""
-    p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-    v = _widen_pairs(pairs, WIDEN_ASM)
-    acc = acc * alpha[:, None] + tl.dot((p * v_scale).to(tl.float16), v)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc_t,
-                   HAS_CAP: tl.constexpr, WIDEN_ASM: tl.constexpr):
-    """One tile with q and K both FP8 (Q_FP8), computed transposed so that the keys are the
-    products' M axis: scores [N, H] = K q^T with K [N, D] and q [H, D] both K-major, as an FP8
-    MMA needs (H, the padded query heads of the group, is too few rows to be M: 64 a warpgroup),
-    and acc_t [D, H] += V^T P^T with the values widened to fp16 (D = 128 rows). qk_scale [1, H]
-    holds each head row's q scale; m_i, l_i [H] as in the other steps."""
-    s = tl.dot(k, tl.trans(q))  # [N, H] fp32
-    s = tl.where(mask_n[:, None], softcap(s * qk_scale, logit_cap, HAS_CAP), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 0))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(p, 0)
-    v = _widen_pairs(pairs, WIDEN_ASM)  # [N, D] fp16
-    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), (p * v_scale).to(tl.float16))
-    return acc_t, l_i, m_new
-
-
-@triton.jit
-def _widen_pairs(x, WIDEN_ASM: tl.constexpr):
-    """int16 [R, C] of e4m3 pairs (little-endian: the low byte is the even element) -> fp16
-    [R, 2C]. On the GPU one cvt.rn.f16x2.e4m3x2 a pair (the bitwise form costs ~3 more integer
-    ops a value there); bitwise in the interpreter, which runs no inline asm."""
-    if WIDEN_ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
-            "=h,=h,h", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:
-        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    return tl.interleave(lo, hi)
 
 
 @triton.jit
@@ -289,13 +242,13 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
         k = K_desc.load([first, kv_col]).to(q.dtype)
         mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
         if Q_FP8:
-            acc, l_i, m_i = _fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
+            acc, l_i, m_i = fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
                                            v_scale, m_i, l_i, acc, HAS_CAP, WIDEN_ASM)
         else:
             qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                           float("-inf"))
             if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
-                acc, l_i, m_i = _fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
+                acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
                                                  WIDEN_ASM)
             else:
                 v = V_desc.load([first, kv_col])
@@ -505,11 +458,14 @@ def decode_attention_fwd(
     return out
 
 
-# an FP8 pool's decode with q rounded to e4m3 and q.K^T on the FP8 matrix units (_fp8_keys_step);
-# off until measured (bench/fp8.py part k, bench/fp8_accuracy.py's "kvq" config)
+# an FP8 pool's decode with q rounded to e4m3 and q.K^T on the FP8 matrix units (fp8_kv_tiles.fp8_keys_step).
+# H200 2026-12-03 (bench/fp8.py part k, decode_tiles' tiles): bs 64 x 4096 0.1816 vs 0.1999 ms
+# (0.71 vs 0.65 of copy), bs 1 x 32k 0.0307 vs 0.0324 ms; but the output's error vs exact q grows
+# 2.5e-3 -> 2.6e-2 and SmolLM2's decode KL vs bf16 0.0339 -> 0.0351 (bench/fp8_accuracy.py "kvq").
+# Off by default: 5-10% for ten times the attention error; SGLITE_FP8_Q_PRODUCT=1 turns it on.
 FP8_Q_PRODUCT = os.environ.get("SGLITE_FP8_Q_PRODUCT", "0") == "1"
 TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (_widen_pairs)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (fp8_kv_tiles.widen_pairs)
 
 
 def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -> tuple | None:
@@ -528,7 +484,7 @@ def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -
             return None
     shape, strides = [num_slots, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
     k_desc = TensorDescriptor(k_buffer, shape, strides, [block_n, head_dim])
-    if v_buffer.dtype == torch.float8_e4m3fn:  # FP8 values as int16 pairs (decode kernel's _fp8_values_step)
+    if v_buffer.dtype == torch.float8_e4m3fn:  # FP8 values as int16 pairs (fp8_kv_tiles.fp8_values_step)
         half = num_kv_heads * head_dim // 2
         return k_desc, TensorDescriptor(v_buffer.view(torch.int16), [num_slots, half], [half, 1],
                                         [block_n, head_dim // 2])

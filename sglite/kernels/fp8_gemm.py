@@ -26,7 +26,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TRITON_MAX_M = 16  # rows up to which fp8_linear takes the Triton kernel for any shape (fp8_path)
 # small layers (n * k weights at most SMALL_LAYER) take it up to SMALL_LAYER_MAX_M rows (fp8_path)
 SMALL_LAYER = 1 << 22
-SMALL_LAYER_MAX_M = 1024
+SMALL_LAYER_MAX_M = 4096
 
 
 @triton.jit
@@ -180,8 +180,9 @@ ONE_ROW_PDL = False  # one row: the PREFETCH kernel launched with PDL (H200, 202
 # The plain kernel stays a plain launch (it starts once everything before it has completed, the
 # rule pdl.py's safety rests on) but lets its dependents launch at its start: the norm, rotary
 # and activation kernels after each linear (PDL launches) are then resident and waiting when it
-# ends, as they are after cuBLAS's kernels in bf16. H200 batch-1, 2026-12-03: the replay outside
-# the 128 linears took 0.667 ms in FP8 vs 0.455 ms in bf16 without this (bench/fp8.py part a A/B).
+# ends, as they are after cuBLAS's kernels in bf16. H200 batch-1 (bench/fp8.py part a, Llama-3-8B
+# shape, 2026-12-03): the replay outside the 128 linears 0.667 ms before (bf16: 0.455) -> 0.54 ms;
+# same runner, graph recaptured: 3.018 vs 3.184 and 2.950 vs 3.044 ms/token (on / off, two calls).
 EARLY_DEPENDENTS = True
 
 
@@ -225,9 +226,11 @@ def fp8_path(m: int, n: int, k: int | None = None) -> str:
       tensorwise 39.9, bf16 39.0);
     - "triton" also for a small layer (n * k <= SMALL_LAYER, e.g. SmolLM2-135M's, 0.5-1.8M weights)
       up to SMALL_LAYER_MAX_M rows: there the product is too small for FP8's matrix rate to pay
-      for the activation quantizer's extra pass and launch (bench/fp8.py part s), and the rows
-      keep their bf16 activations (SmolLM2 2k-token KL vs bf16: 0.021 W8A16, 0.033 with per-token
-      FP8 activations, CPU emulation)."""
+      for the activation quantizer's extra pass and launch, and the rows keep their bf16
+      activations. H200 part s (2026-12-03, us per layer, qkv + o + gate_up + down, W8A16 /
+      per-token FP8 + cuBLAS): M=256 92 / 192, 1024 96 / 195, 2048 101 / 186, 4096 148 / 165
+      (do_bench); eager wall time per call 2048: 172 / 261, 4096: 156 / 243. SmolLM2 on the GPU,
+      2k tokens in 256-row chunks: KL vs bf16 0.0183 W8A16, 0.0303 with FP8 activations."""
     if m <= TRITON_MAX_M:
         return "triton"
     if k is not None and n * k <= SMALL_LAYER and m <= SMALL_LAYER_MAX_M:
