@@ -112,3 +112,39 @@ def test_fp8_path_by_shape():
     assert fp8_gemm.fp8_path(256, 3072, 576) == fp8_gemm.fp8_path(4096, 3072, 576) == "triton"
     assert fp8_gemm.fp8_path(4097, 3072, 576) == "rowwise"
     assert fp8_gemm.fp8_path(256, 4096, 4096) == "rowwise"  # Llama-3-8B's smallest (o) is not small
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="PDL early launch needs a CUDA GPU")
+def test_w8a16_early_dependents_see_its_output(monkeypatch):
+    """EARLY_DEPENDENTS: the PDL kernel after the one-row W8A16 kernel (rms_norm, as in the model)
+    launches while the matmul runs and must still read its finished output: a CUDA graph of
+    matmul -> norm -> matmul -> norm, fed fresh inputs each replay, equals the same chain run
+    eagerly without the early launch."""
+    from sglite.kernels.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(11)
+    w1, s1 = _weights(8192, 4096, gen)  # long enough that the norm is resident before it ends
+    w2, s2 = _weights(4096, 8192, gen)
+    g1 = torch.rand(8192, generator=gen).to(torch.bfloat16).to(DEVICE)
+    g2 = torch.rand(4096, generator=gen).to(torch.bfloat16).to(DEVICE)
+
+    def chain(x):
+        h = rms_norm(fp8_gemm.fp8_linear(x, w1, s1), g1, 1e-6)
+        return rms_norm(fp8_gemm.fp8_linear(h, w2, s2), g2, 1e-6)
+
+    static_x = torch.randn(1, 4096, generator=gen).to(torch.bfloat16).to(DEVICE)
+    monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", True)
+    chain(static_x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x)
+    for i in range(5):
+        x = torch.randn(1, 4096, generator=gen).to(torch.bfloat16).to(DEVICE)
+        static_x.copy_(x)
+        graph.replay()
+        monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", False)
+        ref = chain(x)
+        monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", True)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, ref), i

@@ -69,7 +69,7 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     n, k = w.shape
     q = torch.empty(n, k, dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty(n, dtype=torch.float32, device=w.device)
-    step = max(1, (1 << 22) // max(k, 1))  # rows at a time: bounded temporaries
+    step = max(1, (1 << 24) // max(k, 1))  # rows at a time: bounded temporaries (64 MB of fp32 each)
     for r0 in range(0, n, step):
         rows = w[r0 : r0 + step]
         amax = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
