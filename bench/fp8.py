@@ -6,11 +6,14 @@ a. batch-1 decode ms/token, FP8 weights vs bf16 (CUDA graphs, the runner's whole
 k. FP8 KV pool: capacity in the same memory, and decode attention reading FP8 vs bf16 pages
    (bs 64 x 4096, bs 1 x 32k) as a share of the d2d copy bandwidth (bytes actually read);
 b. offline N x (prompt, output) through `sglite serve`, FP8 weights vs bf16;
-p. (not in the default parts) batch-1 graph replay profiled kernel by kernel: bf16, FP8, FP8 with PDL.
+p. (not in the default parts) batch-1 graph replay profiled kernel by kernel: bf16, FP8, FP8 with PDL;
+s. (not in the default parts) SmolLM2-135M's small layers at prefill rows: bf16, the W8A16 kernel
+   (fp8_path's "triton" for small layers up to SMALL_LAYER_MAX_M rows) and per-token FP8 + cuBLAS,
+   device time (do_bench, weights rotated past L2) and eager wall time per call (host launch included).
 
     python bench/fp8.py --model .benchmodel          # H200 (carry .whl, .benchmodel)
-Accuracy on the embedded SmolLM2 runs on the CPU (bench/fp8_accuracy.py): its GGUF (98 MB) is
-over the device call's 64 MiB working-tree limit.
+Accuracy on the embedded SmolLM2 is bench/fp8_accuracy.py (its docstring says how its 98 MB GGUF
+reaches the device machine).
 """
 
 from __future__ import annotations
@@ -108,6 +111,68 @@ def bench_gemm(args, device):
     return best
 
 
+SMALL_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # SmolLM2-135M
+SMALL_TILES = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)]
+
+
+def eager_ms(fn, calls=200) -> float:
+    """Wall ms per call of `calls` back-to-back eager calls (host launch cost included), synced once."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def bench_small(args, device):
+    """Part s: the small layers' path choice (fp8_path's SMALL_LAYER rule), by rows M."""
+    for name, (n, k) in SMALL_SHAPES.items():
+        copies = max(1, -(-(256 << 20) // (n * k)))
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        wq, ws = fp8_gemm_quant(w)
+        wqs = [wq.clone() for _ in range(copies)]
+        wbs = [w.clone() for _ in range(max(1, copies // 2))]
+        for m in (32, 64, 256, 512, 1024, 2048, 4096):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ref = x.float() @ (wq.float() * ws[:, None]).T
+            it = iter(range(1 << 30))
+            t_bf16 = bench_ms(lambda: F.linear(x, wbs[next(it) % len(wbs)]))
+            t_fa = bench_ms(lambda: fp8_scaled(x, wqs[next(it) % copies], ws, fast=True))
+            e_bf16 = eager_ms(lambda: F.linear(x, wbs[next(it) % len(wbs)]))
+            e_fa = eager_ms(lambda: fp8_scaled(x, wqs[next(it) % copies], ws, fast=True))
+            cells = []
+            best = (float("inf"), None, float("nan"))
+            for cfg in [None] + SMALL_TILES:
+                try:
+                    out = fp8_gemm.w8a16_matmul(x, wq, ws, tiles=cfg)
+                    t = bench_ms(lambda: fp8_gemm.w8a16_matmul(x, wqs[next(it) % copies], ws, tiles=cfg))
+                except Exception as e:
+                    print(f"small tile {cfg} failed: {e!r}"[:300])
+                    continue
+                cells.append(f"{t * 1e3:.1f}")
+                if t < best[0]:
+                    best = (t, cfg, rel(out, ref))
+            e_tri = eager_ms(lambda: fp8_gemm.w8a16_matmul(x, wqs[next(it) % copies], ws))
+            err_fa = rel(fp8_scaled(x, wq, ws, fast=True), ref)
+            path = fp8_gemm.fp8_path(m, n, k)
+            print(f"small {name} {n}x{k} M={m}: device us bf16 {t_bf16 * 1e3:.1f}, rowwise+quant {t_fa * 1e3:.1f} "
+                  f"(err {err_fa:.1e}), triton default/tiles {'/'.join(cells)} (best err {best[2]:.1e}, {best[1]}); "
+                  f"eager us bf16 {e_bf16 * 1e3:.1f}, rowwise {e_fa * 1e3:.1f}, triton {e_tri * 1e3:.1f}; path {path}",
+                  flush=True)
+            ROWS.append((f"s. {name} {n}x{k} M={m} device us, W8A16 default tile", float(cells[0]) if cells else float("nan"),
+                         "rowwise+quant us", t_fa * 1e3, t_fa * 1e3 / float(cells[0]) if cells else float("nan"),
+                         f"bf16 {t_bf16 * 1e3:.1f}; eager us bf16/rowwise/triton {e_bf16 * 1e3:.1f}/{e_fa * 1e3:.1f}/"
+                         f"{e_tri * 1e3:.1f}; fp8_path {path}"))
+        del w, wq, wqs, wbs
+        torch.cuda.empty_cache()
+
+
 def fp8_gemm_quant(w):
     from sglite.runtime.models.quant.fp8 import quantize_per_channel
 
@@ -152,17 +217,19 @@ def bench_batch1(args, device, copy_bw):
         print(f"batch-1 {name}: the {len(lin_bytes)} decoder linears alone in one graph {lin_s * 1e3:.3f} ms "
               f"({sum(lin_bytes) / lin_s / 1e9:.0f} GB/s of their weights); the rest of the replay "
               f"{(replay_s - lin_s) * 1e3:.3f} ms", flush=True)
-        if quant and not fp8_gemm.ONE_ROW_PDL:  # the same weights through the PDL one-row kernel
+        if quant:  # the same weights, the W8A16 kernel not letting its dependents launch early
             from sglite.runtime.executor.cuda_graph import CudaGraphRunner
 
-            fp8_gemm.ONE_ROW_PDL = True
+            early = fp8_gemm.EARLY_DEPENDENTS
+            fp8_gemm.EARLY_DEPENDENTS = not early
             runner.graph_runner = CudaGraphRunner(runner, max_bs=1)
-            pdl_s = decode_loop(runner, [row], [128 + args.decode_steps + 3], last, args.decode_steps)
-            fp8_gemm.ONE_ROW_PDL = False
-            print(f"batch-1 fp8, one-row kernel with PDL/prefetch: {pdl_s * 1e3:.3f} ms/token "
-                  f"(plain loop: {step_s * 1e3:.3f})", flush=True)
-            ROWS.append(("a. bs1 decode tokens/s, FP8, one-row W8A16 with PDL", 1 / pdl_s, "plain loop tokens/s",
-                         1 / step_s, step_s / pdl_s, "same runner, graph recaptured"))
+            other_s = decode_loop(runner, [row], [128 + args.decode_steps + 3], last, args.decode_steps)
+            fp8_gemm.EARLY_DEPENDENTS = early
+            print(f"batch-1 fp8, EARLY_DEPENDENTS {not early}: {other_s * 1e3:.3f} ms/token "
+                  f"(EARLY_DEPENDENTS {early}: {step_s * 1e3:.3f})", flush=True)
+            ROWS.append((f"a. bs1 decode tokens/s, FP8, EARLY_DEPENDENTS {early}", 1 / step_s,
+                         f"EARLY_DEPENDENTS {not early} tokens/s", 1 / other_s, other_s / step_s,
+                         "same runner, graph recaptured"))
         del runner, graph
         torch.cuda.empty_cache()
     (b_s, b_r, b_w), (f_s, f_r, f_w) = results["bf16"], results["fp8"]
@@ -325,14 +392,20 @@ def paged_pool(bs, ctx, dtype, device, page=128, heads=8, dim=128):
     return k, v, req_to_token
 
 
-KV_TILES = [  # FP8 pool sweep (decode_tiles' own pick first); "tma" left to the launcher
+KV_TILES = [  # FP8 pool sweep (decode_tiles' own pick first); "tma" left to the launcher unless named.
+    # 2026-12-02's sweep of 64/128 keys, 1-3 stages, 4/8 warps found nothing better than the defaults
     None,
-    dict(BLOCK_N=64, num_warps=4, num_stages=1, merge="fused"),
-    dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused"),
-    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused"),
-    dict(BLOCK_N=128, num_warps=8, num_stages=2, merge="fused"),
-    dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused"),
+    # q.K^T as an FP8 product, keys as the MMA's rows (decode_attention._fp8_keys_step)
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", q_fp8=True),
+    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", q_fp8=True),
+    dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", q_fp8=True),
+    dict(BLOCK_N=128, num_warps=8, num_stages=2, merge="fused", q_fp8=True),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", q_fp8=True, tma=True),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", tma=True),
 ]
+# FP8 splits beside decode_num_splits' pick (its table was measured on bf16): bs 64 x 4096 runs
+# 512 programs, ~1.3 waves at 3 programs an SM
+KV_SPLITS = {64: (2, 3), 1: (48, 64)}
 
 
 def graph_ms(calls) -> float:
@@ -380,9 +453,9 @@ def bench_kv(args, device, copy_bw):
 
             part = lambda t, s: t[s * bs:(s + 1) * bs]  # noqa: E731  (set s's requests)
 
-            def call(s, tiles):
+            def call(s, tiles, n_split):
                 return lambda: decode_attention_fwd(part(q, s), k, v, part(out, s), r2t, set_rows[s], part(lens, s),
-                                                    scale=128**-0.5, num_splits=splits, page_size=128, k_scale=1.0,
+                                                    scale=128**-0.5, num_splits=n_split, page_size=128, k_scale=1.0,
                                                     v_scale=1.0, tiles=tiles)
 
             ref = torch.empty_like(q)
@@ -392,33 +465,36 @@ def bench_kv(args, device, copy_bw):
                                      scale=128**-0.5, num_splits=splits, page_size=128)
             del kb, vb
             best = None
-            for tiles in (KV_TILES if name == "fp8" else [None]):
+            variants = [(t, splits) for t in (KV_TILES if name == "fp8" else [None])]
+            if name == "fp8":
+                variants += [(t, n) for n in KV_SPLITS.get(bs, ()) for t in (None, KV_TILES[1])]
+            for tiles, n_split in variants:
                 if tiles is not None:
                     tiles = dict(tiles)
-                    if splits == 1 and tiles["BLOCK_N"] > 64 and tiles["num_stages"] > 2:
+                    if n_split == 1 and tiles["BLOCK_N"] > 64 and tiles["num_stages"] > 2:
                         continue
                 try:
                     out.fill_(float("nan"))
-                    t = graph_ms([call(s, tiles) for s in range(sets)]) * 1e-3
+                    t = graph_ms([call(s, tiles, n_split) for s in range(sets)]) * 1e-3
                     err = rel(out, ref)
                 except Exception as e:
-                    print(f"kv tiles {tiles} failed: {e!r}"[:300], flush=True)
+                    print(f"kv tiles {tiles} splits {n_split} failed: {e!r}"[:300], flush=True)
                     continue
-                print(f"decode attn {name} bs{bs} x {ctx} (splits {splits}, {sets} sets in a graph) tiles {tiles}: "
+                print(f"decode attn {name} bs{bs} x {ctx} (splits {n_split}, {sets} sets in a graph) tiles {tiles}: "
                       f"{t * 1e3:.4f} ms, {read / t / 1e9:.0f} GB/s read ({read / t / copy_bw:.2f} of copy), "
                       f"err vs bf16(-widened) {err:.1e}", flush=True)
                 if best is None or t < best[0]:
-                    best = (t, read / t, err, tiles)
+                    best = (t, read / t, err, (tiles, n_split))
             res[name] = best
             del k, v, r2t, q, out, ref
             torch.cuda.empty_cache()
         (ft, fbw, ferr, ftiles), (bt, bbw, _, _) = res["fp8"], res["bf16"]
         ROWS.append((f"k. decode attn bs{bs} x {ctx} FP8 read GB/s", fbw / 1e9, "d2d copy GB/s", copy_bw / 1e9,
                      fbw / copy_bw, f"{ft * 1e3:.4f} ms vs bf16 {bt * 1e3:.4f} ms ({bbw / copy_bw:.2f} of copy); "
-                     f"CUDA graph of {sets} request sets; tiles {ftiles or 'default'}; err vs bf16-widened pool {ferr:.1e}"))
+                     f"CUDA graph of {sets} request sets; (tiles, splits) {ftiles}; err vs bf16-widened pool {ferr:.1e}"))
 
 
-def bench_server(args, device, quant: str | None, num_requests: int):
+def bench_server(args, device, quant: str | None, num_requests: int, kv: str = "auto"):
     import uuid
 
     import zmq
@@ -429,6 +505,8 @@ def bench_server(args, device, quant: str | None, num_requests: int):
     kw = dict(device=str(device), load_format="dummy", log_interval=5.0)
     if quant:
         kw["quantization"] = quant
+    if kv != "auto":
+        kw["kv_cache_dtype"] = kv
     with RuntimeProcess(args.model, timeout=600, **kw) as rt:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -467,7 +545,7 @@ def bench_server(args, device, quant: str | None, num_requests: int):
     split = {key: round(after[key] - before[key], 3) for key in
              ("prefill_time_s", "decode_time_s", "num_steps", "num_prefill_tokens", "num_decode_tokens")
              if key in after and key in before}
-    print(f"server {quant or 'bf16'}: {elapsed:.2f} s, {split}, max_running {after.get('max_running_requests')}, "
+    print(f"server {quant or 'bf16'} kv {kv}: {elapsed:.2f} s, {split}, max_running {after.get('max_running_requests')}, "
           f"cuda_graph_max_bs {after.get('cuda_graph_max_bs')}", flush=True)
     return tokens / elapsed, cap
 
@@ -481,6 +559,11 @@ def bench_offline(args, device, t_start):
     print(f"offline fp8: {fp8:.0f} tok/s (pool {cap_f})", flush=True)
     ROWS.append((f"b. offline {n} x ({args.prompt_len} in, {args.output_len} out) tok/s, FP8 weights", fp8,
                  "bf16 tok/s", bf16, fp8 / bf16, f"server defaults; KV pool {cap_f} vs {cap_b} tokens"))
+    if args.offline_fp8_kv:  # what `--quantization fp8 --kv-cache-dtype fp8_e4m3` users run
+        both, cap_k = bench_server(args, device, "fp8", n, kv="fp8_e4m3")
+        print(f"offline fp8 + fp8 KV: {both:.0f} tok/s (pool {cap_k})", flush=True)
+        ROWS.append((f"b. offline {n} x ({args.prompt_len} in, {args.output_len} out) tok/s, FP8 weights + FP8 KV",
+                     both, "bf16 tok/s", bf16, both / bf16, f"KV pool {cap_k} tokens"))
 
 
 def run_part(name, fn, *a):
@@ -512,6 +595,7 @@ def main():
     ap.add_argument("--num-requests", type=int, default=1024)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--offline-fp8-kv", action="store_true", help="part b: also FP8 weights + FP8 KV cache")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = torch.device("cuda")
@@ -531,6 +615,8 @@ def main():
         run_part("k: FP8 KV", bench_kv, args, device, copy_bw)
     if "p" in parts:
         run_part("p: batch-1 replay profile", bench_profile, args, device, copy_bw)
+    if "s" in parts:
+        run_part("s: small layers", bench_small, args, device)
     if "b" in parts[1:]:
         run_part("b: offline", bench_offline, args, device, t_start)
     print(f"\ncard: {card}; d2d copy {copy_bw / 1e9:.0f} GB/s (read + write); total {time.perf_counter() - t_start:.0f} s")

@@ -55,6 +55,24 @@ def _usage(kernel) -> str:
     return " ".join(word for line in out.splitlines() if "REG" in line for word in line.split()[:2])
 
 
+def _mma(kernel) -> str:
+    """The matrix instructions in the kernel's SASS (HMMA / QGMMA / HGMMA kinds and counts)."""
+    from triton.backends.nvidia import compiler as nvc
+
+    path = tempfile.mktemp(suffix=".cubin")
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    tool = os.path.join(os.path.dirname(nvc.__file__), "bin", "cuobjdump")
+    out = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    os.unlink(path)
+    kinds: dict[str, int] = {}
+    for line in out.splitlines():
+        for word in line.replace(";", " ").split():
+            if word.split(".")[0] in ("HMMA", "QGMMA", "HGMMA", "IMMA"):
+                kinds[word] = kinds.get(word, 0) + 1
+    return " ".join(f"{k}x{v}" for k, v in sorted(kinds.items()))
+
+
 def compile_recorded(label: str) -> None:
     for fn, args, kwargs in _RECORDED:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_warps", "num_stages")}
@@ -71,7 +89,7 @@ def compile_recorded(label: str) -> None:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=options)
-        print(f"{label:<40} {fn.__name__:<24} {_usage(kernel)}", flush=True)
+        print(f"{label:<40} {fn.__name__:<24} {_usage(kernel)} {_mma(kernel)}", flush=True)
     _RECORDED.clear()
 
 
@@ -92,6 +110,12 @@ def main():
                                     torch.arange(2), i32(512, 512), scale=0.1, num_splits=splits, page_size=128,
                                     tiles=da.decode_tiles(dim, device=_CUDA, num_splits=splits), k_scale=0.5)
             compile_recorded(f"decode {kv} splits {splits}")
+            if kv == torch.float8_e4m3fn:  # q.K^T as an FP8 product (tiles["q_fp8"])
+                tiles = {**da.decode_tiles(dim, device=_CUDA, num_splits=splits), "q_fp8": True}
+                da.decode_attention_fwd(q, k_buf, v_buf, torch.empty_like(q), torch.zeros(2, 1024, dtype=torch.int32),
+                                        torch.arange(2), i32(512, 512), scale=0.1, num_splits=splits, page_size=128,
+                                        tiles=tiles, k_scale=0.5)
+                compile_recorded(f"decode fp8 q_fp8 splits {splits}")
         for from_pool in (False, True):
             q = torch.zeros(64, heads, dim, dtype=torch.bfloat16)
             new = None if from_pool else torch.zeros(64, kv_heads, dim, dtype=torch.bfloat16)
@@ -103,7 +127,7 @@ def main():
         new = torch.zeros(5, kv_heads, dim, dtype=torch.bfloat16)
         store_kv.store_kv(k_buf, v_buf, torch.arange(5), new, new, k_scale=0.5)
         compile_recorded(f"store_kv into {kv}")
-    for m, n, k in ((1, 6144, 4096), (1, 28672, 4096), (16, 4096, 14336)):
+    for m, n, k in ((1, 6144, 4096), (1, 28672, 4096), (16, 4096, 14336), (256, 3072, 576)):
         w = torch.zeros(n, k).to(torch.float8_e4m3fn)
         fp8_gemm.w8a16_matmul(torch.zeros(m, k, dtype=torch.bfloat16), w, torch.ones(n),
                               tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))
@@ -118,6 +142,11 @@ def main():
                               tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))
         compile_recorded(f"w8a16 PDL M={m} N={n} K={k}")
     fp8_gemm.ONE_ROW_PDL = False
+    for m, n, k in ((1, 6144, 4096), (4, 28672, 4096)):  # the plain kernel letting dependents launch (EARLY)
+        w = torch.zeros(n, k).to(torch.float8_e4m3fn)
+        fp8_gemm.w8a16_matmul(torch.zeros(m, k, dtype=torch.bfloat16), w, torch.ones(n),
+                              tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))
+        compile_recorded(f"w8a16 EARLY M={m} N={n} K={k}")
     # SmolLM2-135M (the accuracy run's model): head_dim 64, 9 query / 3 KV heads, FP8 pool
     k_buf = torch.zeros(4096, 3, 64).to(torch.float8_e4m3fn)
     for splits in (1, 4):

@@ -47,6 +47,8 @@ except ImportError:  # an older triton: gathers only
 from .pdl import pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
+from .fp8_gemm import round_to_e4m3
+from .fp8_kv_tiles import fp8_keys_step, fp8_values_step
 from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
@@ -70,7 +72,7 @@ def _decode_stage1_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
-    KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
@@ -109,14 +111,24 @@ def _decode_stage1_kernel(
     mask_q = mask_h[:, None] & mask_d[None, :]
     q = tl.load(Q + cur_batch * stride_qb + cur_heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_q, other=0.0)
-    if KV_FP8:
+    if Q_FP8:
+        # q rounded to e4m3 (one scale per head row), so that q.K^T runs on FP8 keys as they are
+        # (an FP8 MMA: no key is widened); the row scales join qk_scale
+        qf = q.to(tl.float32)
+        q_sc = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / 448.0
+        q = round_to_e4m3(qf * (1.0 / q_sc)[:, None]).to(tl.float8e4nv)
+        qk_scale = qk_scale * q_sc[None, :]  # scores come keys x heads (fp8_kv_tiles.fp8_keys_step)
+    elif KV_FP8:
         # FP8 keys widen to fp16 in one unpack per pair; to bf16 (q's dtype) each element then
         # took a second conversion (F2F.BF16.F16 at 16/clock/SM: half an FP8 tile's time budget)
         q = q.to(tl.float16)
     # finite start: a block whose keys are all masked then adds exp2(-inf) = 0, never NaN
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    if Q_FP8:
+        acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)  # transposed: see fp8_kv_tiles.fp8_keys_step
+    else:
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     req_slots = Req_to_token + req_row * stride_req
     k_base = K_Buf + cur_kv_head * stride_buf_kh
     v_base = V_Buf + cur_kv_head * stride_buf_vh
@@ -124,11 +136,14 @@ def _decode_stage1_kernel(
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
                                    cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW,
-                                   HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM)
+                                   HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8)
     else:
         acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                                      win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
-                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM)
+                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM,
+                                     Q_FP8)
+    if Q_FP8:
+        acc = tl.trans(acc)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -167,7 +182,7 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
                  qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc,
                  HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
-                 WIDEN_ASM: tl.constexpr):
+                 WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -176,47 +191,25 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                         other=0).to(tl.int64)
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
-        k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale)
-        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                      float("-inf"))
-        if KV_FP8:  # the values as byte pairs (see _fp8_values_step)
-            offs_pair = tl.arange(0, acc.shape[1] // 2)
+        k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale); with Q_FP8 kept FP8
+        if Q_FP8:
+            offs_pair = tl.arange(0, acc.shape[0] // 2)
             pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
                             + offs_pair[None, :], mask=mask_n[:, None], other=0)
-            acc, l_i, m_i = _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+            acc, l_i, m_i = fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc,
+                                           HAS_CAP, WIDEN_ASM)
         else:
-            acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
-                                                mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
+            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                          float("-inf"))
+            if KV_FP8:  # the values as byte pairs (see fp8_kv_tiles.fp8_values_step)
+                offs_pair = tl.arange(0, acc.shape[1] // 2)
+                pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
+                                + offs_pair[None, :], mask=mask_n[:, None], other=0)
+                acc, l_i, m_i = fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+            else:
+                acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
+                                                    mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
     return acc, l_i, m_i
-
-
-@triton.jit
-def _fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM: tl.constexpr):
-    """online_softmax_step for FP8 values handed over as int16 [N, D / 2] (two e4m3 values each),
-    widened to fp16 [N, D] in registers before the dot. Loaded as fp8 [N, D], the compiler kept
-    them FP8 up to the dot and read the operand (the tile transposed: keys along its K axis)
-    from shared memory byte by byte: an LDS.U8 per value, 64 a thread per 64-key tile (sm90 SASS,
-    bench/fp8_compile_check.py); widened first, the fp16 tile goes through shared memory as
-    16-byte stores and ldmatrix.trans loads. The V scale is folded into the weights."""
-    p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-    v = _widen_pairs(pairs, WIDEN_ASM)
-    acc = acc * alpha[:, None] + tl.dot((p * v_scale).to(tl.float16), v)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _widen_pairs(x, WIDEN_ASM: tl.constexpr):
-    """int16 [R, C] of e4m3 pairs (little-endian: the low byte is the even element) -> fp16
-    [R, 2C]. On the GPU one cvt.rn.f16x2.e4m3x2 a pair (the bitwise form costs ~3 more integer
-    ops a value there); bitwise in the interpreter, which runs no inline asm."""
-    if WIDEN_ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
-            "=h,=h,h", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:
-        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    return tl.interleave(lo, hi)
 
 
 @triton.jit
@@ -239,7 +232,7 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
                logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr):
+               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
@@ -248,15 +241,19 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
         first = tl.load(req_slots + _visible_pos(start_n, num_head, win_start, HAS_WINDOW))
         k = K_desc.load([first, kv_col]).to(q.dtype)
         mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
-        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                      float("-inf"))
-        if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
-            acc, l_i, m_i = _fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
-                                             WIDEN_ASM)
+        if Q_FP8:
+            acc, l_i, m_i = fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
+                                           v_scale, m_i, l_i, acc, HAS_CAP, WIDEN_ASM)
         else:
-            v = V_desc.load([first, kv_col])
-            p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                          float("-inf"))
+            if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+                acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
+                                                 WIDEN_ASM)
+            else:
+                v = V_desc.load([first, kv_col])
+                p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_i
 
 
@@ -425,6 +422,8 @@ def decode_attention_fwd(
     # splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms). tiles["tma"]
     # True/False overrides (tests, benchmarks).
     tma = cfg.pop("tma", None)
+    # tiles["q_fp8"]: q.K^T as an FP8 product (q rounded to e4m3 per head) on an FP8 pool
+    q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and k_buffer.dtype == torch.float8_e4m3fn
     if tma is None:
         tma = num_splits > 1 and not has_window
     paged = page_size > 1 and page_size % block_n == 0
@@ -445,7 +444,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, **cfg,
+        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, **cfg,
         **pdl_options(q),
     )
     if merge == "kernel":
@@ -459,8 +458,14 @@ def decode_attention_fwd(
     return out
 
 
+# an FP8 pool's decode with q rounded to e4m3 and q.K^T on the FP8 matrix units (fp8_kv_tiles.fp8_keys_step).
+# H200 2026-12-03 (bench/fp8.py part k, decode_tiles' tiles): bs 64 x 4096 0.1816 vs 0.1999 ms
+# (0.71 vs 0.65 of copy), bs 1 x 32k 0.0307 vs 0.0324 ms; but the output's error vs exact q grows
+# 2.5e-3 -> 2.6e-2 and SmolLM2's decode KL vs bf16 0.0339 -> 0.0351 (bench/fp8_accuracy.py "kvq").
+# Off by default: 5-10% for ten times the attention error; SGLITE_FP8_Q_PRODUCT=1 turns it on.
+FP8_Q_PRODUCT = os.environ.get("SGLITE_FP8_Q_PRODUCT", "0") == "1"
 TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (_widen_pairs)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (fp8_kv_tiles.widen_pairs)
 
 
 def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -> tuple | None:
@@ -479,7 +484,7 @@ def _descriptors(k_buffer: torch.Tensor, v_buffer: torch.Tensor, block_n: int) -
             return None
     shape, strides = [num_slots, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
     k_desc = TensorDescriptor(k_buffer, shape, strides, [block_n, head_dim])
-    if v_buffer.dtype == torch.float8_e4m3fn:  # FP8 values as int16 pairs (decode kernel's _fp8_values_step)
+    if v_buffer.dtype == torch.float8_e4m3fn:  # FP8 values as int16 pairs (fp8_kv_tiles.fp8_values_step)
         half = num_kv_heads * head_dim // 2
         return k_desc, TensorDescriptor(v_buffer.view(torch.int16), [num_slots, half], [half, 1],
                                         [block_n, head_dim // 2])

@@ -24,6 +24,9 @@ from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TRITON_MAX_M = 16  # rows up to which fp8_linear takes the Triton kernel for any shape (fp8_path)
+# small layers (n * k weights at most SMALL_LAYER) take it up to SMALL_LAYER_MAX_M rows (fp8_path)
+SMALL_LAYER = 1 << 22
+SMALL_LAYER_MAX_M = 4096
 
 
 @triton.jit
@@ -122,6 +125,7 @@ def _w8a16_kernel(
                 w = w_next
         else:
             wait_for_previous(USE_PDL)
+            allow_dependents(EARLY)  # a plain launch: see EARLY_DEPENDENTS
             for k0 in range(0, K, BLOCK_K):
                 mask_k = k0 + offs_k < K
                 x = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0).to(tl.float32)
@@ -133,6 +137,7 @@ def _w8a16_kernel(
         tl.store(Out + pid_m.to(tl.int64) * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
     else:
         wait_for_previous(USE_PDL)
+        allow_dependents(EARLY)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
@@ -164,11 +169,21 @@ def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1)
     if m == 1:  # o 11.6, gate_up 45.6, down 25.4 us
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    if m <= 64:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    # the small layers' prefill rows (fp8_path): larger tiles, fewer programs re-reading W
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 TILE_OVERRIDES: dict[tuple[int, int, int], dict] = {}
-ONE_ROW_PDL = False  # one row: the PREFETCH kernel launched with PDL; off until measured (bench/fp8.py part a)
+ONE_ROW_PDL = False  # one row: the PREFETCH kernel launched with PDL (H200, 2026-12-03: 0.73x the plain loop)
+# The plain kernel stays a plain launch (it starts once everything before it has completed, the
+# rule pdl.py's safety rests on) but lets its dependents launch at its start: the norm, rotary
+# and activation kernels after each linear (PDL launches) are then resident and waiting when it
+# ends, as they are after cuBLAS's kernels in bf16. H200 batch-1 (bench/fp8.py part a, Llama-3-8B
+# shape, 2026-12-03): the replay outside the 128 linears 0.667 ms before (bf16: 0.455) -> 0.54 ms;
+# same runner, graph recaptured: 3.018 vs 3.184 and 2.950 vs 3.044 ms/token (on / off, two calls).
+EARLY_DEPENDENTS = True
 
 
 def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -188,6 +203,8 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         pdl = pdl_options(x)
         if pdl:
             pdl["EARLY"] = early_launch(x)
+    elif EARLY_DEPENDENTS and early_launch(x):
+        pdl["EARLY"] = True
     _w8a16_kernel[grid](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
@@ -196,7 +213,7 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out
 
 
-def fp8_path(m: int, n: int) -> str:
+def fp8_path(m: int, n: int, k: int | None = None) -> str:
     """Which path runs x [m, K] @ W [n, K].T, from the H200 sweep at Llama-3-8B shapes
     (bench/fp8.py part g, 2026-12-02 18:52, us: bf16 F.linear / FP8):
     - "triton" (W8A16) up to 16 rows (qkv M=16: 22.6 / 20.1; gate_up M=16: 70.2 / 48.6); from 32
@@ -206,8 +223,17 @@ def fp8_path(m: int, n: int) -> str:
       596.9 / 453.1; M=512: o 28.4 / 24.4, gate_up 175.1 / 103.6, down 84.9 / 61.8);
     - "tensorwise" (unit-scale GEMM, the scales in one epilogue launch) for qkv-wide n at 257-1023
       rows, where rowwise picked a slow kernel (qkv M=512: rowwise 71.6-76.7, fp8_linear's
-      tensorwise 39.9, bf16 39.0)."""
+      tensorwise 39.9, bf16 39.0);
+    - "triton" also for a small layer (n * k <= SMALL_LAYER, e.g. SmolLM2-135M's, 0.5-1.8M weights)
+      up to SMALL_LAYER_MAX_M rows: there the product is too small for FP8's matrix rate to pay
+      for the activation quantizer's extra pass and launch, and the rows keep their bf16
+      activations. H200 part s (2026-12-03, us per layer, qkv + o + gate_up + down, W8A16 /
+      per-token FP8 + cuBLAS): M=256 92 / 192, 1024 96 / 195, 2048 101 / 186, 4096 148 / 165
+      (do_bench); eager wall time per call 2048: 172 / 261, 4096: 156 / 243. SmolLM2 on the GPU,
+      2k tokens in 256-row chunks: KL vs bf16 0.0183 W8A16, 0.0303 with FP8 activations."""
     if m <= TRITON_MAX_M:
+        return "triton"
+    if k is not None and n * k <= SMALL_LAYER and m <= SMALL_LAYER_MAX_M:
         return "triton"
     if 4096 < n <= 8192 and 256 < m < 1024:
         return "tensorwise"
@@ -255,7 +281,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x [M, K] -> [M, N] in x's dtype on CUDA, by fp8_path: the Triton W8A16 kernel, or
     per-token FP8 activations through torch._scaled_mm (rowwise scales, or unit scales and the
     scales applied after)."""
-    path = fp8_path(x.shape[0], weight.shape[0])
+    path = fp8_path(x.shape[0], weight.shape[0], weight.shape[1])
     if path == "triton":
         return w8a16_matmul(x, weight, weight_scale, bias)
     xq, x_scale = quantize_rows(x)

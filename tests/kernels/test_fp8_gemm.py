@@ -19,13 +19,19 @@ def _weights(n, k, gen):
     return (w / scale[:, None]).to(FP8).to(DEVICE), scale.float().to(DEVICE)
 
 
-@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 80, False), (1, 16, 37, True), (5, 40, 96, True), (19, 32, 64, False)])
-def test_w8a16_matches_dequantized_matmul(m, n, k, bias):
+# the GPU's tile kinds, run in the interpreter too: one row, 16-row dots, the small layers' 64-row tile
+_TILES = {"auto": None, "rows64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=1, num_stages=1)}
+
+
+@pytest.mark.parametrize("m,n,k,bias,tiles", [(1, 48, 80, False, "auto"), (1, 16, 37, True, "auto"),
+                                              (5, 40, 96, True, "auto"), (19, 32, 64, False, "auto"),
+                                              (70, 72, 150, True, "rows64")])
+def test_w8a16_matches_dequantized_matmul(m, n, k, bias, tiles):
     gen = torch.Generator().manual_seed(m * 100 + n)
     w, scale = _weights(n, k, gen)
     x = torch.randn(m, k, generator=gen).to(ACT).to(DEVICE)
     b = torch.randn(n, generator=gen).to(ACT).to(DEVICE) if bias else None
-    out = w8a16_matmul(x, w, scale, b)
+    out = w8a16_matmul(x, w, scale, b, tiles=_TILES[tiles])
     ref = x.double() @ (w.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
     assert out.dtype == x.dtype and out.shape == (m, n)
     assert rel_err(out, ref) < 2e-3  # fp32 accumulation, one rounding to the output dtype
@@ -72,14 +78,18 @@ def test_quantize_rows_bit_exact():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch._scaled_mm needs a GPU with FP8")
+@pytest.mark.parametrize("small_rule", [True, False])
 @pytest.mark.parametrize("m", [1, 16, 65, 300, 2048])
-def test_fp8_linear_every_path(m):
+def test_fp8_linear_every_path(m, small_rule, monkeypatch):
+    if not small_rule:  # every layer past 16 rows through cuBLAS
+        monkeypatch.setattr(fp8_gemm, "SMALL_LAYER_MAX_M", 0)
     gen = torch.Generator().manual_seed(m)
     w, scale = _weights(256, 512, gen)
     x = torch.randn(m, 512, generator=gen).to(torch.bfloat16).to(DEVICE)
     out = fp8_gemm.fp8_linear(x, w, scale)
     ref = x.double() @ (w.double() * scale.double()[:, None]).T
-    path = fp8_gemm.fp8_path(m, 256)
+    path = fp8_gemm.fp8_path(m, 256, 512)
+    assert (path == "triton") == (m <= 16 or (small_rule and m <= fp8_gemm.SMALL_LAYER_MAX_M))
     assert rel_err(out, ref) < (5e-3 if path == "triton" else 5e-2)  # per-token FP8 activations
 
 
@@ -98,3 +108,43 @@ def test_fp8_path_by_shape():
     assert fp8_gemm.fp8_path(1, 28672) == fp8_gemm.fp8_path(16, 28672) == "triton"
     assert fp8_gemm.fp8_path(64, 4096) == "rowwise" and fp8_gemm.fp8_path(512, 28672) == "rowwise"
     assert fp8_gemm.fp8_path(512, 6144) == "tensorwise" and fp8_gemm.fp8_path(4096, 6144) == "rowwise"
+    # small layers (SmolLM2-135M: gate_up 3072 x 576) stay W8A16 up to SMALL_LAYER_MAX_M rows
+    assert fp8_gemm.fp8_path(256, 3072, 576) == fp8_gemm.fp8_path(4096, 3072, 576) == "triton"
+    assert fp8_gemm.fp8_path(4097, 3072, 576) == "rowwise"
+    assert fp8_gemm.fp8_path(256, 4096, 4096) == "rowwise"  # Llama-3-8B's smallest (o) is not small
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="PDL early launch needs a CUDA GPU")
+def test_w8a16_early_dependents_see_its_output(monkeypatch):
+    """EARLY_DEPENDENTS: the PDL kernel after the one-row W8A16 kernel (rms_norm, as in the model)
+    launches while the matmul runs and must still read its finished output: a CUDA graph of
+    matmul -> norm -> matmul -> norm, fed fresh inputs each replay, equals the same chain run
+    eagerly without the early launch."""
+    from sglite.kernels.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(11)
+    w1, s1 = _weights(8192, 4096, gen)  # long enough that the norm is resident before it ends
+    w2, s2 = _weights(4096, 8192, gen)
+    g1 = torch.rand(8192, generator=gen).to(torch.bfloat16).to(DEVICE)
+    g2 = torch.rand(4096, generator=gen).to(torch.bfloat16).to(DEVICE)
+
+    def chain(x):
+        h = rms_norm(fp8_gemm.fp8_linear(x, w1, s1), g1, 1e-6)
+        return rms_norm(fp8_gemm.fp8_linear(h, w2, s2), g2, 1e-6)
+
+    static_x = torch.randn(1, 4096, generator=gen).to(torch.bfloat16).to(DEVICE)
+    monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", True)
+    chain(static_x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x)
+    for i in range(5):
+        x = torch.randn(1, 4096, generator=gen).to(torch.bfloat16).to(DEVICE)
+        static_x.copy_(x)
+        graph.replay()
+        monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", False)
+        ref = chain(x)
+        monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", True)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, ref), i

@@ -72,6 +72,27 @@ def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size):
     assert rel_err(out, wrong) > 0.5
 
 
+@pytest.mark.parametrize("num_splits,page_size", [(1, None), (3, 16)])
+def test_decode_fp8_q_product(num_splits, page_size):
+    """tiles["q_fp8"]: q rounded to e4m3 with one scale per head row, q.K^T an FP8 product: the
+    reference on that rounded q (and the pool's decoded K/V) matches to the usual tolerance."""
+    seq_lens = [3, 40, 29]
+    sc, k_deq, v_deq = fp8_scenario([n - 1 for n in seq_lens], [1] * 3, k_scale=0.05, v_scale=0.02,
+                                    num_heads=8, num_kv_heads=2, head_dim=32, page_size=page_size)
+    out = torch.full_like(sc.q, float("nan"))
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None, q_fp8=True)
+    decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
+                         sc.tensor(seq_lens), scale=sc.scale, num_splits=num_splits, k_scale=0.05,
+                         v_scale=0.02, tiles=tiles, page_size=page_size or 1)
+    q_sc = sc.q.float().abs().amax(-1, keepdim=True) / 448.0
+    q_deq = (sc.q.float() / q_sc).clamp(-448, 448).to(FP8).float() * q_sc
+    ref = decode_attention_ref(q_deq, k_deq, v_deq, sc.req_to_token, sc.rows, seq_lens, scale=sc.scale)
+    exact_q = decode_attention_ref(sc.q.float(), k_deq, v_deq, sc.req_to_token, sc.rows, seq_lens, scale=sc.scale)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL
+    assert rel_err(out, exact_q) < 5e-2  # what rounding q costs
+
+
 @pytest.mark.parametrize("from_pool,window", [(False, None), (True, None), (False, 6)])
 def test_extend_reads_fp8_prefix(from_pool, window):
     sc, k_deq, v_deq = fp8_scenario([0, 13, 30], [5, 7, 18], k_scale=0.05, v_scale=0.02,

@@ -56,11 +56,37 @@ class Fp8LinearMethod:
 FP8_METHOD = Fp8LinearMethod()
 
 
+SCALE_CANDIDATES = 16  # per-channel scales tried by quantize_per_channel (c = 1 + j / 16)
+
+
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (fp8 [N, K], fp32 scales [N]): each row scaled so its amax maps to 448."""
+    """weight [N, K] -> (fp8 [N, K], fp32 scales [N]): each row's scale the one of
+    amax * c / 448, c in [1, 2) (SCALE_CANDIDATES steps), with the least squared rounding error.
+    c = 1 (amax -> 448, the usual choice) is one candidate, so no row gets worse; the others slide
+    the e4m3 grid under the row's values (a binade's relative spacing repeats every factor 2).
+    SmolLM2-135M (weights from its Q4_1 GGUF): rms relative error 0.0263 -> 0.0245."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX  # [N]
-    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(n, dtype=torch.float32, device=w.device)
+    step = max(1, (1 << 24) // max(k, 1))  # rows at a time: bounded temporaries (64 MB of fp32 each)
+    for r0 in range(0, n, step):
+        rows = w[r0 : r0 + step]
+        amax = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        best_err = best_s = best_q = None
+        for j in range(SCALE_CANDIDATES):
+            s = amax * (1.0 + j / SCALE_CANDIDATES)
+            cand = (rows / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            err = (cand.float() * s - rows).square().sum(dim=1, keepdim=True)
+            if best_err is None:
+                best_err, best_s, best_q = err, s, cand
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_q = torch.where(better, cand.view(torch.uint8), best_q.view(torch.uint8)).view(FP8_DTYPE)
+        q[r0 : r0 + step] = best_q
+        scale[r0 : r0 + step] = best_s[:, 0]
     return q, scale
 
 
