@@ -66,8 +66,9 @@ def test_memory_imports_only_the_model_config():
 def test_models_see_only_the_attention_contract_of_the_executor():
     mods = _runtime_loaded("models")
     assert not _under(mods, "scheduler", "server", "sampling")
+    # and the copies that never wait for the GPU (a pageable one in a forward waits for the last)
     assert _under(mods, "executor") <= {f"{RT}.executor", f"{RT}.executor.attention",
-                                        f"{RT}.executor.attention.base"}
+                                        f"{RT}.executor.attention.base", f"{RT}.executor.transfer"}
 
 
 def test_executor_never_imports_the_scheduler_or_the_server():

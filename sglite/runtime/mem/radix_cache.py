@@ -261,7 +261,7 @@ def _common_len(node_key: list[int], key: list[int], pos: int) -> int:
     whole overlap first (the usual case: a shared prompt), then a bisection down to a short tail
     (a per-token Python loop over 1200-token keys was 1.5 s of a 100-program select's host time)."""
     n = min(len(node_key), len(key) - pos)
-    if node_key[:n] == key[pos: pos + n]:
+    if (node_key if n == len(node_key) else node_key[:n]) == key[pos: pos + n]:  # one copy, not two
         return n
     lo, hi = 0, n  # node_key[:lo] matches; the first mismatch is in [lo, hi)
     while hi - lo > 16:

@@ -110,7 +110,7 @@ class CacheManager:
         """Length of req's cacheable prefix already in the tree (no lock; may split nodes)."""
         if self.disable_radix_cache:
             return 0
-        return self.tree.match_prefix(req.fill_ids[: req.max_prefix_len]).length
+        return self.tree.match_prefix(req.fill_slice(0, req.max_prefix_len)).length
 
     def admit(self, req: Req) -> bool:
         """Take a request row, match the tree and lock the match. False if no row is free."""
@@ -123,7 +123,7 @@ class CacheManager:
         req.last_node = None
         req.kv_tail_len = 0
         if not self.disable_radix_cache:
-            m = self.tree.match_prefix(req.fill_ids[: req.max_prefix_len])
+            m = self.tree.match_prefix(req.fill_slice(0, req.max_prefix_len))
             self.tree.inc_lock_ref(m.last_node)
             req.last_node = m.last_node
             req.tree_len = req.kv_len = m.length
@@ -204,7 +204,7 @@ class CacheManager:
         """Move req's own KV into the tree (so peers can share it) and lock it there."""
         if self.disable_radix_cache or req.kv_len == req.tree_len or req.num_window_freed:
             return
-        key = req.fill_ids[: req.kv_len]
+        key = req.fill_slice(0, req.kv_len)
         if self.sliding_window is not None and self._tree_has_hole_on(key):
             return  # we keep owning these slots; release() hands them over (or frees them)
         prefix_in_tree, node = self._insert(req, key)  # no holes on this path (checked above)
@@ -229,7 +229,7 @@ class CacheManager:
             self.token_pool.free(_live(self._slots(req, 0, req.kv_len)))
         else:
             if req.tree_len < req.kv_len:  # else its whole KV is on the locked path already
-                self._insert(req, req.fill_ids[: req.kv_len])
+                self._insert(req, req.fill_slice(0, req.kv_len))
             self.tree.dec_lock_ref(req.last_node)
         self.req_to_token.free(req.req_pool_idx)
         self.holders.discard(req)
@@ -255,7 +255,7 @@ class CacheManager:
         self._free_tail(req)  # it continued from the old kv_len
         self.token_pool.free(self._slots(req, own_from, req.kv_len))
         if new_kv_len < req.tree_len:
-            m = self.tree.match_prefix(req.fill_ids[:new_kv_len])
+            m = self.tree.match_prefix(req.fill_slice(0, new_kv_len))
             assert m.length == new_kv_len, f"tree lost tokens: matched {m.length} of {new_kv_len}"
             self.tree.inc_lock_ref(m.last_node)
             self.tree.dec_lock_ref(req.last_node)

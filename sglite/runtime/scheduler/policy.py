@@ -86,7 +86,7 @@ class PrefillAdder:
     def _shares_new_prefix(self, req: Req) -> bool:
         if self.cache.disable_radix_cache or not self.peers:
             return False
-        ids = req.fill_ids[: req.max_prefix_len]
+        ids = req.fill_slice(0, req.max_prefix_len)
         if len(ids) < SHARE_MIN_TOKENS:
             return False
         # shares when a peer's prompt has the same SHARE_MIN_TOKENS tokens right past what the

@@ -224,7 +224,7 @@ class Scheduler:
         charge, t = self.stats.add_host_time, time.perf_counter()  # phases nested in "extend"
         reqs = adder.reqs
         prefix_lens = [r.kv_len for r in reqs]
-        new_ids = [r.fill_ids[r.kv_len: r.kv_len + len(s)] for r, s in zip(reqs, adder.slots)]
+        new_ids = [r.fill_slice(r.kv_len, r.kv_len + len(s)) for r, s in zip(reqs, adder.slots)]
         logits_from = _logits_from(reqs, prefix_lens, new_ids)
         batch = self.runner.make_extend_batch(  # writes the slots into req_to_token
             [r.req_pool_idx for r in reqs], prefix_lens, new_ids, torch.cat(adder.slots),

@@ -202,3 +202,16 @@ def test_requests_sharing_a_new_prefix_wait_for_the_first_to_prefill_it():
     assert adder.try_add(first) is AddResult.ADDED
     assert adder.try_add(twin) is AddResult.DEFERRED
     assert adder.try_add(other) is AddResult.ADDED
+
+
+def test_fill_slice_is_a_slice_of_fill_ids():
+    """Req.fill_slice (the radix keys, without building fill_ids) equals fill_ids[start:end]
+    across the prompt/output boundary."""
+    from sglite.protocol import parse_sampling_params
+
+    req = Req(rid="x", input_ids=list(range(10)), params=parse_sampling_params({}), sink=None)
+    for output in ([], [100, 101, 102]):
+        req.output_ids = list(output)
+        for start in range(14):
+            for end in range(start, 15):
+                assert req.fill_slice(start, end) == req.fill_ids[start:end], (output, start, end)
