@@ -43,28 +43,27 @@ def _type(v) -> str:
     return "tensordesc<%s%s>" % (_TYPES[v.base.dtype], list(v.block_shape))  # a TensorDescriptor
 
 
-def _usage(kernel) -> str:
+def _cuobjdump(kernel, flag: str) -> str:
+    """cuobjdump's output for the kernel's cubin (the tool that ships with Triton's backend)."""
     from triton.backends.nvidia import compiler as nvc
 
     path = tempfile.mktemp(suffix=".cubin")
     with open(path, "wb") as f:
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(nvc.__file__), "bin", "cuobjdump")
-    out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    out = subprocess.run([tool, flag, path], capture_output=True, text=True).stdout
     os.unlink(path)
+    return out
+
+
+def _usage(kernel) -> str:
+    out = _cuobjdump(kernel, "--dump-resource-usage")
     return " ".join(word for line in out.splitlines() if "REG" in line for word in line.split()[:2])
 
 
 def _mma(kernel) -> str:
     """The matrix instructions in the kernel's SASS (HMMA / QGMMA / HGMMA kinds and counts)."""
-    from triton.backends.nvidia import compiler as nvc
-
-    path = tempfile.mktemp(suffix=".cubin")
-    with open(path, "wb") as f:
-        f.write(kernel.asm["cubin"])
-    tool = os.path.join(os.path.dirname(nvc.__file__), "bin", "cuobjdump")
-    out = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
-    os.unlink(path)
+    out = _cuobjdump(kernel, "-sass")
     kinds: dict[str, int] = {}
     for line in out.splitlines():
         for word in line.replace(";", " ").split():
