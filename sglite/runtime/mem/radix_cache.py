@@ -98,6 +98,16 @@ class RadixCache:
         """Longest reusable cached prefix of `key`. Splits the node where the match ends inside it
         and marks the path as recently used. The slots stay valid only while `last_node` is locked
         (or until the next evict)."""
+        node, values = self._match_walk(key)
+        slots = torch.cat(values) if values else _EMPTY
+        return MatchResult(slots=slots, last_node=node, length=len(slots))
+
+    def match_length(self, key: list[int]) -> int:
+        """match_prefix(key).length, without gathering the slots (ordering, sharing checks)."""
+        return sum(len(v) for v in self._match_walk(key)[1])
+
+    def _match_walk(self, key: list[int]) -> tuple[TreeNode, list[torch.Tensor]]:
+        """match_prefix's walk: the node where the match ends, and the matched nodes' values."""
         now = next(self._clock)
         node, pos, values = self.root, 0, []
         while pos < len(key) and (child := node.children.get(key[pos])) is not None:
@@ -110,8 +120,7 @@ class RadixCache:
                 break
             values.append(child.value)
             node, pos = child, pos + n
-        slots = torch.cat(values) if values else _EMPTY
-        return MatchResult(slots=slots, last_node=node, length=len(slots))
+        return node, values
 
     # ---- updates ------------------------------------------------------------------------------
 
@@ -248,12 +257,15 @@ class NoReuseCache(RadixCache):
     def match_prefix(self, key: list[int]) -> MatchResult:
         return MatchResult(slots=_EMPTY, last_node=self.root, length=0)
 
-    def insert(self, key: list[int], slots: torch.Tensor) -> int:
+    def match_length(self, key: list[int]) -> int:
+        return 0
+
+    def insert_path(self, key: list[int], slots: torch.Tensor) -> tuple[int, TreeNode]:
         _check_slots(key, slots)
         live = slots[slots != 0]
         if len(live):
             self.free_slots(live)
-        return 0
+        return 0, self.root
 
 
 def _common_len(node_key: list[int], key: list[int], pos: int) -> int:

@@ -110,7 +110,7 @@ class CacheManager:
         """Length of req's cacheable prefix already in the tree (no lock; may split nodes)."""
         if self.disable_radix_cache:
             return 0
-        return self.tree.match_prefix(req.fill_slice(0, req.max_prefix_len)).length
+        return self.tree.match_length(req.fill_slice(0, req.max_prefix_len))
 
     def admit(self, req: Req) -> bool:
         """Take a request row, match the tree and lock the match. False if no row is free."""
@@ -329,10 +329,11 @@ class CacheManager:
 
     def _alloc_pages(self, k: int) -> np.ndarray | None:
         """k whole pages, evicting from the tree to make them; None: single slots must do."""
-        pool = self.token_pool
-        if pool.num_whole_pages() < k and not self.disable_radix_cache and self.tree.evictable_size:
+        pages = self.token_pool.alloc_pages(k)  # (counting whole pages first scanned them all)
+        if pages is None and not self.disable_radix_cache and self.tree.evictable_size:
             self.tree.evict(k * self.page_size)
-        return pool.alloc_pages(k)
+            pages = self.token_pool.alloc_pages(k)
+        return pages
 
     def _place_on_pages(self, req: Req, pos: int, n: int, pages: np.ndarray) -> torch.Tensor:
         """Positions [pos, pos + n) at their offsets on `pages` (fresh, whole, all allocated):

@@ -173,7 +173,7 @@ class RadixMachine(RuleBasedStateMachine):
     def match(self, key):
         m = self.cache.match_prefix(key)
         assert m.slots.tolist() == self._model_match(key)
-        assert m.length == len(m.slots)
+        assert m.length == len(m.slots) == self.cache.match_length(key)
 
     @rule(key=keys, hole_mask=st.lists(st.booleans(), min_size=10, max_size=10), hold=st.booleans())
     def request(self, key, hole_mask, hold):
@@ -191,8 +191,13 @@ class RadixMachine(RuleBasedStateMachine):
         self.pool.release(new[holes])  # sliding window freed these while running
         new[holes] = 0
         slots = torch.cat([m.slots, new])
-        present = self.cache.insert(key, slots)
+        present, end = self.cache.insert_path(key, slots)
         assert present >= m.length
+        spelled, node = [], end  # the node insert_path returns ends the key
+        while node is not self.cache.root:
+            spelled[:0] = node.key
+            node = node.parent
+        assert spelled == key
         dup = slots[m.length : present]
         self.pool.release(dup[dup != 0])
         for i in range(present, len(key)):
