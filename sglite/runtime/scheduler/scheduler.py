@@ -41,7 +41,7 @@ import time
 import torch
 
 from sglite.runtime.executor.transfer import to_device_async
-from sglite.runtime.sampling.logprobs import log_softmax_rows, pack_logprobs, unpack_logprobs
+from sglite.runtime.sampling.logprobs import log_softmax_rows, pack_logprobs
 from sglite.runtime.scheduler.cache_manager import CacheManager, freeable_window
 from sglite.runtime.scheduler.output_processor import OutputProcessor
 from sglite.runtime.scheduler.pending import PendingDecode, PendingExtend, samples_nothing
