@@ -293,6 +293,8 @@ def main():
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--grammar-bs", type=int, default=256)
     ap.add_argument("--num-threads", type=int, default=None, help="the servers' torch CPU threads")
+    ap.add_argument("--server-args", type=json.loads, default={},
+                    help='more runtime arguments for every server, as JSON: e.g. \'{"chunked_prefill_size": 8192}\'')
     ap.add_argument("--grammar-repeat", type=int, default=1,
                     help="rounds of each grammar workload, constrained and baseline back to back; with "
                          "more than one the first is a warm-up and the table reports the median round")
@@ -307,6 +309,7 @@ def main():
     server_args = dict(device=args.device, load_format="dummy", log_interval=0)
     if args.num_threads is not None:
         server_args["num_threads"] = args.num_threads
+    server_args.update(args.server_args)
     table = []
     if "select" in args.parts:
         questions, choices = select_workload(random.Random(0), args.num_select)
