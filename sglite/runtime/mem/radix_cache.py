@@ -102,6 +102,14 @@ class RadixCache:
         slots = torch.cat(values) if values else _EMPTY
         return MatchResult(slots=slots, last_node=node, length=len(slots))
 
+    def path_slots(self, node: TreeNode) -> torch.Tensor:
+        """The slots of the path from the root to `node` (holes included), without a key walk."""
+        values = []
+        while node is not self.root:
+            values.append(node.value)
+            node = node.parent
+        return torch.cat(values[::-1]) if values else _EMPTY
+
     def match_length(self, key: list[int]) -> int:
         """match_prefix(key).length, without gathering the slots (ordering, sharing checks)."""
         return sum(len(v) for v in self._match_walk(key)[1])

@@ -65,6 +65,9 @@ class TokenPool:
         assert free.numel() + num_allocated == self.total_size, "slots were lost"
 
 
+SMALL_FREE = 8  # PagedTokenPool.free of at most this many slots takes the plain-Python path
+
+
 class PagedTokenPool(TokenPool):
     """A TokenPool that also hands out whole pages: runs of `page_size` consecutive slots starting
     at a multiple of page_size, so that a request's keys lie in long consecutive runs and decode
@@ -133,6 +136,8 @@ class PagedTokenPool(TokenPool):
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:
             return
+        if slots.numel() <= SMALL_FREE:
+            return self._free_few(slots.flatten().tolist())
         # sorted (a copy): the checks and the per-page counts need no np.unique (a select frees
         # ~3000 small runs, each a page's head or tail, where the numpy calls were the cost)
         s = np.sort(slots.to(device="cpu", dtype=torch.int64).flatten().numpy())
@@ -145,8 +150,29 @@ class PagedTokenPool(TokenPool):
         for page in self._count_pages(s, 1):
             if self._page_free[page] == self.page_size:
                 self._whole.append(page)
+        self._compact_whole()
+
+    def _compact_whole(self) -> None:
         if len(self._whole) > 2 * self.num_pages:  # drop stale entries now and then
             self._whole = np.flatnonzero(self._page_free == self.page_size)[::-1].tolist()
+
+    def _free_few(self, s: list[int]) -> None:
+        """free() of a few slots in plain Python: the duplicates a select request frees (two
+        slots) cost ~10 numpy calls of fixed overhead each on the vector path."""
+        assert min(s) > 0, "slot 0 is reserved and can never be freed"
+        assert max(s) <= self.total_size, f"slot {max(s)} is outside the pool"
+        assert len(set(s)) == len(s), "the same slot is freed twice in one call"
+        is_free, page_free, size = self._is_free, self._page_free, self.page_size
+        assert not any(is_free[x] for x in s), "double free or freeing an unallocated slot"
+        limit = self.num_pages * size
+        for x in s:
+            is_free[x] = True
+            if x < limit:
+                page_free[x // size] += 1
+                if page_free[x // size] == size:
+                    self._whole.append(x // size)
+        self._num_free += len(s)
+        self._compact_whole()
 
     def reset(self) -> None:
         self.__init__(self.total_size, self.page_size)

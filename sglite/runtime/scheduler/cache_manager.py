@@ -211,9 +211,8 @@ class CacheManager:
         self.tree.inc_lock_ref(node)
         self.tree.dec_lock_ref(req.last_node)
         if prefix_in_tree > req.tree_len:  # the tree's slots replace our duplicates there
-            m = self.tree.match_prefix(key[:prefix_in_tree])
-            assert m.length == prefix_in_tree, f"tree lost tokens: matched {m.length} of {prefix_in_tree}"
-            self.req_to_token.write(req.req_pool_idx, req.tree_len, m.slots[req.tree_len:])
+            tree_slots = self.tree.path_slots(node)[req.tree_len:prefix_in_tree]
+            self.req_to_token.write(req.req_pool_idx, req.tree_len, tree_slots)
         req.last_node, req.tree_len = node, req.kv_len
 
     def release(self, req: Req) -> None:
@@ -324,7 +323,8 @@ class CacheManager:
         prefix_in_tree, node = self.tree.insert_path(key, slots)
         # [tree_len, prefix_in_tree): the tree already had these tokens; our copies are duplicates
         if prefix_in_tree > req.tree_len:  # (0 = already freed by the window: skip)
-            self.token_pool.free(_live(slots[req.tree_len:prefix_in_tree]))
+            dup = slots[req.tree_len:prefix_in_tree]
+            self.token_pool.free(dup if self.sliding_window is None else _live(dup))
         return prefix_in_tree, node
 
     def _alloc_pages(self, k: int) -> np.ndarray | None:

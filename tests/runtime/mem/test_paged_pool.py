@@ -33,6 +33,27 @@ def test_pool_hands_out_whole_pages_and_keeps_them_whole():
         pool.free(torch.tensor([0]))
 
 
+@pytest.mark.parametrize("sizes", [(1, 2, 5), (3, 9, 40), (8, 9)])  # the few-slot path and the vector one
+def test_frees_of_any_size_keep_the_counts(sizes):
+    """Random frees, a few slots at a time (the plain-Python path) or many: the pool's
+    per-page counts, whole-page stack and free count stay right, and bad frees are refused."""
+    import random
+
+    rng = random.Random(sum(sizes))
+    pool = PagedTokenPool(8 * 20 - 1 + 5, 8)
+    held = pool.alloc(pool.available_size).tolist()
+    rng.shuffle(held)
+    while held:
+        n = min(rng.choice(sizes), len(held))
+        chunk, held = held[:n], held[n:]
+        pool.free(torch.tensor(chunk))
+        pool.check_integrity()
+        for bad in ([chunk[0]], [0], [chunk[0], chunk[0]], [pool.total_size + 1]):
+            with pytest.raises(AssertionError):
+                pool.free(torch.tensor(bad))
+    assert pool.available_size == pool.total_size and pool.num_whole_pages() == 19
+
+
 def test_a_pool_smaller_than_a_page_hands_out_single_slots():
     pool = PagedTokenPool(50, 128)
     assert pool.num_whole_pages() == 0 and pool.alloc_pages(1) is None
