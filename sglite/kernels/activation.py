@@ -12,8 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import pdl
-from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
+from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 BLOCK_N = 1024
 
@@ -22,7 +21,7 @@ BLOCK_N = 1024
 def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
                          GELU: tl.constexpr = False, EARLY: tl.constexpr = False):
     wait_for_previous(USE_PDL)
-    allow_dependents(EARLY)  # pdl.chain_launch: the down projection's GEMV launches now
+    allow_dependents(EARLY)  # pdl.chain_options: the down projection's GEMV launches now
     cur_row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -58,7 +57,7 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, _gelu: boo
     block = min(BLOCK_N, triton.next_power_of_2(n))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(n, block))](
         x, out, x.stride(0), out.stride(0), n, BLOCK_N=block, num_warps=4 if x.is_cuda else 1,
-        GELU=_gelu, **pdl_options(x), **({"EARLY": True} if (early or pdl.CHAIN) and early_launch(x) else {}),
+        GELU=_gelu, **pdl_options(x), **chain_options(x, early),
     )
     return out
 

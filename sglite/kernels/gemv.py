@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
-from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
+from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
 # (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
@@ -39,7 +38,7 @@ def _gemv_kernel(
     X, W, Out, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = False,  # pdl.chain_launch: the next kernel launches after the wait
+    EARLY: tl.constexpr = False,  # pdl.chain_options: the next kernel launches after the wait
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,5 +101,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = None,
     out = torch.empty(1, n, dtype=x.dtype, device=x.device) if out is None else out
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, out, n, k, weight.stride(0), **cfg, **pdl_options(x),
-        **({"EARLY": True} if (early or pdl.CHAIN) and early_launch(x) else {}))
+        **chain_options(x, early))
     return out

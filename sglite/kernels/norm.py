@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
-from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
+from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 MAX_N = 65536  # one row in registers: 64k fp32 over 16 warps is 128 values per thread
 
@@ -34,7 +33,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
     PRE_NORM: tl.constexpr = False,  # x <- rms_norm(x, W0, eps0) first (norm_add_rms_norm)
     USE_PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = False,  # pdl.chain_launch: the next kernel launches after the wait
+    EARLY: tl.constexpr = False,  # pdl.chain_options: the next kernel launches after the wait
 ):
     cur_row = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -83,7 +82,7 @@ def _launch(x, residual, out, weight, eps, pre_weight=None, pre_eps=0.0, early=F
         n, eps, pre_eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, PRE_NORM=pre_weight is not None,
         num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1, **pdl_options(x),
-        **({"EARLY": True} if (early or pdl.CHAIN) and early_launch(x) else {}),
+        **chain_options(x, early),
     )
 
 

@@ -80,3 +80,9 @@ def pdl_options(t: torch.Tensor) -> dict:
 def early_launch(t: torch.Tensor) -> bool:
     """The EARLY constexpr of a kernel that calls allow_dependents, computing on t's device."""
     return EARLY_LAUNCH and use_pdl(t)
+
+
+def chain_options(t: torch.Tensor, early: bool) -> dict:
+    """Launch options of a kernel that calls allow_dependents after its wait (chained early
+    launch): EARLY when the caller asks (or CHAIN, read now) and t's device launches early."""
+    return {"EARLY": True} if (early or CHAIN) and early_launch(t) else {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sglite.runtime.executor.transfer import tensor_async
+
 Logprobs = tuple[list[float], list[list[tuple[float, int]]]]  # chosen per row, top (logprob, id) per row
 
 
@@ -43,14 +45,18 @@ def unpack_logprobs(host: torch.Tensor, top_nums: list[int]) -> Logprobs:
     return chosen, [list(zip(v[:m], i[:m])) for v, i, m in zip(values, ids, top_nums)]
 
 
+def pack_rows(logits: torch.Tensor, token_ids: list[int], top_nums: list[int]) -> torch.Tensor:
+    """gather_logprobs' device half: logits [n, vocab] raw -> its pack_logprobs result, still on
+    the device (no copy here waits for the GPU)."""
+    assert len(token_ids) == logits.shape[0] == len(top_nums), (logits.shape, len(token_ids), len(top_nums))
+    ids = tensor_async(token_ids, torch.int64, logits.device)
+    return pack_logprobs(log_softmax_rows(logits), ids, max(top_nums))
+
+
 def gather_logprobs(logits: torch.Tensor, token_ids: list[int], top_nums: list[int]) -> Logprobs:
     """logits [n, vocab] (raw), token_ids [n] (the token each row scores), top_nums [n] (k of
     each row's top logprobs; 0: none). Returns the chosen token's logprob per row and each row's
     top k as (logprob, id) pairs, best first."""
-    n = logits.shape[0]
-    if n == 0:
+    if logits.shape[0] == 0:
         return [], []
-    assert len(token_ids) == n == len(top_nums), (n, len(token_ids), len(top_nums))
-    ids = torch.tensor(token_ids, dtype=torch.int64).to(logits.device, non_blocking=True)
-    packed = pack_logprobs(log_softmax_rows(logits), ids, max(top_nums))
-    return unpack_logprobs(packed.cpu(), top_nums)  # the one device-to-host copy
+    return unpack_logprobs(pack_rows(logits, token_ids, top_nums).cpu(), top_nums)  # one copy back

@@ -32,8 +32,7 @@ import torch
 
 from sglite.runtime.executor.transfer import tensor_async
 from sglite.runtime.scheduler.req import Req
-from sglite.runtime.sampling.logprobs import (Logprobs, gather_logprobs, log_softmax_rows,
-                                             pack_logprobs, unpack_logprobs)
+from sglite.runtime.sampling.logprobs import Logprobs, gather_logprobs, pack_rows, unpack_logprobs
 from sglite.runtime.scheduler.sampling import Sampling
 
 # A jump that must gain more tokens than this is so rare (JSON's forced keys and punctuation are
@@ -254,7 +253,7 @@ class OutputProcessor:
         """logits: [num_rows, vocab], for each request the rows of its new tokens from offset
         logits_from[i] on (see `logits_from`). The row of position p scores input token p + 1;
         token 0 has no logprob (None, recorded now). All requests' rows are packed in one batch
-        on the device; `record_logprobs` records them once the pack is on the host."""
+        on the device; `record_input_logprobs` records them once the pack is on the host."""
         rows, wanting, offset = [], [], 0
         for req, prefix_len, ids, first in zip(reqs, prefix_lens, new_ids, logits_from):
             if req.wants_input_logprobs:
@@ -268,15 +267,15 @@ class OutputProcessor:
                 if prefix_len + len(ids) >= len(req.input_ids):
                     req.input_logprobs_done = True
             offset += len(ids) - first
-        return _pack_logprobs("input", logits, wanting, rows) if rows else None
+        return _pack_logprobs(logits, wanting, rows) if rows else None
 
-    def record_logprobs(self, pack: LogprobPack, host: torch.Tensor) -> None:
+    def record_input_logprobs(self, pack: LogprobPack, host: torch.Tensor) -> None:
         """Append the entries of a pack (`host`: its device tensor, now on the CPU)."""
         chosen, tops = unpack_logprobs(host, pack.top_nums)
         if len(pack.keep) < len(chosen):
             chosen, tops = [chosen[i] for i in pack.keep], [tops[i] for i in pack.keep]
         for (req, token_id), logprob, top in zip(pack.wanting, chosen, tops):
-            self._append_lp(req, pack.kind, logprob, token_id, self._top_entries(top))
+            self._append_lp(req, "input", logprob, token_id, self._top_entries(top))
 
     def _top_entries(self, top: list[tuple[float, int]]) -> list:
         return [[v, i, self._token_text(i)] for v, i in top]
@@ -311,16 +310,15 @@ class OutputProcessor:
 
 @dataclass
 class LogprobPack:
-    """Logprobs of some rows of a forward, packed on the device (sampling/logprobs.py) and not
-    read yet: `wanting[j]` = (request, the token it scores) is row `keep[j]` of the pack."""
-    kind: str  # "input" or "output": which of a request's logprob lists the entries join
+    """Input logprobs of some rows of an extend, packed on the device (sampling/logprobs.py) and
+    not read yet: `wanting[j]` = (request, the token it scores) is row `keep[j]` of the pack."""
     wanting: list[tuple[Req, int]]
     keep: Sequence[int]
     top_nums: list[int]  # per pack row: how many top logprobs it keeps
     device: torch.Tensor  # pack_logprobs' [rows, 1 + 2k] fp32
 
 
-def _pack_logprobs(kind: str, logits: torch.Tensor, wanting: list[tuple[Req, int]],
+def _pack_logprobs(logits: torch.Tensor, wanting: list[tuple[Req, int]],
                    rows: Sequence[int]) -> LogprobPack:
     """logits [n, vocab] raw; wanting: (request, the token its row scores) for each of `rows`
     (increasing). When most rows are wanted all are packed and the others dropped from the small
@@ -333,9 +331,7 @@ def _pack_logprobs(kind: str, logits: torch.Tensor, wanting: list[tuple[Req, int
     token_ids, top_nums = [0] * logits.shape[0], [0] * logits.shape[0]  # unwanted rows: dropped
     for row, (req, token_id) in zip(rows, wanting):
         token_ids[row], top_nums[row] = token_id, req.top_logprobs_num
-    packed = pack_logprobs(log_softmax_rows(logits), tensor_async(token_ids, torch.int64, device),
-                           max(top_nums))
-    return LogprobPack(kind, wanting, rows, top_nums, packed)
+    return LogprobPack(wanting, rows, top_nums, pack_rows(logits, token_ids, top_nums))
 
 
 def _is_plain(req: Req) -> bool:

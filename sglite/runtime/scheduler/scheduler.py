@@ -253,7 +253,7 @@ class Scheduler:
         self._finish_extend()
         t = charge("extend.finish", t)
         if packed is not None:
-            self.outputs.record_logprobs(packed, packed.device.cpu())
+            self.outputs.record_input_logprobs(packed, packed.device.cpu())
             num_rows = [len(ids) - first for ids, first in zip(new_ids, logits_from)]
             logits = logits[torch.tensor(num_rows).cumsum(0) - 1]  # each request's last row
             t = charge("extend.input_logprobs", t)
@@ -270,7 +270,7 @@ class Scheduler:
         def process():
             host = pending.read()
             if pending.logprobs is not None:
-                self.outputs.record_logprobs(pending.logprobs, host)
+                self.outputs.record_input_logprobs(pending.logprobs, host)
             done = [r for r, d in zip(pending.reqs, pending.done) if d and not r.is_finished]
             if done:
                 self.outputs.process(done, None)  # prefill-only: they finish, nothing sampled
