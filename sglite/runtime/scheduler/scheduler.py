@@ -247,6 +247,12 @@ class Scheduler:
                 self.cache.cache_unfinished(req)  # share the prompt (chunk) with later peers
         t = charge("extend.cache", t)
         if self.enable_overlap and samples_nothing(reqs):
+            # a prefill-only request that reads nothing of this forward finishes at its launch:
+            # its KV is in the tree, so what waits on it (a select's choices) is scheduled while
+            # the GPU computes it, instead of after the read (the GPU drained at each select)
+            ready = [r for r in reqs if r.extend_len == 0 and not r.return_logprob]
+            if ready:
+                self._process_outputs(ready, lambda: self.outputs.process(ready, None))
             self._finish_extend(then=PendingExtend(reqs, packed))
             charge("extend.finish", t)
             return

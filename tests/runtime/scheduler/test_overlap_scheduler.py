@@ -150,6 +150,35 @@ def test_prefill_only_extends_are_read_a_step_later(runner):
     assert over["s3"].finish_reason == {"type": "length", "matched": None}
 
 
+def test_prefill_only_request_without_logprobs_finishes_at_its_launch(runner):
+    """A select's prefix reads nothing of its forward: it finishes in the step that launches it
+    (its KV is in the tree), so what waits on it is scheduled while the GPU computes it; a scored
+    peer in the same extend still waits for its read."""
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    runner.token_pool.reset()
+    sched = Scheduler(runner, max_running_requests=4, chunked_prefill_size=64, log_interval=0,
+                      enable_overlap=True)
+    gen = torch.Generator().manual_seed(5)
+    reqs = []
+    for rid, lp in (("prefix", {}), ("scored", dict(return_logprob=True, logprob_start_len=1))):
+        prompt = torch.randint(0, runner.model_config.vocab_size, (12,), generator=gen).tolist()
+        req = Req(rid=rid, input_ids=prompt, params=parse_sampling_params({"max_new_tokens": 0}),
+                  sink=RecordingSink(), **lp)
+        sched.outputs.init_request(req)
+        sched.add_request(req)
+        reqs.append(req)
+    sched.step()
+    assert sched._pending_extend is not None  # the extend is not read yet
+    assert reqs[0].sink.finished == 1 and reqs[0].finish_reason["type"] == "length"
+    assert reqs[1].sink.finished == 0
+    assert sched.cache.tree.match_length(reqs[0].input_ids) == len(reqs[0].input_ids)
+    while sched.has_work:
+        sched.step()
+        sched.cache.check_integrity()
+    assert reqs[1].sink.finished == 1 and len(reqs[1].logprobs["input_token_logprobs"]) == 11
+
+
 def test_prefill_only_request_whose_last_token_goes_through_a_decode(runner):
     """25 prompt tokens in chunks of 24: the last one is computed by a decode, which the
     overlapped loop reads a step later; a prefill-only request still gets no output token."""
