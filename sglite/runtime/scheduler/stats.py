@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +34,10 @@ class Stats:
     host_time: dict = field(default_factory=dict)
     host_time_max: dict = field(default_factory=dict)  # each phase's longest charge since the last read
     _gpu_events: list = field(default_factory=list)
+    # SGLITE_TIMELINE=path: every host phase and every forward's host launch and GPU span, written
+    # there as JSON at each counters() read (where the GPU idles inside busy time, and beside what)
+    timeline: Timeline | None = field(
+        default_factory=lambda: Timeline(os.environ["SGLITE_TIMELINE"]) if os.environ.get("SGLITE_TIMELINE") else None)
     _last_log: float = field(default_factory=time.monotonic)
     _window: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
 
@@ -69,6 +75,8 @@ class Stats:
     def add_host_time(self, phase: str, since: float) -> float:
         """Charge perf_counter() - since to phase; returns perf_counter() (the next phase's start)."""
         now = time.perf_counter()
+        if self.timeline is not None:
+            self.timeline.phases.append((phase, since, now))
         self.host_time[phase] = self.host_time.get(phase, 0.0) + now - since
         if now - since > self.host_time_max.get(phase, 0.0):
             self.host_time_max[phase] = now - since
@@ -80,8 +88,12 @@ class Stats:
             return None
         import torch
 
+        if self.timeline is not None:
+            self.timeline.anchor()
         start = torch.cuda.Event(enable_timing=True)
         start.record()
+        if self.timeline is not None:
+            self.timeline.launches.append([time.perf_counter(), None, start, None])
         return start
 
     def forward_launched(self, start) -> None:
@@ -92,6 +104,8 @@ class Stats:
 
         end = torch.cuda.Event(enable_timing=True)
         end.record()
+        if self.timeline is not None:
+            self.timeline.launches[-1][1], self.timeline.launches[-1][3] = time.perf_counter(), end
         self._gpu_events.append((start, end))
         while self._gpu_events and self._gpu_events[0][1].query():
             first, last = self._gpu_events.pop(0)
@@ -132,6 +146,8 @@ class Stats:
             self._gpu_events.clear()
             c["gpu_forward_time_s"] = round(self.gpu_forward_time, 4)
         c["host_time_s"] = {k: round(v, 4) for k, v in self.host_time.items()}
+        if self.timeline is not None:
+            self.timeline.write()
         c.update(scheduler.cache.counters())
         c["kv_usage"] = round(1 - (c["kv_free"] + c["kv_evictable"]) / max(c["kv_total"], 1), 4)
         return c
@@ -159,3 +175,34 @@ class Stats:
                 self.num_retractions)
         self._window = {"prefill": 0, "decode": 0}
         self._last_log = now
+
+
+class Timeline:
+    """The loop's host phases and its forwards' spans on one clock (host seconds): a GPU event
+    recorded right after a synchronize anchors the device's clock to the host's."""
+
+    def __init__(self, path: str):
+        self.path = path.replace("{pid}", str(os.getpid()))
+        self.phases: list[tuple[str, float, float]] = []
+        self.launches: list[list] = []  # [host start, host end, start event, end event]
+        self._base = None
+
+    def anchor(self) -> None:
+        if self._base is None:
+            import torch
+
+            torch.cuda.synchronize()
+            self._base = (torch.cuda.Event(enable_timing=True), time.perf_counter())
+            self._base[0].record()
+
+    def write(self) -> None:
+        if self._base is None:
+            return
+        base, host0 = self._base
+        forwards = []
+        for h0, h1, e0, e1 in self.launches:
+            e1.synchronize()
+            forwards.append([h0, h1, host0 + base.elapsed_time(e0) / 1e3,
+                             host0 + base.elapsed_time(e1) / 1e3])
+        with open(self.path, "w") as f:
+            json.dump({"phases": self.phases, "forwards": forwards}, f)
