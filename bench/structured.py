@@ -94,6 +94,7 @@ def bench_select(args, server_args, radix: bool, questions, choices):
     ctr["host_time_s"] = {k: round(v - before.get("host_time_s", {}).get(k, 0), 3)
                           for k, v in after.get("host_time_s", {}).items()}
     ctr["host_time_max_s"] = after.get("host_time_max_s")
+    ctr["allocator"] = {k: (before.get("allocator", {}).get(k), v) for k, v in after.get("allocator", {}).items()}
     ctr["window"] = (round(t0, 4), round(t0 + dt, 4))  # perf_counter: bench/timeline.py --window
     return len(questions) / dt, ctr, outs
 

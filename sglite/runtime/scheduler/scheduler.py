@@ -49,6 +49,7 @@ from sglite.runtime.scheduler.req import Req, ReqState
 from sglite.runtime.scheduler.policy import (AddResult, PrefillAdder, decode_reserve,
                                             order_waiting)
 from sglite.runtime.scheduler.stats import Stats
+from sglite.runtime.scheduler.warmup import warm_up_extend
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Scheduler:
             sliding_window=None if disable_window_free else freeable_window(cfg),
             global_tokens=cfg.global_tokens)
         self.token_budget = chunked_prefill_size if chunked_prefill_size > 0 else 1 << 62
+        warm_up_extend(runner, self.token_budget)  # CUDA: the allocator sized before serving
         self.max_running_requests = min(max_running_requests, runner.req_to_token.max_reqs)
         self.schedule_policy = schedule_policy
         self.grammar_cache = grammar_cache

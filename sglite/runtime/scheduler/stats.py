@@ -145,6 +145,7 @@ class Stats:
                 self.gpu_forward_time += first.elapsed_time(last) / 1e3
             self._gpu_events.clear()
             c["gpu_forward_time_s"] = round(self.gpu_forward_time, 4)
+            c["allocator"] = allocator_counters()
         c["host_time_s"] = {k: round(v, 4) for k, v in self.host_time.items()}
         if self.timeline is not None:
             self.timeline.write()
@@ -175,6 +176,18 @@ class Stats:
                 self.num_retractions)
         self._window = {"prefill": 0, "decode": 0}
         self._last_log = now
+
+
+def allocator_counters() -> dict:
+    """torch's caching allocator on the current CUDA device: segments taken from and given back
+    to the driver (cudaMalloc / cudaFree wait for the GPU: a growth mid-run stalls a launch), the
+    retries after an out-of-memory and the device-wide syncs they cost, and the bytes reserved."""
+    import torch
+
+    m = torch.cuda.memory_stats()
+    return {"device_allocs": m.get("num_device_alloc", 0), "device_frees": m.get("num_device_free", 0),
+            "alloc_retries": m.get("num_alloc_retries", 0), "syncs": m.get("num_sync_all_streams", 0),
+            "reserved_gib": round(m.get("reserved_bytes.all.current", 0) / 2**30, 3)}
 
 
 class Timeline:

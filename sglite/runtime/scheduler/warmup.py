@@ -1,0 +1,45 @@
+"""One extend forward at the scheduler's token budget before serving, on CUDA (vLLM's profile run).
+
+Its activations, its logits for every row and their input-logprob pack pass through torch's caching
+allocator once, so the allocator holds segments for the largest forward the scheduler will build.
+Without it the first forward larger than any before (a select's first batch of choices with their
+logits) grows the pool with cudaMalloc, which waits for the GPU: the launch of that forward stalled
+until the forward before it had finished (H200, 20-shot select: a 96 ms launch, the GPU idle behind
+it; bench/timeline.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglite.runtime.sampling.logprobs import pack_rows
+
+logger = logging.getLogger(__name__)
+
+WARMUP_TOP_K = 5  # the pack's top-k width (OpenAI's top_logprobs go to 20: the pack is small)
+
+
+def warm_up_extend(runner, num_tokens: int) -> None:
+    """Run an extend of num_tokens new tokens of one request that writes only the padding slot 0
+    (its KV) and zeros into request row 0 of req_to_token (host mirror too: as it starts), with
+    logits for all rows packed as input logprobs; then free everything (the allocator keeps it)."""
+    device = getattr(runner, "device", None)
+    if device is None or device.type != "cuda" or getattr(runner, "tp", None) is not None:
+        return
+    num_tokens = max(1, min(num_tokens, runner.max_context_len - 1, runner.token_pool.total_size))
+    batch = runner.make_extend_batch(
+        [0], [0], [[0] * num_tokens], torch.zeros(num_tokens, dtype=torch.int64), logits_from=[0])
+    try:
+        logits = runner.forward(batch, use_cuda_graph=False)
+        pack_rows(logits, [0] * num_tokens, [WARMUP_TOP_K] * num_tokens)
+        torch.cuda.synchronize(runner.device)
+    except torch.cuda.OutOfMemoryError:
+        # a real batch this large with input logprobs on every row would not fit either
+        torch.cuda.empty_cache()
+        logger.warning("the warm-up extend of %d tokens with logits for every row ran out of GPU "
+                       "memory: input-logprob batches that large will fail; lower "
+                       "--chunked-prefill-size", num_tokens)
+    logger.info("warm-up extend: %d tokens, allocator reserved %.2f GiB", num_tokens,
+                torch.cuda.memory_reserved(runner.device) / 2**30)
