@@ -34,16 +34,10 @@ TILES: dict[tuple[int, int], dict] = {}
 
 
 @triton.jit
-def _gemv_kernel(
-    X, W, Out, N, K, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = False,  # pdl.chain_options: the next kernel launches after the wait
-):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = tl.where(mask_n, offs_n, 0).to(tl.int64)  # in-bounds rows; the store drops the extra
+def stream_rows(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr):
+    """x [K] . W[rows] in fp32 ([BLOCK_N] for in-bounds rows [BLOCK_N]): W's first chunk loaded
+    before the PDL wait, x after it; with EARLY the next kernel launches right after the wait.
+    Also the qkv GEMV with the rotary epilogue (gemv_rope.py)."""
     offs_k = tl.arange(0, BLOCK_K)
     # runs of 8 along K; x loaded as a [BLOCK_N, BLOCK_K] tile (each row the same, L1 hits) so
     # that its 16-byte loads take W's layout: a [1, BLOCK_K] x went through shared memory with
@@ -55,14 +49,28 @@ def _gemv_kernel(
     w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
     wait_for_previous(USE_PDL)
     allow_dependents(EARLY)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros(w.shape, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
         # the next chunk before this one's products (all masked off on the last step)
         w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=(k0 + BLOCK_K + offs_k < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)
         w = w_next
-    out = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, W, Out, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,  # pdl.chain_options: the next kernel launches after the wait
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.where(mask_n, offs_n, 0).to(tl.int64)  # in-bounds rows; the store drops the extra
+    out = stream_rows(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY)
     tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
 
 

@@ -18,6 +18,8 @@ Batch-1 decode on CUDA: the four decoder projections run sglite.kernels.gemv (on
 layers/linear.py dispatches on the `one_row_gemv` flag set here), and the norms and GeGLU let the
 next launch start early (pdl.py's chained launch), so each GEMV streams its first weights while
 the kernel before it runs (Gemma-2-9B on an H200: replay 5.93 -> 5.34 ms, docs/benchmarks.md).
+Gemma 2's qkv GEMV also rotates q / k and stores K / V, and gate_up applies GeGLU, in their
+epilogues (sglite.kernels.gemv_pairs: one launch each instead of two).
 
 Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, 4B and up) are not served; the
 text-only Gemma3ForCausalLM (gemma-3-1b, or a text model extracted from a larger one) is.
@@ -95,6 +97,48 @@ def _chain() -> bool:
 class GemmaAttention(LlamaAttention):
     norm_cls = GemmaRMSNorm  # Gemma 3's q/k norms
 
+    def forward(self, x, cos, sin, batch: ForwardBatch, backend: BaseAttentionBackend):
+        qkv = self._qkv_rope(x, cos, sin, batch, backend)
+        if qkv is None:
+            return super().forward(x, cos, sin, batch, backend)
+        q, k, v = qkv
+        o = backend.forward(q, k, v, self.attn, batch, kv_stored=True)
+        return self.o_proj(o.reshape(1, self.num_heads * self.head_dim))
+
+    def _qkv_rope(self, x, cos, sin, batch, backend):
+        """Batch-1 decode on the one-row GEMV: the qkv projection, rotary and the KV store in one
+        launch (sglite.kernels.gemv_pairs.gemv_rope) -> (q, k, v) views, K/V stored; None where it
+        does not apply (q/k norms, a layer without KV, partial rotary, an FP8 pool, a quantized qkv)."""
+        from sglite.kernels import gemv, gemv_pairs
+
+        proj = self.qkv_proj
+        if not (gemv_pairs.ROPE and getattr(proj, "one_row_gemv", False) and proj.quant_method is None
+                and self.produces_kv and not self.qk_norm and cos.dim() == 2
+                and 2 * cos.shape[-1] == self.head_dim and gemv.use_gemv(x, proj.weight, proj.bias)):
+            return None
+        dest = backend.kv_destination(self.attn, batch)
+        if dest is None or dest[0].dtype != x.dtype or dest[2].shape != (1,):
+            return None
+        k_buf, v_buf, loc = dest
+        out = gemv_pairs.gemv_rope(x, proj.weight, cos, sin, k_buf, v_buf, loc, num_heads=self.num_heads,
+                                  num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+        q, k, v = out.split([self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, -1)
+        return (q.view(1, self.num_heads, self.head_dim), k.view(1, self.num_kv_heads, self.head_dim),
+                v.view(1, self.num_kv_heads, self.head_dim))
+
+
+class GemmaMLP(GatedMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode on the one-row GEMV: gate_up and GeGLU in one launch
+        (sglite.kernels.gemv_pairs.gemv_glu), then down; otherwise GatedMLP's path."""
+        from sglite.kernels import gemv, gemv_pairs
+
+        proj = self.gate_up_proj
+        if (gemv_pairs.GLU and getattr(proj, "one_row_gemv", False) and proj.quant_method is None
+                and gemv.use_gemv(x, proj.weight, proj.bias)):
+            return self.down_proj(gemv_pairs.gemv_glu(x, proj.weight, gelu=self.act == "gelu_pytorch_tanh"))
+        return super().forward(x)
+
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
@@ -104,7 +148,7 @@ class GemmaDecoderLayer(nn.Module):
         self.self_attn = GemmaAttention(config, layer_id)
         self.post_attention_layernorm = GemmaRMSNorm(h, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
-        self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
+        self.mlp = GemmaMLP(h, config.intermediate_size, act=config.hidden_act)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.is_sliding = config.window_for_layer(layer_id) is not None
         # batch-1 decode: the four projections through the one-row GEMV (layers/linear.py), the
