@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from decode_paths import check_paths, gemv_off_check, scheduler_decode  # beside this script
+from decode_paths import check_paths, gemv_off_check, graph_trace, scheduler_decode  # beside this script
 from sglite.runtime.executor.model_runner import ModelRunner
 
 _GEMMA2_9B = dict(
@@ -150,30 +150,48 @@ def recapture(runner, ctx) -> None:
 
 
 def run_variants(args, runner, row, prompt, ctx):
-    """The same runner with one thing changed at a time (graphs captured again for each): the
-    projections on cuBLAS without the chained early launch (the default before the one-row GEMV,
-    SGLITE_GEMV=0)."""
-    from sglite.kernels import gemv
+    """The same runner with one thing changed at a time (graphs captured again for each): each
+    of the batch-1 fusions / early launches off, all three off (the fifth session's default), and
+    the projections on cuBLAS without the chained early launch (SGLITE_GEMV=0). Each variant's
+    graph logits on the same tokens against the served graph's (bit-equal where only launches
+    or fusions with the same roundings differ)."""
+    from sglite.kernels import decode_attention, gemv, gemv_pairs
     from sglite.runtime.models import gemma
 
     served_ctx = runner.max_context_len
-    cases = [  # (name, projections through the GEMV; none: gemv.ENABLED off, so no chain)
-        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0, the previous default)", ()),
-    ]  # (the GEMV on o + gate_up only, with and without the chain: 2026-12-03's first call)
+    flags = {"rope": (gemv_pairs, "ROPE"), "glu": (gemv_pairs, "GLU"),
+             "attn_early": (decode_attention, "EARLY_DEPENDENTS")}
+    saved = {key: getattr(mod, attr) for key, (mod, attr) in flags.items()}
+    all4 = gemma.GEMV_PROJECTIONS
+    cases = [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), flags off)
+        ("served again (same graphs: the determinism check)", all4, ()),
+        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, ("rope",)),
+        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, ("glu",)),
+        ("decode attention does not launch the o GEMV early", all4, ("attn_early",)),
+        ("none of the three (the fifth session's default)", all4, ("rope", "glu", "attn_early")),
+        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), ()),
+    ]
+    base, fed = graph_trace(runner, row, prompt)
     out = []
-    for name, which in cases:
+    for name, which, off in cases:
         try:
             gemma.set_one_row_gemv(runner.model, which)
             gemv.ENABLED = bool(which)
+            for key in off:
+                setattr(*flags[key], False)
             recapture(runner, served_ctx)
+            logits, _ = graph_trace(runner, row, prompt, fed)
+            diff = (logits - base).abs().max().item()
             step_s, replay_s, _ = measure(args, runner, row, prompt)
-            out.append((name, step_s, replay_s))
+            out.append((f"{name} [max |logit diff| vs served {diff:.3g}]", step_s, replay_s))
         except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
             gemma.set_one_row_gemv(runner.model)
             gemv.ENABLED = True
-        print(f"variant done: {name}: {out[-1] if out and out[-1][0] == name else 'failed'}", flush=True)
+            for key, (mod, attr) in flags.items():
+                setattr(mod, attr, saved[key])
+        print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
     return out
 
@@ -321,7 +339,7 @@ def main():
                     help="context limit the graphs are captured for: the model's (default, as "
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
-                    help="also time cuBLAS projections (SGLITE_GEMV=0) and the one-row GEMV on o + gate_up only")
+                    help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
     ap.add_argument("--check-only", action="store_true",
                     help="only the served-path checks against eager launches, no timing")
     ap.add_argument("--scheduler", action="store_true",
