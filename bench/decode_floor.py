@@ -151,45 +151,54 @@ def recapture(runner, ctx) -> None:
 
 def run_variants(args, runner, row, prompt, ctx):
     """The same runner with one thing changed at a time (graphs captured again for each): each
-    of the batch-1 fusions / early launches off, all three off (the fifth session's default), and
-    the projections on cuBLAS without the chained early launch (SGLITE_GEMV=0). Each variant's
-    graph logits on the same tokens against the served graph's (bit-equal where only launches
-    or fusions with the same roundings differ)."""
+    of the batch-1 fusions / early launches / the L2 prefetch off, the norm prologue's tiles, the
+    session's earlier defaults, and the projections on cuBLAS without the chained early launch
+    (SGLITE_GEMV=0). Each variant's graph logits on the same tokens against the served graph's
+    (bit-equal where only launches or fusions with the same roundings differ); with --scheduler
+    each variant also decoded through the Scheduler (as served)."""
     from sglite.kernels import decode_attention, gemv, gemv_pairs
     from sglite.runtime.models import gemma
 
     served_ctx = runner.max_context_len
-    flags = {"rope": (gemv_pairs, "ROPE"), "glu": (gemv_pairs, "GLU"),
+    knobs = {"rope": (gemv_pairs, "ROPE"), "glu": (gemv_pairs, "GLU"), "norm": (gemv_pairs, "NORM"),
+             "norm_tiles": (gemv_pairs, "NORM_TILES"), "prefetch": (gemv, "PREFETCH"),
              "attn_early": (decode_attention, "EARLY_DEPENDENTS")}
-    saved = {key: getattr(mod, attr) for key, (mod, attr) in flags.items()}
+    saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
     all4 = gemma.GEMV_PROJECTIONS
-    cases = [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), flags off)
-        ("served again (same graphs: the determinism check)", all4, ()),
-        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, ("rope",)),
-        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, ("glu",)),
-        ("decode attention does not launch the o GEMV early", all4, ("attn_early",)),
-        ("none of the three (the fifth session's default)", all4, ("rope", "glu", "attn_early")),
-        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), ()),
+    first = dict(norm=False, prefetch=False)  # this session's first call (0357ea2)
+    cases = [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), knob values)
+        ("served again (same graphs: the determinism check)", all4, {}),
+        ("no L2 prefetch of the GEMV rows", all4, dict(prefetch=False)),
+        ("sandwich norms as their own launch (no norm prologue)", all4, dict(norm=False)),
+        ("norm prologue tiles 512 cols, 4 warps", all4, dict(norm_tiles=dict(block_k=512, num_warps=4))),
+        ("norm prologue tiles 256 cols, 4 warps", all4, dict(norm_tiles=dict(block_k=256, num_warps=4))),
+        ("the first call's default (rotary + GLU epilogues, attention early; no prologue, no prefetch)", all4,
+         first),
+        ("none of the session's changes (the fifth session's default)", all4,
+         dict(first, rope=False, glu=False, attn_early=False)),
+        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), {}),
     ]
     base, fed = graph_trace(runner, row, prompt)
     out = []
-    for name, which, off in cases:
+    for name, which, values in cases:
         try:
             gemma.set_one_row_gemv(runner.model, which)
             gemv.ENABLED = bool(which)
-            for key in off:
-                setattr(*flags[key], False)
+            for key, value in values.items():
+                setattr(*knobs[key], value)
             recapture(runner, served_ctx)
             logits, _ = graph_trace(runner, row, prompt, fed)
             diff = (logits - base).abs().max().item()
             step_s, replay_s, _ = measure(args, runner, row, prompt)
+            if args.scheduler:
+                step_s = step_s + scheduler_decode(args, runner, prompt)
             out.append((f"{name} [max |logit diff| vs served {diff:.3g}]", step_s, replay_s))
         except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
             gemma.set_one_row_gemv(runner.model)
             gemv.ENABLED = True
-            for key, (mod, attr) in flags.items():
+            for key, (mod, attr) in knobs.items():
                 setattr(mod, attr, saved[key])
         print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
@@ -381,7 +390,8 @@ def main():
     if replay_s is not None:
         rows.append(("sglite graph replay alone ms/token", [replay_s * 1e3], [floor / replay_s]))
     for v_name, v_step, v_replay in variants:
-        rows.append((f"variant {v_name}: whole step; replay", [s * 1e3 for s in v_step] + [v_replay * 1e3],
+        label = "whole step x2, scheduler x2; replay" if len(v_step) == 4 else "whole step x2; replay"
+        rows.append((f"variant {v_name}: {label}", [s * 1e3 for s in v_step] + [v_replay * 1e3],
                      [floor / s for s in v_step] + [floor / v_replay]))
     for hf_s, hf_note in hf:
         rows.append((f"transformers generate bs1 ms/token ({hf_note})", [hf_s * 1e3], [floor / hf_s]))

@@ -107,3 +107,53 @@ def test_gemv_glu_shape_errors():
         gemv_glu(torch.randn(1, 8), torch.randn(5, 8), gelu=True)
     with pytest.raises(ValueError):
         gemv_glu(torch.randn(2, 8), torch.randn(4, 8), gelu=True)
+
+
+def _sandwich_ref(o, res, g1, g2, eps1, eps2):
+    """float64: residual + norm1(o), then norm2 of it (Gemma's norms with g = 1 + w)."""
+    def norm(v, g, eps):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * g
+    new_res = res.double() + norm(o.double(), g1.double(), eps1)
+    return norm(new_res, g2.double(), eps2), new_res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["rope", "glu"])
+@pytest.mark.parametrize("k,block_k", [(96, 32), (100, 32)])
+def test_norm_prologue_matches_reference(dtype, which, k, block_k):
+    """norm=: the projection of norm2(residual + norm1(x)) and the new residual stream, written
+    to a buffer of its own (the residual given is left as it was)."""
+    heads, kv_heads, head_dim = 2, 1, 16
+    x, w, cos, sin, (kb, vb), loc = _inputs(dtype, heads, kv_heads, head_dim, k, seed=k + 11)
+    g = torch.Generator().manual_seed(k)
+    x = x * 3
+    res = (torch.randn(1, k, generator=g) * 5).to(DEVICE, dtype)
+    res_before = res.clone()
+    g1, g2 = [(1 + 0.3 * torch.randn(k, generator=g)).to(DEVICE) for _ in range(2)]
+    normed, ref_res = _sandwich_ref(x, res, g1, g2, 1e-6, 1e-5)
+    norm = (res, g1, g2, 1e-6, 1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    if which == "rope":
+        out, new_res = gemv_rope(x, w, cos, sin, kb, vb, loc, num_heads=heads, num_kv_heads=kv_heads,
+                                 head_dim=head_dim, block_k=block_k, norm=norm)
+        proj = F.linear(normed, w.double())[0]
+        q, kk, v = proj.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        ref = torch.cat([apply_rotary_ref(q.view(1, heads, head_dim), cos.double(), sin.double()).reshape(-1),
+                         apply_rotary_ref(kk.view(1, kv_heads, head_dim), cos.double(), sin.double()).reshape(-1),
+                         v])[None]
+        assert rel_err(vb[6], v.view(kv_heads, head_dim)) < tol
+    else:
+        w = w[: 2 * (w.shape[0] // 2)]
+        out, new_res = gemv_glu(x, w, gelu=True, block_k=block_k, norm=norm)
+        ref = gelu_tanh_and_mul_ref(F.linear(normed, w.double()))
+    assert torch.isfinite(out).all() and torch.isfinite(new_res).all()
+    assert rel_err(out, ref) < tol
+    assert rel_err(new_res, ref_res) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(res, res_before) and new_res.data_ptr() != res.data_ptr()
+
+
+def test_norm_prologue_needs_a_program_per_residual_chunk():
+    x, w, cos, sin, (kb, vb), loc = _inputs(torch.float32, 1, 1, 4, 512, seed=2)  # 6 programs, 16 chunks
+    norm = (torch.randn(1, 512), torch.ones(512), torch.ones(512), 1e-6, 1e-6)
+    with pytest.raises(ValueError, match="residual chunks"):
+        gemv_rope(x, w, cos, sin, kb, vb, loc, num_heads=1, num_kv_heads=1, head_dim=4, block_k=32, norm=norm)
