@@ -151,9 +151,9 @@ def recapture(runner, ctx) -> None:
 
 def run_variants(args, runner, row, prompt, ctx):
     """The same runner with one thing changed at a time (graphs captured again for each): each
-    of the batch-1 fusions / early launches / the L2 prefetch off, the norm prologue's tiles, the
-    session's earlier defaults, and the projections on cuBLAS without the chained early launch
-    (SGLITE_GEMV=0). Each variant's graph logits on the same tokens against the served graph's
+    of the batch-1 fusions / early launches off, the norm prologue and the L2 prefetch on (off by
+    default until timed), the fifth session's default, and the projections on cuBLAS without the
+    chained early launch (SGLITE_GEMV=0). Each variant's graph logits on the same tokens against the served graph's
     (bit-equal where only launches or fusions with the same roundings differ); with --scheduler
     each variant also decoded through the Scheduler (as served)."""
     from sglite.kernels import decode_attention, gemv, gemv_pairs
@@ -165,17 +165,18 @@ def run_variants(args, runner, row, prompt, ctx):
              "attn_early": (decode_attention, "EARLY_DEPENDENTS")}
     saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
     all4 = gemma.GEMV_PROJECTIONS
-    first = dict(norm=False, prefetch=False)  # this session's first call (0357ea2)
     cases = [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), knob values)
         ("served again (same graphs: the determinism check)", all4, {}),
-        ("no L2 prefetch of the GEMV rows", all4, dict(prefetch=False)),
-        ("sandwich norms as their own launch (no norm prologue)", all4, dict(norm=False)),
-        ("norm prologue tiles 512 cols, 4 warps", all4, dict(norm_tiles=dict(block_k=512, num_warps=4))),
-        ("norm prologue tiles 256 cols, 4 warps", all4, dict(norm_tiles=dict(block_k=256, num_warps=4))),
-        ("the first call's default (rotary + GLU epilogues, attention early; no prologue, no prefetch)", all4,
-         first),
-        ("none of the session's changes (the fifth session's default)", all4,
-         dict(first, rope=False, glu=False, attn_early=False)),
+        ("with the L2 prefetch of the GEMV rows (SGLITE_GEMV_PREFETCH=1)", all4, dict(prefetch=True)),
+        ("with the norm prologue (SGLITE_GEMV_NORM=1), 512 cols, 8 warps", all4, dict(norm=True)),
+        ("with the norm prologue, 512 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=512, num_warps=4))),
+        ("with the norm prologue, 256 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=256, num_warps=4))),
+        ("with the norm prologue and the L2 prefetch", all4, dict(norm=True, prefetch=True)),
+        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, dict(rope=False)),
+        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, dict(glu=False)),
+        ("decode attention does not launch the o GEMV early", all4, dict(attn_early=False)),
+        ("none of the sixth session's changes (the fifth session's default)", all4,
+         dict(rope=False, glu=False, attn_early=False)),
         ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), {}),
     ]
     base, fed = graph_trace(runner, row, prompt)

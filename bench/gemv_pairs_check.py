@@ -87,8 +87,8 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
         print(f"norm prologue, trial {trial}: rope rel err {rel(out[0], ref):.2e}, glu {rel(glu, ref_glu):.2e} "
-              f"(bf16 normed input then the GEMV: {rel(unfused, ref_glu):.2e}), new residual {rel(new_res, ref_res):.2e}"
-              f" / {rel(res2, ref_res):.2e}, finite {bool(torch.isfinite(out).all() and torch.isfinite(glu).all())}")
+              f"(bf16 normed input then the GEMV: {rel(unfused, ref_glu):.2e}), new residual "
+              f"{rel(new_res, ref_res):.2e} / {rel(res2, ref_res):.2e}, finite {bool(torch.isfinite(out).all() and torch.isfinite(glu).all())}")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
 # each program asks L2 for the rest of its rows before its PDL wait (prefetch_rows), not only its
-# first chunk: the weights stream while the kernel before (attention, a norm) runs.
-# SGLITE_GEMV_PREFETCH=0 turns it off (read at call time: benchmarks flip it)
-PREFETCH = os.environ.get("SGLITE_GEMV_PREFETCH", "1") != "0"
+# first chunk, so that the weights stream while the kernel before (attention, a norm) runs. Not
+# yet timed on a GPU (compiled for sm_90 here: one prefetch a thread), so off until it is:
+# SGLITE_GEMV_PREFETCH=1 (or PREFETCH, read at call time) turns it on
+PREFETCH = os.environ.get("SGLITE_GEMV_PREFETCH", "0") == "1"
 # (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
 # the same call's --gemv-sweep before it times the GEMV variants)
 TILES: dict[tuple[int, int], dict] = {}

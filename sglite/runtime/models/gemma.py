@@ -207,15 +207,15 @@ class GemmaDecoderLayer(nn.Module):
         if residual is None:
             x, residual = self.input_layernorm(x), x
             x = attn(x, cos, sin, batch, backend)
-        elif (dest := attn.fused_qkv_dest(x, cos, batch, backend)) is not None and _norm_fusable(
-                prev.post_feedforward_layernorm, self.input_layernorm):  # batch 1: the pair in qkv
+        elif _norm_fusable(prev.post_feedforward_layernorm, self.input_layernorm) and (
+                dest := attn.fused_qkv_dest(x, cos, batch, backend)) is not None:  # batch 1: the pair in qkv
             x, residual = attn.forward_fused(x, cos, sin, batch, backend, dest,
                                              norm=(residual, prev.post_feedforward_layernorm, self.input_layernorm))
         else:
             x, residual = prev.post_feedforward_layernorm.then_add_norm(x, residual, self.input_layernorm)
             x = attn(x, cos, sin, batch, backend)
         post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
-        if self.mlp.fused(x) and _norm_fusable(post, pre):  # batch 1: the pair inside gate_up
+        if _norm_fusable(post, pre) and self.mlp.fused(x):  # batch 1: the pair inside gate_up
             return self.mlp(x, norm=(residual, post, pre))
         x, residual = post.then_add_norm(x, residual, pre)
         return self.mlp(x), residual
