@@ -15,9 +15,15 @@ output as the next kernel would read it) and then:
   I + j; the program writes act(gate) * up (activation.act_and_mul: SwiGLU or GeGLU, rounded as
   the activation kernel) to out[j]. Replaces the activation launch between gate_up and down.
 
+With `norm=` either also runs the sandwich norm pair before it (Gemma's post-norm of the last
+sublayer, the residual add and the next pre-norm) in its prologue, from the raw sublayer output
+(stream_rows_normed; off in the model unless NORM, not yet timed).
+
 Both let the next kernel launch right after their wait (early launch, pdl.py): decode attention
-or the down projection's GEMV. Same bits as the two launches they replace
-(tests/kernels/test_gemv_pairs.py). For one token (batch-1 decode). gemv_rope: full rotary, no
+or the down projection's GEMV. Same bits as the two launches they replace under the interpreter
+(tests/kernels/test_gemv_pairs.py); compiled on an H200, gemv_glu's graph logits were bit-equal
+and gemv_rope's were not (max abs logit difference 0.109; FMA contraction of the rotation, likely:
+bench/gemv_pairs_check.py counts the ulps). For one token (batch-1 decode). gemv_rope: full rotary, no
 q/k norms between projection and rotation (Gemma 2; Gemma 3's q/k norms keep the two launches),
 a pool of the activation's dtype. `ROPE` / `GLU` (SGLITE_GEMV_ROPE=0 / SGLITE_GEMV_GLU=0 turn
 them off; read at call time by the model, so benchmarks may flip them).
