@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from decode_paths import check_paths, gemv_off_check, scheduler_decode  # beside this script
+from decode_paths import check_paths, gemv_off_check, graph_trace, scheduler_decode  # beside this script
 from sglite.runtime.executor.model_runner import ModelRunner
 
 _GEMMA2_9B = dict(
@@ -150,30 +150,58 @@ def recapture(runner, ctx) -> None:
 
 
 def run_variants(args, runner, row, prompt, ctx):
-    """The same runner with one thing changed at a time (graphs captured again for each): the
-    projections on cuBLAS without the chained early launch (the default before the one-row GEMV,
-    SGLITE_GEMV=0)."""
-    from sglite.kernels import gemv
+    """The same runner with one thing changed at a time (graphs captured again for each): each
+    of the batch-1 fusions / early launches off, the norm prologue and the L2 prefetch on (off by
+    default until timed), the fifth session's default, and the projections on cuBLAS without the
+    chained early launch (SGLITE_GEMV=0). Each variant's graph logits on the same tokens against the served graph's
+    (bit-equal where only launches or fusions with the same roundings differ); with --scheduler
+    each variant also decoded through the Scheduler (as served)."""
+    from sglite.kernels import decode_attention, gemv, gemv_pairs
     from sglite.runtime.models import gemma
 
     served_ctx = runner.max_context_len
-    cases = [  # (name, projections through the GEMV; none: gemv.ENABLED off, so no chain)
-        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0, the previous default)", ()),
-    ]  # (the GEMV on o + gate_up only, with and without the chain: 2026-12-03's first call)
+    knobs = {"rope": (gemv_pairs, "ROPE"), "glu": (gemv_pairs, "GLU"), "norm": (gemv_pairs, "NORM"),
+             "norm_tiles": (gemv_pairs, "NORM_TILES"), "prefetch": (gemv, "PREFETCH"),
+             "attn_early": (decode_attention, "EARLY_DEPENDENTS")}
+    saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
+    all4 = gemma.GEMV_PROJECTIONS
+    cases = [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), knob values)
+        ("served again (same graphs: the determinism check)", all4, {}),
+        ("with the L2 prefetch of the GEMV rows (SGLITE_GEMV_PREFETCH=1)", all4, dict(prefetch=True)),
+        ("with the norm prologue (SGLITE_GEMV_NORM=1), 512 cols, 8 warps", all4, dict(norm=True)),
+        ("with the norm prologue, 512 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=512, num_warps=4))),
+        ("with the norm prologue, 256 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=256, num_warps=4))),
+        ("with the norm prologue and the L2 prefetch", all4, dict(norm=True, prefetch=True)),
+        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, dict(rope=False)),
+        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, dict(glu=False)),
+        ("decode attention does not launch the o GEMV early", all4, dict(attn_early=False)),
+        ("none of the sixth session's changes (the fifth session's default)", all4,
+         dict(rope=False, glu=False, attn_early=False)),
+        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), {}),
+    ]
+    base, fed = graph_trace(runner, row, prompt)
     out = []
-    for name, which in cases:
+    for name, which, values in cases:
         try:
             gemma.set_one_row_gemv(runner.model, which)
             gemv.ENABLED = bool(which)
+            for key, value in values.items():
+                setattr(*knobs[key], value)
             recapture(runner, served_ctx)
+            logits, _ = graph_trace(runner, row, prompt, fed)
+            diff = (logits - base).abs().max().item()
             step_s, replay_s, _ = measure(args, runner, row, prompt)
-            out.append((name, step_s, replay_s))
+            if args.scheduler:
+                step_s = step_s + scheduler_decode(args, runner, prompt)
+            out.append((f"{name} [max |logit diff| vs served {diff:.3g}]", step_s, replay_s))
         except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
             gemma.set_one_row_gemv(runner.model)
             gemv.ENABLED = True
-        print(f"variant done: {name}: {out[-1] if out and out[-1][0] == name else 'failed'}", flush=True)
+            for key, (mod, attr) in knobs.items():
+                setattr(mod, attr, saved[key])
+        print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
     return out
 
@@ -321,7 +349,7 @@ def main():
                     help="context limit the graphs are captured for: the model's (default, as "
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
-                    help="also time cuBLAS projections (SGLITE_GEMV=0) and the one-row GEMV on o + gate_up only")
+                    help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
     ap.add_argument("--check-only", action="store_true",
                     help="only the served-path checks against eager launches, no timing")
     ap.add_argument("--scheduler", action="store_true",
@@ -363,7 +391,8 @@ def main():
     if replay_s is not None:
         rows.append(("sglite graph replay alone ms/token", [replay_s * 1e3], [floor / replay_s]))
     for v_name, v_step, v_replay in variants:
-        rows.append((f"variant {v_name}: whole step; replay", [s * 1e3 for s in v_step] + [v_replay * 1e3],
+        label = "whole step x2, scheduler x2; replay" if len(v_step) == 4 else "whole step x2; replay"
+        rows.append((f"variant {v_name}: {label}", [s * 1e3 for s in v_step] + [v_replay * 1e3],
                      [floor / s for s in v_step] + [floor / v_replay]))
     for hf_s, hf_note in hf:
         rows.append((f"transformers generate bs1 ms/token ({hf_note})", [hf_s * 1e3], [floor / hf_s]))

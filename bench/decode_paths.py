@@ -69,6 +69,25 @@ def gemv_off_check(runner, row, prompt, recapture) -> None:
         gemv.ENABLED = True
 
 
+def graph_trace(runner, row, prompt, tokens=None, steps: int = 8):
+    """Logits of `steps` decode steps (graph replays) after a fresh prefill, fed `tokens` (or each
+    step's argmax) -> (logits [steps, V] fp32, the tokens fed). Two traces of graphs that compute
+    the same function in the same order (a fused epilogue with the same roundings, an earlier
+    launch) must be bit-equal on the same tokens: a race shows as a difference."""
+    runner.token_pool.reset()
+    loc = runner.token_pool.alloc(len(prompt))
+    last = runner.forward(runner.make_extend_batch([row], [0], [prompt], loc)).argmax(-1).tolist()
+    seq, out, fed = len(prompt), [], []
+    for i in range(steps):
+        seq += 1
+        tok = last if tokens is None else [tokens[i]]
+        fed.append(tok[0])
+        logits = runner.forward_decode([row], [seq], tok, runner.token_pool.alloc(1))[0].float().clone()
+        out.append(logits.reshape(-1))
+        last = logits.argmax(-1).reshape(-1).tolist()
+    return torch.stack(out), fed
+
+
 class _Sink:
     def on_output(self, req, text, finished, meta):
         pass

@@ -27,12 +27,19 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK_N: tl.constexpr, U
     mask_n = offs_n < N
     gate = tl.load(X + cur_row * stride_x + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     up = tl.load(X + cur_row * stride_x + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(Out + cur_row * stride_o + offs_n, act_and_mul(gate, up, Out, GELU), mask=mask_n)
+
+
+@triton.jit
+def act_and_mul(gate, up, Out, GELU: tl.constexpr):
+    """act(gate) * up from fp32 gate / up, rounded as the unfused ops (act to Out's dtype, then the
+    product); also the gate_up GEMV's GLU epilogue (gemv_pairs.py)."""
     if GELU:  # gelu_pytorch_tanh: 0.5 g (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
         u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         act = (gate / (1.0 + tl.exp(-2.0 * u))).to(Out.dtype.element_ty).to(tl.float32)
     else:
         act = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty).to(tl.float32)
-    tl.store(Out + cur_row * stride_o + offs_n, (act * up).to(Out.dtype.element_ty), mask=mask_n)
+    return (act * up).to(Out.dtype.element_ty)
 
 
 def gelu_tanh_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, early: bool = False) -> torch.Tensor:

@@ -44,7 +44,7 @@ try:
 except ImportError:  # an older triton: gathers only
     TensorDescriptor = None
 
-from .pdl import pdl_options, wait_for_previous
+from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
 from .fp8_gemm import round_to_e4m3
@@ -73,7 +73,7 @@ def _decode_stage1_kernel(
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
@@ -107,6 +107,7 @@ def _decode_stage1_kernel(
         if cur_split >= active:
             return
     wait_for_previous(USE_PDL)  # q and the new token's K/V come from the kernel before
+    allow_dependents(EARLY)  # the o projection (one-row GEMV: weights first) launches now
 
     mask_q = mask_h[:, None] & mask_d[None, :]
     q = tl.load(Q + cur_batch * stride_qb + cur_heads[:, None] * stride_qh + offs_d[None, :],
@@ -445,7 +446,7 @@ def decode_attention_fwd(
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
         KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, **cfg,
-        **pdl_options(q),
+        **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":
         _decode_stage2_kernel[(num_heads, bs)](
@@ -464,6 +465,10 @@ def decode_attention_fwd(
 # 2.5e-3 -> 2.6e-2 and SmolLM2's decode KL vs bf16 0.0339 -> 0.0351 (bench/fp8_accuracy.py "kvq").
 # Off by default: 5-10% for ten times the attention error; SGLITE_FP8_Q_PRODUCT=1 turns it on.
 FP8_Q_PRODUCT = os.environ.get("SGLITE_FP8_Q_PRODUCT", "0") == "1"
+# the split kernel lets the next launch (the o projection) start right after its wait (pdl.py; a
+# PDL launch such as the one-row GEMV then loads its weights meanwhile; cuBLAS is not one).
+# SGLITE_DECODE_EARLY=0 turns it off (read at call time: benchmarks flip it)
+EARLY_DEPENDENTS = os.environ.get("SGLITE_DECODE_EARLY", "1") != "0"
 TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (fp8_kv_tiles.widen_pairs)
 

@@ -28,22 +28,35 @@ import triton.language as tl
 from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
+# each program asks L2 for the rest of its rows before its PDL wait (prefetch_rows), not only its
+# first chunk, so that the weights stream while the kernel before (attention, a norm) runs. Not
+# yet timed on a GPU (compiled for sm_90 here: one prefetch a thread), so off until it is:
+# SGLITE_GEMV_PREFETCH=1 (or PREFETCH, read at call time) turns it on
+PREFETCH = os.environ.get("SGLITE_GEMV_PREFETCH", "0") == "1"
 # (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
 # the same call's --gemv-sweep before it times the GEMV variants)
 TILES: dict[tuple[int, int], dict] = {}
 
 
 @triton.jit
-def _gemv_kernel(
-    X, W, Out, N, K, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = False,  # pdl.chain_options: the next kernel launches after the wait
-):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = tl.where(mask_n, offs_n, 0).to(tl.int64)  # in-bounds rows; the store drops the extra
+def prefetch_rows(W, rows, K, stride_wn, BLOCK_K: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for the rows' 128-byte lines past their first BLOCK_K columns (16-bit weights; LINES
+    a power of 2 >= the lines of a row; those past K fall back on the first line): issued before
+    the PDL wait, so the weights stream while the kernel before still runs."""
+    cols = BLOCK_K + tl.arange(0, LINES) * 64
+    cols = tl.where(cols < K, cols, 0)
+    ptrs = W + rows[:, None] * stride_wn + cols[None, :]
+    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def stream_rows(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr,
+                PREFETCH: tl.constexpr = 0):
+    """x [K] . W[rows] in fp32 ([BLOCK_N] for in-bounds rows [BLOCK_N]): W's first chunk loaded
+    before the PDL wait (with PREFETCH = prefetch_rows' LINES, the rest of the rows asked of L2
+    too), x after it; with EARLY the next kernel launches right after the wait. Also the paired
+    GEMVs with epilogues (gemv_pairs.py)."""
     offs_k = tl.arange(0, BLOCK_K)
     # runs of 8 along K; x loaded as a [BLOCK_N, BLOCK_K] tile (each row the same, L1 hits) so
     # that its 16-byte loads take W's layout: a [1, BLOCK_K] x went through shared memory with
@@ -53,16 +66,33 @@ def _gemv_kernel(
     x_ptrs = X + (rows * 0)[:, None] + offs_k8[None, :]
     # weights only before the wait: nothing in the forward writes them (pdl.py)
     w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    if PREFETCH > 0:
+        prefetch_rows(W, rows, K, stride_wn, BLOCK_K, PREFETCH)
     wait_for_previous(USE_PDL)
     allow_dependents(EARLY)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros(w.shape, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
         # the next chunk before this one's products (all masked off on the last step)
         w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=(k0 + BLOCK_K + offs_k < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)
         w = w_next
-    out = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, W, Out, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,  # pdl.chain_options: the next kernel launches after the wait
+    PREFETCH: tl.constexpr = 0,  # prefetch_lines()
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.where(mask_n, offs_n, 0).to(tl.int64)  # in-bounds rows; the store drops the extra
+    out = stream_rows(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH)
     tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
 
 
@@ -77,6 +107,14 @@ def gemv_config(n: int, k: int) -> dict:
     if k >= 8192:
         return dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8, num_stages=1)
     return dict(BLOCK_N=2, BLOCK_K=512, num_warps=4, num_stages=1)
+
+
+def prefetch_lines(x: torch.Tensor, k: int, block_k: int) -> int:
+    """The PREFETCH constexpr for rows of k 16-bit weights: prefetch_rows' LINES, 0 for none (off,
+    or no GPU: the interpreter runs no inline asm)."""
+    if not (PREFETCH and x.is_cuda and k > block_k):
+        return 0
+    return triton.next_power_of_2(triton.cdiv(k - block_k, 64))
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
@@ -101,5 +139,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = None,
     out = torch.empty(1, n, dtype=x.dtype, device=x.device) if out is None else out
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, out, n, k, weight.stride(0), **cfg, **pdl_options(x),
-        **chain_options(x, early))
+        **chain_options(x, early), PREFETCH=prefetch_lines(x, k, cfg["BLOCK_K"]))
     return out

@@ -10,7 +10,8 @@ reads any tensor a kernel of the same forward computed.
 Early launch: a kernel's dependents launch only once all its programs have exited or called
 `allow_dependents()`. The rotary kernel calls it right after its own wait, so decode attention
 (which follows it) is launched while rotary runs and reads its batch metadata (lengths, request
-rows) before waiting. The rule that keeps this safe: code before `wait_for_previous()` reads
+rows) before waiting; decode attention does the same for the o projection after it (a PDL
+launch there, the one-row GEMV, loads its first weights meanwhile; cuBLAS is not one). The rule that keeps this safe: code before `wait_for_previous()` reads
 only what was written before the forward's matmuls began (the batch's inputs, req_to_token);
 every matmul is a plain launch, which starts only after everything before it has completed.
 Captured into CUDA graphs, the launches become programmatic edges.

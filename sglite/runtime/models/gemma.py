@@ -18,6 +18,8 @@ Batch-1 decode on CUDA: the four decoder projections run sglite.kernels.gemv (on
 layers/linear.py dispatches on the `one_row_gemv` flag set here), and the norms and GeGLU let the
 next launch start early (pdl.py's chained launch), so each GEMV streams its first weights while
 the kernel before it runs (Gemma-2-9B on an H200: replay 5.93 -> 5.34 ms, docs/benchmarks.md).
+Gemma 2's qkv GEMV also rotates q / k and stores K / V, and gate_up applies GeGLU, in their
+epilogues (sglite.kernels.gemv_pairs: one launch each instead of two).
 
 Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, 4B and up) are not served; the
 text-only Gemma3ForCausalLM (gemma-3-1b, or a text model extracted from a larger one) is.
@@ -95,6 +97,85 @@ def _chain() -> bool:
 class GemmaAttention(LlamaAttention):
     norm_cls = GemmaRMSNorm  # Gemma 3's q/k norms
 
+    def forward(self, x, cos, sin, batch: ForwardBatch, backend: BaseAttentionBackend):
+        dest = self.fused_qkv_dest(x, cos, batch, backend)
+        if dest is None:
+            return super().forward(x, cos, sin, batch, backend)
+        return self.forward_fused(x, cos, sin, batch, backend, dest)
+
+    def fused_qkv_dest(self, x, cos, batch, backend):
+        """Where batch-1 decode's qkv projection, rotary and KV store run as one launch
+        (sglite.kernels.gemv_pairs.gemv_rope): the pool's (k_buffer, v_buffer, slots); None where
+        that does not apply (q/k norms, a layer without KV, partial rotary, an FP8 pool, a
+        quantized qkv, more than one row)."""
+        from sglite.kernels import gemv, gemv_pairs
+
+        proj = self.qkv_proj
+        if not (gemv_pairs.ROPE and getattr(proj, "one_row_gemv", False) and proj.quant_method is None
+                and self.produces_kv and not self.qk_norm and cos.dim() == 2
+                and 2 * cos.shape[-1] == self.head_dim and gemv.use_gemv(x, proj.weight, proj.bias)):
+            return None
+        dest = backend.kv_destination(self.attn, batch)
+        if dest is None or dest[0].dtype != x.dtype or dest[2].shape != (1,):
+            return None
+        return dest
+
+    def forward_fused(self, x, cos, sin, batch, backend, dest, norm=None):
+        """The attention sublayer with gemv_rope (dest from fused_qkv_dest). norm = (residual,
+        post, pre): x is the previous sublayer's raw output, and the sandwich pair before this
+        sublayer runs inside the projection too (gemv_pairs' NORM prologue); returns (output,
+        new residual) then."""
+        from sglite.kernels import gemv_pairs
+
+        out = gemv_pairs.gemv_rope(x, self.qkv_proj.weight, cos, sin, *dest, num_heads=self.num_heads,
+                                   num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                   norm=_norm_args(norm))
+        out, residual = out if norm is not None else (out, None)
+        q, k, v = out.split([self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, -1)
+        o = backend.forward(q.view(1, self.num_heads, self.head_dim), k.view(1, self.num_kv_heads, self.head_dim),
+                            v.view(1, self.num_kv_heads, self.head_dim), self.attn, batch, kv_stored=True)
+        o = self.o_proj(o.reshape(1, self.num_heads * self.head_dim))
+        return o if norm is None else (o, residual)
+
+
+def _norm_args(norm):
+    """(residual, post, pre) GemmaRMSNorms -> gemv_pairs' norm argument (1 + w in fp32, eps)."""
+    if norm is None:
+        return None
+    residual, post, pre = norm
+    return residual, post._plus_one, pre._plus_one, post.eps, pre.eps
+
+
+def _norm_fusable(*norms: GemmaRMSNorm) -> bool:
+    """Whether the sandwich pair may run inside the next projection (gemv_pairs.NORM, CUDA
+    weights refreshed)."""
+    from sglite.kernels import gemv_pairs
+
+    return gemv_pairs.NORM and all(n._plus_one is not None for n in norms)
+
+
+class GemmaMLP(GatedMLP):
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether batch-1 decode's gate_up and GeGLU run as one launch (gemv_pairs.gemv_glu)."""
+        from sglite.kernels import gemv, gemv_pairs
+
+        proj = self.gate_up_proj
+        return (gemv_pairs.GLU and getattr(proj, "one_row_gemv", False) and proj.quant_method is None
+                and gemv.use_gemv(x, proj.weight, proj.bias))
+
+    def forward(self, x: torch.Tensor, norm=None):
+        """norm = (residual, post, pre), only where fused(x): as GemmaAttention.forward_fused's
+        (returns (output, new residual))."""
+        from sglite.kernels import gemv_pairs
+
+        if norm is None and not self.fused(x):
+            return super().forward(x)
+        out = gemv_pairs.gemv_glu(x, self.gate_up_proj.weight, gelu=self.act == "gelu_pytorch_tanh",
+                                  norm=_norm_args(norm))
+        if norm is None:
+            return self.down_proj(out)
+        return self.down_proj(out[0]), out[1]
+
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
@@ -104,7 +185,7 @@ class GemmaDecoderLayer(nn.Module):
         self.self_attn = GemmaAttention(config, layer_id)
         self.post_attention_layernorm = GemmaRMSNorm(h, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
-        self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
+        self.mlp = GemmaMLP(h, config.intermediate_size, act=config.hidden_act)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.is_sliding = config.window_for_layer(layer_id) is not None
         # batch-1 decode: the four projections through the one-row GEMV (layers/linear.py), the
@@ -120,14 +201,23 @@ class GemmaDecoderLayer(nn.Module):
         not yet added to the residual stream; the embedding for the first layer (residual None).
         Returns this layer's MLP output and the residual stream in the same form: each sandwich
         norm pair (a sublayer's post-norm and the next pre-norm, with the residual add between)
-        runs as one launch on CUDA (GemmaRMSNorm.then_add_norm)."""
+        runs as one launch on CUDA (GemmaRMSNorm.then_add_norm), or at batch-1 decode inside the
+        projection after it (gemv_pairs' NORM prologue)."""
+        attn = self.self_attn
         if residual is None:
             x, residual = self.input_layernorm(x), x
+            x = attn(x, cos, sin, batch, backend)
+        elif _norm_fusable(prev.post_feedforward_layernorm, self.input_layernorm) and (
+                dest := attn.fused_qkv_dest(x, cos, batch, backend)) is not None:  # batch 1: the pair in qkv
+            x, residual = attn.forward_fused(x, cos, sin, batch, backend, dest,
+                                             norm=(residual, prev.post_feedforward_layernorm, self.input_layernorm))
         else:
             x, residual = prev.post_feedforward_layernorm.then_add_norm(x, residual, self.input_layernorm)
-        x = self.self_attn(x, cos, sin, batch, backend)
-        x, residual = self.post_attention_layernorm.then_add_norm(x, residual,
-                                                                  self.pre_feedforward_layernorm)
+            x = attn(x, cos, sin, batch, backend)
+        post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        if _norm_fusable(post, pre) and self.mlp.fused(x):  # batch 1: the pair inside gate_up
+            return self.mlp(x, norm=(residual, post, pre))
+        x, residual = post.then_add_norm(x, residual, pre)
         return self.mlp(x), residual
 
 

@@ -151,6 +151,45 @@ def test_gemma2_with_the_one_row_gemv(tmp_path, monkeypatch):
     assert rows_seen.count(1) == 4 * 4 * 4  # every projection of every decode step took the kernel
 
 
+@pytest.mark.parametrize("norm_inside", [True, False])
+def test_gemma2_paired_gemvs_with_their_epilogues(tmp_path, monkeypatch, norm_inside):
+    """Batch-1 decode's qkv projection, rotary and KV store in one launch (gemv_pairs.gemv_rope)
+    and gate_up with GeGLU in one (gemv_glu), with or without the sandwich norm pair before each
+    inside it (NORM), interpreted (gemv.use_gemv and the fused rotary layout forced for CPU
+    tensors), against transformers' logits; the extend before them rotates and stores through
+    the rotary kernel."""
+    from sglite.kernels import gemv, gemv_pairs
+    from sglite.runtime.models import gemma
+    from sglite.runtime.models.layers import rotary
+
+    folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
+    runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
+    monkeypatch.setattr(gemv, "use_gemv", lambda x, w, b: b is None and x.dim() == 2 and x.shape[0] == 1)
+    monkeypatch.setattr(rotary, "use_fused", lambda t: True)
+    monkeypatch.setattr(gemv_pairs, "NORM", norm_inside)
+    for module in runner.model.modules():  # the CUDA norms' 1 + w (refreshed only where fused)
+        if isinstance(module, gemma.GemmaRMSNorm):
+            module.refresh_fused()
+    calls = []
+    for name in ("gemv_rope", "gemv_glu"):
+        real = getattr(gemv_pairs, name)
+        monkeypatch.setattr(gemv_pairs, name, lambda *a, _f=real, _n=name, **kw:
+                            calls.append((_n, kw.get("norm") is not None)) or _f(*a, **kw))
+    seq = torch.randint(3, family.VOCAB, (16,), generator=torch.Generator().manual_seed(6)).tolist()
+    ref = family.hf_logits(hf, seq)
+    row = runner.req_to_token.alloc()
+    logits = runner.forward(runner.make_extend_batch([row], [0], [seq[:12]], runner.token_pool.alloc(12)))
+    torch.testing.assert_close(logits[0], ref[11], atol=1e-4, rtol=1e-4)
+    assert not calls
+    for n in range(12, 16):
+        logits = runner.forward(runner.make_decode_batch([row], [n + 1], [seq[n]], runner.token_pool.alloc(1)))
+        torch.testing.assert_close(logits[0], ref[n], atol=1e-4, rtol=1e-4)
+    # every layer of every decode step, both; the norm pairs inside all but the first layer's qkv
+    assert [n for n, _ in calls].count("gemv_rope") == [n for n, _ in calls].count("gemv_glu") == 4 * 4
+    assert calls.count(("gemv_rope", True)) == (3 * 4 if norm_inside else 0)
+    assert calls.count(("gemv_glu", True)) == (4 * 4 if norm_inside else 0)
+
+
 def test_set_one_row_gemv_on_a_subset(tmp_path):
     """set_one_row_gemv(which=...): the named projections are flagged for the GEMV, the others go
     back to cuBLAS, and a second call with another subset replaces the first."""
