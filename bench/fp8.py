@@ -217,7 +217,21 @@ def bench_batch1(args, device, copy_bw):
         print(f"batch-1 {name}: the {len(lin_bytes)} decoder linears alone in one graph {lin_s * 1e3:.3f} ms "
               f"({sum(lin_bytes) / lin_s / 1e9:.0f} GB/s of their weights); the rest of the replay "
               f"{(replay_s - lin_s) * 1e3:.3f} ms", flush=True)
-        if quant:  # the same weights, the W8A16 kernel not letting its dependents launch early
+        if quant and fp8_gemm.TILE_OVERRIDES:  # the same weights with the default one-row tiles
+            from sglite.runtime.executor.cuda_graph import CudaGraphRunner
+
+            saved = dict(fp8_gemm.TILE_OVERRIDES)
+            fp8_gemm.TILE_OVERRIDES.clear()
+            runner.graph_runner = CudaGraphRunner(runner, max_bs=1)
+            other_s = decode_loop(runner, [row], [128 + args.decode_steps + 3], last, args.decode_steps)
+            lin_d, _ = linears_alone(runner, device)
+            fp8_gemm.TILE_OVERRIDES.update(saved)
+            print(f"batch-1 fp8, default tiles: {other_s * 1e3:.3f} ms/token, linears alone {lin_d * 1e3:.3f} ms "
+                  f"(overrides {saved}: {step_s * 1e3:.3f}, {lin_s * 1e3:.3f})", flush=True)
+            ROWS.append(("a. bs1 decode tokens/s, FP8, tile overrides", 1 / step_s, "default tiles tokens/s",
+                         1 / other_s, other_s / step_s, f"same runner, graph recaptured; linears alone "
+                         f"{lin_s * 1e3:.3f} vs {lin_d * 1e3:.3f} ms"))
+        elif quant:  # the same weights, the W8A16 kernel not letting its dependents launch early
             from sglite.runtime.executor.cuda_graph import CudaGraphRunner
 
             early = fp8_gemm.EARLY_DEPENDENTS
@@ -596,7 +610,13 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--offline-fp8-kv", action="store_true", help="part b: also FP8 weights + FP8 KV cache")
+    ap.add_argument("--tiles-json", default=None, help='fp8_gemm.TILE_OVERRIDES from a JSON file ("m,n,k" -> '
+                    "tiles, bench/fp8_gemv_sweep.py --out-tiles); part a also times the default tiles beside")
     args = ap.parse_args()
+    if args.tiles_json and os.path.exists(args.tiles_json):
+        with open(args.tiles_json) as f:
+            fp8_gemm.TILE_OVERRIDES.update({tuple(map(int, key.split(","))): t for key, t in json.load(f).items()})
+        print(f"tile overrides from {args.tiles_json}: {fp8_gemm.TILE_OVERRIDES}", flush=True)
     t_start = time.perf_counter()
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)

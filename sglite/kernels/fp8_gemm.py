@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_gemv import fp8_gemv
 from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -196,6 +197,9 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if m == 0:
         return out
     cfg = dict(tiles or fp8_gemm_tiles(m, n, k, device=x.device))
+    if "VEC" in cfg:  # the one-row kernel of fp8_gemv.py
+        fp8_gemv(x, weight, weight_scale, bias, out, tiles=cfg, early=EARLY_DEPENDENTS and early_launch(x))
+        return out
     bm, bn = cfg.pop("BLOCK_M"), cfg["BLOCK_N"]
     grid = (triton.cdiv(n, bn), m if bm == 1 else triton.cdiv(m, bm))
     pdl = {}

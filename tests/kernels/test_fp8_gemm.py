@@ -63,6 +63,33 @@ def test_w8a16_prefetch_same_sums(k):
     assert rel_err(b, ref) < 2e-3 and rel_err(a, b) < 1e-3
 
 
+# fp8_gemv.py's one-row kernel: the plain loop, Triton's pipelined loop (STAGES), the next tile
+# in registers (PREFETCH), 8- and 16-byte weight runs (VEC)
+_GEMV_TILES = [dict(BLOCK_N=16, BLOCK_K=64, VEC=8), dict(BLOCK_N=8, BLOCK_K=64, VEC=16, STAGES=3),
+               dict(BLOCK_N=4, BLOCK_K=32, VEC=8, PREFETCH=True), dict(BLOCK_N=16, BLOCK_K=128, VEC=16, PREFETCH=True)]
+
+
+@pytest.mark.parametrize("tiles", range(len(_GEMV_TILES)))
+@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 256, False), (1, 20, 96, True), (2, 33, 200, False), (1, 16, 16, True)])
+def test_fp8_gemv_matches_dequantized_matmul(tiles, m, n, k, bias):
+    """Every tile kind at K a multiple of the tile (EVEN_K), not one, and under one tile; N not a
+    multiple of BLOCK_N; more than one row (each row its own programs); the output poisoned first."""
+    from sglite.kernels.fp8_gemv import fp8_gemv
+
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + tiles)
+    w, scale = _weights(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(ACT).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(ACT).to(DEVICE) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=x.dtype, device=DEVICE)
+    fp8_gemv(x, w, scale, b, out, tiles={**_GEMV_TILES[tiles], "num_warps": 1 if DEVICE == "cpu" else 4, "num_stages": 1})
+    ref = x.double() @ (w.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 2e-3
+    # through w8a16_matmul's dispatch (a tile with VEC picks this kernel)
+    via = w8a16_matmul(x, w, scale, b, tiles={**_GEMV_TILES[tiles], "BLOCK_M": 1, "num_warps": 1, "num_stages": 1})
+    assert rel_err(via, out) < 1e-3
+
+
 def test_quantize_rows_bit_exact():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 100, generator=gen) * torch.logspace(-3, 3, 6)[:, None]
