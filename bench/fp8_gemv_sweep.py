@@ -28,12 +28,16 @@ from sglite.kernels import fp8_gemm
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 _V = lambda bn, bk, vec, w, st=1, **kw: dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, VEC=vec, num_warps=w,  # noqa: E731
                                              num_stages=1, STAGES=st, **kw)
-VARIANTS = [
-    _V(8, 1024, 8, 4), _V(16, 1024, 8, 4), _V(32, 1024, 8, 8), _V(16, 2048, 8, 8),
-    _V(8, 1024, 8, 4, 3), _V(16, 1024, 8, 4, 2), _V(16, 1024, 8, 4, 3), _V(16, 1024, 8, 8, 3),
-    _V(32, 1024, 8, 8, 2), _V(8, 2048, 8, 8, 3), _V(16, 512, 8, 4, 4), _V(4, 2048, 8, 4, 3),
-    _V(16, 1024, 16, 4, 3), _V(8, 2048, 16, 8, 3), _V(16, 2048, 16, 8, 2), _V(32, 512, 16, 4, 3),
-    _V(8, 1024, 8, 4, PREFETCH=True), _V(16, 512, 8, 4, PREFETCH=True),
+VARIANTS = [  # VEC 8 (16-byte weight runs put x through a layout conversion: triton 3.6 SASS); one
+    # thread per 8-wide K group (BLOCK_K / 8 threads: more put threads along N and convert x too)
+    _V(8, 1024, 8, 4), _V(16, 1024, 8, 4), _V(4, 1024, 8, 4), _V(8, 2048, 8, 8), _V(16, 2048, 8, 8),
+    _V(4, 2048, 8, 8), _V(8, 512, 8, 2), _V(16, 512, 8, 2),
+    _V(8, 1024, 8, 4, 2), _V(8, 1024, 8, 4, 3), _V(16, 1024, 8, 4, 2), _V(8, 2048, 8, 8, 2),
+    _V(8, 1024, 8, 4, PDL=True), _V(16, 1024, 8, 4, PDL=True), _V(8, 2048, 8, 8, PDL=True),
+    _V(8, 1024, 8, 4, 2, PDL=True), _V(8, 1024, 8, 4, PREFETCH=True),
+    _V(8, 1024, 8, 4, PERSIST=4), _V(8, 1024, 8, 4, PERSIST=6), _V(16, 1024, 8, 4, PERSIST=3),
+    _V(8, 2048, 8, 8, PERSIST=3),
+    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1),  # fp8_gemm's loop, qkv's tile
 ]
 
 

@@ -5,22 +5,28 @@ Why its own kernel (issue 19): fp8_gemm's one-row loop sums into a [BLOCK_N, BLO
 accumulator, four bytes of registers for each byte of weights loaded, which caps the bytes a
 program can have in flight (8 x 1024 tiles, 115 registers; H200: 0.75-0.79 of copy bandwidth over
 the 8B shape's 128 decoder linears where cuBLAS's bf16 GEMV reads at 0.88-0.94). Here the tile is
-[BLOCK_N, BLOCK_K // VEC, VEC] with VEC contiguous weights per thread, and each step's products
+[BLOCK_K // VEC, BLOCK_N, VEC] with VEC contiguous weights per thread, and each step's products
 are summed over the VEC axis inside the thread before they reach the accumulator, which is VEC
 times smaller: the registers go to larger tiles and, with PREFETCH, to the next tile's weights
-loaded before this one's products. x is a [1, BLOCK_K // VEC, VEC] row in the weights' layout
+loaded before this one's products. x is a [BLOCK_K // VEC, 1, VEC] row in the weights' layout
 (no shared memory), each x value reused for the program's BLOCK_N rows in registers.
 
-A plain launch that may let its dependents launch at its start (EARLY, fp8_gemm's
+Launch: plain by default, letting its dependents launch at its start (EARLY, fp8_gemm's
 EARLY_DEPENDENTS rule: it waits for nothing, so it starts after its predecessor has completed).
+With tiles["PDL"] it is launched with PDL as gemv.py's kernel is: the first weight tile is loaded
+before `wait_for_previous()` (no kernel of a forward writes weights), x after it, and its
+dependents launch only after the wait (pdl.py's chained early launch).
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
-from .pdl import allow_dependents
+from .pdl import allow_dependents, pdl_options, wait_for_previous
 
 
 @triton.jit
@@ -28,44 +34,77 @@ def _fp8_gemv_kernel(
     X, W, W_scale, Bias, Out,  # X [M, K] bf16/fp16/fp32; W [N, K] fp8; W_scale [N] fp32; Out [M, N]
     N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-    PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr = 1, EARLY: tl.constexpr = False,
+    PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
+    PERSIST: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
+    """One program per BLOCK_N channels, or (PERSIST) a grid of a few programs an SM, each looping
+    over the channel blocks pid, pid + programs, ... (no program launched per 8 rows)"""
     pid_m = tl.program_id(1).to(tl.int64)
+    if PERSIST:
+        for pid_n in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _channels(X, W, W_scale, Bias, Out, pid_n, pid_m, N, K, stride_xm, stride_wn, stride_om,
+                      HAS_BIAS, BLOCK_N, BLOCK_K, VEC, PREFETCH, EVEN_K, STAGES, USE_PDL, EARLY)
+    else:
+        _channels(X, W, W_scale, Bias, Out, tl.program_id(0), pid_m, N, K, stride_xm, stride_wn, stride_om,
+                  HAS_BIAS, BLOCK_N, BLOCK_K, VEC, PREFETCH, EVEN_K, STAGES, USE_PDL, EARLY)
+
+
+@triton.jit
+def _channels(X, W, W_scale, Bias, Out, pid_n, pid_m, N, K, stride_xm, stride_wn, stride_om,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+              PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+              EARLY: tl.constexpr):
+    """Out[pid_m, BLOCK_N channels from pid_n * BLOCK_N] over all of K."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.where(mask_n, offs_n, 0).to(tl.int64)  # in-bounds rows: no N mask on the loads
-    offs_k = (tl.arange(0, BLOCK_K // VEC) * VEC)[:, None] + tl.arange(0, VEC)[None, :]  # [BK/VEC, VEC]
-    w_ptrs = W + rows[:, None, None] * stride_wn + offs_k[None, :, :]
-    x_ptrs = X + pid_m * stride_xm + offs_k[None, :, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], tl.float32)
-    allow_dependents(EARLY)
-    if PREFETCH:
+    # the tile is [BLOCK_K // VEC, BLOCK_N, VEC]: K's groups first, so that the weights and x get
+    # one layout (triton 3.6 orders a tie between the two non-contiguous axes by index; with the
+    # rows first, W's threads went along N and each step's tile was converted through shared memory)
+    offs_k = (tl.arange(0, BLOCK_K // VEC) * VEC)[:, None, None] + tl.arange(0, VEC)[None, None, :]
+    w_ptrs = W + rows[None, :, None] * stride_wn + offs_k
+    x_ptrs = X + pid_m * stride_xm + offs_k
+    acc = tl.zeros([BLOCK_K // VEC, BLOCK_N], tl.float32)
+    if USE_PDL:  # launched early: the first tile of weights (never written in a forward) before the wait
         if EVEN_K:
             w = tl.load(w_ptrs)
         else:
-            w = tl.load(w_ptrs, mask=(offs_k < K)[None, :, :], other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k < K, other=0.0)
+        wait_for_previous(USE_PDL)
+        allow_dependents(EARLY)  # pdl.py's chained early launch: after the wait
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2)
+    else:
+        allow_dependents(EARLY)  # a plain launch: its dependents may launch at its start
+    if PREFETCH:  # (USE_PDL is not combined with it)
+        if EVEN_K:
+            w = tl.load(w_ptrs).to(tl.float16)
+        else:
+            w = tl.load(w_ptrs, mask=offs_k < K, other=0.0).to(tl.float16)
         for k0 in range(0, K, BLOCK_K):
             nxt = k0 + BLOCK_K
             # the next tile before this one's products (nothing on the last step)
-            w_next = tl.load(w_ptrs + nxt, mask=(nxt + offs_k < K)[None, :, :], other=0.0)
+            w_next = tl.load(w_ptrs + nxt, mask=nxt + offs_k < K, other=0.0)
             if EVEN_K:
                 x = tl.load(x_ptrs + k0)
             else:
-                x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :, :], other=0.0)
+                x = tl.load(x_ptrs + k0, mask=k0 + offs_k < K, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2)
-            w = w_next
+            w = w_next.to(tl.float16)  # carried widened: an fp8 tile carried by the loop was repacked byte by byte (PRMT)
     else:
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        for k0 in tl.range(BLOCK_K if USE_PDL else 0, K, BLOCK_K, num_stages=STAGES):
             if EVEN_K:
                 w = tl.load(w_ptrs + k0)
                 x = tl.load(x_ptrs + k0)
             else:
-                mask_k = (k0 + offs_k < K)[None, :, :]
+                mask_k = k0 + offs_k < K
                 w = tl.load(w_ptrs + k0, mask=mask_k, other=0.0)
                 x = tl.load(x_ptrs + k0, mask=mask_k, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2)
-    out = tl.sum(acc, axis=1) * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)
+    out = tl.sum(acc, axis=0) * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)
     if HAS_BIAS:
         out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(Out + pid_m * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
@@ -73,18 +112,27 @@ def _fp8_gemv_kernel(
 
 def fp8_gemv(x, weight, weight_scale, bias, out, *, tiles: dict, early: bool = False) -> None:
     """Launch over x [M, K] (each row its own programs) into out [M, N]; tiles: BLOCK_N, BLOCK_K,
-    VEC, PREFETCH, num_warps, num_stages (fp8_gemm's table, BLOCK_M == 1 with VEC set)."""
+    VEC, PREFETCH, STAGES, PDL, PERSIST (programs an SM), num_warps, num_stages (fp8_gemm's table:
+    BLOCK_M == 1 with VEC set)."""
     m, k = x.shape
     n = weight.shape[0]
     cfg = dict(tiles)
     cfg.pop("BLOCK_M", None)
     cfg.setdefault("PREFETCH", False)
     cfg.setdefault("STAGES", 1)
+    pdl = pdl_options(x) if cfg.pop("PDL", False) and not cfg["PREFETCH"] else {}
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(triton.next_power_of_2(k), cfg["VEC"]))
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), m)
+    blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    per_sm = cfg.pop("PERSIST", 0)  # programs an SM; 0: one program per channel block
+    grid = (min(blocks, per_sm * _num_sms(x.device)) if per_sm else blocks, m)
     _fp8_gemv_kernel[grid](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg,
-        **({"EARLY": True} if early else {}),
+        PERSIST=bool(per_sm), **pdl, **({"EARLY": True} if early else {}),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3

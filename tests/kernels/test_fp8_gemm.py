@@ -64,9 +64,12 @@ def test_w8a16_prefetch_same_sums(k):
 
 
 # fp8_gemv.py's one-row kernel: the plain loop, Triton's pipelined loop (STAGES), the next tile
-# in registers (PREFETCH), 8- and 16-byte weight runs (VEC)
+# in registers (PREFETCH), 8- and 16-byte weight runs (VEC), the PDL launch (first tile peeled),
+# a few programs looping over the channel blocks (PERSIST)
 _GEMV_TILES = [dict(BLOCK_N=16, BLOCK_K=64, VEC=8), dict(BLOCK_N=8, BLOCK_K=64, VEC=16, STAGES=3),
-               dict(BLOCK_N=4, BLOCK_K=32, VEC=8, PREFETCH=True), dict(BLOCK_N=16, BLOCK_K=128, VEC=16, PREFETCH=True)]
+               dict(BLOCK_N=4, BLOCK_K=32, VEC=8, PREFETCH=True), dict(BLOCK_N=16, BLOCK_K=128, VEC=16, PREFETCH=True),
+               dict(BLOCK_N=8, BLOCK_K=64, VEC=8, PDL=True),  # PDL: launched so on a Hopper GPU only
+               dict(BLOCK_N=4, BLOCK_K=32, VEC=8, PERSIST=1)]  # 3 "SMs" on the CPU: programs loop over blocks
 
 
 @pytest.mark.parametrize("tiles", range(len(_GEMV_TILES)))
@@ -143,7 +146,9 @@ def test_fp8_path_by_shape():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="PDL early launch needs a CUDA GPU")
-def test_w8a16_early_dependents_see_its_output(monkeypatch):
+@pytest.mark.parametrize("one_row", [None, dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, VEC=8, num_warps=4, num_stages=1, PDL=True),
+                                     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, VEC=8, num_warps=4, num_stages=1, PERSIST=4)])
+def test_w8a16_early_dependents_see_its_output(monkeypatch, one_row):
     """EARLY_DEPENDENTS: the PDL kernel after the one-row W8A16 kernel (rms_norm, as in the model)
     launches while the matmul runs and must still read its finished output: a CUDA graph of
     matmul -> norm -> matmul -> norm, fed fresh inputs each replay, equals the same chain run
@@ -160,6 +165,8 @@ def test_w8a16_early_dependents_see_its_output(monkeypatch):
         h = rms_norm(fp8_gemm.fp8_linear(x, w1, s1), g1, 1e-6)
         return rms_norm(fp8_gemm.fp8_linear(h, w2, s2), g2, 1e-6)
 
+    if one_row is not None:  # fp8_gemv.py's kernel (PDL-launched, or looping programs) on both shapes
+        monkeypatch.setattr(fp8_gemm, "TILE_OVERRIDES", {(1, 8192, 4096): one_row, (1, 4096, 8192): one_row})
     static_x = torch.randn(1, 4096, generator=gen).to(torch.bfloat16).to(DEVICE)
     monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", True)
     chain(static_x)  # compile outside the capture
