@@ -1,21 +1,28 @@
 """One-row W8A16 linear (FP8 GEMV) for batch-1 decode: out[m, N] = x[m, K] @ (W[N, K] * scale).T,
 one program per BLOCK_N output channels of one row of x, over all of K (no split-K).
 
-Why its own kernel (issue 19): fp8_gemm's one-row loop sums into a [BLOCK_N, BLOCK_K] fp32
-accumulator, four bytes of registers for each byte of weights loaded, which caps the bytes a
-program can have in flight (8 x 1024 tiles, 115 registers; H200: 0.75-0.79 of copy bandwidth over
-the 8B shape's 128 decoder linears where cuBLAS's bf16 GEMV reads at 0.88-0.94). Here the tile is
-[BLOCK_K // VEC, BLOCK_N, VEC] with VEC contiguous weights per thread, and each step's products
-are summed over the VEC axis inside the thread before they reach the accumulator, which is VEC
-times smaller: the registers go to larger tiles and, with PREFETCH, to the next tile's weights
-loaded before this one's products. x is a [BLOCK_K // VEC, 1, VEC] row in the weights' layout
-(no shared memory), each x value reused for the program's BLOCK_N rows in registers.
+The tile is [BLOCK_K // VEC, BLOCK_N, VEC], VEC contiguous weights per thread (8-byte loads), x a
+[BLOCK_K // VEC, 1, VEC] row in the same layout (16-byte loads, no shared memory), each x value
+reused for the program's BLOCK_N rows in registers. Each step's products are summed over the VEC
+axis inside the thread before they reach the accumulator, which is VEC times smaller than the
+tile (fp8_gemm's former one-row loop summed into a [BLOCK_N, BLOCK_K] fp32 accumulator: 115
+registers at 8 x 1024, 68 here). K's groups are the tile's first axis so that triton 3.6 gives
+W and x one layout (rows first, it put W's threads along N and converted every step's tile
+through shared memory: 1.2-2.7x slower on the H200).
 
 Launch: plain by default, letting its dependents launch at its start (EARLY, fp8_gemm's
 EARLY_DEPENDENTS rule: it waits for nothing, so it starts after its predecessor has completed).
-With tiles["PDL"] it is launched with PDL as gemv.py's kernel is: the first weight tile is loaded
-before `wait_for_previous()` (no kernel of a forward writes weights), x after it, and its
-dependents launch only after the wait (pdl.py's chained early launch).
+With tiles["PDL"] (fp8_gemm's default tiles) it is launched with PDL as gemv.py's kernel is: the
+first weight tile is loaded before `wait_for_previous()` (no kernel of a forward writes weights),
+x after it, and its dependents launch only after the wait (pdl.py's chained early launch), so
+every kernel before a PDL kernel has completed when that one starts, the rule pdl.py rests on.
+
+H200, Llama-3-8B shapes, 32 layers' weights back to back in a CUDA graph (bench/fp8_gemv_sweep.py,
+2026-12-03): the PDL launch took 4-17% off each shape's best tile (qkv 9.11 -> 8.30 us, o 7.24 ->
+5.99, gate_up 31.05 -> 29.68, down 16.95 -> 15.78); Triton's pipelined loads (STAGES 2-3,
+cp.async through shared memory), the next tile in registers (PREFETCH) and programs looping over
+channel blocks (PERSIST) were all slower than the plain loop, and the best 16-channel tile lost
+to the best 8-channel one on every shape.
 """
 
 from __future__ import annotations
@@ -118,6 +125,7 @@ def fp8_gemv(x, weight, weight_scale, bias, out, *, tiles: dict, early: bool = F
     n = weight.shape[0]
     cfg = dict(tiles)
     cfg.pop("BLOCK_M", None)
+    cfg.setdefault("VEC", 8)
     cfg.setdefault("PREFETCH", False)
     cfg.setdefault("STAGES", 1)
     pdl = pdl_options(x) if cfg.pop("PDL", False) and not cfg["PREFETCH"] else {}

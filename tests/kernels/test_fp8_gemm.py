@@ -87,10 +87,13 @@ def test_fp8_gemv_matches_dequantized_matmul(tiles, m, n, k, bias):
     fp8_gemv(x, w, scale, b, out, tiles={**_GEMV_TILES[tiles], "num_warps": 1 if DEVICE == "cpu" else 4, "num_stages": 1})
     ref = x.double() @ (w.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
     assert not out.isnan().any()
-    assert rel_err(out, ref) < 2e-3
-    # through w8a16_matmul's dispatch (a tile with VEC picks this kernel)
+    # fp32 sums, one rounding to the output: fp16 on the CPU; bf16 on a GPU, whose rounding alone
+    # is ~2.3e-3 rms (H200, 2026-12-03: 2.1e-3 to 2.9e-3 at these sizes); a lost K step is ~0.3
+    tol = 2e-3 if x.dtype == torch.float16 else 6e-3
+    assert rel_err(out, ref) < tol
+    # through w8a16_matmul's dispatch (BLOCK_M 1 picks this kernel)
     via = w8a16_matmul(x, w, scale, b, tiles={**_GEMV_TILES[tiles], "BLOCK_M": 1, "num_warps": 1, "num_stages": 1})
-    assert rel_err(via, out) < 1e-3
+    assert rel_err(via, ref) < tol
 
 
 def test_quantize_rows_bit_exact():
