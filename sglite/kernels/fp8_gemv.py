@@ -8,7 +8,7 @@ axis inside the thread before they reach the accumulator, which is VEC times sma
 tile (fp8_gemm's former one-row loop summed into a [BLOCK_N, BLOCK_K] fp32 accumulator: 115
 registers at 8 x 1024, 68 here). K's groups are the tile's first axis so that triton 3.6 gives
 W and x one layout (rows first, it put W's threads along N and converted every step's tile
-through shared memory: 1.2-2.7x slower on the H200).
+through shared memory: 1.3-3.3x slower on the H200).
 
 Launch: plain by default, letting its dependents launch at its start (EARLY, fp8_gemm's
 EARLY_DEPENDENTS rule: it waits for nothing, so it starts after its predecessor has completed).
