@@ -1,6 +1,7 @@
 """Batch-1 FP8 linears at the Llama-3-8B shape (issue 19): fp8_gemv.py's one-row kernel variants
-beside fp8_gemm's current one-row loop and cuBLAS bf16, each checked against a float64 reference
-before it is timed.
+beside fp8_gemm's default one-row tiles and cuBLAS bf16, each checked against a float64 reference
+before it is timed (H200 results: docs/benchmarks.md, issue 19 sixth session; the default tiles
+were the old one-row loop then, removed since).
 
 Per shape (qkv, o, gate_up, down) and variant: 32 layers' worth of distinct weights (one model's
 bytes: past L2) run back to back in one CUDA graph, as the decode graph runs them; ms per
@@ -37,7 +38,6 @@ VARIANTS = [  # VEC 8 (16-byte weight runs put x through a layout conversion: tr
     _V(8, 1024, 8, 4, 2, PDL=True), _V(8, 1024, 8, 4, PREFETCH=True),
     _V(8, 1024, 8, 4, PERSIST=4), _V(8, 1024, 8, 4, PERSIST=6), _V(16, 1024, 8, 4, PERSIST=3),
     _V(8, 2048, 8, 8, PERSIST=3),
-    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1),  # fp8_gemm's loop, qkv's tile
 ]
 
 

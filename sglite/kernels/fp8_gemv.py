@@ -119,8 +119,8 @@ def _channels(X, W, W_scale, Bias, Out, pid_n, pid_m, N, K, stride_xm, stride_wn
 
 def fp8_gemv(x, weight, weight_scale, bias, out, *, tiles: dict, early: bool = False) -> None:
     """Launch over x [M, K] (each row its own programs) into out [M, N]; tiles: BLOCK_N, BLOCK_K,
-    VEC, PREFETCH, STAGES, PDL, PERSIST (programs an SM), num_warps, num_stages (fp8_gemm's table:
-    BLOCK_M == 1 with VEC set)."""
+    VEC (8 if absent), PREFETCH, STAGES, PDL, PERSIST (programs an SM), num_warps, num_stages
+    (fp8_gemm's table, where BLOCK_M is 1)."""
     m, k = x.shape
     n = weight.shape[0]
     cfg = dict(tiles)
