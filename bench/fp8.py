@@ -6,7 +6,7 @@ a. batch-1 decode ms/token, FP8 weights vs bf16 (CUDA graphs, the runner's whole
 k. FP8 KV pool: capacity in the same memory, and decode attention reading FP8 vs bf16 pages
    (bs 64 x 4096, bs 1 x 32k) as a share of the d2d copy bandwidth (bytes actually read);
 b. offline N x (prompt, output) through `sglite serve`, FP8 weights vs bf16;
-p. (not in the default parts) batch-1 graph replay profiled kernel by kernel: bf16, FP8, FP8 with PDL;
+p. (not in the default parts) batch-1 graph replay profiled kernel by kernel: bf16, FP8;
 s. (not in the default parts) SmolLM2-135M's small layers at prefill rows: bf16, the W8A16 kernel
    (fp8_path's "triton" for small layers up to SMALL_LAYER_MAX_M rows) and per-token FP8 + cuBLAS,
    device time (do_bench, weights rotated past L2) and eager wall time per call (host launch included).
@@ -36,17 +36,11 @@ from sglite.runtime.executor.model_runner import ModelRunner  # noqa: E402
 
 ROWS: list[tuple] = []  # (case, fp8, baseline name, baseline, ratio, note)
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-TRITON_TILES = [  # one row (BLOCK_M 1): with and without the next tile loaded ahead (PREFETCH)
-    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3),
-    dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, num_warps=4, num_stages=3),
-    dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, num_warps=8, num_stages=3),
-    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1),
-    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=True),
-    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1, PREFETCH=True),
-    dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, num_warps=8, num_stages=1, PREFETCH=True),
-    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=1, PREFETCH=True),
-    dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=1, PREFETCH=True),
-    dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, num_warps=8, num_stages=1, PREFETCH=True),
+TRITON_TILES = [  # one row (BLOCK_M 1: fp8_gemv.py; bench/fp8_gemv_sweep.py sweeps more), then 2-64 rows
+    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, VEC=8, num_warps=4, num_stages=1, PDL=True),
+    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, VEC=8, num_warps=8, num_stages=1, PDL=True),
+    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, VEC=8, num_warps=4, num_stages=1),
+    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, VEC=8, num_warps=8, num_stages=1),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=4),
@@ -217,7 +211,21 @@ def bench_batch1(args, device, copy_bw):
         print(f"batch-1 {name}: the {len(lin_bytes)} decoder linears alone in one graph {lin_s * 1e3:.3f} ms "
               f"({sum(lin_bytes) / lin_s / 1e9:.0f} GB/s of their weights); the rest of the replay "
               f"{(replay_s - lin_s) * 1e3:.3f} ms", flush=True)
-        if quant:  # the same weights, the W8A16 kernel not letting its dependents launch early
+        if quant and fp8_gemm.TILE_OVERRIDES:  # the same weights with the default one-row tiles
+            from sglite.runtime.executor.cuda_graph import CudaGraphRunner
+
+            saved = dict(fp8_gemm.TILE_OVERRIDES)
+            fp8_gemm.TILE_OVERRIDES.clear()
+            runner.graph_runner = CudaGraphRunner(runner, max_bs=1)
+            other_s = decode_loop(runner, [row], [128 + args.decode_steps + 3], last, args.decode_steps)
+            lin_d, _ = linears_alone(runner, device)
+            fp8_gemm.TILE_OVERRIDES.update(saved)
+            print(f"batch-1 fp8, default tiles: {other_s * 1e3:.3f} ms/token, linears alone {lin_d * 1e3:.3f} ms "
+                  f"(overrides {saved}: {step_s * 1e3:.3f}, {lin_s * 1e3:.3f})", flush=True)
+            ROWS.append(("a. bs1 decode tokens/s, FP8, tile overrides", 1 / step_s, "default tiles tokens/s",
+                         1 / other_s, other_s / step_s, f"same runner, graph recaptured; linears alone "
+                         f"{lin_s * 1e3:.3f} vs {lin_d * 1e3:.3f} ms"))
+        elif quant:  # the same weights, the W8A16 kernel not letting its dependents launch early
             from sglite.runtime.executor.cuda_graph import CudaGraphRunner
 
             early = fp8_gemm.EARLY_DEPENDENTS
@@ -254,7 +262,7 @@ def linears_alone(runner, device):
 
 def kernel_class(name: str) -> str:
     n = name.lower()
-    for key, cls in (("w8a16", "fp8 W8A16 linear"), ("quant_rows", "fp8 act quant"), ("scale_out", "fp8 epilogue"),
+    for key, cls in (("w8a16", "fp8 W8A16 linear"), ("fp8_gemv", "fp8 W8A16 linear"), ("quant_rows", "fp8 act quant"), ("scale_out", "fp8 epilogue"),
                      ("decode", "attention"), ("attn", "attention"), ("attention", "attention"),
                      ("norm", "norm"), ("rotary", "rotary"), ("rope", "rotary"), ("gemv", "cuBLAS/gemv"),
                      ("gemm", "cuBLAS/gemv"), ("nvjet", "cuBLAS/gemv"), ("cutlass", "cuBLAS/gemv"),
@@ -303,7 +311,7 @@ def replay_profile(graph, device, replays: int, trace_path: str | None):
 
 
 def bench_profile(args, device, copy_bw):
-    """Part p: where batch-1's replay time goes, bf16 vs FP8 (plain one-row loop and the PDL one),
+    """Part p: where batch-1's replay time goes, bf16 vs FP8,
     kernel by kernel from a profile of back-to-back graph replays (the same graphs part a times)."""
     from sglite.runtime.executor.cuda_graph import CudaGraphRunner
 
@@ -318,11 +326,7 @@ def bench_profile(args, device, copy_bw):
         last = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
                               ).argmax(-1).tolist()
         seq = 128
-        variants = [(name, False)] if quant is None else [("fp8", False), ("fp8 pdl", True)]
-        for vname, pdl in variants:
-            if quant:
-                fp8_gemm.ONE_ROW_PDL = pdl
-                runner.graph_runner = CudaGraphRunner(runner, max_bs=1)
+        for vname in [name]:
             step_s = decode_loop(runner, [row], [seq], last, 16)
             seq += 16 + 3
             graph = runner.graph_runner.graphs[1]
@@ -352,7 +356,6 @@ def bench_profile(args, device, copy_bw):
             top = sorted(prof["kernels"].items(), key=lambda kv: -kv[1][1])[:25]
             for kname, (cnt, us) in top:
                 print(f"   {us:9.1f} us  {cnt:5.0f} x {us / cnt:7.2f} us  [{kernel_class(kname)}] {kname[:110]}")
-        fp8_gemm.ONE_ROW_PDL = False
         del runner
         torch.cuda.empty_cache()
     classes = sorted({kernel_class(k) for p in profiles.values() for k in p["kernels"]})
@@ -596,7 +599,13 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--offline-fp8-kv", action="store_true", help="part b: also FP8 weights + FP8 KV cache")
+    ap.add_argument("--tiles-json", default=None, help='fp8_gemm.TILE_OVERRIDES from a JSON file ("m,n,k" -> '
+                    "tiles, bench/fp8_gemv_sweep.py --out-tiles); part a also times the default tiles beside")
     args = ap.parse_args()
+    if args.tiles_json and os.path.exists(args.tiles_json):
+        with open(args.tiles_json) as f:
+            fp8_gemm.TILE_OVERRIDES.update({tuple(map(int, key.split(","))): t for key, t in json.load(f).items()})
+        print(f"tile overrides from {args.tiles_json}: {fp8_gemm.TILE_OVERRIDES}", flush=True)
     t_start = time.perf_counter()
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)

@@ -131,17 +131,17 @@ def main():
         fp8_gemm.w8a16_matmul(torch.zeros(m, k, dtype=torch.bfloat16), w, torch.ones(n),
                               tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))
         compile_recorded(f"w8a16 M={m} N={n} K={k}")
-    # the one-row PREFETCH kernel with PDL (ONE_ROW_PDL): on CPU tensors pdl_options gives nothing
-    fp8_gemm.ONE_ROW_PDL = True
-    fp8_gemm.pdl_options = lambda t: dict(USE_PDL=True)  # launch_pdl is a launcher option, not compiled
+    # the one-row kernel's default (PDL-launched) tiles: on CPU tensors pdl_options gives nothing
+    from sglite.kernels import fp8_gemv
+
+    fp8_gemv.pdl_options = lambda t: dict(USE_PDL=True)  # launch_pdl is a launcher option, not compiled
     fp8_gemm.early_launch = lambda t: True
     for m, n, k in ((1, 6144, 4096), (1, 4096, 14336)):
         w = torch.zeros(n, k).to(torch.float8_e4m3fn)
         fp8_gemm.w8a16_matmul(torch.zeros(m, k, dtype=torch.bfloat16), w, torch.ones(n),
                               tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))
         compile_recorded(f"w8a16 PDL M={m} N={n} K={k}")
-    fp8_gemm.ONE_ROW_PDL = False
-    for m, n, k in ((1, 6144, 4096), (4, 28672, 4096)):  # the plain kernel letting dependents launch (EARLY)
+    for m, n, k in ((4, 28672, 4096), (16, 4096, 14336)):  # the plain kernel letting dependents launch (EARLY)
         w = torch.zeros(n, k).to(torch.float8_e4m3fn)
         fp8_gemm.w8a16_matmul(torch.zeros(m, k, dtype=torch.bfloat16), w, torch.ones(n),
                               tiles=fp8_gemm.fp8_gemm_tiles(m, n, k, device=_CUDA))

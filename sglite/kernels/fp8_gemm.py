@@ -7,8 +7,8 @@ scales are expanded to channels on load): y = (x @ w.T) * w_scale.
 
 Why two paths (H200, Llama-3-8B layer shapes, issue 19): at one row cuBLAS's FP8 path reads the
 weights at 1.21x the bf16 speed, far from the 2x the halved bytes allow; a decode batch of a few
-rows is bound by the weight bytes, so the Triton kernel loads FP8 weights, widens them to bf16 in
-registers and multiplies with the unquantized activations (no activation rounding at all). From
+rows is bound by the weight bytes, so the Triton kernels (one row: fp8_gemv.py) load FP8 weights,
+widen them in registers and multiply with the unquantized activations (no activation rounding). From
 more rows the matrix units' FP8 rate pays: activations are quantized per token (one launch) and
 cuBLAS multiplies FP8 x FP8, with both scale vectors or with unit scales and an epilogue launch
 (fp8_path says which, from measurements).
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
+from .fp8_gemv import fp8_gemv
+from .pdl import allow_dependents, early_launch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TRITON_MAX_M = 16  # rows up to which fp8_linear takes the Triton kernel for any shape (fp8_path)
@@ -87,88 +88,52 @@ def _w8a16_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    EARLY: tl.constexpr = False,
 ):
-    """One program per BLOCK_N output channels x BLOCK_M rows, over all of K. BLOCK_M == 1 (one
-    row): products summed on the CUDA cores; otherwise tl.dot on weights widened to X's dtype."""
+    """One program per BLOCK_N output channels x BLOCK_M rows, over all of K: tl.dot on weights
+    widened to X's dtype (one row runs fp8_gemv.py's kernel instead)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    if BLOCK_M == 1:
-        # products summed elementwise, the tile reduced once after the loop: a reduction per
-        # step (shuffles, a barrier) stalled the loads (H200: 0.9-1.4 TB/s at N = 4096-6144)
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        # runs of 8 along K: 8-byte weight and 16-byte x loads then share one layout (16-byte
-        # weight loads put each step's x through shared memory: 4 barriers per step in the SASS)
-        offs_k8 = tl.max_contiguous(offs_k, 8)
-        w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k8[None, :]
-        x_ptrs = X + pid_m.to(tl.int64) * stride_xm + offs_k8[None, :]
-        if PREFETCH:
-            # as sglite/kernels/gemv.py: in-bounds rows (no N mask on the loads), x loaded as a
-            # whole [BLOCK_N, BLOCK_K] tile (each row the same, L1 hits) so that it shares W's
-            # layout, the next chunk loaded before this one's products, and, launched with PDL,
-            # the first chunk of W before the wait: no kernel of the forward writes weights
-            # (pdl.py), so they stream while the kernel before still finishes
-            rows = tl.where(mask_n, offs_n, 0).to(tl.int64)
-            w_ptrs = W + rows[:, None] * stride_wn + offs_k8[None, :]
-            x_ptrs = X + pid_m.to(tl.int64) * stride_xm + (rows * 0)[:, None] + offs_k8[None, :]
-            w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
-            wait_for_previous(USE_PDL)
-            allow_dependents(EARLY)  # the next kernel launches during this one's last wave
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
-                w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=(k0 + BLOCK_K + offs_k < K)[None, :], other=0.0)
-                acc2 += w.to(tl.float32) * x.to(tl.float32)
-                w = w_next
-        else:
-            wait_for_previous(USE_PDL)
-            allow_dependents(EARLY)  # a plain launch: see EARLY_DEPENDENTS
-            for k0 in range(0, K, BLOCK_K):
-                mask_k = k0 + offs_k < K
-                x = tl.load(x_ptrs + k0, mask=mask_k[None, :], other=0.0).to(tl.float32)
-                w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                acc2 += w * x
-        out = tl.sum(acc2, 1) * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)
-        if HAS_BIAS:
-            out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(Out + pid_m.to(tl.int64) * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
-    else:
-        wait_for_previous(USE_PDL)
-        allow_dependents(EARLY)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = k0 + offs_k < K
-            x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        out = acc * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)[None, :]
-        if HAS_BIAS:
-            out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    allow_dependents(EARLY)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    out = acc * tl.load(W_scale + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
-    """The tile table of the W8A16 kernel, by shape. TILE_OVERRIDES[(m, n, k)] wins (benchmarks).
-    H200 sweep (bench/fp8.py part g, one row per step's reduction, before the elementwise
-    accumulator): one row, 8 channels x 1024 K won for n <= 6144 (qkv 18.4 us vs 16 x 512), 16 x
-    512 for gate_up (46.0 us); 2-64 rows, 16 x 32 x 256 won 15 of 20 shapes (16 x 64 x 128 the others)."""
+    """The tile table of the W8A16 kernels, by shape (BLOCK_M 1: fp8_gemv.py's one-row kernel).
+    TILE_OVERRIDES[(m, n, k)] wins (benchmarks).
+    One row, H200 (bench/fp8_gemv_sweep.py, 2026-12-03 17:55, Llama-3-8B shapes, 32 layers' weights
+    back to back in a CUDA graph, us; fp8_gemm's old one-row loop in brackets): 8 channels a
+    program, PDL-launched; 1024-wide K steps and 4 warps for qkv 8.30 (10.71) and gate_up 29.68
+    (35.60), 2048 and 8 warps for the 4096-channel o 5.99 (7.28) and down 15.78 (17.54); the 128
+    linears in model order 1.867 ms (0.88 of copy; the old loop 2.246, cuBLAS bf16 3.853).
+    2-64 rows (bench/fp8.py part g, 2026-12-02): 16 x 32 x 256 won 15 of 20 shapes."""
     if (m, n, k) in TILE_OVERRIDES:
         return dict(TILE_OVERRIDES[(m, n, k)])
     if device.type != "cuda":  # interpreter: small tiles so tiny tests take several K steps
-        return dict(BLOCK_M=1 if m == 1 else 16, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
-    if m == 1 and ONE_ROW_PDL:  # gemv.py's layout and PDL (unmeasured in isolation: bench part a)
-        return dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=True)
-    if m == 1 and n == 6144:  # H200 sweep 2026-12-02 18:52 (do_bench): qkv 15.1 us
-        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8, num_stages=1)
-    if m == 1:  # o 11.6, gate_up 45.6, down 25.4 us
-        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=3)
+        if m == 1:
+            return dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, VEC=8, num_warps=1, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
+    if m == 1:
+        # one thread per 8 weights of a step (BLOCK_K / 8 threads); K steps under 1024 for short rows
+        bk = 2048 if n <= 4096 and k >= 2048 else min(1024, max(256, triton.next_power_of_2(k)))
+        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=bk, VEC=8, num_warps=bk // 256, num_stages=1, PDL=True)
     if m <= 64:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
     # the small layers' prefill rows (fp8_path): larger tiles, fewer programs re-reading W
@@ -176,13 +141,13 @@ def fp8_gemm_tiles(m: int, n: int, k: int, *, device: torch.device) -> dict:
 
 
 TILE_OVERRIDES: dict[tuple[int, int, int], dict] = {}
-ONE_ROW_PDL = False  # one row: the PREFETCH kernel launched with PDL (H200, 2026-12-03: 0.73x the plain loop)
-# The plain kernel stays a plain launch (it starts once everything before it has completed, the
-# rule pdl.py's safety rests on) but lets its dependents launch at its start: the norm, rotary
-# and activation kernels after each linear (PDL launches) are then resident and waiting when it
-# ends, as they are after cuBLAS's kernels in bf16. H200 batch-1 (bench/fp8.py part a, Llama-3-8B
-# shape, 2026-12-03): the replay outside the 128 linears 0.667 ms before (bf16: 0.455) -> 0.54 ms;
-# same runner, graph recaptured: 3.018 vs 3.184 and 2.950 vs 3.044 ms/token (on / off, two calls).
+# A plain-launched W8A16 kernel (the small-M one, a one-row tile without PDL) starts once
+# everything before it has completed (the rule pdl.py's safety rests on) but lets its dependents
+# launch at its start: the norm, rotary and activation kernels after each linear (PDL launches)
+# are then resident and waiting when it ends, as they are after cuBLAS's kernels in bf16. The
+# PDL-launched one-row kernel lets them launch after its wait instead (fp8_gemv.py). H200 batch-1
+# (bench/fp8.py part a, Llama-3-8B shape, 2026-12-03, the old one-row loop): the replay outside
+# the 128 linears 0.667 ms before (bf16: 0.455) -> 0.54 ms; 3.018 vs 3.184 ms/token (on / off).
 EARLY_DEPENDENTS = True
 
 
@@ -197,18 +162,14 @@ def w8a16_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         return out
     cfg = dict(tiles or fp8_gemm_tiles(m, n, k, device=x.device))
     bm, bn = cfg.pop("BLOCK_M"), cfg["BLOCK_N"]
-    grid = (triton.cdiv(n, bn), m if bm == 1 else triton.cdiv(m, bm))
-    pdl = {}
-    if bm == 1 and cfg.get("PREFETCH"):  # weights before the wait, dependents launched early
-        pdl = pdl_options(x)
-        if pdl:
-            pdl["EARLY"] = early_launch(x)
-    elif EARLY_DEPENDENTS and early_launch(x):
-        pdl["EARLY"] = True
-    _w8a16_kernel[grid](
+    if bm == 1:  # fp8_gemv.py's kernel, each row of x its own programs
+        fp8_gemv(x, weight, weight_scale, bias, out, tiles=cfg, early=EARLY_DEPENDENTS and early_launch(x))
+        return out
+    early = {"EARLY": True} if EARLY_DEPENDENTS and early_launch(x) else {}
+    _w8a16_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, **cfg, **pdl,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, **cfg, **early,
     )
     return out
 

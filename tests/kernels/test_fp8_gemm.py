@@ -63,6 +63,39 @@ def test_w8a16_prefetch_same_sums(k):
     assert rel_err(b, ref) < 2e-3 and rel_err(a, b) < 1e-3
 
 
+# fp8_gemv.py's one-row kernel: the plain loop, Triton's pipelined loop (STAGES), the next tile
+# in registers (PREFETCH), 8- and 16-byte weight runs (VEC), the PDL launch (first tile peeled),
+# a few programs looping over the channel blocks (PERSIST)
+_GEMV_TILES = [dict(BLOCK_N=16, BLOCK_K=64, VEC=8), dict(BLOCK_N=8, BLOCK_K=64, VEC=16, STAGES=3),
+               dict(BLOCK_N=4, BLOCK_K=32, VEC=8, PREFETCH=True), dict(BLOCK_N=16, BLOCK_K=128, VEC=16, PREFETCH=True),
+               dict(BLOCK_N=8, BLOCK_K=64, VEC=8, PDL=True),  # PDL: launched so on a Hopper GPU only
+               dict(BLOCK_N=4, BLOCK_K=32, VEC=8, PERSIST=1)]  # 3 "SMs" on the CPU: programs loop over blocks
+
+
+@pytest.mark.parametrize("tiles", range(len(_GEMV_TILES)))
+@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 256, False), (1, 20, 96, True), (2, 33, 200, False), (1, 16, 16, True)])
+def test_fp8_gemv_matches_dequantized_matmul(tiles, m, n, k, bias):
+    """Every tile kind at K a multiple of the tile (EVEN_K), not one, and under one tile; N not a
+    multiple of BLOCK_N; more than one row (each row its own programs); the output poisoned first."""
+    from sglite.kernels.fp8_gemv import fp8_gemv
+
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + tiles)
+    w, scale = _weights(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(ACT).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(ACT).to(DEVICE) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=x.dtype, device=DEVICE)
+    fp8_gemv(x, w, scale, b, out, tiles={**_GEMV_TILES[tiles], "num_warps": 1 if DEVICE == "cpu" else 4, "num_stages": 1})
+    ref = x.double() @ (w.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
+    assert not out.isnan().any()
+    # fp32 sums, one rounding to the output: fp16 on the CPU; bf16 on a GPU, whose rounding alone
+    # is ~2.3e-3 rms (H200, 2026-12-03: 2.1e-3 to 2.9e-3 at these sizes); a lost K step is ~0.3
+    tol = 2e-3 if x.dtype == torch.float16 else 6e-3
+    assert rel_err(out, ref) < tol
+    # through w8a16_matmul's dispatch (BLOCK_M 1 picks this kernel)
+    via = w8a16_matmul(x, w, scale, b, tiles={**_GEMV_TILES[tiles], "BLOCK_M": 1, "num_warps": 1, "num_stages": 1})
+    assert rel_err(via, ref) < tol
+
+
 def test_quantize_rows_bit_exact():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 100, generator=gen) * torch.logspace(-3, 3, 6)[:, None]
@@ -116,7 +149,9 @@ def test_fp8_path_by_shape():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="PDL early launch needs a CUDA GPU")
-def test_w8a16_early_dependents_see_its_output(monkeypatch):
+@pytest.mark.parametrize("one_row", [None, dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, VEC=8, num_warps=4, num_stages=1, PDL=True),
+                                     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, VEC=8, num_warps=4, num_stages=1, PERSIST=4)])
+def test_w8a16_early_dependents_see_its_output(monkeypatch, one_row):
     """EARLY_DEPENDENTS: the PDL kernel after the one-row W8A16 kernel (rms_norm, as in the model)
     launches while the matmul runs and must still read its finished output: a CUDA graph of
     matmul -> norm -> matmul -> norm, fed fresh inputs each replay, equals the same chain run
@@ -133,6 +168,8 @@ def test_w8a16_early_dependents_see_its_output(monkeypatch):
         h = rms_norm(fp8_gemm.fp8_linear(x, w1, s1), g1, 1e-6)
         return rms_norm(fp8_gemm.fp8_linear(h, w2, s2), g2, 1e-6)
 
+    if one_row is not None:  # fp8_gemv.py's kernel (PDL-launched, or looping programs) on both shapes
+        monkeypatch.setattr(fp8_gemm, "TILE_OVERRIDES", {(1, 8192, 4096): one_row, (1, 4096, 8192): one_row})
     static_x = torch.randn(1, 4096, generator=gen).to(torch.bfloat16).to(DEVICE)
     monkeypatch.setattr(fp8_gemm, "EARLY_DEPENDENTS", True)
     chain(static_x)  # compile outside the capture
