@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_e2e import copy_bandwidth, decode_loop, sync  # noqa: E402
+from gpu_e2e import capture_graph, copy_bandwidth, decode_loop, sync  # noqa: E402
 
 from sglite.kernels import fp8_gemm  # noqa: E402
 from sglite.runtime.executor.model_runner import ModelRunner  # noqa: E402
@@ -414,17 +414,7 @@ KV_SPLITS = {64: (2, 3), 1: (48, 64)}
 def graph_ms(calls) -> float:
     """ms per call, the calls captured in one CUDA graph (as decode runs in the runtime): the
     launcher's host time out (eager, the host-bound 1 x 32k launch measured 0.14 ms for 0.04)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return bench_ms(graph.replay) / len(calls)
+    return bench_ms(capture_graph(calls).replay) / len(calls)
 
 
 def bench_kv(args, device, copy_bw):

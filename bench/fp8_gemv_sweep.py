@@ -49,17 +49,9 @@ def graph_ms(calls) -> float:
     """ms per replay of one CUDA graph holding the calls (median of do_bench)."""
     import triton.testing
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return triton.testing.do_bench(graph.replay, warmup=20, rep=100, return_mode="median")
+    from gpu_e2e import capture_graph
+
+    return triton.testing.do_bench(capture_graph(calls).replay, warmup=20, rep=100, return_mode="median")
 
 
 def check(tiles, n, k, device) -> float:

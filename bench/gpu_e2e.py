@@ -35,6 +35,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def capture_graph(calls) -> torch.cuda.CUDAGraph:
+    """One CUDA graph holding the calls (as decode runs in the runtime: launch overhead out), after
+    a warm-up run on a side stream (compiles, settles the allocator) outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return graph
+
+
 def copy_bandwidth(device) -> float:
     """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
     src = torch.empty(1 << 29, dtype=torch.int16, device=device).random_()

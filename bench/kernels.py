@@ -99,17 +99,9 @@ def dense_kv(k_buf, v_buf, req_to_token, seq_len):
 def graph_ms(calls) -> float:
     """Milliseconds per call, the calls captured in one CUDA graph (as decode runs in the
     runtime): launch overhead out, only device time in."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles) outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return bench(graph.replay) / len(calls)
+    from gpu_e2e import capture_graph  # bench/ is on sys.path when a script of it runs
+
+    return bench(capture_graph(calls).replay) / len(calls)
 
 
 def bench_decode(bs, seq_len, copy_bw, *, window=None, num_global=0, sdpa=True, sweep=False, layout="random"):
