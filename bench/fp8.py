@@ -310,52 +310,55 @@ def replay_profile(graph, device, replays: int, trace_path: str | None):
                 kernels={k: (c / replays, t / replays) for k, (c, t) in by_name.items()})
 
 
+def _profile_replays(args, device, runner, name, out_dir):
+    """One runner's batch-1 graph: its decode step and replay time, then the replays profiled
+    (kernels, span, busy), printed; None if the profiler recorded no kernel."""
+    row = runner.req_to_token.alloc()
+    prompt = torch.randint(0, runner.model_config.vocab_size, (128,)).tolist()
+    last = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
+                          ).argmax(-1).tolist()
+    step_s = decode_loop(runner, [row], [128], last, 16)
+    graph = runner.graph_runner.graphs[1]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.decode_steps):
+        graph.replay()
+    sync(device)
+    replay_ms = (time.perf_counter() - t0) / args.decode_steps * 1e3
+    trace = os.path.join(out_dir, f"trace_{name}.json") if out_dir else None
+    prof = replay_profile(graph, device, 20, trace)
+    if trace and os.path.exists(trace):  # keep $OUT small: gzip the raw trace
+        import gzip
+        import shutil
+
+        with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        os.remove(trace)
+    if prof is None:
+        print(f"profile {name}: no kernel events recorded", flush=True)
+        return None
+    prof.update(step_ms=step_s * 1e3, replay_ms=replay_ms)
+    print(f"profile {name}: step {step_s * 1e3:.3f} ms, replay {replay_ms:.3f} ms; per replay "
+          f"{prof['n']:.0f} kernels, span {prof['span_us']:.1f} us, busy {prof['busy_us']:.1f} us, "
+          f"idle {prof['span_us'] - prof['busy_us']:.1f} us", flush=True)
+    top = sorted(prof["kernels"].items(), key=lambda kv: -kv[1][1])[:25]
+    for kname, (cnt, us) in top:
+        print(f"   {us:9.1f} us  {cnt:5.0f} x {us / cnt:7.2f} us  [{kernel_class(kname)}] {kname[:110]}")
+    return prof
+
+
 def bench_profile(args, device, copy_bw):
     """Part p: where batch-1's replay time goes, bf16 vs FP8,
     kernel by kernel from a profile of back-to-back graph replays (the same graphs part a times)."""
-    from sglite.runtime.executor.cuda_graph import CudaGraphRunner
-
     out_dir = os.environ.get("OUT")
     profiles = {}
     for name, quant in (("bf16", None), ("fp8", "fp8")):
         runner = ModelRunner(args.model, load_format="dummy", device=str(device), dtype="bfloat16",
                              max_total_tokens=4096, max_running_requests=2, cuda_graph_max_bs=1,
                              quantization=quant)
-        row = runner.req_to_token.alloc()
-        prompt = torch.randint(0, runner.model_config.vocab_size, (128,)).tolist()
-        last = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
-                              ).argmax(-1).tolist()
-        seq = 128
-        for vname in [name]:
-            step_s = decode_loop(runner, [row], [seq], last, 16)
-            seq += 16 + 3
-            graph = runner.graph_runner.graphs[1]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.decode_steps):
-                graph.replay()
-            sync(device)
-            replay_ms = (time.perf_counter() - t0) / args.decode_steps * 1e3
-            trace = os.path.join(out_dir, f"trace_{vname.replace(' ', '_')}.json") if out_dir else None
-            prof = replay_profile(graph, device, 20, trace)
-            if trace and os.path.exists(trace):  # keep $OUT small: gzip the raw trace
-                import gzip
-                import shutil
-
-                with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
-                    shutil.copyfileobj(f, g)
-                os.remove(trace)
-            if prof is None:
-                print(f"profile {vname}: no kernel events recorded", flush=True)
-                continue
-            prof.update(step_ms=step_s * 1e3, replay_ms=replay_ms)
-            profiles[vname] = prof
-            print(f"profile {vname}: step {step_s * 1e3:.3f} ms, replay {replay_ms:.3f} ms; per replay "
-                  f"{prof['n']:.0f} kernels, span {prof['span_us']:.1f} us, busy {prof['busy_us']:.1f} us, "
-                  f"idle {prof['span_us'] - prof['busy_us']:.1f} us", flush=True)
-            top = sorted(prof["kernels"].items(), key=lambda kv: -kv[1][1])[:25]
-            for kname, (cnt, us) in top:
-                print(f"   {us:9.1f} us  {cnt:5.0f} x {us / cnt:7.2f} us  [{kernel_class(kname)}] {kname[:110]}")
+        prof = _profile_replays(args, device, runner, name, out_dir)
+        if prof is not None:
+            profiles[name] = prof
         del runner
         torch.cuda.empty_cache()
     classes = sorted({kernel_class(k) for p in profiles.values() for k in p["kernels"]})
