@@ -69,21 +69,22 @@ def main():
     idle = sum(g1 - g0 for g0, g1 in gaps)
     print(f"stretch {end - start:.3f} s, {len(inside)} forwards, GPU spans {gpu:.3f} s "
           f"(overlapping spans counted once: {end - start - idle:.3f} s), GPU idle {idle:.3f} s")
+    leaves = [(name, t0, t1) for name, t0, t1 in phases if name not in NESTING]
+    per_gap = []  # (gap, {phase: seconds of it inside the gap})
     by_phase = defaultdict(float)
     for g0, g1 in gaps:
-        for name, t0, t1 in phases:
-            if name not in NESTING:
-                by_phase[name] += overlap(g0, g1, t0, t1)
+        parts = defaultdict(float)
+        for name, t0, t1 in leaves:
+            if (o := overlap(g0, g1, t0, t1)) > 0:
+                parts[name] += o
+                by_phase[name] += o
+        per_gap.append(((g0, g1), parts))
     named = sum(by_phase.values())
     print("host phases while the GPU idled (s): " + ", ".join(
         f"{k} {v:.3f}" for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1]) if v >= 5e-4)
         + f"; outside any phase {max(idle - named, 0):.3f}")
     print(f"the {args.gaps} longest gaps (ms from the stretch's start: length, phases inside):")
-    for g0, g1 in sorted(gaps, key=lambda g: g[0] - g[1])[: args.gaps]:
-        parts = defaultdict(float)
-        for name, t0, t1 in phases:
-            if name not in NESTING and overlap(g0, g1, t0, t1) > 0:
-                parts[name] += overlap(g0, g1, t0, t1)
+    for (g0, g1), parts in sorted(per_gap, key=lambda gp: gp[0][0] - gp[0][1])[: args.gaps]:
         desc = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
         print(f"  at {1e3 * (g0 - start):8.1f}: {1e3 * (g1 - g0):6.1f} ms  [{desc}]")
     print("forwards (ms from the stretch's start): host launch start-end | GPU start-end")
