@@ -185,6 +185,25 @@ def fp8_tensorwise(x, wq, ws):
     return fp8_gemm.scale_rows_cols(out, xs, ws)
 
 
+def prefill_one(runner) -> tuple[int, list[int]]:
+    """A request row with 128 random prompt tokens prefilled: (row, its greedy next token)."""
+    row = runner.req_to_token.alloc()
+    prompt = torch.randint(0, runner.model_config.vocab_size, (128,)).tolist()
+    last = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
+                          ).argmax(-1).tolist()
+    return row, last
+
+
+def replay_seconds(device, graph, n: int) -> float:
+    """Seconds per replay of a captured graph, n back to back."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
 def bench_batch1(args, device, copy_bw):
     results = {}
     for name, quant in (("bf16", None), ("fp8", "fp8")):
@@ -192,18 +211,10 @@ def bench_batch1(args, device, copy_bw):
                              max_total_tokens=4096, max_running_requests=2, cuda_graph_max_bs=1,
                              quantization=quant)
         weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-        row = runner.req_to_token.alloc()
-        prompt = torch.randint(0, runner.model_config.vocab_size, (128,)).tolist()
-        last = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
-                              ).argmax(-1).tolist()
+        row, last = prefill_one(runner)
         step_s = decode_loop(runner, [row], [128], last, args.decode_steps)
         graph = runner.graph_runner.graphs[1]
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.decode_steps):
-            graph.replay()
-        sync(device)
-        replay_s = (time.perf_counter() - t0) / args.decode_steps
+        replay_s = replay_seconds(device, graph, args.decode_steps)
         results[name] = (step_s, replay_s, weight_bytes)
         print(f"batch-1 {name}: {step_s * 1e3:.3f} ms/token, replay {replay_s * 1e3:.3f} ms, "
               f"weights {weight_bytes / 1e9:.2f} GB (floor {weight_bytes / copy_bw * 1e3:.2f} ms)", flush=True)
@@ -313,18 +324,10 @@ def replay_profile(graph, device, replays: int, trace_path: str | None):
 def _profile_replays(args, device, runner, name, out_dir):
     """One runner's batch-1 graph: its decode step and replay time, then the replays profiled
     (kernels, span, busy), printed; None if the profiler recorded no kernel."""
-    row = runner.req_to_token.alloc()
-    prompt = torch.randint(0, runner.model_config.vocab_size, (128,)).tolist()
-    last = runner.forward(runner.make_extend_batch([row], [0], [prompt], runner.token_pool.alloc(128))
-                          ).argmax(-1).tolist()
+    row, last = prefill_one(runner)
     step_s = decode_loop(runner, [row], [128], last, 16)
     graph = runner.graph_runner.graphs[1]
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.decode_steps):
-        graph.replay()
-    sync(device)
-    replay_ms = (time.perf_counter() - t0) / args.decode_steps * 1e3
+    replay_ms = replay_seconds(device, graph, args.decode_steps) * 1e3
     trace = os.path.join(out_dir, f"trace_{name}.json") if out_dir else None
     prof = replay_profile(graph, device, 20, trace)
     if trace and os.path.exists(trace):  # keep $OUT small: gzip the raw trace
