@@ -17,6 +17,7 @@ import torch
 
 from sglite.kernels.decode_batch import stage_decode_batch, unpack_decode_batch_new
 from sglite.runtime.executor.attention import ForwardBatch, ForwardMode, create_attention_backend
+from sglite.runtime.executor.attention.base import pad_logit_rows
 from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.mem.kv_cache import KVCache, bytes_per_token, mha_bytes_per_token, resolve_kv_dtype
 from sglite.runtime.mem.req_to_token import ReqToToken
@@ -130,6 +131,8 @@ class ModelRunner:
         if logits_from is not None:
             starts = [0, *itertools.accumulate(extend_lens)][:-1]
             rows = [s + r for s, first, n in zip(starts, logits_from, extend_lens) for r in range(first, n)]
+            batch.num_logit_rows = len(rows)
+            rows = pad_logit_rows(rows, self.device)
             batch.logit_rows = to_device_async(torch.tensor(rows, dtype=torch.int64), self.device)
         return batch
 

@@ -37,7 +37,7 @@ from sglite.runtime.models.layers import GatedMLP
 from sglite.runtime.models.layers.fused import use_fused
 from sglite.runtime.models.layers.linear import QuantLinear
 from sglite.runtime.models.layers.rotary import rotary_from_config
-from sglite.runtime.models.llama import LlamaAttention, LlamaForCausalLM, _last_token_indices
+from sglite.runtime.models.llama import LlamaAttention, LlamaForCausalLM, logit_rows
 
 
 class GemmaRMSNorm(nn.Module):
@@ -242,14 +242,11 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
             cos, sin = rope_local if layer.is_sliding else rope
             x, residual = layer(x, residual, cos, sin, batch, backend, prev)
             prev = layer
-        rows = batch.logit_rows
-        if rows is None and not batch.return_all_logits and not batch.is_decode:
-            rows = _last_token_indices(batch, x.device)
+        rows, num_rows = logit_rows(batch, x.device)
         if rows is not None:
             x, residual = x[rows], residual[rows]
         x = prev.post_feedforward_layernorm.then_add_norm(x, residual, self.model.norm)[0]
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head).float()
+        logits = F.linear(x, self.lm_head_weight)[:num_rows].float()
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglite.runtime.executor.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
+from sglite.runtime.executor.attention.base import (
+    AttentionLayer,
+    BaseAttentionBackend,
+    ForwardBatch,
+    pad_logit_rows,
+)
 from sglite.runtime.executor.transfer import tensor_async
 from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.models.layers import GatedMLP, MergedLinear, RMSNorm, rotate_qk
@@ -135,15 +140,16 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, batch, backend)
-        rows = batch.logit_rows
-        if rows is None and not batch.return_all_logits and not batch.is_decode:
-            rows = _last_token_indices(batch, x.device)  # decode: every token is last
+        rows, num_rows = logit_rows(batch, x.device)
         if rows is not None:  # the LM head runs on the rows whose logits are wanted only
             x = x[rows]
             residual = residual[rows] if residual is not None else None
         x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return F.linear(x, self.lm_head_weight)[:num_rows].float()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     # --- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -216,10 +222,17 @@ class LlamaForCausalLM(nn.Module):
                 param.data.normal_(0, 0.02, generator=gens[param.device])
 
 
-def _last_token_indices(batch: ForwardBatch, device) -> torch.Tensor:
-    """Extend batches: the packed index of each request's last new token."""
+def logit_rows(batch: ForwardBatch, device) -> tuple[torch.Tensor | None, int | None]:
+    """The packed rows the LM head runs on (None: every row; a decode's tokens are all last) and
+    how many of them are real (the rest pad the count on CUDA: base.pad_logit_rows): the batch's
+    logit_rows, or else each extended request's last new token."""
+    if batch.logit_rows is not None:
+        return batch.logit_rows, batch.num_logit_rows
+    if batch.return_all_logits or batch.is_decode:
+        return None, None
     ends, total = [], 0
     for n in batch.extend_lens_cpu:
         total += n
         ends.append(total - 1)
-    return tensor_async(ends, torch.int64, device)  # a pageable copy would wait for the GPU
+    # a pageable copy would wait for the GPU
+    return tensor_async(pad_logit_rows(ends, device), torch.int64, device), len(ends)

@@ -6,6 +6,10 @@ without it the first forward larger than any before (a select's first large batc
 their logits) grows the pool with cudaMalloc in the middle of serving (H200, 20-shot select: 7
 segments taken during the timed run without the warm-up, none with it; the forwards' share of busy
 time 0.79 -> 0.86 in one call, docs/benchmarks.md).
+
+Then the LM head once at every padded row count up to the budget (executor/attention/base.py's
+LOGIT_ROW_BUCKET): cuBLAS holds the first launch at each new shape until the GPU is idle, and a
+forward's LM head is the last launch before the host's work on the next batch.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 
 import torch
 
+from sglite.runtime.executor.attention.base import LOGIT_ROW_BUCKET
 from sglite.runtime.sampling.logprobs import pack_rows
 
 logger = logging.getLogger(__name__)
@@ -41,5 +46,19 @@ def warm_up_extend(runner, num_tokens: int) -> None:
         logger.warning("the warm-up extend of %d tokens with logits for every row ran out of GPU "
                        "memory: input-logprob batches that large will fail; lower "
                        "--chunked-prefill-size", num_tokens)
+    warm_up_lm_head(runner.model, num_tokens, runner.device)
     logger.info("warm-up extend: %d tokens, allocator reserved %.2f GiB", num_tokens,
                 torch.cuda.memory_reserved(runner.device) / 2**30)
+
+
+def warm_up_lm_head(model, max_rows: int, device) -> None:
+    """F.linear on the LM head's weight at each multiple of LOGIT_ROW_BUCKET up to max_rows."""
+    head = getattr(model, "lm_head_weight", None)
+    if head is None:
+        return
+    x = torch.zeros(-(-max_rows // LOGIT_ROW_BUCKET) * LOGIT_ROW_BUCKET, head.shape[1],
+                    dtype=head.dtype, device=device)
+    with torch.inference_mode():
+        for m in range(LOGIT_ROW_BUCKET, x.shape[0] + 1, LOGIT_ROW_BUCKET):
+            torch.nn.functional.linear(x[:m], head)
+    torch.cuda.synchronize(device)

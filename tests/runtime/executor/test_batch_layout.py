@@ -71,3 +71,32 @@ def test_eager_decode_feeds_device_tokens(runner):
     finally:
         for r in rows:
             runner.req_to_token.free(r)
+
+
+def test_padded_logit_rows_give_the_same_logits(runner, monkeypatch):
+    """On CUDA the LM head's rows are padded to a multiple of LOGIT_ROW_BUCKET (base.py): the
+    forward still returns exactly the wanted rows' logits, as an unpadded forward does (padding
+    forced here on the CPU)."""
+    from sglite.runtime.executor import model_runner
+    from sglite.runtime.executor.attention import base
+    from sglite.runtime.models import llama
+
+    lens, logits_from = [5, 3, 4], [2, 0, 3]
+    rows = [runner.req_to_token.alloc() for _ in lens]
+    try:
+        slots = runner.token_pool.alloc(sum(lens))
+        ids = [[(7 * i + j) % 50 for j in range(n)] for i, n in enumerate(lens)]
+        plain = runner.forward(runner.make_extend_batch(rows, [0] * 3, ids, slots, logits_from=logits_from))
+        last = runner.forward(runner.make_extend_batch(rows, [0] * 3, ids, slots))
+        pad = lambda r, device: r + r[-1:] * (-len(r) % base.LOGIT_ROW_BUCKET)  # noqa: E731
+        monkeypatch.setattr(model_runner, "pad_logit_rows", pad)
+        monkeypatch.setattr(llama, "pad_logit_rows", pad)
+        batch = runner.make_extend_batch(rows, [0] * 3, ids, slots, logits_from=logits_from)
+        assert batch.logit_rows.shape[0] == base.LOGIT_ROW_BUCKET and batch.num_logit_rows == 3 + 3 + 1
+        torch.testing.assert_close(runner.forward(batch), plain)
+        torch.testing.assert_close(runner.forward(runner.make_extend_batch(rows, [0] * 3, ids, slots)), last)
+        assert plain.shape[0] == 7 and last.shape[0] == 3
+        runner.token_pool.free(slots)
+    finally:
+        for r in rows:
+            runner.req_to_token.free(r)

@@ -19,6 +19,22 @@ from dataclasses import dataclass
 import torch
 
 
+# The LM head's rows are padded to a multiple of this on CUDA (the last row repeated): cuBLAS holds
+# the launch of a GEMM at a shape it has not run before in the process until the GPU has drained
+# (H200, torch 2.11: 27-32 ms behind 30 ms of queued work, 0.05 ms the second time), which would
+# stall the host behind every forward whose logit rows are a new count; padded, the counts are few
+# and the scheduler's warm-up runs each of them once (warmup.py).
+LOGIT_ROW_BUCKET = 64
+
+
+def pad_logit_rows(rows: list[int], device: torch.device) -> list[int]:
+    """rows padded with copies of the last to a multiple of LOGIT_ROW_BUCKET on CUDA (as is
+    elsewhere: a CPU forward pays for every padded row and has no such stall)."""
+    if device.type != "cuda" or not rows:
+        return rows
+    return rows + rows[-1:] * (-len(rows) % LOGIT_ROW_BUCKET)
+
+
 class ForwardMode(enum.Enum):
     EXTEND = "extend"
     DECODE = "decode"
@@ -42,8 +58,10 @@ class ForwardBatch:
     # which logits to compute: False -> last new token of each request; True -> every new token
     return_all_logits: bool = False
     # or exactly these packed token rows [num_logit_rows] int64 (input logprobs: only the rows
-    # that score a wanted token, plus each request's last); overrides return_all_logits
+    # that score a wanted token, plus each request's last); overrides return_all_logits. On CUDA
+    # padded by pad_logit_rows: the logits' first num_logit_rows rows are the real ones
     logit_rows: torch.Tensor | None = None
+    num_logit_rows: int | None = None
 
     @property
     def batch_size(self) -> int:
