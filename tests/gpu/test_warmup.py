@@ -45,11 +45,11 @@ def test_an_extend_behind_queued_work_launches_without_waiting_for_it():
     warm_up_extend(runner, 1024)
     slots = runner.token_pool.alloc(600)
     row = runner.req_to_token.alloc()
-    batch = runner.make_extend_batch([row], [0], [list(range(600))], slots, logits_from=[321])
+    batch = runner.make_extend_batch([row], [0], [[i % 500 for i in range(600)]], slots, logits_from=[321])
     assert batch.num_logit_rows == 279
     runner.forward(batch, use_cuda_graph=False)  # the extend's own kernels (Triton, attention) once
     torch.cuda.synchronize()
-    batch = runner.make_extend_batch([row], [0], [list(range(600))], slots, logits_from=[301])
+    batch = runner.make_extend_batch([row], [0], [[i % 500 for i in range(600)]], slots, logits_from=[301])
     a = torch.randn(4096, 4096, device="cuda")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
