@@ -190,10 +190,14 @@ def run_variants(args, runner, row, prompt, ctx):
             recapture(runner, served_ctx)
             logits, _ = graph_trace(runner, row, prompt, fed)
             diff = (logits - base).abs().max().item()
+            rel = ((logits - base).norm(dim=-1) / base.norm(dim=-1)).max().item()
+            # fed the served graph's tokens: the same argmax at every step = the same greedy tokens
+            same = int((logits.argmax(-1) == base.argmax(-1)).sum())
             step_s, replay_s, _ = measure(args, runner, row, prompt)
             if args.scheduler:
                 step_s = step_s + scheduler_decode(args, runner, prompt)
-            out.append((f"{name} [max |logit diff| vs served {diff:.3g}]", step_s, replay_s))
+            out.append((f"{name} [vs served: max |logit diff| {diff:.3g}, max rel err {rel:.2e}, "
+                        f"same argmax {same}/{len(fed)}]", step_s, replay_s))
         except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
@@ -373,6 +377,7 @@ def main():
         args, folder, device, prompt)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    copy_bw_after = copy_bandwidth(device)  # the floor's spread within the call
     floor = weight_bytes / copy_bw
     hf = []
     for attn in [] if args.skip_hf else args.hf_attn.split(","):
@@ -397,7 +402,8 @@ def main():
     for hf_s, hf_note in hf:
         rows.append((f"transformers generate bs1 ms/token ({hf_note})", [hf_s * 1e3], [floor / hf_s]))
     print(f"\n{args.config} on {name}: {weight_bytes / 1e9:.2f} GB of weights, copy {copy_bw / 1e9:.0f} GB/s "
-          f"-> weight floor {floor * 1e3:.3f} ms/token; KV {kv_bytes / 1e3:.0f} KB/token "
+          f"-> weight floor {floor * 1e3:.3f} ms/token (copy after the runs {copy_bw_after / 1e9:.0f} GB/s: "
+          f"floor {weight_bytes / copy_bw_after * 1e3:.3f}); KV {kv_bytes / 1e3:.0f} KB/token "
           f"({cfg.num_layers} layers, window {cfg.sliding_window} on "
           f"{sum(cfg.window_for_layer(i) is not None for i in range(cfg.num_layers))}); "
           f"prompt {args.prompt_len}, {args.steps} steps")
@@ -413,6 +419,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, device=name, weight_bytes=weight_bytes, copy_bw=copy_bw,
+                           copy_bw_after=copy_bw_after,
                            floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants,
                            scheduler_s=sched_s, check=check), f)
 
