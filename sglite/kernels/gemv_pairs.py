@@ -25,12 +25,13 @@ or the down projection's GEMV. Same bits as the two launches they replace under 
 (bench/gemv_pairs_check.py, 2026-12-04: gemv_rope's 8192 outputs and pool rows equal to the GEMV
 + rotary launches', 0 ulps; gemv_glu bit-equal). In the model's graph gemv_glu's logits are
 bit-equal, gemv_rope's are not (max abs logit difference 0.109 after 8 steps, same argmax): in the
-model (bench/decode_floor.py --rope-check, eager, same state) one element of q or k in a few
-hundred thousand differs by one bf16 ulp (1 of 4096 in one layer of 42 in two of three steps;
-the logits of those steps still bit-equal), the signature of fp32 results one rounding apart
-(FMA contraction of the rotation, likely) that bf16 rounding hides almost always; the graphs
-first differ at step 2, through the KV cache, and random weights amplify it. Not a race: with
-attention not launched early the graphs are bit-equal to the served ones. For one token (batch-1 decode). gemv_rope: full rotary, no
+model (bench/decode_floor.py --rope-check, eager, same state) the first tensor that differs is
+q or k going into attention, in one element (1 of 4096 q in layer 1 / 1 of 2048 k in layer 7, by
+1.9e-6 / 7.6e-6: a bf16 spacing at small values) in two of three steps, none in the third, and
+the logits of all three stay bit-equal: fp32 rotations one rounding apart (FMA contraction,
+likely) that bf16 rounding hides almost always; the graphs first differ at step 2, through the KV
+cache, random weights amplifying it. Not a race: with attention not launched early the graphs
+are bit-equal to the served ones. For one token (batch-1 decode). gemv_rope: full rotary, no
 q/k norms between projection and rotation (Gemma 2; Gemma 3's q/k norms keep the two launches),
 a pool of the activation's dtype. `ROPE` / `GLU` (SGLITE_GEMV_ROPE=0 / SGLITE_GEMV_GLU=0 turn
 them off; read at call time by the model, so benchmarks may flip them).
