@@ -73,6 +73,24 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() * 2 / sorted(times)[len(times) // 2]
 
 
+def copy_bandwidth_events(device) -> float | None:
+    """The same copy timed with CUDA events around 20 copies (no host sync between them): the
+    host-timed figure above includes each copy's launch and synchronize."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(1 << 29, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    sync(device)
+    return 2 * src.numel() * 2 * 20 / (start.elapsed_time(end) * 1e-3)
+
+
 def decode_loop(runner, row, seq_len, last, steps) -> float:
     """Seconds per decode step of the runner's whole path (batch build, forward, argmax to host)."""
     for i in range(steps + 3):
@@ -100,6 +118,8 @@ def bench_sglite(args, folder, device, prompt):
     row = runner.req_to_token.alloc()
     check = check_paths(runner, row, prompt)
     print(f"served path (graph, GEMV, chain) vs eager cuBLAS, logits per step: {check}", flush=True)
+    if args.rope_check:
+        rope_check(runner, row, prompt, ctx)
     if args.check_only:
         gemv_off_check(runner, row, prompt, recapture)
         raise SystemExit(0)
@@ -190,10 +210,14 @@ def run_variants(args, runner, row, prompt, ctx):
             recapture(runner, served_ctx)
             logits, _ = graph_trace(runner, row, prompt, fed)
             diff = (logits - base).abs().max().item()
+            rel = ((logits - base).norm(dim=-1) / base.norm(dim=-1)).max().item()
+            # fed the served graph's tokens: the same argmax at every step = the same greedy tokens
+            same = int((logits.argmax(-1) == base.argmax(-1)).sum())
             step_s, replay_s, _ = measure(args, runner, row, prompt)
             if args.scheduler:
                 step_s = step_s + scheduler_decode(args, runner, prompt)
-            out.append((f"{name} [max |logit diff| vs served {diff:.3g}]", step_s, replay_s))
+            out.append((f"{name} [vs served: max |logit diff| {diff:.3g}, max rel err {rel:.2e}, "
+                        f"same argmax {same}/{len(fed)}]", step_s, replay_s))
         except Exception as e:  # noqa: BLE001 (a variant that fails: say so, go on)
             print(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
@@ -204,6 +228,87 @@ def run_variants(args, runner, row, prompt, ctx):
         print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
     return out
+
+
+def rope_check(runner, row, prompt, ctx, steps: int = 3) -> None:
+    """Where the rotary epilogue (gemv_pairs.gemv_rope) parts from the two launches it replaces
+    (qkv GEMV, then rotary + KV store): bench/gemv_pairs_check.py finds the kernel alone
+    bit-equal at these shapes, the graphs' logits are not (0.109). First eagerly (no graph) on
+    the same state and tokens, each layer's decode-attention inputs (q, k, v), attention output
+    and layer outputs (x, residual) of both paths compared in launch order: the first that
+    differs. Then graphs: served, gemv_rope without the early launch of attention, and the two
+    launches, each against the served graph on the same fed tokens."""
+    import functools
+
+    from sglite.kernels import gemv_pairs
+
+    backend, layers = runner.attn_backend, runner.model.model.layers
+    rec: list = []
+    real_forward = backend.forward
+
+    def forward(q, k, v, *a, **kw):
+        rec.append(("q, k, v into attention", tuple(t.clone() for t in (q, k, v) if t is not None)))
+        out = real_forward(q, k, v, *a, **kw)
+        rec.append(("attention output", (out.clone(),)))
+        return out
+
+    def hook(mod, args, out):
+        rec.append(("layer output (x, residual)", tuple(t.clone() for t in out)))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    backend.forward = forward
+    runner.token_pool.reset()
+    loc = runner.token_pool.alloc(len(prompt))
+    last = runner.forward(runner.make_extend_batch([row], [0], [prompt], loc)).argmax(-1).tolist()
+    seq = len(prompt)
+    try:
+        for step in range(steps):
+            seq += 1
+            slot = runner.token_pool.alloc(1)
+            runs = []
+            for rope in (True, False):
+                gemv_pairs.ROPE = rope
+                rec.clear()
+                logits = runner.forward_decode([row], [seq], last, slot, use_cuda_graph=False)[0].float().clone()
+                runs.append((logits, list(rec)))
+            gemv_pairs.ROPE = True
+            (la, ra), (lb, rb) = runs
+            first = None
+            for i, ((name, ta), (_, tb)) in enumerate(zip(ra, rb)):
+                bad = [j for j, (a, b) in enumerate(zip(ta, tb)) if not torch.equal(a, b)]
+                if bad:
+                    j = bad[0]
+                    d = (ta[j].float() - tb[j].float()).abs()
+                    first = (f"record {i} of {len(ra)} ({name}, tensor {j}, layer ~{i // 3}): "
+                             f"{int((d > 0).sum())} of {d.numel()} differ, max {d.max().item():.3g}")
+                    break
+            print(f"rope check, eager step {step}: logits max |diff| {(la - lb).abs().max().item():.3g}, "
+                  f"same argmax {bool(la.argmax() == lb.argmax())}, records {len(ra)} / {len(rb)}; "
+                  f"first difference: {first or 'none (bit-equal)'}", flush=True)
+            last = la.argmax(-1).reshape(-1).tolist()
+    finally:
+        backend.forward = real_forward
+        for h in handles:
+            h.remove()
+        gemv_pairs.ROPE = True
+    if runner.graph_runner is None:
+        return
+    served_ctx = runner.max_context_len
+    real_rope = gemv_pairs.gemv_rope
+    base, fed = graph_trace(runner, row, prompt)
+    for name, rope, fn in (("gemv_rope, attention not launched early", True,
+                            functools.partial(real_rope, early=False)),
+                           ("qkv GEMV then rotary + KV store", False, real_rope)):
+        try:
+            gemv_pairs.ROPE, gemv_pairs.gemv_rope = rope, fn
+            recapture(runner, served_ctx)
+            logits, _ = graph_trace(runner, row, prompt, fed)
+            d = (logits - base).abs()
+            print(f"rope check, graphs: {name} vs served: max |logit diff| {d.max().item():.3g}, first step "
+                  f"that differs {next((i for i in range(len(fed)) if d[i].max() > 0), None)}", flush=True)
+        finally:
+            gemv_pairs.ROPE, gemv_pairs.gemv_rope = True, real_rope
+    recapture(runner, ctx or served_ctx)
 
 
 @torch.inference_mode()
@@ -352,6 +457,8 @@ def main():
                     help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
     ap.add_argument("--check-only", action="store_true",
                     help="only the served-path checks against eager launches, no timing")
+    ap.add_argument("--rope-check", action="store_true",
+                    help="where the rotary epilogue's logits part from the two-launch path (eager per layer, graphs)")
     ap.add_argument("--scheduler", action="store_true",
                     help="also time the decode through the Scheduler (as served: overlapped loop)")
     ap.add_argument("--gemv-sweep", action="store_true", help="time each projection alone: cuBLAS vs GEMV tiles")
@@ -373,6 +480,8 @@ def main():
         args, folder, device, prompt)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    copy_bw_after = copy_bandwidth(device)  # the floor's spread within the call
+    copy_bw_events = copy_bandwidth_events(device)
     floor = weight_bytes / copy_bw
     hf = []
     for attn in [] if args.skip_hf else args.hf_attn.split(","):
@@ -397,7 +506,9 @@ def main():
     for hf_s, hf_note in hf:
         rows.append((f"transformers generate bs1 ms/token ({hf_note})", [hf_s * 1e3], [floor / hf_s]))
     print(f"\n{args.config} on {name}: {weight_bytes / 1e9:.2f} GB of weights, copy {copy_bw / 1e9:.0f} GB/s "
-          f"-> weight floor {floor * 1e3:.3f} ms/token; KV {kv_bytes / 1e3:.0f} KB/token "
+          f"-> weight floor {floor * 1e3:.3f} ms/token (copy after the runs {copy_bw_after / 1e9:.0f} GB/s: "
+          f"floor {weight_bytes / copy_bw_after * 1e3:.3f}; timed with events "
+          f"{(copy_bw_events or 0) / 1e9:.0f} GB/s: floor {weight_bytes / (copy_bw_events or copy_bw) * 1e3:.3f}); KV {kv_bytes / 1e3:.0f} KB/token "
           f"({cfg.num_layers} layers, window {cfg.sliding_window} on "
           f"{sum(cfg.window_for_layer(i) is not None for i in range(cfg.num_layers))}); "
           f"prompt {args.prompt_len}, {args.steps} steps")
@@ -413,6 +524,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, device=name, weight_bytes=weight_bytes, copy_bw=copy_bw,
+                           copy_bw_after=copy_bw_after, copy_bw_events=copy_bw_events,
                            floor_s=floor, step_s=step_s, replay_s=replay_s, hf=hf, variants=variants,
                            scheduler_s=sched_s, check=check), f)
 

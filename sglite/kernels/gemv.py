@@ -29,9 +29,11 @@ from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
 # each program asks L2 for the rest of its rows before its PDL wait (prefetch_rows), not only its
-# first chunk, so that the weights stream while the kernel before (attention, a norm) runs. Not
-# yet timed on a GPU (compiled for sm_90 here: one prefetch a thread), so off until it is:
-# SGLITE_GEMV_PREFETCH=1 (or PREFETCH, read at call time) turns it on
+# first chunk, so that the weights stream while the kernel before (attention, a norm) runs.
+# Timed on an H200 (2026-12-04, bench/decode_floor.py --variants, same call): Gemma-2-9B's
+# batch-1 graph replay 5.31 -> 6.05 ms (+14%; same logits), so off: the step is bound by DRAM
+# already, and rows asked for early take bandwidth from the kernel still running (and L2 lines
+# they may lose before use). SGLITE_GEMV_PREFETCH=1 (or PREFETCH, read at call time) turns it on
 PREFETCH = os.environ.get("SGLITE_GEMV_PREFETCH", "0") == "1"
 # (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
 # the same call's --gemv-sweep before it times the GEMV variants)

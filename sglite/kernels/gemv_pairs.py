@@ -17,13 +17,21 @@ output as the next kernel would read it) and then:
 
 With `norm=` either also runs the sandwich norm pair before it (Gemma's post-norm of the last
 sublayer, the residual add and the next pre-norm) in its prologue, from the raw sublayer output
-(stream_rows_normed; off in the model unless NORM, not yet timed).
+(stream_rows_normed; off in the model unless NORM: twice as slow, see NORM below).
 
 Both let the next kernel launch right after their wait (early launch, pdl.py): decode attention
 or the down projection's GEMV. Same bits as the two launches they replace under the interpreter
-(tests/kernels/test_gemv_pairs.py); compiled on an H200, gemv_glu's graph logits were bit-equal
-and gemv_rope's were not (max abs logit difference 0.109; FMA contraction of the rotation, likely:
-bench/gemv_pairs_check.py counts the ulps). For one token (batch-1 decode). gemv_rope: full rotary, no
+(tests/kernels/test_gemv_pairs.py), and compiled on an H200 at Gemma-2-9B's shapes alone
+(bench/gemv_pairs_check.py, 2026-12-04: gemv_rope's 8192 outputs and pool rows equal to the GEMV
++ rotary launches', 0 ulps; gemv_glu bit-equal). In the model's graph gemv_glu's logits are
+bit-equal, gemv_rope's are not (max abs logit difference 0.109 after 8 steps, same argmax): in the
+model (bench/decode_floor.py --rope-check, eager, same state) the first tensor that differs is
+q or k going into attention, in one element (1 of 4096 q in layer 1 / 1 of 2048 k in layer 7, by
+1.9e-6 / 7.6e-6: a bf16 spacing at small values) in two of three steps, none in the third, and
+the logits of all three stay bit-equal: fp32 rotations one rounding apart (FMA contraction,
+likely) that bf16 rounding hides almost always; the graphs first differ at step 2, through the KV
+cache, random weights amplifying it. Not a race: with attention not launched early the graphs
+are bit-equal to the served ones. For one token (batch-1 decode). gemv_rope: full rotary, no
 q/k norms between projection and rotation (Gemma 2; Gemma 3's q/k norms keep the two launches),
 a pool of the activation's dtype. `ROPE` / `GLU` (SGLITE_GEMV_ROPE=0 / SGLITE_GEMV_GLU=0 turn
 them off; read at call time by the model, so benchmarks may flip them).
@@ -43,9 +51,13 @@ from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 ROPE = os.environ.get("SGLITE_GEMV_ROPE", "1") != "0"
 GLU = os.environ.get("SGLITE_GEMV_GLU", "1") != "0"
-# the sandwich pair inside the projection: built and checked on the CPU (interpreted, against
-# float64 and transformers) but not yet timed or run compiled on a GPU, so off until it is:
-# SGLITE_GEMV_NORM=1 (or NORM, read at call time) turns it on
+# the sandwich pair inside the projection: checked on the CPU (interpreted, against float64 and
+# transformers) and compiled on an H200 (bench/gemv_pairs_check.py: rel err vs float64 as the
+# unfused path's), but twice as slow (2026-12-04, bench/decode_floor.py --variants: Gemma-2-9B's
+# batch-1 replay 5.31 -> 9.50-10.74 ms over the three tiles below): every program of two rows
+# reloads the four K-long vectors (o, residual, two fp32 norm weights: 12 bytes a column for 4 of
+# weights) and runs six accumulators, so the vector work outweighs the weights it saves a launch
+# for. Off: SGLITE_GEMV_NORM=1 (or NORM, read at call time) turns it on
 NORM = os.environ.get("SGLITE_GEMV_NORM", "0") == "1"
 # tiles: the plain pair GEMV as gemv_config's for Gemma 2's rows (2 x 512, 4 warps); with the norm
 # prologue, whose six accumulators take 118 registers a thread at 512 columns and 4 warps (4
