@@ -99,18 +99,19 @@ ROWS_PER_FILL_THREAD = 32  # fewer rows a thread and the hand-off costs more tha
 
 
 def fill_threads() -> int:
-    """Threads that share a fill's rows: SGLITE_GRAMMAR_FILL_THREADS, else a quarter of the CPUs
-    (at most 4, at least 1). Each runs xgrammar's batched fill on one C++ thread over its share:
-    xgrammar's own threading ("auto", 8 threads) cost 2.5-3 ms a step on the H200 host where one
-    thread fills 256 JSON rows in 0.74 ms (bench/grammar_fill_threads.py), but one thread alone
-    leaves a rare expensive state serial (the benchmark regex's [a-z]{2,8}: 108 ms for 256 rows;
-    57 ms split over 2 Python threads on a 2-CPU box, the median step 0.57 -> 0.76 ms)."""
+    """Threads that share a fill's rows: SGLITE_GRAMMAR_FILL_THREADS, else half the CPUs (at most
+    8, at least 1). Each runs xgrammar's batched fill on one C++ thread over its share: xgrammar's
+    own threading ("auto", 8 threads) cost 2.5-3 ms a step on the H200 host where one thread fills
+    256 JSON rows in 0.74 ms (bench/grammar_fill_threads.py), but one thread alone leaves a rare
+    expensive state serial (the benchmark regex's [a-z]{2,8}: 167 of 256 rows at 0.5-1.5 ms each).
+    On the 16-CPU H200 host that state's fill took 305 ms on one thread, 92 ms over 4, 38 over 8,
+    56 over 12 (2026-12-04); the steady step 0.9 -> 1.0 -> 1.15 ms, beside a ~7 ms forward."""
     value = os.environ.get("SGLITE_GRAMMAR_FILL_THREADS")
     if value:
         if not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"SGLITE_GRAMMAR_FILL_THREADS={value!r}: expected a positive number of threads")
         return int(value)
-    return max(1, min(4, (os.cpu_count() or 1) // 4))
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
 class _Filler:

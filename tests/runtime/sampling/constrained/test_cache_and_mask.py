@@ -198,4 +198,6 @@ def test_fill_thread_count_from_the_environment(monkeypatch):
         with pytest.raises(ValueError, match="SGLITE_GRAMMAR_FILL_THREADS"):
             fill_threads()
     monkeypatch.delenv("SGLITE_GRAMMAR_FILL_THREADS")
-    assert 1 <= fill_threads() <= 4
+    for cpus, threads in ((1, 1), (2, 1), (8, 4), (16, 8), (64, 8)):
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert fill_threads() == threads
