@@ -48,7 +48,7 @@ from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
 from .fp8_gemm import round_to_e4m3
-from .fp8_kv_tiles import fp8_keys_step, fp8_values_step
+from .fp8_kv_tiles import fp8_keys_step, fp8_values_split_step, fp8_values_step
 from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
@@ -73,7 +73,7 @@ def _decode_stage1_kernel(
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False, V_SPLIT: tl.constexpr = 0,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
@@ -128,23 +128,28 @@ def _decode_stage1_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     if Q_FP8:
         acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)  # transposed: see fp8_kv_tiles.fp8_keys_step
+    elif V_SPLIT:  # FP8 values' even columns here, odd ones in acc2 (fp8_kv_tiles.fp8_values_split_step)
+        acc = tl.zeros([BLOCK_H, BLOCK_D // 2], tl.float32)
     else:
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, BLOCK_D // 2], tl.float32)  # unused (and dropped) unless V_SPLIT
     req_slots = Req_to_token + req_row * stride_req
     k_base = K_Buf + cur_kv_head * stride_buf_kh
     v_base = V_Buf + cur_kv_head * stride_buf_vh
     if USE_TMA and _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
-        acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
-                                   cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW,
-                                   HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8)
+        acc, acc2, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head,
+                                         win_start, cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i,
+                                         acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8, V_SPLIT)
     else:
-        acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
-                                     win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
-                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM,
-                                     Q_FP8)
+        acc, acc2, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
+                                           win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
+                                           stride_buf_vt, m_i, l_i, acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8,
+                                           WIDEN_ASM, Q_FP8, V_SPLIT)
     if Q_FP8:
         acc = tl.trans(acc)
+    elif V_SPLIT:
+        acc = tl.interleave(acc, acc2)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -181,9 +186,9 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
-                 qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc,
+                 qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc, acc2,
                  HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
-                 WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
+                 WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False, V_SPLIT: tl.constexpr = 0):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -203,14 +208,18 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
             qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                           float("-inf"))
             if KV_FP8:  # the values as byte pairs (see fp8_kv_tiles.fp8_values_step)
-                offs_pair = tl.arange(0, acc.shape[1] // 2)
+                offs_pair = tl.arange(0, acc2.shape[1])
                 pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
                                 + offs_pair[None, :], mask=mask_n[:, None], other=0)
-                acc, l_i, m_i = fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+                if V_SPLIT:
+                    acc, acc2, l_i, m_i = fp8_values_split_step(qk, pairs, v_scale, m_i, l_i, acc, acc2,
+                                                                V_SPLIT if WIDEN_ASM else 0)
+                else:
+                    acc, l_i, m_i = fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
             else:
                 acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
                                                     mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -232,8 +241,9 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
-               logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
+               logit_cap, v_scale, m_i, l_i, acc, acc2, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False,
+               V_SPLIT: tl.constexpr = 0):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
@@ -248,14 +258,17 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
         else:
             qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                           float("-inf"))
-            if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+            if KV_FP8 and V_SPLIT:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+                acc, acc2, l_i, m_i = fp8_values_split_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i,
+                                                            l_i, acc, acc2, V_SPLIT if WIDEN_ASM else 0)
+            elif KV_FP8:
                 acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
                                                  WIDEN_ASM)
             else:
                 v = V_desc.load([first, kv_col])
                 p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -425,6 +438,9 @@ def decode_attention_fwd(
     tma = cfg.pop("tma", None)
     # tiles["q_fp8"]: q.K^T as an FP8 product (q rounded to e4m3 per head) on an FP8 pool
     q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and k_buffer.dtype == torch.float8_e4m3fn
+    # tiles["v_split"]: FP8 values' P.V as two products (even / odd columns), widened as
+    # fp8_kv_tiles.widen_pairs_apart's WIDEN (1 or 3; 2: integer ops as in the interpreter)
+    v_split = int(cfg.pop("v_split", FP8_V_SPLIT)) if k_buffer.dtype == torch.float8_e4m3fn and not q_fp8 else 0
     if tma is None:
         tma = num_splits > 1 and not has_window
     paged = page_size > 1 and page_size % block_n == 0
@@ -445,7 +461,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, **cfg,
+        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, **cfg,
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":
@@ -465,6 +481,7 @@ def decode_attention_fwd(
 # 2.5e-3 -> 2.6e-2 and SmolLM2's decode KL vs bf16 0.0339 -> 0.0351 (bench/fp8_accuracy.py "kvq").
 # Off by default: 5-10% for ten times the attention error; SGLITE_FP8_Q_PRODUCT=1 turns it on.
 FP8_Q_PRODUCT = os.environ.get("SGLITE_FP8_Q_PRODUCT", "0") == "1"
+FP8_V_SPLIT = int(os.environ.get("SGLITE_FP8_V_SPLIT", "0"))  # tiles["v_split"]'s default: not measured yet
 # the split kernel lets the next launch (the o projection) start right after its wait (pdl.py; a
 # PDL launch such as the one-row GEMV then loads its weights meanwhile; cuBLAS is not one).
 # SGLITE_DECODE_EARLY=0 turns it off (read at call time: benchmarks flip it)
