@@ -402,22 +402,23 @@ def paged_pool(bs, ctx, dtype, device, page=128, heads=8, dim=128):
 
 
 KV_TILES = [  # FP8 pool sweep (decode_tiles' own pick first); "tma" left to the launcher unless named.
-    # 2026-12-02's sweep of 64/128 keys, 1-3 stages, 4/8 warps found nothing better than the defaults;
-    # q_fp8 (q.K^T an FP8 product) 0.1816 vs 0.1999 ms at bs 64 x 4096 (2026-12-03), kept as a reference
+    # 2026-12-02's sweep of 64/128 keys, 1-3 stages, 4/8 warps found nothing better than the defaults
+    # of then; v_split (P.V as even / odd column products on the int16 value pairs, no fp16 V tile
+    # stored back to shared memory) made 3 stages pay (2026-12-04: 0.1998 -> 0.1508 ms at bs 64 x 4096)
     None,
-    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", q_fp8=True),
-    # P.V as even / odd column products (decode_attention tiles["v_split"]; 1: one PTX conversion a
-    # pair, 3: two pairs a call): no fp16 V tile stored back to shared memory (sm90 SASS, triton 3.6)
-    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=1),
-    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=3),
-    dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3),  # slot ids through cp.async too
-    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=3, tma=True),
+    # the kernel before v_split (bs 64 x 4096: 64 keys, 2 stages, gathers; splits: 128 keys, TMA)
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=0, tma=False),
+    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", v_split=0),
+    # q.K^T as an FP8 product (2026-12-03: 0.1816 vs 0.1999 ms at bs 64 x 4096), kept as a reference
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", q_fp8=True, tma=False),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=1, tma=False),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=3, tma=False),
+    dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=False),
     dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=True),
     dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", v_split=3),
-    dict(BLOCK_N=128, num_warps=8, num_stages=2, merge="fused", v_split=3),
+    dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused", v_split=3),  # splits only (see below)
+    dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=False),
 ]
-# FP8 splits beside decode_num_splits' pick (its table was measured on bf16), each with the default
-# tiles and the v_split one of the split's key count
 KV_SPLITS = {64: (2,), 1: (48, 64)}
 
 
@@ -471,7 +472,7 @@ def bench_kv(args, device, copy_bw):
             variants = [(t, splits) for t in (KV_TILES if name == "fp8" else [None])]
             if name == "fp8":
                 variants += [(t, n) for n in KV_SPLITS.get(bs, ()) for t in (
-                    None, dict(BLOCK_N=128 if n > 1 else 64, num_warps=4, num_stages=2, merge="fused", v_split=3))]
+                    None, dict(BLOCK_N=128 if n > 1 else 64, num_warps=4, num_stages=3, merge="fused", v_split=3))]
             for tiles, n_split in variants:
                 if tiles is not None:
                     tiles = dict(tiles)

@@ -344,17 +344,23 @@ def decode_num_splits(batch_size: int, num_kv_heads: int, *, num_sms: int, max_k
     return splits
 
 
-def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1) -> dict:
+def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv_fp8: bool = False) -> dict:
     """The one tile table of this kernel: BLOCK_N keys per step, warps, pipeline depth, and how
     the splits merge ("fused" into the split kernel, or "kernel": a second launch).
     H200, d=128, random slots (bench/kernels.py --sweep): one split, 64 keys, 4 warps, 2 stages
     reads 4130-4170 GB/s at bs 64 x 4096 (copy: 4240 GB/s read + write; 128 keys: 3610); split
     (bs 1 x 32768 at 32 splits): 128 keys 0.0444 ms, 3 stages 0.0453, 64 keys 0.0502; the fused
-    merge 0.0444 vs 0.0457 in a second kernel."""
+    merge 0.0444 vs 0.0457 in a second kernel.
+    An FP8 pool (kv_fp8) with one split takes 3 stages: the K/V tile has one buffer at any depth
+    (triton 3.6 pipelines the slot ids, on which the tile's addresses depend, as a stage of their
+    own), so a third stage moves the slot ids' load off the tile's critical path; with half the
+    bytes a tile, FP8 needs that where bf16 did not (H200 2026-12-04, bs 64 x 4096, v_split 3: 2
+    stages 0.1562 ms, 3 stages 0.1508, both TMA; bench/fp8.py part k)."""
     if device.type != "cuda":  # interpreter: small tiles so that tiny tests still take several steps
         return dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused")
     if head_dim <= 128:
-        return dict(BLOCK_N=128 if num_splits > 1 else 64, num_warps=4, num_stages=2, merge="fused")
+        stages = 3 if kv_fp8 and num_splits == 1 else 2
+        return dict(BLOCK_N=128 if num_splits > 1 else 64, num_warps=4, num_stages=stages, merge="fused")
     return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused")
 
 
@@ -406,7 +412,8 @@ def decode_attention_fwd(
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     _check(q, k_buffer, v_buffer, out, num_splits)
-    cfg = dict(tiles or decode_tiles(head_dim, device=q.device, num_splits=num_splits))
+    kv_fp8 = k_buffer.dtype == torch.float8_e4m3fn
+    cfg = dict(tiles or decode_tiles(head_dim, device=q.device, num_splits=num_splits, kv_fp8=kv_fp8))
     merge = cfg.pop("merge", "fused")  # "kernel" keeps two launches even for one split (benchmarks)
     if merge not in ("fused", "kernel"):
         raise ValueError(f"tiles['merge'] must be 'fused' or 'kernel', got {merge!r}")
@@ -432,17 +439,19 @@ def decode_attention_fwd(
     has_window = sliding_window is not None
     block_n = cfg.pop("BLOCK_N")
     # bulk loads where they pay (H200, pages of 128 in random order, bench/kernels.py): split
-    # requests (bs 1 x 32k: 0.038 vs 0.040 ms gathering the same pages); not a batch that needs no
-    # splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms). tiles["tma"]
+    # requests (bs 1 x 32k: 0.038 vs 0.040 ms gathering the same pages); not a bf16 batch that needs
+    # no splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms); an FP8 one
+    # (bs 64 x 4096, v_split 3, 3 stages: 0.1508 vs 0.1539 ms, H200 2026-12-04). tiles["tma"]
     # True/False overrides (tests, benchmarks).
     tma = cfg.pop("tma", None)
     # tiles["q_fp8"]: q.K^T as an FP8 product (q rounded to e4m3 per head) on an FP8 pool
-    q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and k_buffer.dtype == torch.float8_e4m3fn
+    q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and kv_fp8
     # tiles["v_split"]: FP8 values' P.V as two products (even / odd columns), widened as
-    # fp8_kv_tiles.widen_pairs_apart's WIDEN (1 or 3; 2: integer ops as in the interpreter)
-    v_split = int(cfg.pop("v_split", FP8_V_SPLIT)) if k_buffer.dtype == torch.float8_e4m3fn and not q_fp8 else 0
+    # fp8_kv_tiles.widen_pairs_apart's WIDEN (1 or 3; 2: integer ops as in the interpreter); 0:
+    # one product on values widened first (fp8_kv_tiles.fp8_values_step)
+    v_split = int(cfg.pop("v_split", FP8_V_SPLIT)) if kv_fp8 and not q_fp8 else 0
     if tma is None:
-        tma = num_splits > 1 and not has_window
+        tma = (num_splits > 1 or kv_fp8) and not has_window
     paged = page_size > 1 and page_size % block_n == 0
     descs = _descriptors(k_buffer, v_buffer, block_n) if paged and tma else None
     k_desc, v_desc = descs or (k_buffer, v_buffer)  # without TMA: unused pointers
@@ -461,7 +470,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, **cfg,
+        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, **cfg,
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":
@@ -481,7 +490,12 @@ def decode_attention_fwd(
 # 2.5e-3 -> 2.6e-2 and SmolLM2's decode KL vs bf16 0.0339 -> 0.0351 (bench/fp8_accuracy.py "kvq").
 # Off by default: 5-10% for ten times the attention error; SGLITE_FP8_Q_PRODUCT=1 turns it on.
 FP8_Q_PRODUCT = os.environ.get("SGLITE_FP8_Q_PRODUCT", "0") == "1"
-FP8_V_SPLIT = int(os.environ.get("SGLITE_FP8_V_SPLIT", "0"))  # tiles["v_split"]'s default: not measured yet
+# tiles["v_split"]'s default on an FP8 pool. H200 2026-12-04 (bench/fp8.py part k, same call): bs 64 x
+# 4096 0.1998 ms (0.64 of copy) -> 0.1667 (v_split 3, old tiles) -> 0.1508 (0.85; with decode_tiles'
+# FP8 pick: 3 stages, TMA); bs 1 x 32k 0.0373 -> 0.0265 ms (32 splits, 128 keys); offline 1024 x
+# (512 in, 256 out) with FP8 weights + KV 15747 -> 16377 tok/s (old tiles otherwise). Same arithmetic
+# (the fp16 widening is exact), columns in another order. SGLITE_FP8_V_SPLIT=0: the old kernel.
+FP8_V_SPLIT = int(os.environ.get("SGLITE_FP8_V_SPLIT", "3"))
 # the split kernel lets the next launch (the o projection) start right after its wait (pdl.py; a
 # PDL launch such as the one-row GEMV then loads its weights meanwhile; cuBLAS is not one).
 # SGLITE_DECODE_EARLY=0 turns it off (read at call time: benchmarks flip it)
