@@ -403,18 +403,23 @@ def paged_pool(bs, ctx, dtype, device, page=128, heads=8, dim=128):
 
 KV_TILES = [  # FP8 pool sweep (decode_tiles' own pick first); "tma" left to the launcher unless named.
     # 2026-12-02's sweep of 64/128 keys, 1-3 stages, 4/8 warps found nothing better than the defaults
+    # of then; v_split (P.V as even / odd column products on the int16 value pairs, no fp16 V tile
+    # stored back to shared memory) made 3 stages pay (2026-12-04: 0.1998 -> 0.1508 ms at bs 64 x 4096)
     None,
-    # q.K^T as an FP8 product, keys as the MMA's rows (decode_attention._fp8_keys_step)
-    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", q_fp8=True),
-    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", q_fp8=True),
-    dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", q_fp8=True),
-    dict(BLOCK_N=128, num_warps=8, num_stages=2, merge="fused", q_fp8=True),
-    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", q_fp8=True, tma=True),
-    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", tma=True),
+    # the kernel before v_split (bs 64 x 4096: 64 keys, 2 stages, gathers; splits: 128 keys, TMA)
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=0, tma=False),
+    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", v_split=0),
+    # q.K^T as an FP8 product (2026-12-03: 0.1816 vs 0.1999 ms at bs 64 x 4096), kept as a reference
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", q_fp8=True, tma=False),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=1, tma=False),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=3, tma=False),
+    dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=False),
+    dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=True),
+    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", v_split=3),
+    dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused", v_split=3),  # splits only (see below)
+    dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=False),
 ]
-# FP8 splits beside decode_num_splits' pick (its table was measured on bf16): bs 64 x 4096 runs
-# 512 programs, ~1.3 waves at 3 programs an SM
-KV_SPLITS = {64: (2, 3), 1: (48, 64)}
+KV_SPLITS = {64: (2,), 1: (48, 64)}
 
 
 def graph_ms(calls) -> float:
@@ -466,7 +471,8 @@ def bench_kv(args, device, copy_bw):
             best = None
             variants = [(t, splits) for t in (KV_TILES if name == "fp8" else [None])]
             if name == "fp8":
-                variants += [(t, n) for n in KV_SPLITS.get(bs, ()) for t in (None, KV_TILES[1])]
+                variants += [(t, n) for n in KV_SPLITS.get(bs, ()) for t in (
+                    None, dict(BLOCK_N=128 if n > 1 else 64, num_warps=4, num_stages=3, merge="fused", v_split=3))]
             for tiles, n_split in variants:
                 if tiles is not None:
                     tiles = dict(tiles)
@@ -493,7 +499,7 @@ def bench_kv(args, device, copy_bw):
                      f"CUDA graph of {sets} request sets; (tiles, splits) {ftiles}; err vs bf16-widened pool {ferr:.1e}"))
 
 
-def bench_server(args, device, quant: str | None, num_requests: int, kv: str = "auto"):
+def bench_server(args, device, quant: str | None, num_requests: int, kv: str = "auto", env: dict | None = None):
     import uuid
 
     import zmq
@@ -506,7 +512,7 @@ def bench_server(args, device, quant: str | None, num_requests: int, kv: str = "
         kw["quantization"] = quant
     if kv != "auto":
         kw["kv_cache_dtype"] = kv
-    with RuntimeProcess(args.model, timeout=600, **kw) as rt:
+    with RuntimeProcess(args.model, timeout=600, env=env, **kw) as rt:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(rt.address)
@@ -544,7 +550,7 @@ def bench_server(args, device, quant: str | None, num_requests: int, kv: str = "
     split = {key: round(after[key] - before[key], 3) for key in
              ("prefill_time_s", "decode_time_s", "num_steps", "num_prefill_tokens", "num_decode_tokens")
              if key in after and key in before}
-    print(f"server {quant or 'bf16'} kv {kv}: {elapsed:.2f} s, {split}, max_running {after.get('max_running_requests')}, "
+    print(f"server {quant or 'bf16'} kv {kv} env {env}: {elapsed:.2f} s, {split}, max_running {after.get('max_running_requests')}, "
           f"cuda_graph_max_bs {after.get('cuda_graph_max_bs')}", flush=True)
     return tokens / elapsed, cap
 
@@ -554,15 +560,20 @@ def bench_offline(args, device, t_start):
     n = args.num_requests if time.perf_counter() - t_start < 150 else args.num_requests // 2
     bf16, cap_b = bench_server(args, device, None, n)
     print(f"offline bf16: {bf16:.0f} tok/s (pool {cap_b})", flush=True)
-    fp8, cap_f = bench_server(args, device, "fp8", n)
-    print(f"offline fp8: {fp8:.0f} tok/s (pool {cap_f})", flush=True)
-    ROWS.append((f"b. offline {n} x ({args.prompt_len} in, {args.output_len} out) tok/s, FP8 weights", fp8,
-                 "bf16 tok/s", bf16, fp8 / bf16, f"server defaults; KV pool {cap_f} vs {cap_b} tokens"))
-    if args.offline_fp8_kv:  # what `--quantization fp8 --kv-cache-dtype fp8_e4m3` users run
-        both, cap_k = bench_server(args, device, "fp8", n, kv="fp8_e4m3")
-        print(f"offline fp8 + fp8 KV: {both:.0f} tok/s (pool {cap_k})", flush=True)
-        ROWS.append((f"b. offline {n} x ({args.prompt_len} in, {args.output_len} out) tok/s, FP8 weights + FP8 KV",
-                     both, "bf16 tok/s", bf16, both / bf16, f"KV pool {cap_k} tokens"))
+    if not args.offline_skip_fp8_weights:
+        fp8, cap_f = bench_server(args, device, "fp8", n)
+        print(f"offline fp8: {fp8:.0f} tok/s (pool {cap_f})", flush=True)
+        ROWS.append((f"b. offline {n} x ({args.prompt_len} in, {args.output_len} out) tok/s, FP8 weights", fp8,
+                     "bf16 tok/s", bf16, fp8 / bf16, f"server defaults; KV pool {cap_f} vs {cap_b} tokens"))
+    # what `--quantization fp8 --kv-cache-dtype fp8_e4m3` users run; each --offline-kv-env value
+    # (VAR=VALUE[,VAR=VALUE]) one more run with those variables set in the runtime process
+    kv_envs = ([None] if args.offline_fp8_kv else []) + [
+        dict(item.split("=", 1) for item in spec.split(",")) for spec in args.offline_kv_env]
+    for env in kv_envs:
+        both, cap_k = bench_server(args, device, "fp8", n, kv="fp8_e4m3", env=env)
+        print(f"offline fp8 + fp8 KV (env {env}): {both:.0f} tok/s (pool {cap_k})", flush=True)
+        ROWS.append((f"b. offline {n} x ({args.prompt_len} in, {args.output_len} out) tok/s, FP8 weights + FP8 KV"
+                     + (f" ({env})" if env else ""), both, "bf16 tok/s", bf16, both / bf16, f"KV pool {cap_k} tokens"))
 
 
 def run_part(name, fn, *a):
@@ -595,6 +606,9 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--offline-fp8-kv", action="store_true", help="part b: also FP8 weights + FP8 KV cache")
+    ap.add_argument("--offline-kv-env", action="append", default=[],
+                    help="part b: one more FP8 weights + FP8 KV run with VAR=VALUE[,VAR=VALUE] in the runtime's environment")
+    ap.add_argument("--offline-skip-fp8-weights", action="store_true", help="part b: no FP8-weights-only run")
     ap.add_argument("--tiles-json", default=None, help='fp8_gemm.TILE_OVERRIDES from a JSON file ("m,n,k" -> '
                     "tiles, bench/fp8_gemv_sweep.py --out-tiles); part a also times the default tiles beside")
     args = ap.parse_args()

@@ -48,7 +48,7 @@ from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
 from .fp8_gemm import round_to_e4m3
-from .fp8_kv_tiles import fp8_keys_step, fp8_values_step
+from .fp8_kv_tiles import fp8_keys_step, fp8_values_split_step, fp8_values_step
 from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
 
 _LOG2E = 1.4426950408889634
@@ -73,7 +73,7 @@ def _decode_stage1_kernel(
     HAS_WINDOW: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False, V_SPLIT: tl.constexpr = 0,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
@@ -128,23 +128,28 @@ def _decode_stage1_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     if Q_FP8:
         acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)  # transposed: see fp8_kv_tiles.fp8_keys_step
+    elif V_SPLIT:  # FP8 values' even columns here, odd ones in acc2 (fp8_kv_tiles.fp8_values_split_step)
+        acc = tl.zeros([BLOCK_H, BLOCK_D // 2], tl.float32)
     else:
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, BLOCK_D // 2], tl.float32)  # unused (and dropped) unless V_SPLIT
     req_slots = Req_to_token + req_row * stride_req
     k_base = K_Buf + cur_kv_head * stride_buf_kh
     v_base = V_Buf + cur_kv_head * stride_buf_vh
     if USE_TMA and _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
-        acc, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start,
-                                   cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW,
-                                   HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8)
+        acc, acc2, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head,
+                                         win_start, cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i,
+                                         acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8, V_SPLIT)
     else:
-        acc, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
-                                     win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
-                                     stride_buf_vt, m_i, l_i, acc, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM,
-                                     Q_FP8)
+        acc, acc2, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
+                                           win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
+                                           stride_buf_vt, m_i, l_i, acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8,
+                                           WIDEN_ASM, Q_FP8, V_SPLIT)
     if Q_FP8:
         acc = tl.trans(acc)
+    elif V_SPLIT:
+        acc = tl.interleave(acc, acc2)
 
     # an empty split (short request) writes zeros and LSE -inf, which the merge weighs by 0
     has_keys = l_i > 0.0
@@ -181,9 +186,9 @@ def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
-                 qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc,
+                 qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc, acc2,
                  HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
-                 WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
+                 WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False, V_SPLIT: tl.constexpr = 0):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -203,14 +208,18 @@ def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
             qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                           float("-inf"))
             if KV_FP8:  # the values as byte pairs (see fp8_kv_tiles.fp8_values_step)
-                offs_pair = tl.arange(0, acc.shape[1] // 2)
+                offs_pair = tl.arange(0, acc2.shape[1])
                 pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
                                 + offs_pair[None, :], mask=mask_n[:, None], other=0)
-                acc, l_i, m_i = fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
+                if V_SPLIT:
+                    acc, acc2, l_i, m_i = fp8_values_split_step(qk, pairs, v_scale, m_i, l_i, acc, acc2,
+                                                                V_SPLIT if WIDEN_ASM else 0)
+                else:
+                    acc, l_i, m_i = fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
             else:
                 acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
                                                     mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -232,8 +241,9 @@ def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 
 @triton.jit
 def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
-               logit_cap, v_scale, m_i, l_i, acc, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False):
+               logit_cap, v_scale, m_i, l_i, acc, acc2, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
+               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False,
+               V_SPLIT: tl.constexpr = 0):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
@@ -248,14 +258,17 @@ def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, w
         else:
             qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
                           float("-inf"))
-            if KV_FP8:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+            if KV_FP8 and V_SPLIT:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+                acc, acc2, l_i, m_i = fp8_values_split_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i,
+                                                            l_i, acc, acc2, V_SPLIT if WIDEN_ASM else 0)
+            elif KV_FP8:
                 acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
                                                  WIDEN_ASM)
             else:
                 v = V_desc.load([first, kv_col])
                 p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -331,17 +344,23 @@ def decode_num_splits(batch_size: int, num_kv_heads: int, *, num_sms: int, max_k
     return splits
 
 
-def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1) -> dict:
+def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv_fp8: bool = False) -> dict:
     """The one tile table of this kernel: BLOCK_N keys per step, warps, pipeline depth, and how
     the splits merge ("fused" into the split kernel, or "kernel": a second launch).
     H200, d=128, random slots (bench/kernels.py --sweep): one split, 64 keys, 4 warps, 2 stages
     reads 4130-4170 GB/s at bs 64 x 4096 (copy: 4240 GB/s read + write; 128 keys: 3610); split
     (bs 1 x 32768 at 32 splits): 128 keys 0.0444 ms, 3 stages 0.0453, 64 keys 0.0502; the fused
-    merge 0.0444 vs 0.0457 in a second kernel."""
+    merge 0.0444 vs 0.0457 in a second kernel.
+    An FP8 pool (kv_fp8) with one split takes 3 stages: the K/V tile has one buffer at any depth
+    (triton 3.6 pipelines the slot ids, on which the tile's addresses depend, as a stage of their
+    own), so a third stage moves the slot ids' load off the tile's critical path; with half the
+    bytes a tile, FP8 needs that where bf16 did not (H200 2026-12-04, bs 64 x 4096, v_split 3: 2
+    stages 0.1562 ms, 3 stages 0.1508, both TMA; bench/fp8.py part k)."""
     if device.type != "cuda":  # interpreter: small tiles so that tiny tests still take several steps
         return dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused")
     if head_dim <= 128:
-        return dict(BLOCK_N=128 if num_splits > 1 else 64, num_warps=4, num_stages=2, merge="fused")
+        stages = 3 if kv_fp8 and num_splits == 1 else 2
+        return dict(BLOCK_N=128 if num_splits > 1 else 64, num_warps=4, num_stages=stages, merge="fused")
     return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused")
 
 
@@ -393,7 +412,8 @@ def decode_attention_fwd(
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     _check(q, k_buffer, v_buffer, out, num_splits)
-    cfg = dict(tiles or decode_tiles(head_dim, device=q.device, num_splits=num_splits))
+    kv_fp8 = k_buffer.dtype == torch.float8_e4m3fn
+    cfg = dict(tiles or decode_tiles(head_dim, device=q.device, num_splits=num_splits, kv_fp8=kv_fp8))
     merge = cfg.pop("merge", "fused")  # "kernel" keeps two launches even for one split (benchmarks)
     if merge not in ("fused", "kernel"):
         raise ValueError(f"tiles['merge'] must be 'fused' or 'kernel', got {merge!r}")
@@ -419,14 +439,19 @@ def decode_attention_fwd(
     has_window = sliding_window is not None
     block_n = cfg.pop("BLOCK_N")
     # bulk loads where they pay (H200, pages of 128 in random order, bench/kernels.py): split
-    # requests (bs 1 x 32k: 0.038 vs 0.040 ms gathering the same pages); not a batch that needs no
-    # splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms). tiles["tma"]
+    # requests (bs 1 x 32k: 0.038 vs 0.040 ms gathering the same pages); not a bf16 batch that needs
+    # no splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms); an FP8 one
+    # (bs 64 x 4096, v_split 3, 3 stages: 0.1508 vs 0.1539 ms, H200 2026-12-04). tiles["tma"]
     # True/False overrides (tests, benchmarks).
     tma = cfg.pop("tma", None)
     # tiles["q_fp8"]: q.K^T as an FP8 product (q rounded to e4m3 per head) on an FP8 pool
-    q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and k_buffer.dtype == torch.float8_e4m3fn
+    q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and kv_fp8
+    # tiles["v_split"]: FP8 values' P.V as two products (even / odd columns), widened as
+    # fp8_kv_tiles.widen_pairs_apart's WIDEN (1 or 3; 2: integer ops as in the interpreter); 0:
+    # one product on values widened first (fp8_kv_tiles.fp8_values_step)
+    v_split = int(cfg.pop("v_split", FP8_V_SPLIT)) if kv_fp8 and not q_fp8 else 0
     if tma is None:
-        tma = num_splits > 1 and not has_window
+        tma = (num_splits > 1 or kv_fp8) and not has_window
     paged = page_size > 1 and page_size % block_n == 0
     descs = _descriptors(k_buffer, v_buffer, block_n) if paged and tma else None
     k_desc, v_desc = descs or (k_buffer, v_buffer)  # without TMA: unused pointers
@@ -445,7 +470,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, **cfg,
+        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, **cfg,
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":
@@ -465,6 +490,12 @@ def decode_attention_fwd(
 # 2.5e-3 -> 2.6e-2 and SmolLM2's decode KL vs bf16 0.0339 -> 0.0351 (bench/fp8_accuracy.py "kvq").
 # Off by default: 5-10% for ten times the attention error; SGLITE_FP8_Q_PRODUCT=1 turns it on.
 FP8_Q_PRODUCT = os.environ.get("SGLITE_FP8_Q_PRODUCT", "0") == "1"
+# tiles["v_split"]'s default on an FP8 pool. H200 2026-12-04 (bench/fp8.py part k, same call): bs 64 x
+# 4096 0.1998 ms (0.64 of copy) -> 0.1667 (v_split 3, old tiles) -> 0.1508 (0.85; with decode_tiles'
+# FP8 pick: 3 stages, TMA); bs 1 x 32k 0.0373 -> 0.0265 ms (32 splits, 128 keys); offline 1024 x
+# (512 in, 256 out) with FP8 weights + KV 15747 -> 16377 tok/s (old tiles otherwise). Same arithmetic
+# (the fp16 widening is exact), columns in another order. SGLITE_FP8_V_SPLIT=0: the old kernel.
+FP8_V_SPLIT = int(os.environ.get("SGLITE_FP8_V_SPLIT", "3"))
 # the split kernel lets the next launch (the o projection) start right after its wait (pdl.py; a
 # PDL launch such as the one-row GEMV then loads its weights meanwhile; cuBLAS is not one).
 # SGLITE_DECODE_EARLY=0 turns it off (read at call time: benchmarks flip it)

@@ -54,3 +54,40 @@ def widen_pairs(x, WIDEN_ASM: tl.constexpr):
         lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
         hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
     return tl.interleave(lo, hi)
+
+
+@triton.jit
+def fp8_values_split_step(qk, pairs, v_scale, m_i, l_i, acc_even, acc_odd, WIDEN: tl.constexpr):
+    """fp8_values_step with the values' even and odd columns as two products, acc_even and
+    acc_odd [R, D / 2]: each byte of an int16 pair widened on its own, so the tile keeps the
+    pairs' shape [N, D / 2] up to the dots and the compiler can move the widening past the
+    operand's layout change (16-bit ldmatrix.trans from shared memory, then a widening in
+    registers) as it does for the keys, instead of widening first and storing the fp16 tile back
+    to shared memory for the transposed load. The caller interleaves the two accumulators."""
+    p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+    even, odd = widen_pairs_apart(pairs, WIDEN)
+    pw = (p * v_scale).to(tl.float16)
+    acc_even = acc_even * alpha[:, None] + tl.dot(pw, even)
+    acc_odd = acc_odd * alpha[:, None] + tl.dot(pw, odd)
+    return acc_even, acc_odd, l_i, m_i
+
+
+@triton.jit
+def widen_pairs_apart(x, WIDEN: tl.constexpr):
+    """int16 [R, C] of e4m3 pairs -> (even, odd) fp16 [R, C]: widen_pairs without the interleave.
+    WIDEN 0: integer ops (the interpreter); 1: one PTX conversion a pair; 3: two pairs a call,
+    their low bytes and their high bytes gathered first (prmt), so that each conversion gives one
+    fp16x2 register of the result as it stands."""
+    if WIDEN == 3:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 u, w; prmt.b32 t, $2, 0, 0x3120; mov.b32 {u, w}, t; "
+            "cvt.rn.f16x2.e4m3x2 $0, u; cvt.rn.f16x2.e4m3x2 $1, w; }",
+            "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    elif WIDEN == 1:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return lo, hi

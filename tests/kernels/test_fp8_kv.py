@@ -52,14 +52,17 @@ def fp8_scenario(prefix_lens, extend_lens, *, k_scale, v_scale, **kw):
     return sc, k_deq, v_deq
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,num_splits,page_size", [(8, 2, 1, None), (8, 2, 3, 16), (4, 4, 2, None)])
-def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size):
+@pytest.mark.parametrize("num_heads,num_kv_heads,num_splits,page_size,v_split", [
+    (8, 2, 1, None, 0), (8, 2, 3, 16, 0), (4, 4, 2, None, 0),
+    (8, 2, 1, None, 3), (8, 2, 3, 16, 3),  # P.V as even / odd column products (widened bitwise here)
+])
+def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size, v_split):
     seq_lens = [1, 20, 45]
     sc, k_deq, v_deq = fp8_scenario([n - 1 for n in seq_lens], [1] * 3, k_scale=0.05, v_scale=0.02,
                                     num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32,
                                     page_size=page_size)
     out = torch.full_like(sc.q, float("nan"))
-    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None)
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None, v_split=v_split)
     decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
                          sc.tensor(seq_lens), scale=sc.scale, num_splits=num_splits, k_scale=0.05,
                          v_scale=0.02, tiles=tiles, page_size=page_size or 1)
@@ -70,6 +73,25 @@ def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size):
     wrong = decode_attention_ref(sc.q.float(), sc.k_buffer.float(), sc.v_buffer.float(), sc.req_to_token,
                                  sc.rows, seq_lens, scale=sc.scale)
     assert rel_err(out, wrong) > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_splits,page_size", [(1, 128), (32, 128), (1, None), (32, None)])
+def test_decode_fp8_default_tiles_on_gpu(num_splits, page_size):
+    """decode_tiles' FP8 picks at a real shape (the PTX widening, TMA bulk loads over pages of 128,
+    gathers over random slots), poisoned output, against the reference on the decoded pool."""
+    seq_lens = [5, 3000, 9000]
+    sc, k_deq, v_deq = fp8_scenario([n - 1 for n in seq_lens], [1] * 3, k_scale=0.05, v_scale=0.02,
+                                    num_heads=32, num_kv_heads=8, head_dim=128, page_size=page_size,
+                                    seed=num_splits)
+    out = torch.full_like(sc.q, float("nan"))
+    decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
+                         sc.tensor(seq_lens), scale=sc.scale, num_splits=num_splits, k_scale=0.05,
+                         v_scale=0.02, page_size=page_size or 1)
+    ref = decode_attention_ref(sc.q.float(), k_deq, v_deq, sc.req_to_token, sc.rows, seq_lens, scale=sc.scale)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 5e-3  # fp16 weights p over 9000 keys
 
 
 @pytest.mark.parametrize("num_splits,page_size", [(1, None), (3, 16)])
