@@ -29,6 +29,10 @@ rows by slot id: what separated this kernel from cuDNN on dense KV (docs/benchma
 
 All exponentials are base 2: scores are pre-multiplied by scale * log2(e), and the stored LSE is
 in log2 units.
+
+This module holds the stage-1 kernel (split bounds, q, the merge's bookkeeping), the split and
+tile policy and the launcher; the loops over a split's keys are in decode_key_loops.py, the merge
+of the partials in decode_merge.py.
 """
 
 from __future__ import annotations
@@ -48,12 +52,12 @@ from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
 from .fp8_gemm import round_to_e4m3
-from .fp8_kv_tiles import fp8_keys_step, fp8_values_split_step, fp8_values_step
-from .online_softmax import online_softmax_step, softcap, softcap_args, softmax_weights
+from .decode_key_loops import bulk_loop, gather_loop, tiles_consecutive
+from .decode_merge import merge_group, merge_splits_kernel
+from .online_softmax import softcap_args
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-_MAX_SLOT = tl.constexpr(2**31 - 1)  # above any slot id (req_to_token is int32)
 MIN_SPLIT_TOKENS = 128  # H200, bs 1, W=4096, 128-key tiles: 16 splits 0.0140 ms, 33 of 128 keys 0.0134
 
 
@@ -136,13 +140,13 @@ def _decode_stage1_kernel(
     req_slots = Req_to_token + req_row * stride_req
     k_base = K_Buf + cur_kv_head * stride_buf_kh
     v_base = V_Buf + cur_kv_head * stride_buf_vh
-    if USE_TMA and _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
+    if USE_TMA and tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
-        acc, acc2, l_i, m_i = _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head,
+        acc, acc2, l_i, m_i = bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head,
                                          win_start, cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i,
                                          acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8, V_SPLIT)
     else:
-        acc, acc2, l_i, m_i = _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
+        acc, acc2, l_i, m_i = gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                                            win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
                                            stride_buf_vt, m_i, l_i, acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8,
                                            WIDEN_ASM, Q_FP8, V_SPLIT)
@@ -171,161 +175,9 @@ def _decode_stage1_kernel(
             done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if done == active - 1:  # the others' partials are visible after the acquire
                 tl.store(counter, 0)  # ready for the next launch (stream order)
-                _merge_group(Mid_o, Mid_lse, O, cur_batch, cur_kv_head * GROUP, active,
+                merge_group(Mid_o, Mid_lse, O, cur_batch, cur_kv_head * GROUP, active,
                              stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h,
                              stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK_S)
-
-
-@triton.jit
-def _visible_pos(offs, num_head, win_start, HAS_WINDOW: tl.constexpr):
-    """Positions of points on the visible axis: the global head [0, num_head), then the window."""
-    if HAS_WINDOW:
-        return tl.where(offs < num_head, offs, offs - num_head + win_start)
-    return offs
-
-
-@triton.jit
-def _gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
-                 qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc, acc2,
-                 HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
-                 WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False, V_SPLIT: tl.constexpr = 0):
-    """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
-    for start_n in range(split_start, split_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < split_end
-        slots = tl.load(req_slots + _visible_pos(offs_n, num_head, win_start, HAS_WINDOW), mask=mask_n,
-                        other=0).to(tl.int64)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
-        k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale); with Q_FP8 kept FP8
-        if Q_FP8:
-            offs_pair = tl.arange(0, acc.shape[0] // 2)
-            pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
-                            + offs_pair[None, :], mask=mask_n[:, None], other=0)
-            acc, l_i, m_i = fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc,
-                                           HAS_CAP, WIDEN_ASM)
-        else:
-            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                          float("-inf"))
-            if KV_FP8:  # the values as byte pairs (see fp8_kv_tiles.fp8_values_step)
-                offs_pair = tl.arange(0, acc2.shape[1])
-                pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
-                                + offs_pair[None, :], mask=mask_n[:, None], other=0)
-                if V_SPLIT:
-                    acc, acc2, l_i, m_i = fp8_values_split_step(qk, pairs, v_scale, m_i, l_i, acc, acc2,
-                                                                V_SPLIT if WIDEN_ASM else 0)
-                else:
-                    acc, l_i, m_i = fp8_values_step(qk, pairs, v_scale, m_i, l_i, acc, WIDEN_ASM)
-            else:
-                acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
-                                                    mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
-    return acc, acc2, l_i, m_i
-
-
-@triton.jit
-def _tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
-                       HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_N: tl.constexpr):
-    """Whether every BLOCK_N tile of the split has its live keys on consecutive slots, reading
-    the slot ids CHECK_N at a time (a pass over 1/64 of the bytes the split's K and V hold)."""
-    ok = (split_start >= 0).to(tl.int32)
-    for c0 in range(split_start, split_end, CHECK_N):
-        offs = c0 + tl.arange(0, CHECK_N)
-        live = offs < split_end
-        slots = tl.load(req_slots + _visible_pos(offs, num_head, win_start, HAS_WINDOW), mask=live, other=0)
-        run = slots - tl.arange(0, CHECK_N) % BLOCK_N  # one value per tile iff consecutive
-        lo = tl.min(tl.reshape(tl.where(live, run, _MAX_SLOT), [CHECK_N // BLOCK_N, BLOCK_N]), 1)
-        hi = tl.max(tl.reshape(tl.where(live, run, -1), [CHECK_N // BLOCK_N, BLOCK_N]), 1)
-        ok = ok & tl.min(((lo == hi) | (hi == -1)).to(tl.int32), 0)
-    return ok != 0
-
-
-@triton.jit
-def _bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
-               logit_cap, v_scale, m_i, l_i, acc, acc2, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-               BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False,
-               V_SPLIT: tl.constexpr = 0):
-    """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
-    and for V from the tile's first slot. Masked rows past the request's end read whatever
-    follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
-    zeros."""
-    for start_n in range(split_start, split_end, BLOCK_N):
-        first = tl.load(req_slots + _visible_pos(start_n, num_head, win_start, HAS_WINDOW))
-        k = K_desc.load([first, kv_col]).to(q.dtype)
-        mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
-        if Q_FP8:
-            acc, l_i, m_i = fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
-                                           v_scale, m_i, l_i, acc, HAS_CAP, WIDEN_ASM)
-        else:
-            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                          float("-inf"))
-            if KV_FP8 and V_SPLIT:  # V_desc views the FP8 values as int16 pairs (_descriptors)
-                acc, acc2, l_i, m_i = fp8_values_split_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i,
-                                                            l_i, acc, acc2, V_SPLIT if WIDEN_ASM else 0)
-            elif KV_FP8:
-                acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
-                                                 WIDEN_ASM)
-            else:
-                v = V_desc.load([first, kv_col])
-                p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, acc2, l_i, m_i
-
-
-@triton.jit
-def _merge_group(
-    Mid_o, Mid_lse, O, cur_batch, first_head, num_splits,
-    stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-):
-    """The fused merge of all GROUP heads at once: one program pulls GROUP x splits partials,
-    so the chunks' loads are independent and unrolled (head by head took 4 serial L2 round trips
-    and lost to the second kernel: H200, bs 1 x 32k, 0.054 vs 0.047 ms)."""
-    offs_g = tl.arange(0, BLOCK_G)
-    mask_g = offs_g < GROUP
-    heads = first_head + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    offs_s = tl.arange(0, BLOCK_S)
-    lse_row = Mid_lse + cur_batch * stride_lse_b + heads * stride_lse_h  # [G]
-    # .cg: from L2, never from a stale L1 line (the partials were written by other SMs)
-    lse = tl.load(lse_row[:, None] + offs_s[None, :], mask=mask_g[:, None] & (offs_s < num_splits)[None, :],
-                  other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 1)  # split 0 always holds the query's own key: finite
-    m = tl.where(mask_g, m, 0.0)
-    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    offs_c = tl.arange(0, CHUNK_S)
-    mid_row = Mid_o + cur_batch * stride_mid_ob + heads * stride_mid_oh  # [G]
-    for s0 in tl.static_range(0, BLOCK_S, CHUNK_S):
-        mask_c = mask_g[:, None] & (s0 + offs_c < num_splits)[None, :]  # [G, C]
-        lse_c = tl.load(lse_row[:, None] + s0 + offs_c[None, :], mask=mask_c, other=float("-inf"),
-                        cache_modifier=".cg")
-        w = tl.exp2(lse_c - m[:, None])
-        part = tl.load(mid_row[:, None, None] + (s0 + offs_c)[None, :, None] * stride_mid_os
-                       + offs_d[None, None, :], mask=mask_c[:, :, None] & mask_d[None, None, :],
-                       other=0.0, cache_modifier=".cg")
-        acc += tl.sum(w[:, :, None] * part, 1)
-    out = acc / tl.where(mask_g, denom, 1.0)[:, None]
-    tl.store(O + cur_batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=mask_g[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _decode_stage2_kernel(
-    Mid_o, Mid_lse, O, num_splits,
-    stride_mid_ob, stride_mid_oh, stride_mid_os,
-    stride_lse_b, stride_lse_h,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
-):
-    """The merge as a kernel of its own: one program per (head, request), the fused merge's code
-    for a group of one head."""
-    wait_for_previous(USE_PDL)
-    _merge_group(Mid_o, Mid_lse, O, tl.program_id(1), tl.program_id(0), num_splits,
-                 stride_mid_ob, stride_mid_oh, stride_mid_os, stride_lse_b, stride_lse_h, stride_ob, stride_oh,
-                 1, 1, HEAD_DIM, BLOCK_D, BLOCK_S, CHUNK_S)
 
 
 def decode_num_splits(batch_size: int, num_kv_heads: int, *, num_sms: int, max_kv_len: int | None = None) -> int:
@@ -474,7 +326,7 @@ def decode_attention_fwd(
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":
-        _decode_stage2_kernel[(num_heads, bs)](
+        merge_splits_kernel[(num_heads, bs)](
             mid_o, mid_lse, out, num_splits,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
