@@ -47,12 +47,9 @@ def widen_pairs(x, WIDEN_ASM: tl.constexpr):
     [R, 2C]. On the GPU one cvt.rn.f16x2.e4m3x2 a pair (the bitwise form costs ~3 more integer
     ops a value there); bitwise in the interpreter, which runs no inline asm."""
     if WIDEN_ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
-            "=h,=h,h", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        lo, hi = widen_pairs_apart(x, 1)
     else:
-        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        lo, hi = widen_pairs_apart(x, 0)
     return tl.interleave(lo, hi)
 
 
