@@ -24,6 +24,9 @@ from sglite.runtime.sampling.logprobs import pack_rows
 logger = logging.getLogger(__name__)
 
 WARMUP_TOP_K = 5  # the pack's top-k width (OpenAI's top_logprobs go to 20: the pack is small)
+# the LM head's padded row counts are warmed up to this many rows (the token budget is usually
+# below it; with no budget, --chunked-prefill-size 0, larger counts keep cuBLAS's first-call wait)
+LM_HEAD_WARMUP_MAX_ROWS = 16384
 
 
 def warm_up_extend(runner, num_tokens: int) -> None:
@@ -40,13 +43,14 @@ def warm_up_extend(runner, num_tokens: int) -> None:
         logits = runner.forward(batch, use_cuda_graph=False)
         pack_rows(logits, [0] * num_tokens, [WARMUP_TOP_K] * num_tokens)
         torch.cuda.synchronize(runner.device)
+        del logits
+        warm_up_lm_head(runner.model, min(num_tokens, LM_HEAD_WARMUP_MAX_ROWS), runner.device)
     except torch.cuda.OutOfMemoryError:
         # a real batch this large with input logprobs on every row would not fit either
         torch.cuda.empty_cache()
         logger.warning("the warm-up extend of %d tokens with logits for every row ran out of GPU "
                        "memory: input-logprob batches that large will fail; lower "
                        "--chunked-prefill-size", num_tokens)
-    warm_up_lm_head(runner.model, num_tokens, runner.device)
     logger.info("warm-up extend: %d tokens, allocator reserved %.2f GiB", num_tokens,
                 torch.cuda.memory_reserved(runner.device) / 2**30)
 
