@@ -134,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, backend: BaseAttentionBackend) -> torch.Tensor:
         """Logits float32: [bs, vocab] (last new token of each request), [num_tokens, vocab]
-        (return_all_logits) or [len(logit_rows), vocab]."""
+        (return_all_logits) or [num_logit_rows, vocab] (the batch's logit_rows; padding cut off)."""
         x = self.model.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary(batch.positions, x.dtype)
         residual = None

@@ -28,8 +28,8 @@ LOGIT_ROW_BUCKET = 64
 
 
 def pad_logit_rows(rows: list[int], device: torch.device) -> list[int]:
-    """rows padded with copies of the last to a multiple of LOGIT_ROW_BUCKET on CUDA (as is
-    elsewhere: a CPU forward pays for every padded row and has no such stall)."""
+    """rows padded with copies of the last to a multiple of LOGIT_ROW_BUCKET on CUDA; elsewhere
+    returned as they are (a CPU forward pays for every padded row and has no such stall)."""
     if device.type != "cuda" or not rows:
         return rows
     return rows + rows[-1:] * (-len(rows) % LOGIT_ROW_BUCKET)
