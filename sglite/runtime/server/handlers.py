@@ -2,14 +2,22 @@
 
 Every failure while handling one message becomes an ErrorOut to its sender (naming the problem);
 the runtime keeps serving everyone else.
+
+Long texts are tokenized on a worker thread (`Tokenizing`): the loop keeps stepping the batch
+meanwhile (the tokenizer's Rust side runs without the GIL), and the request joins the scheduler
+once its ids are there, in arrival order among the tokenized ones. A 120k-character prompt held
+every decoding stream for the whole of its tokenization before (bench/tokenize_stall.py).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import msgspec
 
@@ -35,6 +43,24 @@ class ClientSink:
         self.server.send(self.identity, protocol.ErrorOut(rid=req.rid, message=message))
 
 
+# texts of at least this many characters (all of a message's texts together) are tokenized on the
+# worker thread; shorter ones inline: a few ms of tokenizing (about a decode step; the H200 host
+# tokenizes ~7 characters a microsecond), and requests keep their order of arrival (a select's
+# prefixes and choices come as one batch, as the scheduler's in-batch sharing wants them)
+TOKENIZE_OFF_LOOP_CHARS = 32768
+
+
+@dataclass
+class Tokenizing:
+    """A request whose texts a worker thread is tokenizing: admit(result) hands it on."""
+    identity: bytes
+    rid: str
+    future: Future
+    admit: Callable[[Any], None]
+    aborted: bool = False  # an AbortReq came meanwhile: admitted, then aborted (its reply as usual)
+    gone: bool = False  # its client went away: dropped
+
+
 class RequestHandler:
     def __init__(self, server):
         self.server = server
@@ -42,6 +68,8 @@ class RequestHandler:
         self.runner = self.scheduler.runner
         self.tokenizer = self.runner.tokenizer
         self.jobs: list = []  # ScoreJobs in progress (they submit internal requests)
+        self.tokenizing: collections.deque[Tokenizing] = collections.deque()
+        self._pool: ThreadPoolExecutor | None = None
 
     def handle(self, identity: bytes, data: bytes) -> None:
         try:
@@ -70,8 +98,42 @@ class RequestHandler:
         for job in self.jobs:
             if job.identity == identity:
                 job.done = True
+        for entry in self.tokenizing:
+            if entry.identity == identity:
+                entry.gone = True
         if n:
             logger.info("client went away: aborted %d request(s)", n)
+
+    # ---- texts tokenized off the loop
+    def off_loop(self, identity: bytes, rid: str, work: Callable[[], Any],
+                 admit: Callable[[Any], None]) -> None:
+        """Run work() on the tokenizer thread; admit(its result) on the loop thread later."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sglite-tokenize")
+        self.tokenizing.append(Tokenizing(identity, rid, self._pool.submit(work), admit))
+
+    def admit_tokenized(self, timeout: float = 0.0) -> None:
+        """Hand on the requests whose tokenization is done, oldest first (waiting up to timeout
+        seconds for the oldest: the loop has nothing else to do then)."""
+        if timeout > 0 and self.tokenizing:
+            wait([self.tokenizing[0].future], timeout=timeout)
+        while self.tokenizing and self.tokenizing[0].future.done():
+            entry = self.tokenizing.popleft()
+            if entry.gone:
+                continue
+            try:
+                entry.admit(entry.future.result())
+            except Exception as e:  # as handle(): that request only
+                if not isinstance(e, ValueError):
+                    logger.exception("handling %s failed", entry.rid)
+                self.server.send(entry.identity, protocol.ErrorOut(rid=entry.rid, message=str(e)))
+                continue
+            if entry.aborted:
+                self._abort(entry.identity, entry.rid)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests
     def _on_GenerateReq(self, identity: bytes, msg: protocol.GenerateReq) -> None:
@@ -79,23 +141,45 @@ class RequestHandler:
             raise ValueError(f"request id {msg.rid!r} is already in use by a running request")
         params = protocol.parse_sampling_params(msg.sampling_params)
         limits.check_grammar_nesting(params.json_schema, params.grammar)  # before compiling
-        req = self.make_req(
-            msg.rid, self.prompt_ids(text=msg.text, input_ids=msg.input_ids),
-            params, ClientSink(self.server, identity),
-            client=identity, stream=msg.stream, return_logprob=msg.return_logprob,
-            logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num)
-        self.scheduler.add_request(req)
+
+        def admit(ids: list[int]) -> None:
+            self.scheduler.add_request(self.make_req(
+                msg.rid, ids, params, ClientSink(self.server, identity),
+                client=identity, stream=msg.stream, return_logprob=msg.return_logprob,
+                logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num))
+
+        if msg.text is not None and len(msg.text) >= TOKENIZE_OFF_LOOP_CHARS and self.tokenizer is not None:
+            self.check_text_size(msg.text)
+            self.off_loop(identity, msg.rid, lambda: self.prompt_ids(text=msg.text), admit)
+        else:
+            admit(self.prompt_ids(text=msg.text, input_ids=msg.input_ids))
 
     def _on_ScoreReq(self, identity: bytes, msg: protocol.ScoreReq) -> None:
-        from sglite.runtime.scheduler.score import ScoreJob
+        from sglite.runtime.scheduler.score import ScoreJob, tokenize_choices
 
-        self.jobs.append(ScoreJob(self, identity, msg))
+        def admit(tokenized) -> None:
+            self.jobs.append(ScoreJob(self, identity, msg, tokenized))
+
+        if not msg.choices:
+            raise ValueError("select needs at least one choice")
+        chars = len(msg.text) + sum(len(c) for c in msg.choices)
+        if chars >= TOKENIZE_OFF_LOOP_CHARS and self.tokenizer is not None:
+            self.check_text_size(msg.text)
+            self.off_loop(identity, msg.rid, lambda: tokenize_choices(self, msg.text, msg.choices), admit)
+        else:
+            admit(tokenize_choices(self, msg.text, msg.choices))
 
     def _on_AbortReq(self, identity: bytes, msg: protocol.AbortReq) -> None:
         # the aborted request answers for itself (a final GenerateOut with finish_reason abort)
-        self.scheduler.abort(lambda r: r.client == identity and r.group == msg.rid)
+        self._abort(identity, msg.rid)
+        for entry in self.tokenizing:  # admitted, then aborted, so that it answers the same way
+            if entry.identity == identity and entry.rid == msg.rid:
+                entry.aborted = True
+
+    def _abort(self, identity: bytes, rid: str) -> None:
+        self.scheduler.abort(lambda r: r.client == identity and r.group == rid)
         for job in self.jobs:
-            if job.identity == identity and job.rid == msg.rid:
+            if job.identity == identity and job.rid == rid:
                 job.abort()
 
     def _on_FlushCacheReq(self, identity: bytes, msg: protocol.FlushCacheReq) -> None:
@@ -114,9 +198,7 @@ class RequestHandler:
         if (text is None) == (input_ids is None):
             raise ValueError("give exactly one of text or input_ids")
         if text is not None:
-            # sizes first: an 18 MB text is refused here, not after seconds of tokenizing
-            if self.tokenizer is not None and len(text) >= self.max_seq_len * self.max_token_chars:
-                raise self._too_long(len(text) // self.max_token_chars, num_chars=len(text))
+            self.check_text_size(text)
             ids = self.tokenize(text)
         else:
             if len(input_ids) >= self.max_seq_len:
@@ -131,6 +213,11 @@ class RequestHandler:
         if len(ids) >= self.max_seq_len:
             raise self._too_long(len(ids))
         return ids
+
+    def check_text_size(self, text: str) -> None:
+        """Sizes first: an 18 MB text is refused here, not after seconds of tokenizing."""
+        if self.tokenizer is not None and len(text) >= self.max_seq_len * self.max_token_chars:
+            raise self._too_long(len(text) // self.max_token_chars, num_chars=len(text))
 
     def _too_long(self, num_tokens: int, *, num_chars: int | None = None) -> ValueError:
         """Names the limit that binds: the model's context, or a KV pool smaller than it."""
@@ -217,4 +304,5 @@ class RequestHandler:
     def _is_active(self, identity: bytes, rid: str) -> bool:
         s = self.scheduler
         return any(r.client == identity and r.rid == rid
-                   for q in (s.waiting, s.running, s.grammar_queue) for r in q)
+                   for q in (s.waiting, s.running, s.grammar_queue) for r in q) or any(
+            e.identity == identity and e.rid == rid and not e.gone for e in self.tokenizing)

@@ -31,6 +31,7 @@ from sglite.runtime.server.peers import PeerTracker
 logger = logging.getLogger("sglite.runtime")
 
 IDLE_POLL_MS = 100  # wait for messages this long when there is nothing to compute
+TOKENIZE_WAIT_S = 0.002  # ... or this long for a text on the tokenizer thread (messages keep coming)
 # ZMTP heartbeats towards clients: a peer that answers none for HEARTBEAT_TIMEOUT_MS is dropped
 # (a process that exits or is killed closes its connection at once and needs none of this)
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 5000
@@ -66,7 +67,10 @@ class Server:
         logger.info("sglite runtime ready at %s", self.address)
         try:
             while not self.stopping:
-                self._receive(block=not self.scheduler.has_work)
+                busy = self.scheduler.has_work
+                self._receive(block=not busy and not self.handler.tokenizing)
+                # with nothing to compute, wait a little for a tokenization instead of spinning
+                self.handler.admit_tokenized(timeout=0.0 if busy else TOKENIZE_WAIT_S)
                 if self.scheduler.has_work:
                     self.scheduler.step()
                     self.handler.after_step()
@@ -90,6 +94,7 @@ class Server:
             return False
 
     def close(self) -> None:
+        self.handler.close()
         self.peers.close()
         self.socket.close()
         if self.auth is not None:
