@@ -70,6 +70,11 @@ class RequestHandler:
         self.jobs: list = []  # ScoreJobs in progress (they submit internal requests)
         self.tokenizing: collections.deque[Tokenizing] = collections.deque()
         self._pool: ThreadPoolExecutor | None = None
+        if self.tokenizer is not None:
+            # transformers sets the Rust tokenizer's truncation and padding on a call whose
+            # settings differ from its state (a mutable borrow, refused while the worker thread
+            # encodes): one call now leaves them as every later call asks, so none mutates
+            self.tokenizer("", add_special_tokens=False)
 
     def handle(self, identity: bytes, data: bytes) -> None:
         try:
