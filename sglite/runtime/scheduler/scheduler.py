@@ -160,6 +160,10 @@ class Scheduler:
     # ---- scheduling
     def _poll_grammars(self) -> None:
         for req in [r for r in self.grammar_queue if r.grammar_future.done()]:
+            if req not in self.grammar_queue:
+                # aborted by the loop's own replies: a failure sent to a departed client ends
+                # all of that client's requests (client_gone), those queued here among them
+                continue
             self.grammar_queue.remove(req)
             try:
                 req.grammar = self.outputs.new_grammar_state(req.grammar_future.result())
@@ -168,6 +172,8 @@ class Scheduler:
                 self.outputs.fail(req, str(e))
                 continue
             self.outputs.jump_forward(req, min_tokens=1)  # e.g. `{"name": "`: prefilled with the prompt
+            if req.is_finished:  # its reply went to a departed client
+                continue
             req.state = ReqState.WAITING
             self.waiting.append(req)
 

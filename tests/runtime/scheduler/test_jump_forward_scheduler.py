@@ -152,3 +152,35 @@ def test_large_batches_decode_short_forced_text(runner, grammar_cache):
         jumped = req.sink.meta.get("jump_forward_tokens", 0)
         assert 0 < jumped < other.sink.meta["jump_forward_tokens"]
         _check_json(runner, req)
+
+
+def test_a_queued_grammar_request_aborted_during_the_poll_is_skipped(runner, grammar_cache):
+    """A reply sent while the grammars are polled can find its client gone, and client_gone aborts
+    that client's other queued grammar requests: the poll skips them instead of failing the loop
+    (the wire fuzz test's runtime died of it: list.remove of a request no longer queued)."""
+    from concurrent.futures import Future
+
+    from sglite.runtime.scheduler.req import ReqState
+    from sglite.runtime.scheduler.scheduler import Scheduler
+
+    sched = Scheduler(runner, grammar_cache=grammar_cache, log_interval=0)
+    bad, good = Future(), Future()
+    bad.set_exception(ValueError("bad regex"))
+    good.set_result(grammar_cache.get_future("regex", "[ab]+").result())
+    reqs = [Req(rid=rid, input_ids=[1, 2, 3], params=parse_sampling_params({"max_new_tokens": 2}),
+                sink=RecordingSink()) for rid in ("bad", "other")]
+    for req, future in zip(reqs, (bad, good)):
+        sched.outputs.init_request(req)
+        req.grammar_future, req.state = future, ReqState.GRAMMAR
+        sched.grammar_queue.append(req)
+    real_fail = sched.outputs.fail
+
+    def fail(req, message):  # its send finds the client gone: all of the client's requests end
+        real_fail(req, message)
+        sched.abort(lambda r: r is reqs[1])
+
+    sched.outputs.fail = fail
+    sched._poll_grammars()
+    assert reqs[0].sink.error == "bad regex"
+    assert reqs[1].is_finished and reqs[1].sink.finished == 1
+    assert not sched.grammar_queue and not sched.waiting and not sched.has_work
