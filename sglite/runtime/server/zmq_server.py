@@ -58,6 +58,7 @@ class Server:
         self.socket.bind(self.address)
         self.handler = handler_factory(self)
         self.stopping = False
+        self._gone_on_send: list[bytes] = []  # clients a send found gone (see send)
         self._last_check = 0.0
         self._parent_pid = int(os.environ.get("SGLITE_PARENT_PID", "0")) or None
 
@@ -90,7 +91,9 @@ class Server:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             if self.peers.mark_gone(identity):
-                self.handler.client_gone(identity)
+                # its requests end at the next receive, not inside the step that is sending
+                # (an abort there would release KV and edit the queues under the scheduler's loop)
+                self._gone_on_send.append(identity)
             return False
 
     def close(self) -> None:
@@ -112,6 +115,7 @@ class Server:
             self.socket.poll(IDLE_POLL_MS)
         # the monitor is read after the messages (see peers.py for why the order matters)
         batch, gone = self.peers.receive()
+        gone, self._gone_on_send = self._gone_on_send + gone, []
         for identity in gone:
             self.handler.client_gone(identity)
         for identity, frames in batch:
