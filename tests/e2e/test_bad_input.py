@@ -55,3 +55,8 @@ def test_bad_regex_fails_only_that_request(client):
     results = client.collect([bad, good])
     assert "regex" in results[bad]["error"].lower()
     assert results[good]["error"] is None
+
+
+def test_a_select_without_choices_is_refused(client):
+    reply = client.request(protocol.ScoreReq(rid=client.new_rid(), text="Pick:", choices=[]))
+    assert isinstance(reply, protocol.ErrorOut) and "at least one choice" in reply.message

@@ -32,9 +32,7 @@ class ScoreJob:
     def __init__(self, handler, identity: bytes, msg: protocol.ScoreReq,
                  tokenized: tuple[list[int], list[list[int]]]):
         """tokenized: tokenize_choices(handler, msg.text, msg.choices) (the handler may run it
-        off the loop)."""
-        if not msg.choices:
-            raise ValueError("select needs at least one choice")
+        off the loop; it also refuses a select without choices, before tokenizing)."""
         self.handler, self.identity, self.rid, self.msg = handler, identity, msg.rid, msg
         self.on_done = lambda out: handler.server.send(identity, out)
         self.on_error = lambda m: handler.server.send(identity, protocol.ErrorOut(rid=msg.rid, message=m))

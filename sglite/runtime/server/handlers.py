@@ -110,9 +110,15 @@ class RequestHandler:
             logger.info("client went away: aborted %d request(s)", n)
 
     # ---- texts tokenized off the loop
-    def off_loop(self, identity: bytes, rid: str, work: Callable[[], Any],
-                 admit: Callable[[Any], None]) -> None:
-        """Run work() on the tokenizer thread; admit(its result) on the loop thread later."""
+    def _tokenize_then(self, identity: bytes, rid: str, text: str | None, num_chars: int,
+                       work: Callable[[], Any], admit: Callable[[Any], None]) -> None:
+        """admit(work()), work being the message's tokenizing: at once for fewer than
+        TOKENIZE_OFF_LOOP_CHARS characters, else text's size checked here, work() run on the
+        tokenizer thread and admit called on the loop thread later (admit_tokenized)."""
+        if num_chars < TOKENIZE_OFF_LOOP_CHARS or self.tokenizer is None:
+            admit(work())
+            return
+        self.check_text_size(text)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sglite-tokenize")
         self.tokenizing.append(Tokenizing(identity, rid, self._pool.submit(work), admit))
@@ -153,11 +159,8 @@ class RequestHandler:
                 client=identity, stream=msg.stream, return_logprob=msg.return_logprob,
                 logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num))
 
-        if msg.text is not None and len(msg.text) >= TOKENIZE_OFF_LOOP_CHARS and self.tokenizer is not None:
-            self.check_text_size(msg.text)
-            self.off_loop(identity, msg.rid, lambda: self.prompt_ids(text=msg.text), admit)
-        else:
-            admit(self.prompt_ids(text=msg.text, input_ids=msg.input_ids))
+        self._tokenize_then(identity, msg.rid, msg.text, len(msg.text or ""),
+                            lambda: self.prompt_ids(text=msg.text, input_ids=msg.input_ids), admit)
 
     def _on_ScoreReq(self, identity: bytes, msg: protocol.ScoreReq) -> None:
         from sglite.runtime.scheduler.score import ScoreJob, tokenize_choices
@@ -167,12 +170,8 @@ class RequestHandler:
 
         if not msg.choices:
             raise ValueError("select needs at least one choice")
-        chars = len(msg.text) + sum(len(c) for c in msg.choices)
-        if chars >= TOKENIZE_OFF_LOOP_CHARS and self.tokenizer is not None:
-            self.check_text_size(msg.text)
-            self.off_loop(identity, msg.rid, lambda: tokenize_choices(self, msg.text, msg.choices), admit)
-        else:
-            admit(tokenize_choices(self, msg.text, msg.choices))
+        self._tokenize_then(identity, msg.rid, msg.text, len(msg.text) + sum(len(c) for c in msg.choices),
+                            lambda: tokenize_choices(self, msg.text, msg.choices), admit)
 
     def _on_AbortReq(self, identity: bytes, msg: protocol.AbortReq) -> None:
         # the aborted request answers for itself (a final GenerateOut with finish_reason abort)
