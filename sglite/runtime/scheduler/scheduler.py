@@ -161,8 +161,8 @@ class Scheduler:
     def _poll_grammars(self) -> None:
         for req in [r for r in self.grammar_queue if r.grammar_future.done()]:
             if req not in self.grammar_queue:
-                # aborted by the loop's own replies: a failure sent to a departed client ends
-                # all of that client's requests (client_gone), those queued here among them
+                # ended by a reply sent earlier in this loop: a sink's on_error may abort other
+                # requests (a ScoreJob aborts its group; client_gone did so before sends deferred it)
                 continue
             self.grammar_queue.remove(req)
             try:
@@ -172,7 +172,7 @@ class Scheduler:
                 self.outputs.fail(req, str(e))
                 continue
             self.outputs.jump_forward(req, min_tokens=1)  # e.g. `{"name": "`: prefilled with the prompt
-            if req.is_finished:  # its reply went to a departed client
+            if req.is_finished:  # ended by a sink while its forced text was sent
                 continue
             req.state = ReqState.WAITING
             self.waiting.append(req)

@@ -68,17 +68,21 @@ class Server:
         logger.info("sglite runtime ready at %s", self.address)
         try:
             while not self.stopping:
-                busy = self.scheduler.has_work
-                self._receive(block=not busy and not self.handler.tokenizing)
-                # with nothing to compute, wait a little for a tokenization instead of spinning
-                self.handler.admit_tokenized(timeout=0.0 if busy else TOKENIZE_WAIT_S)
-                if self.scheduler.has_work:
-                    self.scheduler.step()
-                    self.handler.after_step()
-                else:
-                    self._idle()
+                self.run_once()
         finally:
             self.close()
+
+    def run_once(self) -> None:
+        """One iteration of the loop: messages, tokenized requests, then a scheduler step."""
+        busy = self.scheduler.has_work
+        self._receive(block=not busy and not self.handler.tokenizing)
+        # with nothing to compute, wait a little for a tokenization instead of spinning
+        self.handler.admit_tokenized(timeout=0.0 if busy else TOKENIZE_WAIT_S)
+        if self.scheduler.has_work:
+            self.scheduler.step()
+            self.handler.after_step()
+        else:
+            self._idle()
 
     def send(self, identity: bytes, msg: msgspec.Struct) -> bool:
         """False when the client is gone; its requests are then aborted."""

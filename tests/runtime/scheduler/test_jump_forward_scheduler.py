@@ -155,9 +155,10 @@ def test_large_batches_decode_short_forced_text(runner, grammar_cache):
 
 
 def test_a_queued_grammar_request_aborted_during_the_poll_is_skipped(runner, grammar_cache):
-    """A reply sent while the grammars are polled can find its client gone, and client_gone aborts
-    that client's other queued grammar requests: the poll skips them instead of failing the loop
-    (the wire fuzz test's runtime died of it: list.remove of a request no longer queued)."""
+    """A reply sent while the grammars are polled may end other queued grammar requests (a sink's
+    on_error may abort; client_gone did, before sends deferred it): the poll skips them instead of
+    failing the loop (the wire fuzz test's runtime died of it: list.remove of a request no longer
+    queued)."""
     from concurrent.futures import Future
 
     from sglite.runtime.scheduler.req import ReqState

@@ -1,6 +1,6 @@
 """Long texts are tokenized on the handler's worker thread while the loop keeps stepping the batch
-(handlers.Tokenizing), in process: a real Server and Scheduler on a tiny random model, driven as
-Server.run drives them, with a slow stand-in tokenizer (the tiny model has none)."""
+(handlers.Tokenizing), in process: a real Server and Scheduler on a tiny random model, driven by
+Server.run's own loop body, with a slow stand-in tokenizer (the tiny model has none)."""
 
 import threading
 import time
@@ -49,19 +49,14 @@ def served(monkeypatch):
 
 
 def _pump(server, dealer, want: int, timeout: float = 30.0, progress=None) -> list:
-    """Server.run's loop body until `want` replies finished; returns (time, reply) pairs.
+    """Server.run's loop (run_once) until `want` replies finished; returns (time, reply) pairs.
     progress: a list that gets (time, output tokens of each running request by rid) a step."""
     out, done, deadline = [], 0, time.monotonic() + timeout
     while done < want:
         if progress is not None:
             progress.append((time.monotonic(), {r.rid: len(r.output_ids) for r in server.scheduler.running}))
         assert time.monotonic() < deadline, f"only {done} of {want} replies"
-        busy = server.scheduler.has_work
-        server._receive(block=not busy and not server.handler.tokenizing)
-        server.handler.admit_tokenized(timeout=0.0 if busy else 0.002)
-        if server.scheduler.has_work:
-            server.scheduler.step()
-            server.handler.after_step()
+        server.run_once()
         while dealer.poll(0):
             reply = protocol.decode_reply(dealer.recv())
             out.append((time.monotonic(), reply))
