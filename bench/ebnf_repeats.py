@@ -37,6 +37,18 @@ REGEXES = [
     r"[A-Za-z ]{5,30}\.",
     r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}",
 ]
+# bounds of 8 at most (--max-bound 8: whether a small-bound rule would be a safe rewrite)
+SMALL_BOUND_REGEXES = [
+    r"[a-z]{3,6}@[a-z]{2,5}\.com",
+    r"[A-Z]{2}\d{2} [A-Z]{1,3}",
+    r"\w{1,8}",
+    r"[a-z]{1,8} [a-z]{1,8} [a-z]{1,8}",
+    r"(yes|no), [a-z ]{2,8}\.",
+    r"[A-Z][a-z]{1,7}-[A-Z][a-z]{1,7}",
+    r"\d{1,3}(,\d{3}){0,2}",
+    r"[0-9a-f]{8}-[0-9a-f]{4}",
+    r"[A-Za-z]{4,8}[0-9]{2}",
+]
 
 
 MAX_EXPANDED = 32  # the largest upper bound written out
@@ -120,6 +132,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a folder with a tokenizer and config.json")
     ap.add_argument("--bs", type=int, default=256)
+    ap.add_argument("--max-bound", type=int, default=MAX_EXPANDED, help="the largest upper bound written out")
+    ap.add_argument("--small-bounds", action="store_true",
+                    help="the benchmark's regex and SMALL_BOUND_REGEXES instead of REGEXES")
     args = ap.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
@@ -128,10 +143,10 @@ def main():
     print(f"host: {os.cpu_count()} CPUs, batch {args.bs}, one fill thread")
     print("| regex | form | compile ms | steps | longest fill ms | all fills ms | all fills, "
           "xgrammar's form | speed-up |\n|---|---|---|---|---|---|---|---|")
-    for regex in REGEXES:
+    for regex in [REGEX, *SMALL_BOUND_REGEXES] if args.small_bounds else REGEXES:
         ebnf = str(xgr.Grammar.from_regex(regex))
         base = None
-        for form, text in (("xgrammar's X{m,n}", ebnf), ("written out", expand_bounded_repeats(ebnf))):
+        for form, text in (("xgrammar's X{m,n}", ebnf), ("written out", expand_bounded_repeats(ebnf, args.max_bound))):
             t = time.perf_counter()
             compiled = compiler.compile_grammar(text)
             compile_ms = (time.perf_counter() - t) * 1e3
