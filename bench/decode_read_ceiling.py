@@ -1,0 +1,139 @@
+"""How fast decode attention's split grid can read an FP8 (or bf16) paged pool at all (issue 19).
+
+Decode attention at batch 1 x 32k reads 64 MiB of FP8 K/V (Llama-3-8B shape: 8 KV heads, d 128)
+through (split, KV head) programs of a few 128-key TMA tiles each. This times, on the same pool
+(pages of 128 slots in random order, as bench/fp8.py part k), request sets captured in one CUDA
+graph (a replay reads >= 16x the L2):
+
+- `read`: a kernel with the attention's grid and loads and no attention arithmetic (each
+  program TMA-loads its split's K and V tiles by the tiles' first slot ids and sums them as
+  int32, one store a program): the ceiling of that access pattern at each split count and depth;
+- `attn`: decode_attention_fwd itself with the same split counts and tiles;
+- the d2d copy (read + write bytes, 1 GiB) as bench/fp8.py's floor.
+
+    python bench/decode_read_ceiling.py                 # H100/H200
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fp8 import bench_ms, paged_pool  # noqa: E402
+from gpu_e2e import capture_graph, copy_bandwidth  # noqa: E402
+
+
+@triton.jit
+def _read_kernel(K_desc, V_desc, Req_to_token, Rows, Seq_lens, Out, num_splits, stride_req,
+                 KCOLS: tl.constexpr, BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = tl.load(Seq_lens + b)
+    row = tl.load(Rows + b).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    acc = tl.zeros([BLOCK_N, KCOLS], tl.int32)
+    for n in range(start, end, BLOCK_N):
+        first = tl.load(Req_to_token + row * stride_req + n)
+        k = K_desc.load([first, head * KCOLS])
+        v = V_desc.load([first, head * KCOLS])
+        acc += k ^ v
+    tl.store(Out + (b * tl.num_programs(1) + head) * tl.num_programs(0) + split, tl.sum(tl.sum(acc, 1), 0))
+
+
+def read_call(k, v, r2t, rows, lens, out, splits, block_n, warps, stages):
+    """One launch of the read kernel over the pool viewed as int32 words (4 FP8 / 2 bf16 values)."""
+    heads = k.shape[1]
+    kw, vw = k.view(torch.int32).view(k.shape[0], -1), v.view(torch.int32).view(v.shape[0], -1)
+    cols = kw.shape[1] // heads
+    kd = TensorDescriptor(kw, list(kw.shape), [kw.shape[1], 1], [block_n, cols])
+    vd = TensorDescriptor(vw, list(vw.shape), [vw.shape[1], 1], [block_n, cols])
+    bs = rows.numel()
+
+    def call():
+        _read_kernel[(splits, heads, bs)](kd, vd, r2t, rows, lens, out, splits, r2t.stride(0),
+                                          KCOLS=cols, BLOCK_N=block_n, num_warps=warps,
+                                          num_stages=stages)
+    return call
+
+
+def main():
+    from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="1x32768")
+    ap.add_argument("--dtypes", default="fp8,bf16")
+    ap.add_argument("--splits", default="24,32,48,64")
+    ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--attn-tiles", default="128:2,128:3,128:4,64:3,64:4",
+                    help="BLOCK_N:num_stages pairs for the attention kernel (4 warps, v_split default)")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    torch.cuda.set_device(device)
+    print(f"card: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
+    copy_bw = copy_bandwidth(device)
+    print(f"d2d copy (1 GiB, read + write): {copy_bw / 1e9:.0f} GB/s")
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    rows_out = []
+    for bs, ctx in (tuple(map(int, c.split("x"))) for c in args.cases.split(",")):
+        sets = min(16, max(2, -(-16 * l2 // (2 * bs * ctx * 8 * 128))))
+        default_splits = decode_num_splits(bs, 8, num_sms=num_sms, max_kv_len=ctx)
+        for name in args.dtypes.split(","):
+            dtype = torch.float8_e4m3fn if name == "fp8" else torch.bfloat16
+            k, v, r2t = paged_pool(bs * sets, ctx, dtype, device)
+            read = 2 * bs * ctx * 8 * 128 * k.element_size()
+            lens = torch.full((bs * sets,), ctx, dtype=torch.int32, device=device)
+            set_rows = [torch.arange(s * bs, (s + 1) * bs, device=device) for s in range(sets)]
+            q = torch.randn(bs * sets, 32, 128, device=device, dtype=torch.bfloat16)
+            out = torch.empty_like(q)
+            sums = torch.zeros(bs * 8 * 64, dtype=torch.int32, device=device)
+
+            def report(kind, desc, calls):
+                try:
+                    t = bench_ms(capture_graph(calls).replay) / len(calls) * 1e-3
+                except Exception as e:  # a tile the compiler or the card refuses
+                    print(f"{name} bs{bs} x {ctx} {kind} {desc}: failed {e!r}"[:300], flush=True)
+                    return
+                line = (f"| {name} | {bs} x {ctx} | {kind} | {desc} | {t * 1e6:.1f} | {read / t / 1e9:.0f} | "
+                        f"{read / t / copy_bw:.2f} |")
+                print(line, flush=True)
+                rows_out.append(line)
+
+            for splits, stages, block_n in itertools.product(map(int, args.splits.split(",")),
+                                                             map(int, args.stages.split(",")), (128, 64)):
+                calls = [read_call(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, 4,
+                                   stages) for s in range(sets)]
+                report("read", f"splits {splits}, {block_n} keys, {stages} stages", calls)
+            for splits in sorted({default_splits, *map(int, args.splits.split(","))}):
+                for pair in args.attn_tiles.split(","):
+                    block_n, stages = map(int, pair.split(":"))
+                    tiles = dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, merge="fused")
+
+                    def attn(s, tiles=tiles, splits=splits):
+                        return lambda: decode_attention_fwd(
+                            q[s * bs:(s + 1) * bs], k, v, out[s * bs:(s + 1) * bs], r2t, set_rows[s],
+                            lens[s * bs:(s + 1) * bs], scale=128**-0.5, num_splits=splits, page_size=128,
+                            tiles=dict(tiles))
+                    mark = " (decode_num_splits)" if splits == default_splits else ""
+                    report("attn", f"splits {splits}{mark}, {block_n} keys, {stages} stages",
+                           [attn(s) for s in range(sets)])
+            del k, v, r2t
+            torch.cuda.empty_cache()
+    print(f"\ncopy {copy_bw / 1e9:.0f} GB/s; graphs of {sets} request sets\n")
+    print("| pool | case | kernel | tiles | us a call | GB/s read | of copy |\n|---|---|---|---|---|---|---|")
+    print("\n".join(rows_out))
+
+
+if __name__ == "__main__":
+    main()
