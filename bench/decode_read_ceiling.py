@@ -79,7 +79,6 @@ def main():
                     help="BLOCK_N:num_stages pairs for the attention kernel (4 warps, v_split default)")
     args = ap.parse_args()
     device = torch.device("cuda")
-    torch.cuda.set_device(device)
     print(f"card: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
     copy_bw = copy_bandwidth(device)
     print(f"d2d copy (1 GiB, read + write): {copy_bw / 1e9:.0f} GB/s")
