@@ -51,6 +51,71 @@ def _read_kernel(K_desc, V_desc, Req_to_token, Rows, Seq_lens, Out, num_splits, 
     tl.store(Out + (b * tl.num_programs(1) + head) * tl.num_programs(0) + split, tl.sum(tl.sum(acc, 1), 0))
 
 
+@triton.jit
+def _read_kernel2(K, V, K_desc, V_desc, Req_to_token, Rows, Seq_lens, Out, num_splits, num_groups, stride_req,
+                  row_words, COLS: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+                  PREFETCH: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """_read_kernel with COLS words a program (HP heads' rows side by side: 128 B a head in FP8),
+    TMA or plain loads (tiles on consecutive slots), the next tile's plain loads issued before
+    this one's sum (PREFETCH), and the grid's fastest axis the head group (HEAD_MAJOR) or the split."""
+    if HEAD_MAJOR:
+        group = tl.program_id(0)
+        split = tl.program_id(1)
+    else:
+        split = tl.program_id(0)
+        group = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = tl.load(Seq_lens + b)
+    row = tl.load(Rows + b).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    acc = tl.zeros([BLOCK_N, COLS], tl.int32)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = group * COLS + tl.arange(0, COLS)
+    if USE_TMA:
+        for n in range(start, end, BLOCK_N):
+            first = tl.load(Req_to_token + row * stride_req + n)
+            acc += K_desc.load([first, group * COLS]) ^ V_desc.load([first, group * COLS])
+    elif PREFETCH:
+        first = tl.load(Req_to_token + row * stride_req + start).to(tl.int64)
+        ptr = (first + offs_n)[:, None] * row_words + offs_c[None, :]
+        k = tl.load(K + ptr)
+        v = tl.load(V + ptr)
+        for n in range(start, end, BLOCK_N):
+            nxt = tl.minimum(n + BLOCK_N, end - BLOCK_N)  # the last tile loads itself again
+            first = tl.load(Req_to_token + row * stride_req + nxt).to(tl.int64)
+            ptr = (first + offs_n)[:, None] * row_words + offs_c[None, :]
+            k_next = tl.load(K + ptr)
+            v_next = tl.load(V + ptr)
+            acc += k ^ v
+            k = k_next
+            v = v_next
+    else:
+        for n in range(start, end, BLOCK_N):
+            first = tl.load(Req_to_token + row * stride_req + n).to(tl.int64)
+            ptr = (first + offs_n)[:, None] * row_words + offs_c[None, :]
+            acc += tl.load(K + ptr) ^ tl.load(V + ptr)
+    pid = (b * num_groups + group) * num_splits + split
+    tl.store(Out + pid, tl.sum(tl.sum(acc, 1), 0))
+
+
+def read_call2(k, v, r2t, rows, lens, out, splits, block_n, warps, stages, hp, tma, prefetch, head_major):
+    heads = k.shape[1]
+    kw, vw = k.view(torch.int32).view(k.shape[0], -1), v.view(torch.int32).view(v.shape[0], -1)
+    cols = kw.shape[1] // heads * hp
+    kd = TensorDescriptor(kw, list(kw.shape), [kw.shape[1], 1], [block_n, cols])
+    vd = TensorDescriptor(vw, list(vw.shape), [vw.shape[1], 1], [block_n, cols])
+    groups, bs = heads // hp, rows.numel()
+    grid = (groups, splits, bs) if head_major else (splits, groups, bs)
+
+    def call():
+        _read_kernel2[grid](kw, vw, kd, vd, r2t, rows, lens, out, splits, groups, r2t.stride(0), kw.shape[1],
+                            COLS=cols, BLOCK_N=block_n, USE_TMA=tma, PREFETCH=prefetch, HEAD_MAJOR=head_major,
+                            num_warps=warps, num_stages=stages)
+    return call
+
+
 def read_call(k, v, r2t, rows, lens, out, splits, block_n, warps, stages):
     """One launch of the read kernel over the pool viewed as int32 words (4 FP8 / 2 bf16 values)."""
     heads = k.shape[1]
@@ -67,6 +132,13 @@ def read_call(k, v, r2t, rows, lens, out, splits, block_n, warps, stages):
     return call
 
 
+# (heads a program, splits, keys a tile, TMA, prefetch, head-major grid, warps)
+READ2 = [(hp, sp, bn, tma, pf, hm, w) for hp, sp in ((1, 32), (1, 64), (2, 32), (2, 64), (2, 128), (4, 64), (4, 128))
+         for bn, tma, pf, hm, w in ((128, True, False, False, 4), (128, True, False, True, 4),
+                                    (128, False, False, False, 4), (128, False, True, False, 4),
+                                    (64, False, True, False, 4), (128, False, True, False, 8))]
+
+
 def main():
     from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
 
@@ -77,6 +149,7 @@ def main():
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--attn-tiles", default="128:2,128:3,128:4,64:3,64:4",
                     help="BLOCK_N:num_stages pairs for the attention kernel (4 warps, v_split default)")
+    ap.add_argument("--read-only", action="store_true", help="the read kernels only (no attention)")
     args = ap.parse_args()
     device = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
@@ -96,7 +169,7 @@ def main():
             set_rows = [torch.arange(s * bs, (s + 1) * bs, device=device) for s in range(sets)]
             q = torch.randn(bs * sets, 32, 128, device=device, dtype=torch.bfloat16)
             out = torch.empty_like(q)
-            sums = torch.zeros(bs * 8 * 64, dtype=torch.int32, device=device)
+            sums = torch.zeros(bs * 8 * 128, dtype=torch.int32, device=device)
 
             def report(kind, desc, calls):
                 try:
@@ -114,6 +187,14 @@ def main():
                 calls = [read_call(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, 4,
                                    stages) for s in range(sets)]
                 report("read", f"splits {splits}, {block_n} keys, {stages} stages", calls)
+            for hp, splits, block_n, tma, prefetch, head_major, warps in READ2:
+                calls = [read_call2(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, warps,
+                                    2, hp, tma, prefetch, head_major) for s in range(sets)]
+                report("read2", f"{hp} heads a program, splits {splits}, {block_n} keys, {warps} warps, "
+                       f"{'TMA' if tma else 'loads'}{', prefetch' if prefetch else ''}"
+                       f"{', head-major' if head_major else ''}", calls)
+            if args.read_only:
+                continue
             for splits in sorted({default_splits, *map(int, args.splits.split(","))}):
                 for pair in args.attn_tiles.split(","):
                     block_n, stages = map(int, pair.split(":"))

@@ -47,7 +47,10 @@ def round_to_e4m3(x):
     r = tl.floor(y + 0.5)
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r)  # ties to even
-    return tl.where(bits < 0, -(r * step), r * step)  # the sign bit kept (-0 too)
+    # the sign bit copied, not negated: compiled for sm90, the negation of a zero came out +0
+    # (store_kv stored 0x00 for negatives that round to zero where torch's cast gives 0x80)
+    mag = (r * step).to(tl.int32, bitcast=True)
+    return (mag | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
