@@ -147,9 +147,11 @@ def main():
     ap.add_argument("--dtypes", default="fp8,bf16")
     ap.add_argument("--splits", default="24,32,48,64")
     ap.add_argument("--stages", default="2,3,4")
-    ap.add_argument("--attn-tiles", default="128:2,128:3,128:4,64:3,64:4",
-                    help="BLOCK_N:num_stages pairs for the attention kernel (4 warps, v_split default)")
+    ap.add_argument("--attn-tiles", default="128:2,128:3,64:2,64:3,128:1:4:p,64:1:4:p,128:1:8:p",
+                    help="keys:stages[:warps[:p]] tiles for the attention kernel (4 warps unless named; p: "
+                         "prefetch_loop), beside decode_tiles' pick")
     ap.add_argument("--read-only", action="store_true", help="the read kernels only (no attention)")
+    ap.add_argument("--no-read", dest="read", action="store_false", help="the attention kernel only")
     args = ap.parse_args()
     device = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
@@ -182,12 +184,12 @@ def main():
                 print(line, flush=True)
                 rows_out.append(line)
 
-            for splits, stages, block_n in itertools.product(map(int, args.splits.split(",")),
+            for splits, stages, block_n in itertools.product(map(int, args.splits.split(",")) if args.read else (),
                                                              map(int, args.stages.split(",")), (128, 64)):
                 calls = [read_call(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, 4,
                                    stages) for s in range(sets)]
                 report("read", f"splits {splits}, {block_n} keys, {stages} stages", calls)
-            for hp, splits, block_n, tma, prefetch, head_major, warps in READ2:
+            for hp, splits, block_n, tma, prefetch, head_major, warps in READ2 if args.read else ():
                 calls = [read_call2(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, warps,
                                     2, hp, tma, prefetch, head_major) for s in range(sets)]
                 report("read2", f"{hp} heads a program, splits {splits}, {block_n} keys, {warps} warps, "
@@ -195,19 +197,32 @@ def main():
                        f"{', head-major' if head_major else ''}", calls)
             if args.read_only:
                 continue
-            for splits in sorted({default_splits, *map(int, args.splits.split(","))}):
-                for pair in args.attn_tiles.split(","):
-                    block_n, stages = map(int, pair.split(":"))
-                    tiles = dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, merge="fused")
+            ref = None
+            split_counts = {default_splits, *map(int, args.splits.split(","))} if bs == 1 else {default_splits}
+            for splits in sorted(split_counts):
+                for spec in [None] + args.attn_tiles.split(","):  # None: decode_tiles' pick
+                    tiles = None
+                    if spec is not None:  # keys:stages[:warps[:p]], p = prefetch_loop
+                        block_n, stages, warps, *pf = (spec.split(":") + ["4"])[:4] if spec.count(":") < 2 \
+                            else spec.split(":")
+                        tiles = dict(BLOCK_N=int(block_n), num_warps=int(warps), num_stages=int(stages),
+                                     merge="fused", prefetch=pf == ["p"])
 
                     def attn(s, tiles=tiles, splits=splits):
                         return lambda: decode_attention_fwd(
                             q[s * bs:(s + 1) * bs], k, v, out[s * bs:(s + 1) * bs], r2t, set_rows[s],
                             lens[s * bs:(s + 1) * bs], scale=128**-0.5, num_splits=splits, page_size=128,
-                            tiles=dict(tiles))
+                            tiles=None if tiles is None else dict(tiles))
                     mark = " (decode_num_splits)" if splits == default_splits else ""
-                    report("attn", f"splits {splits}{mark}, {block_n} keys, {stages} stages",
-                           [attn(s) for s in range(sets)])
+                    desc = "decode_tiles" if tiles is None else (
+                        f"{tiles['BLOCK_N']} keys, {tiles['num_stages']} stages, {tiles['num_warps']} warps"
+                        f"{', prefetch' if tiles['prefetch'] else ''}")
+                    out.fill_(float("nan"))
+                    report("attn", f"splits {splits}{mark}, {desc}", [attn(s) for s in range(sets)])
+                    if ref is None:
+                        ref = out.clone()
+                    elif (err := ((out.float() - ref.float()).norm() / ref.float().norm()).item()) > 1e-2:
+                        print(f"  ^ output differs from the first variant's: rel err {err:.1e}", flush=True)
             del k, v, r2t
             torch.cuda.empty_cache()
     print(f"\ncopy {copy_bw / 1e9:.0f} GB/s; graphs of {sets} request sets\n")
