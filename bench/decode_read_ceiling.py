@@ -8,6 +8,10 @@ graph (a replay reads >= 16x the L2):
 - `read`: a kernel with the attention's grid and loads and no attention arithmetic (each
   program TMA-loads its split's K and V tiles by the tiles' first slot ids and sums them as
   int32, one store a program): the ceiling of that access pattern at each split count and depth;
+- `read2`: the same with 1, 2 or 4 KV heads' rows a program, TMA or plain loads from each tile's
+  first slot, those with the next tile's loads issued before this one's sum (prefetch), and the
+  grid ordered head-major (H200 2026-12-04: plain loads one tile ahead 0.86 of copy at 32 splits,
+  TMA 0.73; heads a program and grid order within 2%);
 - `attn`: decode_attention_fwd itself with the same split counts and tiles;
 - the d2d copy (read + write bytes, 1 GiB) as bench/fp8.py's floor.
 
@@ -147,9 +151,9 @@ def main():
     ap.add_argument("--dtypes", default="fp8,bf16")
     ap.add_argument("--splits", default="24,32,48,64")
     ap.add_argument("--stages", default="2,3,4")
-    ap.add_argument("--attn-tiles", default="128:2,128:3,64:2,64:3,128:1:4:p,64:1:4:p,128:1:8:p",
-                    help="keys:stages[:warps[:p]] tiles for the attention kernel (4 warps unless named; p: "
-                         "prefetch_loop), beside decode_tiles' pick")
+    ap.add_argument("--attn-tiles", default="128:2,128:3,64:2,64:3",
+                    help="keys:stages[:warps] tiles for the attention kernel (4 warps unless named), beside "
+                         "decode_tiles' pick")
     ap.add_argument("--read-only", action="store_true", help="the read kernels only (no attention)")
     ap.add_argument("--no-read", dest="read", action="store_false", help="the attention kernel only")
     args = ap.parse_args()
@@ -202,11 +206,10 @@ def main():
             for splits in sorted(split_counts):
                 for spec in [None] + args.attn_tiles.split(","):  # None: decode_tiles' pick
                     tiles = None
-                    if spec is not None:  # keys:stages[:warps[:p]], p = prefetch_loop
-                        block_n, stages, warps, *pf = (spec.split(":") + ["4"])[:4] if spec.count(":") < 2 \
-                            else spec.split(":")
+                    if spec is not None:  # keys:stages[:warps]
+                        block_n, stages, warps = (spec.split(":") + ["4"])[:3]
                         tiles = dict(BLOCK_N=int(block_n), num_warps=int(warps), num_stages=int(stages),
-                                     merge="fused", prefetch=pf == ["p"])
+                                     merge="fused")
 
                     def attn(s, tiles=tiles, splits=splits):
                         return lambda: decode_attention_fwd(
@@ -215,8 +218,7 @@ def main():
                             tiles=None if tiles is None else dict(tiles))
                     mark = " (decode_num_splits)" if splits == default_splits else ""
                     desc = "decode_tiles" if tiles is None else (
-                        f"{tiles['BLOCK_N']} keys, {tiles['num_stages']} stages, {tiles['num_warps']} warps"
-                        f"{', prefetch' if tiles['prefetch'] else ''}")
+                        f"{tiles['BLOCK_N']} keys, {tiles['num_stages']} stages, {tiles['num_warps']} warps")
                     out.fill_(float("nan"))
                     report("attn", f"splits {splits}{mark}, {desc}", [attn(s) for s in range(sets)])
                     if ref is None:

@@ -107,10 +107,11 @@ def main():
             q = torch.zeros(2, heads, dim, dtype=torch.bfloat16)
             da.decode_attention_fwd(q, k_buf, v_buf, torch.empty_like(q), torch.zeros(2, 1024, dtype=torch.int32),
                                     torch.arange(2), i32(512, 512), scale=0.1, num_splits=splits, page_size=128,
-                                    tiles=da.decode_tiles(dim, device=_CUDA, num_splits=splits), k_scale=0.5)
+                                    tiles=da.decode_tiles(dim, device=_CUDA, num_splits=splits, kv_fp8=kv == torch.float8_e4m3fn),
+                                    k_scale=0.5)
             compile_recorded(f"decode {kv} splits {splits}")
             if kv == torch.float8_e4m3fn:  # q.K^T as an FP8 product (tiles["q_fp8"])
-                tiles = {**da.decode_tiles(dim, device=_CUDA, num_splits=splits), "q_fp8": True}
+                tiles = {**da.decode_tiles(dim, device=_CUDA, num_splits=splits, kv_fp8=True), "q_fp8": True}
                 da.decode_attention_fwd(q, k_buf, v_buf, torch.empty_like(q), torch.zeros(2, 1024, dtype=torch.int32),
                                         torch.arange(2), i32(512, 512), scale=0.1, num_splits=splits, page_size=128,
                                         tiles=tiles, k_scale=0.5)
@@ -152,7 +153,7 @@ def main():
         q = torch.zeros(2, 9, 64, dtype=torch.bfloat16)
         da.decode_attention_fwd(q, k_buf, k_buf, torch.empty_like(q), torch.zeros(2, 1024, dtype=torch.int32),
                                 torch.arange(2), i32(512, 512), scale=0.1, num_splits=splits, page_size=128,
-                                tiles=da.decode_tiles(64, device=_CUDA, num_splits=splits), k_scale=0.5)
+                                tiles=da.decode_tiles(64, device=_CUDA, num_splits=splits, kv_fp8=True), k_scale=0.5)
         compile_recorded(f"decode fp8 d64 9/3 heads splits {splits}")
     fp8_gemm.scale_rows_cols(torch.zeros(256, 6144, dtype=torch.bfloat16), torch.ones(256, 1), torch.ones(6144))
     compile_recorded("scale_rows_cols")

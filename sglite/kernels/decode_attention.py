@@ -52,7 +52,7 @@ from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
 from .fp8_gemm import round_to_e4m3
-from .decode_key_loops import bulk_loop, gather_loop, prefetch_loop, tiles_consecutive
+from .decode_key_loops import bulk_loop, gather_loop, tiles_consecutive
 from .decode_merge import merge_group, merge_splits_kernel
 from .online_softmax import softcap_args
 
@@ -78,7 +78,6 @@ def _decode_stage1_kernel(
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
     USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False, V_SPLIT: tl.constexpr = 0,
-    PREFETCH: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
@@ -141,13 +140,7 @@ def _decode_stage1_kernel(
     req_slots = Req_to_token + req_row * stride_req
     k_base = K_Buf + cur_kv_head * stride_buf_kh
     v_base = V_Buf + cur_kv_head * stride_buf_vh
-    if PREFETCH and tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
-                                      BLOCK_N, 8 * BLOCK_N):  # consecutive tiles, one loaded ahead
-        acc, acc2, l_i, m_i = prefetch_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
-                                             win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
-                                             stride_buf_vt, m_i, l_i, acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N,
-                                             KV_FP8, WIDEN_ASM, V_SPLIT)
-    elif USE_TMA and tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
+    if USE_TMA and tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, acc2, l_i, m_i = bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head,
                                          win_start, cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i,
@@ -218,8 +211,10 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
     if device.type != "cuda":  # interpreter: small tiles so that tiny tests still take several steps
         return dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused")
     if head_dim <= 128:
-        stages = 3 if kv_fp8 and num_splits == 1 else 2
-        return dict(BLOCK_N=128 if num_splits > 1 else 64, num_warps=4, num_stages=stages, merge="fused")
+        if num_splits > 1 and kv_fp8:
+            return dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused")
+        stages = 3 if kv_fp8 or num_splits > 1 else 2
+        return dict(BLOCK_N=64, num_warps=4, num_stages=stages, merge="fused")
     return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused")
 
 
@@ -312,11 +307,6 @@ def decode_attention_fwd(
     if tma is None:
         tma = (num_splits > 1 or kv_fp8) and not has_window
     paged = page_size > 1 and page_size % block_n == 0
-    # tiles["prefetch"]: over a paged pool, consecutive tiles read by plain loads one tile ahead
-    # (decode_key_loops.prefetch_loop) instead of TMA / gathers; not with q.K^T in FP8
-    prefetch = bool(cfg.pop("prefetch", False)) and paged and not q_fp8
-    if prefetch:
-        tma = False
     descs = _descriptors(k_buffer, v_buffer, block_n) if paged and tma else None
     k_desc, v_desc = descs or (k_buffer, v_buffer)  # without TMA: unused pointers
     _decode_stage1_kernel[(num_splits, num_kv_heads, bs)](
@@ -334,7 +324,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, PREFETCH=prefetch, **cfg,
+        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, **cfg,
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":

@@ -1,13 +1,9 @@
 """Decode attention's loops over one split's keys: each K/V tile through the online softmax, for
 all query heads of the KV head's group at once (decode_attention.py's stage-1 kernel calls them).
 
-Three ways to read the tiles: gathered row by row through the request's slot ids (`gather_loop`,
+Two ways to read the tiles: gathered row by row through the request's slot ids (`gather_loop`,
 anywhere in the pool), or, when every tile of the split lies on consecutive slots (a paged pool:
-`tiles_consecutive` checks), one TMA bulk copy per tile for K and one for V (`bulk_loop`), or plain
-loads from each tile's first slot with the next tile's loads issued before this tile's arithmetic
-(`prefetch_loop`: triton 3.6 pipelines neither loop's descriptor loads nor the consecutive loads
-here, whose addresses hang on a slot id loaded in the loop, so without this each tile waits for
-its own bytes; an FP8 tile is half a bf16 tile's bytes, so that wait costs it twice as much). An FP8
+`tiles_consecutive` checks), one TMA bulk copy per tile for K and one for V (`bulk_loop`). An FP8
 pool goes through fp8_kv_tiles' steps (values as byte pairs widened in registers; optionally
 q.K^T as an FP8 product). On the visible axis of a sliding window with global tokens the split's
 offsets map to positions through `visible_pos`.
@@ -116,56 +112,4 @@ def bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, wi
                 v = V_desc.load([first, kv_col])
                 p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, acc2, l_i, m_i
-
-
-@triton.jit
-def _tile_rows(k_base, v_base, req_slots, start_n, split_end, num_head, win_start, offs_n, offs_d, mask_d,
-               stride_kt, stride_vt, HAS_WINDOW: tl.constexpr, PAIRS: tl.constexpr):
-    """The K tile and the V tile (int16 byte pairs with PAIRS: an FP8 pool) of the consecutive
-    slots from the tile's first one; rows past split_end (all of them past the split's last tile)
-    are not read."""
-    first = tl.load(req_slots + visible_pos(tl.minimum(start_n, split_end - 1), num_head, win_start,
-                                            HAS_WINDOW)).to(tl.int64)
-    mask_n = start_n + offs_n < split_end
-    rows = first + offs_n
-    k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0)
-    if PAIRS:
-        offs_pair = tl.arange(0, offs_d.shape[0] // 2)
-        v = tl.load((v_base + rows[:, None] * stride_vt).to(tl.pointer_type(tl.int16)) + offs_pair[None, :],
-                    mask=mask_n[:, None], other=0)
-    else:
-        v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
-    return k, v
-
-
-@triton.jit
-def prefetch_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d, mask_d,
-                  qk_scale, logit_cap, v_scale, stride_kt, stride_vt, m_i, l_i, acc, acc2,
-                  HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
-                  WIDEN_ASM: tl.constexpr, V_SPLIT: tl.constexpr = 0):
-    """The split's keys when every tile lies on consecutive slots, one tile ahead: tile i + 1's
-    K / V loads are issued before tile i's scores, so a tile's bytes arrive while the one before is
-    computed (launched with one stage: no compiler pipelining on top). Not for q.K^T in FP8."""
-    offs_n = tl.arange(0, BLOCK_N)
-    k, v = _tile_rows(k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_n, offs_d,
-                      mask_d, stride_kt, stride_vt, HAS_WINDOW, KV_FP8)
-    for start_n in range(split_start, split_end, BLOCK_N):
-        k_next, v_next = _tile_rows(k_base, v_base, req_slots, start_n + BLOCK_N, split_end, num_head, win_start,
-                                    offs_n, offs_d, mask_d, stride_kt, stride_vt, HAS_WINDOW, KV_FP8)
-        mask_n = start_n + offs_n < split_end
-        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale, logit_cap, HAS_CAP),
-                      float("-inf"))
-        if KV_FP8 and V_SPLIT:
-            acc, acc2, l_i, m_i = fp8_values_split_step(qk, v, v_scale, m_i, l_i, acc, acc2,
-                                                        V_SPLIT if WIDEN_ASM else 0)
-        elif KV_FP8:
-            acc, l_i, m_i = fp8_values_step(qk, v, v_scale, m_i, l_i, acc, WIDEN_ASM)
-        else:
-            p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        k = k_next
-        v = v_next
     return acc, acc2, l_i, m_i

@@ -61,23 +61,6 @@ def test_decode_over_pages_matches_reference(num_heads, num_kv_heads, head_dim, 
         assert rel_err(out, ref) < FP32_TOL
 
 
-@pytest.mark.parametrize("window,num_global,num_splits", [(None, 0, 3), (24, 3, 1)])
-def test_decode_prefetch_over_pages_matches_reference(window, num_global, num_splits):
-    """tiles["prefetch"]: consecutive tiles by plain loads, the next tile's issued ahead; pages of
-    16 (whole tiles: that loop) and runs of 8 announced as pages of 16 (gathers), with a window
-    whose visible axis starts inside a page."""
-    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", prefetch=True)
-    for layout in (16, 8):
-        sc = decode_scenario([1, 9, 40, 70], num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=window,
-                             global_tokens=num_global, page_size=layout, seed=layout)
-        out = run_decode(sc, num_splits=num_splits, sliding_window=window, global_tokens=num_global,
-                         page_size=16, tiles=tiles)
-        ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
-                                   scale=sc.scale, sliding_window=window, global_tokens=num_global)
-        assert not out.isnan().any()
-        assert rel_err(out, ref) < FP32_TOL
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN tiles, under the interpreter
 def test_consecutive_tiles_take_the_bulk_loads(monkeypatch):
     """Mutation check that the TMA path runs: descriptors over NaN copies of the pools poison the

@@ -52,19 +52,17 @@ def fp8_scenario(prefix_lens, extend_lens, *, k_scale, v_scale, **kw):
     return sc, k_deq, v_deq
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,num_splits,page_size,v_split,prefetch", [
-    (8, 2, 1, None, 0, False), (8, 2, 3, 16, 0, False), (4, 4, 2, None, 0, False),
-    (8, 2, 1, None, 3, False), (8, 2, 3, 16, 3, False),  # P.V as even / odd column products (widened bitwise here)
-    (8, 2, 2, 16, 3, True), (8, 2, 1, 16, 0, True),  # consecutive tiles by plain loads, one tile ahead
+@pytest.mark.parametrize("num_heads,num_kv_heads,num_splits,page_size,v_split", [
+    (8, 2, 1, None, 0), (8, 2, 3, 16, 0), (4, 4, 2, None, 0),
+    (8, 2, 1, None, 3), (8, 2, 3, 16, 3),  # P.V as even / odd column products (widened bitwise here)
 ])
-def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size, v_split, prefetch):
+def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size, v_split):
     seq_lens = [1, 20, 45]
     sc, k_deq, v_deq = fp8_scenario([n - 1 for n in seq_lens], [1] * 3, k_scale=0.05, v_scale=0.02,
                                     num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32,
                                     page_size=page_size)
     out = torch.full_like(sc.q, float("nan"))
-    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None, v_split=v_split,
-                 prefetch=prefetch)
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None, v_split=v_split)
     decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
                          sc.tensor(seq_lens), scale=sc.scale, num_splits=num_splits, k_scale=0.05,
                          v_scale=0.02, tiles=tiles, page_size=page_size or 1)
