@@ -182,23 +182,12 @@ def run_variants(args, runner, row, prompt, ctx):
     served_ctx = runner.max_context_len
     knobs = {"rope": (gemv_pairs, "ROPE"), "glu": (gemv_pairs, "GLU"), "norm": (gemv_pairs, "NORM"),
              "norm_tiles": (gemv_pairs, "NORM_TILES"), "prefetch": (gemv, "PREFETCH"),
-             "attn_early": (decode_attention, "EARLY_DEPENDENTS")}
+             "attn_early": (decode_attention, "EARLY_DEPENDENTS"), "embed": (gemma, "FUSED_EMBED"),
+             "softcap": (gemma, "FUSED_SOFTCAP"), "depth": (gemv, "DEPTH"),
+             "attn_tiles": (decode_attention, "decode_tiles")}
     saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
     all4 = gemma.GEMV_PROJECTIONS
-    cases = [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), knob values)
-        ("served again (same graphs: the determinism check)", all4, {}),
-        ("with the L2 prefetch of the GEMV rows (SGLITE_GEMV_PREFETCH=1)", all4, dict(prefetch=True)),
-        ("with the norm prologue (SGLITE_GEMV_NORM=1), 512 cols, 8 warps", all4, dict(norm=True)),
-        ("with the norm prologue, 512 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=512, num_warps=4))),
-        ("with the norm prologue, 256 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=256, num_warps=4))),
-        ("with the norm prologue and the L2 prefetch", all4, dict(norm=True, prefetch=True)),
-        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, dict(rope=False)),
-        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, dict(glu=False)),
-        ("decode attention does not launch the o GEMV early", all4, dict(attn_early=False)),
-        ("none of the sixth session's changes (the fifth session's default)", all4,
-         dict(rope=False, glu=False, attn_early=False)),
-        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), {}),
-    ]
+    cases = _cases_eighth(all4, saved["attn_tiles"]) if args.variant_set == "eighth" else _cases_seventh(all4)
     base, fed = graph_trace(runner, row, prompt)
     out = []
     for name, which, values in cases:
@@ -228,6 +217,46 @@ def run_variants(args, runner, row, prompt, ctx):
         print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
     return out
+
+
+def _cases_eighth(all4, decode_tiles):
+    """The eighth session's: the launches outside the layers back on torch, each fusion alone, two
+    weight chunks in flight in every GEMV, decode attention's d256 tiles."""
+    def d256(**tiles):
+        def pick(head_dim, **kw):
+            cfg = decode_tiles(head_dim, **kw)
+            return dict(cfg, **tiles) if head_dim > 128 and kw["device"].type == "cuda" else cfg
+        return pick
+
+    return [
+        ("served again (same graphs: the determinism check)", all4, {}),
+        ("torch ends (embedding scale, cos / sin, soft-cap as the seventh session's)", all4,
+         dict(embed=False, softcap=False)),
+        ("fused soft-cap only (torch embedding scale, cos / sin)", all4, dict(embed=False)),
+        ("fused embedding + cos / sin only (torch soft-cap)", all4, dict(softcap=False)),
+        ("two weight chunks in flight in every GEMV (SGLITE_GEMV_DEPTH=2)", all4, dict(depth=2)),
+        ("decode attention d256 tiles: 64 keys, 8 warps", all4, dict(attn_tiles=d256(BLOCK_N=64, num_warps=8))),
+        ("decode attention d256 tiles: 16 keys, 4 warps", all4, dict(attn_tiles=d256(BLOCK_N=16, num_warps=4))),
+        ("decode attention d256 tiles: 32 keys, 4 warps, 1 stage", all4, dict(attn_tiles=d256(num_stages=1))),
+    ]
+
+
+def _cases_seventh(all4):
+    """The seventh session's (the L2 prefetch, the norm prologue; each sixth-session change off)."""
+    return [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), knob values)
+        ("served again (same graphs: the determinism check)", all4, {}),
+        ("with the L2 prefetch of the GEMV rows (SGLITE_GEMV_PREFETCH=1)", all4, dict(prefetch=True)),
+        ("with the norm prologue (SGLITE_GEMV_NORM=1), 512 cols, 8 warps", all4, dict(norm=True)),
+        ("with the norm prologue, 512 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=512, num_warps=4))),
+        ("with the norm prologue, 256 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=256, num_warps=4))),
+        ("with the norm prologue and the L2 prefetch", all4, dict(norm=True, prefetch=True)),
+        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, dict(rope=False)),
+        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, dict(glu=False)),
+        ("decode attention does not launch the o GEMV early", all4, dict(attn_early=False)),
+        ("none of the sixth session's changes (the fifth session's default)", all4,
+         dict(rope=False, glu=False, attn_early=False)),
+        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), {}),
+    ]
 
 
 def rope_check(runner, row, prompt, ctx, steps: int = 3) -> None:
@@ -455,6 +484,8 @@ def main():
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
                     help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
+    ap.add_argument("--variant-set", default="eighth", choices=("eighth", "seventh"),
+                    help="--variants: this session's cases, or the seventh session's")
     ap.add_argument("--check-only", action="store_true",
                     help="only the served-path checks against eager launches, no timing")
     ap.add_argument("--rope-check", action="store_true",
