@@ -213,7 +213,13 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
     if head_dim <= 128:
         stages = 3 if kv_fp8 and num_splits == 1 else 2
         return dict(BLOCK_N=128 if num_splits > 1 else 64, num_warps=4, num_stages=stages, merge="fused")
-    return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused")
+    # head_dim 256 (Gemma), split requests of a 16-bit pool: 16-key tiles. Splits are whole tiles,
+    # so a short request in graphs captured for a long context (32 splits) spreads over twice the
+    # programs, each with half the keys: Gemma-2-9B bs 1 at ~130-440 tokens (H200, 2026-12-04,
+    # bench/decode_floor.py --variants, same call): graph replay 5.287 -> 5.241 ms (64 keys / 8 warps
+    # 5.343, 32 keys 1 stage 5.287)
+    block_n = 16 if num_splits > 1 and not kv_fp8 else 32
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2, merge="fused")
 
 
 COUNTER_SLOTS = 1 << 14  # (request, KV head) pairs one launch may fuse; more fall back to "kernel"
