@@ -178,7 +178,7 @@ def run_variants(args, runner, row, prompt, ctx):
     chained early launch (SGLITE_GEMV=0). Each variant's graph logits on the same tokens against the served graph's
     (bit-equal where only launches or fusions with the same roundings differ); with --scheduler
     each variant also decoded through the Scheduler (as served)."""
-    from sglite.kernels import decode_attention, gemv, gemv_pairs
+    from sglite.kernels import decode_attention, gemv, gemv_pairs, norm
     from sglite.runtime.models import gemma
 
     served_ctx = runner.max_context_len
@@ -186,7 +186,7 @@ def run_variants(args, runner, row, prompt, ctx):
              "norm_tiles": (gemv_pairs, "NORM_TILES"), "prefetch": (gemv, "PREFETCH"),
              "attn_early": (decode_attention, "EARLY_DEPENDENTS"), "embed": (gemma, "FUSED_EMBED"),
              "softcap": (gemma, "FUSED_SOFTCAP"), "depth": (gemv, "DEPTH"),
-             "attn_tiles": (decode_attention, "decode_tiles")}
+             "attn_tiles": (decode_attention, "decode_tiles"), "norm_warps": (norm, "NUM_WARPS")}
     saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
     all4 = gemma.GEMV_PROJECTIONS
     cases = (_cases_seventh(all4) if args.variant_set == "seventh" else
@@ -239,8 +239,9 @@ def _cases_eighth(all4, decode_tiles, short=False):
     if short:  # the second call: decode attention's d256 tiles around the new default (16 keys)
         return [served, old_tiles,
                 ("decode attention d256 tiles: 16 keys, 2 warps", all4, dict(attn_tiles=d256(num_warps=2))),
-                ("decode attention d256 tiles: 16 keys, 4 warps, 1 stage", all4, dict(attn_tiles=d256(num_stages=1))),
-                ("decode attention d256 tiles: 16 keys, 4 warps, 3 stages", all4, dict(attn_tiles=d256(num_stages=3))),
+                ("no weights before the GEMVs' PDL wait (SGLITE_GEMV_DEPTH=0)", all4, dict(depth=0)),
+                ("norm kernels with 16 warps (8 by default at 3584)", all4, dict(norm_warps=16)),
+                ("norm kernels with 4 warps", all4, dict(norm_warps=4)),
                 torch_ends]
     return [
         served, torch_ends,

@@ -37,8 +37,10 @@ ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
 PREFETCH = os.environ.get("SGLITE_GEMV_PREFETCH", "0") == "1"
 # weight chunks each program keeps in flight (stream_rows' DEPTH), also the pair GEMVs'
 # (gemv_pairs.py): 1, the first chunk loaded before the PDL wait; 2, the first two, so that more
-# weights arrive while the kernel before (attention, a norm) ends. SGLITE_GEMV_DEPTH (or DEPTH,
-# read at call time; ignored with PREFETCH)
+# weights arrive while the kernel before (attention, a norm) ends; 0, none before the wait (one
+# in flight after it). SGLITE_GEMV_DEPTH (or DEPTH, read at call time; ignored with PREFETCH).
+# H200 2026-12-04 (bench/decode_floor.py --variants, same call): DEPTH 2 makes Gemma-2-9B's
+# batch-1 graph replay 5.29 -> 5.77 ms (same logits), as the L2 prefetch below did
 DEPTH = int(os.environ.get("SGLITE_GEMV_DEPTH", "1"))
 # (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
 # the same call's --gemv-sweep before it times the GEMV variants)
@@ -68,14 +70,15 @@ def stream_rows(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.con
     if DEPTH == 2:
         acc = _stream_rows_2(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY)
     else:
-        acc = _stream_rows_1(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH)
+        acc = _stream_rows_1(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH, DEPTH == 1)
     return acc
 
 
 @triton.jit
 def _stream_rows_1(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr,
-                   PREFETCH: tl.constexpr):
-    """stream_rows with one weight chunk in flight (DEPTH 1)."""
+                   PREFETCH: tl.constexpr, PRE: tl.constexpr = True):
+    """stream_rows with one weight chunk in flight (DEPTH 1; DEPTH 0: PRE False, the first chunk
+    loaded after the wait)."""
     offs_k = tl.arange(0, BLOCK_K)
     # runs of 8 along K; x loaded as a [BLOCK_N, BLOCK_K] tile (each row the same, L1 hits) so
     # that its 16-byte loads take W's layout: a [1, BLOCK_K] x went through shared memory with
@@ -84,11 +87,14 @@ def _stream_rows_1(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.
     w_ptrs = W + rows[:, None] * stride_wn + offs_k8[None, :]
     x_ptrs = X + (rows * 0)[:, None] + offs_k8[None, :]
     # weights only before the wait: nothing in the forward writes them (pdl.py)
-    w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    if PRE:
+        w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
     if PREFETCH > 0:
         prefetch_rows(W, rows, K, stride_wn, BLOCK_K, PREFETCH)
     wait_for_previous(USE_PDL)
     allow_dependents(EARLY)
+    if not PRE:
+        w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
     acc = tl.zeros(w.shape, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
@@ -159,8 +165,11 @@ def prefetch_lines(x: torch.Tensor, k: int, block_k: int) -> int:
 
 
 def depth(k: int, block_k: int) -> int:
-    """The DEPTH constexpr for rows of k columns in block_k chunks (1 for rows of one chunk)."""
-    return 2 if DEPTH == 2 and k > block_k and not PREFETCH else 1
+    """The DEPTH constexpr for rows of k columns in block_k chunks (2 only for rows of more than
+    one chunk; 1 with PREFETCH)."""
+    if PREFETCH or DEPTH not in (0, 2):
+        return 1
+    return 0 if DEPTH == 0 else (2 if k > block_k else 1)
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:

@@ -48,14 +48,15 @@ def test_embed_rope_matches_torch(dtype):
 
 
 @pytest.mark.parametrize("k", [100, 64])  # K not a multiple of the chunk; two chunks exactly
-def test_gemv_depth_two_is_bit_equal(monkeypatch, k):
+def test_gemv_depths_are_bit_equal(monkeypatch, k):
     g = torch.Generator().manual_seed(k)
     x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
     w = (torch.randn(12, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
     cfg = dict(BLOCK_N=2, BLOCK_K=32, num_warps=1, num_stages=1)
     one = gemv(x, w, config=cfg)
     glu_one = gemv_glu(x, w, gelu=True, block_k=32)
-    monkeypatch.setattr(gemv_mod, "DEPTH", 2)
-    assert gemv_mod.depth(k, 32) == 2
-    assert torch.equal(gemv(x, w, config=cfg), one)
-    assert torch.equal(gemv_glu(x, w, gelu=True, block_k=32), glu_one)
+    for depth in (2, 0):  # two chunks in flight; none before the wait
+        monkeypatch.setattr(gemv_mod, "DEPTH", depth)
+        assert gemv_mod.depth(k, 32) == depth
+        assert torch.equal(gemv(x, w, config=cfg), one)
+        assert torch.equal(gemv_glu(x, w, gelu=True, block_k=32), glu_one)
