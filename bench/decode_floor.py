@@ -175,7 +175,9 @@ def run_variants(args, runner, row, prompt, ctx):
     """The same runner with one thing changed at a time (graphs captured again for each): each
     of the batch-1 fusions / early launches off, the norm prologue and the L2 prefetch on (off by
     default until timed), the fifth session's default, and the projections on cuBLAS without the
-    chained early launch (SGLITE_GEMV=0). Each variant's graph logits on the same tokens against the served graph's
+    chained early launch (SGLITE_GEMV=0) (--variant-set seventh); the eighth session's sets: the
+    fused launches outside the layers off, GEMV weight chunks before the wait (DEPTH), decode
+    attention's d256 tiles, the norms' warps. Each variant's graph logits on the same tokens against the served graph's
     (bit-equal where only launches or fusions with the same roundings differ); with --scheduler
     each variant also decoded through the Scheduler (as served)."""
     from sglite.kernels import decode_attention, gemv, gemv_pairs, norm
@@ -363,7 +365,7 @@ def attn_sweep(runner) -> None:
     from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
 
     cfg, dev = runner.model_config, runner.device
-    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     props = torch.cuda.get_device_properties(dev)
     tiles = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=16, num_warps=4, num_stages=2),
              dict(BLOCK_N=16, num_warps=2, num_stages=2), dict(BLOCK_N=64, num_warps=8, num_stages=2)]
@@ -388,7 +390,7 @@ def attn_sweep(runner) -> None:
             out = torch.empty_like(q)
 
             def call():
-                decode_attention_fwd(q, k_buf, v_buf, out, table, rows, lens, scale=d**-0.5, num_splits=splits,
+                decode_attention_fwd(q, k_buf, v_buf, out, table, rows, lens, scale=cfg.attention_scale, num_splits=splits,
                                      logit_cap=cfg.attn_logit_softcapping, mid_o=mid_o, mid_lse=mid_lse,
                                      tiles=dict(t, merge="fused"))
             try:

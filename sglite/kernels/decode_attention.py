@@ -217,7 +217,8 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
     # so a short request in graphs captured for a long context (32 splits) spreads over twice the
     # programs, each with half the keys: Gemma-2-9B bs 1 at ~130-440 tokens (H200, 2026-12-04,
     # bench/decode_floor.py --variants, same call): graph replay 5.287 -> 5.241 ms (64 keys / 8 warps
-    # 5.343, 32 keys 1 stage 5.287)
+    # 5.343, 32 keys 1 stage 5.287); as served, separate processes of one call, 5.306 -> 5.242.
+    # Long contexts and batches of one split not timed: one split keeps 32 keys
     block_n = 16 if num_splits > 1 and not kv_fp8 else 32
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=2, merge="fused")
 
