@@ -123,6 +123,8 @@ def bench_sglite(args, folder, device, prompt):
     if args.check_only:
         gemv_off_check(runner, row, prompt, recapture)
         raise SystemExit(0)
+    if args.attn_sweep and device.type == "cuda":
+        attn_sweep(runner)
     step_s, replay_s, last = measure(args, runner, row, prompt)
     sched_s = scheduler_decode(args, runner, prompt) if args.scheduler else []
     if args.gemv_sweep and device.type == "cuda":
@@ -173,32 +175,24 @@ def run_variants(args, runner, row, prompt, ctx):
     """The same runner with one thing changed at a time (graphs captured again for each): each
     of the batch-1 fusions / early launches off, the norm prologue and the L2 prefetch on (off by
     default until timed), the fifth session's default, and the projections on cuBLAS without the
-    chained early launch (SGLITE_GEMV=0). Each variant's graph logits on the same tokens against the served graph's
+    chained early launch (SGLITE_GEMV=0) (--variant-set seventh); the eighth session's sets: the
+    fused launches outside the layers off, GEMV weight chunks before the wait (DEPTH), decode
+    attention's d256 tiles, the norms' warps. Each variant's graph logits on the same tokens against the served graph's
     (bit-equal where only launches or fusions with the same roundings differ); with --scheduler
     each variant also decoded through the Scheduler (as served)."""
-    from sglite.kernels import decode_attention, gemv, gemv_pairs
+    from sglite.kernels import decode_attention, gemv, gemv_pairs, norm
     from sglite.runtime.models import gemma
 
     served_ctx = runner.max_context_len
     knobs = {"rope": (gemv_pairs, "ROPE"), "glu": (gemv_pairs, "GLU"), "norm": (gemv_pairs, "NORM"),
              "norm_tiles": (gemv_pairs, "NORM_TILES"), "prefetch": (gemv, "PREFETCH"),
-             "attn_early": (decode_attention, "EARLY_DEPENDENTS")}
+             "attn_early": (decode_attention, "EARLY_DEPENDENTS"), "embed": (gemma, "FUSED_EMBED"),
+             "softcap": (gemma, "FUSED_SOFTCAP"), "depth": (gemv, "DEPTH"),
+             "attn_tiles": (decode_attention, "decode_tiles"), "norm_warps": (norm, "NUM_WARPS")}
     saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
     all4 = gemma.GEMV_PROJECTIONS
-    cases = [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), knob values)
-        ("served again (same graphs: the determinism check)", all4, {}),
-        ("with the L2 prefetch of the GEMV rows (SGLITE_GEMV_PREFETCH=1)", all4, dict(prefetch=True)),
-        ("with the norm prologue (SGLITE_GEMV_NORM=1), 512 cols, 8 warps", all4, dict(norm=True)),
-        ("with the norm prologue, 512 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=512, num_warps=4))),
-        ("with the norm prologue, 256 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=256, num_warps=4))),
-        ("with the norm prologue and the L2 prefetch", all4, dict(norm=True, prefetch=True)),
-        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, dict(rope=False)),
-        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, dict(glu=False)),
-        ("decode attention does not launch the o GEMV early", all4, dict(attn_early=False)),
-        ("none of the sixth session's changes (the fifth session's default)", all4,
-         dict(rope=False, glu=False, attn_early=False)),
-        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), {}),
-    ]
+    cases = (_cases_seventh(all4) if args.variant_set == "seventh" else
+             _cases_eighth(all4, saved["attn_tiles"], short=args.variant_set == "eighth-tiles"))
     base, fed = graph_trace(runner, row, prompt)
     out = []
     for name, which, values in cases:
@@ -228,6 +222,58 @@ def run_variants(args, runner, row, prompt, ctx):
         print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
     return out
+
+
+def _cases_eighth(all4, decode_tiles, short=False):
+    """The eighth session's: the launches outside the layers back on torch, each fusion alone, two
+    weight chunks in flight in every GEMV, decode attention's d256 tiles (short: the tiles only)."""
+    def d256(**tiles):
+        def pick(head_dim, **kw):
+            cfg = decode_tiles(head_dim, **kw)
+            return dict(cfg, **tiles) if head_dim > 128 and kw["device"].type == "cuda" else cfg
+        return pick
+
+    served = ("served again (same graphs: the determinism check)", all4, {})
+    torch_ends = ("torch ends (embedding scale, cos / sin, soft-cap as the seventh session's)", all4,
+                  dict(embed=False, softcap=False))
+    old_tiles = ("decode attention d256 tiles: 32 keys, 4 warps (the seventh session's)", all4,
+                 dict(attn_tiles=d256(BLOCK_N=32)))
+    if short:  # the second call: decode attention's d256 tiles around the new default (16 keys)
+        return [served, old_tiles,
+                ("decode attention d256 tiles: 16 keys, 2 warps", all4, dict(attn_tiles=d256(num_warps=2))),
+                ("no weights before the GEMVs' PDL wait (SGLITE_GEMV_DEPTH=0)", all4, dict(depth=0)),
+                ("norm kernels with 16 warps (8 by default at 3584)", all4, dict(norm_warps=16)),
+                ("norm kernels with 4 warps", all4, dict(norm_warps=4)),
+                torch_ends]
+    return [
+        served, torch_ends,
+        ("fused soft-cap only (torch embedding scale, cos / sin)", all4, dict(embed=False)),
+        ("fused embedding + cos / sin only (torch soft-cap)", all4, dict(softcap=False)),
+        ("two weight chunks in flight in every GEMV (SGLITE_GEMV_DEPTH=2)", all4, dict(depth=2)),
+        old_tiles,
+        ("decode attention d256 tiles: 64 keys, 8 warps", all4, dict(attn_tiles=d256(BLOCK_N=64, num_warps=8))),
+        ("decode attention d256 tiles: 16 keys, 4 warps", all4, dict(attn_tiles=d256(BLOCK_N=16, num_warps=4))),
+        ("decode attention d256 tiles: 32 keys, 4 warps, 1 stage", all4,
+         dict(attn_tiles=d256(BLOCK_N=32, num_stages=1))),
+    ]
+
+
+def _cases_seventh(all4):
+    """The seventh session's (the L2 prefetch, the norm prologue; each sixth-session change off)."""
+    return [  # (name, projections through the GEMV (none: gemv.ENABLED off, so no chain), knob values)
+        ("served again (same graphs: the determinism check)", all4, {}),
+        ("with the L2 prefetch of the GEMV rows (SGLITE_GEMV_PREFETCH=1)", all4, dict(prefetch=True)),
+        ("with the norm prologue (SGLITE_GEMV_NORM=1), 512 cols, 8 warps", all4, dict(norm=True)),
+        ("with the norm prologue, 512 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=512, num_warps=4))),
+        ("with the norm prologue, 256 cols, 4 warps", all4, dict(norm=True, norm_tiles=dict(block_k=256, num_warps=4))),
+        ("with the norm prologue and the L2 prefetch", all4, dict(norm=True, prefetch=True)),
+        ("no rotary epilogue (qkv GEMV, then the rotary + KV store kernel)", all4, dict(rope=False)),
+        ("no GLU epilogue (gate_up GEMV, then the GeGLU kernel)", all4, dict(glu=False)),
+        ("decode attention does not launch the o GEMV early", all4, dict(attn_early=False)),
+        ("none of the sixth session's changes (the fifth session's default)", all4,
+         dict(rope=False, glu=False, attn_early=False)),
+        ("cuBLAS projections, no chained launch (SGLITE_GEMV=0)", (), {}),
+    ]
 
 
 def rope_check(runner, row, prompt, ctx, steps: int = 3) -> None:
@@ -309,6 +355,66 @@ def rope_check(runner, row, prompt, ctx, steps: int = 3) -> None:
         finally:
             gemv_pairs.ROPE, gemv_pairs.gemv_rope = True, real_rope
     recapture(runner, ctx or served_ctx)
+
+
+@torch.inference_mode()
+def attn_sweep(runner) -> None:
+    """Decode attention alone at the model's head shape (graphs of 20 calls over one random bf16
+    pool; splits as a graph captured for the model's context has them): the d256 tiles at bs 1
+    over 256-8192 keys and at bs 32 x 2048 (1 split), us a call."""
+    from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
+
+    cfg, dev = runner.model_config, runner.device
+    heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    props = torch.cuda.get_device_properties(dev)
+    tiles = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=16, num_warps=4, num_stages=2),
+             dict(BLOCK_N=16, num_warps=2, num_stages=2), dict(BLOCK_N=64, num_warps=8, num_stages=2)]
+    print("## decode attention alone (us a call; d256 tiles BLOCK_N x warps x stages)")
+    print("| bs x keys (splits) | " + " | ".join("{BLOCK_N}x{num_warps}x{num_stages}".format(**t) for t in tiles) + " |")
+    for bs, kv in ((1, 256), (1, 1024), (1, 4096), (1, 8192), (32, 2048)):
+        splits = decode_num_splits(bs, kv_heads, num_sms=props.multi_processor_count,
+                                   max_kv_len=runner.max_context_len)
+        if bs > 1:
+            splits = decode_num_splits(bs, kv_heads, num_sms=props.multi_processor_count, max_kv_len=kv)
+        g = torch.Generator(device=dev).manual_seed(bs * kv)
+        k_buf = torch.randn(bs * kv + 1, kv_heads, d, device=dev, dtype=torch.bfloat16, generator=g)
+        v_buf = torch.randn(bs * kv + 1, kv_heads, d, device=dev, dtype=torch.bfloat16, generator=g)
+        q = torch.randn(bs, heads, d, device=dev, dtype=torch.bfloat16, generator=g)
+        table = (1 + torch.randperm(bs * kv, device=dev, generator=g)).view(bs, kv).to(torch.int32)
+        rows = torch.arange(bs, device=dev)
+        lens = torch.full((bs,), kv, device=dev, dtype=torch.int32)
+        mid_o = torch.empty(bs, heads, splits, d, device=dev, dtype=torch.float32)
+        mid_lse = torch.empty(bs, heads, splits, device=dev, dtype=torch.float32)
+        cells, ref = [], None
+        for t in tiles:
+            out = torch.empty_like(q)
+
+            def call():
+                decode_attention_fwd(q, k_buf, v_buf, out, table, rows, lens, scale=cfg.attention_scale, num_splits=splits,
+                                     logit_cap=cfg.attn_logit_softcapping, mid_o=mid_o, mid_lse=mid_lse,
+                                     tiles=dict(t, merge="fused"))
+            try:
+                call()
+                sync(dev)
+                ref = out.clone() if ref is None else ref
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(20):
+                        call()
+                graph.replay()
+                sync(dev)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    graph.replay()
+                end.record()
+                sync(dev)
+                cells.append(f"{start.elapsed_time(end) * 1e3 / 200:.2f}{' ERR %.1e' % err if err > 1e-2 else ''}")
+                del graph
+            except Exception as e:  # noqa: BLE001
+                cells.append(f"failed {type(e).__name__}")
+        print(f"| {bs} x {kv} ({splits}) | " + " | ".join(cells) + " |", flush=True)
 
 
 @torch.inference_mode()
@@ -455,6 +561,10 @@ def main():
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
                     help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
+    ap.add_argument("--variant-set", default="eighth", choices=("eighth", "eighth-tiles", "seventh"),
+                    help="--variants: this session's cases (eighth-tiles: decode attention's only), or the seventh session's")
+    ap.add_argument("--attn-sweep", action="store_true",
+                    help="decode attention alone at the model's head shape: d256 tiles at bs 1 x 256-8192 and bs 32")
     ap.add_argument("--check-only", action="store_true",
                     help="only the served-path checks against eager launches, no timing")
     ap.add_argument("--rope-check", action="store_true",

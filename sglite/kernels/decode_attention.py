@@ -200,9 +200,13 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
     """The one tile table of this kernel: BLOCK_N keys per step, warps, pipeline depth, and how
     the splits merge ("fused" into the split kernel, or "kernel": a second launch).
     H200, d=128, random slots (bench/kernels.py --sweep): one split, 64 keys, 4 warps, 2 stages
-    reads 4130-4170 GB/s at bs 64 x 4096 (copy: 4240 GB/s read + write; 128 keys: 3610); split
-    (bs 1 x 32768 at 32 splits): 128 keys 0.0444 ms, 3 stages 0.0453, 64 keys 0.0502; the fused
-    merge 0.0444 vs 0.0457 in a second kernel.
+    reads 4130-4170 GB/s at bs 64 x 4096 (copy: 4240 GB/s read + write; 128 keys: 3610); the fused
+    merge 0.0444 vs 0.0457 ms in a second kernel (bs 1 x 32768). Split launches of a 16-bit pool
+    take 64 keys and 3 stages (H200 2026-12-04, bench/decode_read_ceiling.py, same call, us and
+    share of copy, 64 keys 3 stages vs 128 keys 2 stages: bs 1 x 32768 40.0 (0.84) vs 46.7 (0.72),
+    4 x 8192 39.4 (0.85) vs 46.0 (0.73), 8 x 2048 22.5 (0.74) vs 25.6 (0.66), 16 x 1024 22.5 (0.75)
+    vs 25.5 (0.66), 1 x 4096 10.7 vs 11.0; the 2026-11 sweep had found 128 keys best); an FP8
+    pool's split launches keep 128 keys and 2 stages (64 keys: 0.48 vs 0.62 at 1 x 32768).
     An FP8 pool (kv_fp8) with one split takes 3 stages: the K/V tile has one buffer at any depth
     (triton 3.6 pipelines the slot ids, on which the tile's addresses depend, as a stage of their
     own), so a third stage moves the slot ids' load off the tile's critical path; with half the
@@ -215,7 +219,14 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
             return dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused")
         stages = 3 if kv_fp8 or num_splits > 1 else 2
         return dict(BLOCK_N=64, num_warps=4, num_stages=stages, merge="fused")
-    return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused")
+    # head_dim 256 (Gemma), split requests of a 16-bit pool: 16-key tiles. Splits are whole tiles,
+    # so a short request in graphs captured for a long context (32 splits) spreads over twice the
+    # programs, each with half the keys: Gemma-2-9B bs 1 at ~130-440 tokens (H200, 2026-12-04,
+    # bench/decode_floor.py --variants, same call): graph replay 5.287 -> 5.241 ms (64 keys / 8 warps
+    # 5.343, 32 keys 1 stage 5.287); as served, separate processes of one call, 5.306 -> 5.242.
+    # Long contexts and batches of one split not timed: one split keeps 32 keys
+    block_n = 16 if num_splits > 1 and not kv_fp8 else 32
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2, merge="fused")
 
 
 COUNTER_SLOTS = 1 << 14  # (request, KV head) pairs one launch may fuse; more fall back to "kernel"

@@ -35,6 +35,13 @@ ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
 # already, and rows asked for early take bandwidth from the kernel still running (and L2 lines
 # they may lose before use). SGLITE_GEMV_PREFETCH=1 (or PREFETCH, read at call time) turns it on
 PREFETCH = os.environ.get("SGLITE_GEMV_PREFETCH", "0") == "1"
+# weight chunks each program keeps in flight (stream_rows' DEPTH), also the pair GEMVs'
+# (gemv_pairs.py): 1, the first chunk loaded before the PDL wait; 2, the first two, so that more
+# weights arrive while the kernel before (attention, a norm) ends; 0, none before the wait (one
+# in flight after it). SGLITE_GEMV_DEPTH (or DEPTH, read at call time; ignored with PREFETCH).
+# H200 2026-12-04 (bench/decode_floor.py --variants, same call): DEPTH 2 makes Gemma-2-9B's
+# batch-1 graph replay 5.29 -> 5.77 ms (same logits), as the L2 prefetch below did
+DEPTH = int(os.environ.get("SGLITE_GEMV_DEPTH", "1"))
 # (n, k) -> tiles, consulted before gemv_config's default (bench/decode_floor.py fills it from
 # the same call's --gemv-sweep before it times the GEMV variants)
 TILES: dict[tuple[int, int], dict] = {}
@@ -54,11 +61,24 @@ def prefetch_rows(W, rows, K, stride_wn, BLOCK_K: tl.constexpr, LINES: tl.conste
 
 @triton.jit
 def stream_rows(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr,
-                PREFETCH: tl.constexpr = 0):
+                PREFETCH: tl.constexpr = 0, DEPTH: tl.constexpr = 1):
     """x [K] . W[rows] in fp32 ([BLOCK_N] for in-bounds rows [BLOCK_N]): W's first chunk loaded
     before the PDL wait (with PREFETCH = prefetch_rows' LINES, the rest of the rows asked of L2
-    too), x after it; with EARLY the next kernel launches right after the wait. Also the paired
-    GEMVs with epilogues (gemv_pairs.py)."""
+    too), x after it; with EARLY the next kernel launches right after the wait. DEPTH 2: the
+    first two chunks before the wait and two in flight in the loop (same products, same order).
+    Also the paired GEMVs with epilogues (gemv_pairs.py)."""
+    if DEPTH == 2:
+        acc = _stream_rows_2(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY)
+    else:
+        acc = _stream_rows_1(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH, DEPTH == 1)
+    return acc
+
+
+@triton.jit
+def _stream_rows_1(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr,
+                   PREFETCH: tl.constexpr, PRE: tl.constexpr = True):
+    """stream_rows with one weight chunk in flight (DEPTH 1; DEPTH 0: PRE False, the first chunk
+    loaded after the wait)."""
     offs_k = tl.arange(0, BLOCK_K)
     # runs of 8 along K; x loaded as a [BLOCK_N, BLOCK_K] tile (each row the same, L1 hits) so
     # that its 16-byte loads take W's layout: a [1, BLOCK_K] x went through shared memory with
@@ -67,11 +87,14 @@ def stream_rows(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.con
     w_ptrs = W + rows[:, None] * stride_wn + offs_k8[None, :]
     x_ptrs = X + (rows * 0)[:, None] + offs_k8[None, :]
     # weights only before the wait: nothing in the forward writes them (pdl.py)
-    w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    if PRE:
+        w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
     if PREFETCH > 0:
         prefetch_rows(W, rows, K, stride_wn, BLOCK_K, PREFETCH)
     wait_for_previous(USE_PDL)
     allow_dependents(EARLY)
+    if not PRE:
+        w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
     acc = tl.zeros(w.shape, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
@@ -83,18 +106,40 @@ def stream_rows(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.con
 
 
 @triton.jit
+def _stream_rows_2(X, W, rows, K, stride_wn, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr):
+    """stream_rows with two weight chunks in flight (DEPTH 2)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_k8 = tl.max_contiguous(offs_k, 8)
+    w_ptrs = W + rows[:, None] * stride_wn + offs_k8[None, :]
+    x_ptrs = X + (rows * 0)[:, None] + offs_k8[None, :]
+    w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    w1 = tl.load(w_ptrs + BLOCK_K, mask=(BLOCK_K + offs_k < K)[None, :], other=0.0)
+    wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)
+    acc = tl.zeros(w.shape, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
+        w2 = tl.load(w_ptrs + (k0 + 2 * BLOCK_K), mask=(k0 + 2 * BLOCK_K + offs_k < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)
+        w = w1
+        w1 = w2
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _gemv_kernel(
     X, W, Out, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
     EARLY: tl.constexpr = False,  # pdl.chain_options: the next kernel launches after the wait
     PREFETCH: tl.constexpr = 0,  # prefetch_lines()
+    DEPTH: tl.constexpr = 1,  # stream_rows' weight chunks in flight (DEPTH below)
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.where(mask_n, offs_n, 0).to(tl.int64)  # in-bounds rows; the store drops the extra
-    out = stream_rows(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH)
+    out = stream_rows(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH, DEPTH)
     tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=mask_n)
 
 
@@ -119,6 +164,14 @@ def prefetch_lines(x: torch.Tensor, k: int, block_k: int) -> int:
     return triton.next_power_of_2(triton.cdiv(k - block_k, 64))
 
 
+def depth(k: int, block_k: int) -> int:
+    """The DEPTH constexpr for rows of k columns in block_k chunks (2 only for rows of more than
+    one chunk; 1 with PREFETCH)."""
+    if PREFETCH or DEPTH not in (0, 2):
+        return 1
+    return 0 if DEPTH == 0 else (2 if k > block_k else 1)
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     """Whether gemv() serves F.linear(x, weight, bias): one row, CUDA, 16-bit, no bias."""
     return (ENABLED and bias is None and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
@@ -141,5 +194,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: dict | None = None,
     out = torch.empty(1, n, dtype=x.dtype, device=x.device) if out is None else out
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, out, n, k, weight.stride(0), **cfg, **pdl_options(x),
-        **chain_options(x, early), PREFETCH=prefetch_lines(x, k, cfg["BLOCK_K"]))
+        **chain_options(x, early), PREFETCH=prefetch_lines(x, k, cfg["BLOCK_K"]), DEPTH=depth(k, cfg["BLOCK_K"]))
     return out

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .activation import act_and_mul
-from .gemv import prefetch_lines, prefetch_rows, stream_rows
+from .gemv import depth, prefetch_lines, prefetch_rows, stream_rows
 from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 ROPE = os.environ.get("SGLITE_GEMV_ROPE", "1") != "0"
@@ -128,13 +128,13 @@ def stream_rows_normed(O, Res, G1, G2, Res_out, W, rows, K, stride_wn, eps1, eps
 @triton.jit
 def _project(X, W, rows, K, stride_wn, Res, G1, G2, Res_out, eps1, eps2,
              BLOCK_K: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr,
-             PREFETCH: tl.constexpr):
+             PREFETCH: tl.constexpr, DEPTH: tl.constexpr = 1):
     """The pair's two sums: of x, or with NORM of the sandwich-normed x (stream_rows_normed)."""
     if NORM:
         acc = stream_rows_normed(X, Res, G1, G2, Res_out, W, rows, K, stride_wn, eps1, eps2, BLOCK_K, USE_PDL,
                                  EARLY, PREFETCH)
     else:
-        acc = stream_rows(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH)
+        acc = stream_rows(X, W, rows, K, stride_wn, BLOCK_K, USE_PDL, EARLY, PREFETCH, DEPTH)
     return acc
 
 
@@ -170,6 +170,7 @@ def _gemv_rope_kernel(
     USE_PDL: tl.constexpr = False,
     EARLY: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,  # gemv.prefetch_lines()
+    DEPTH: tl.constexpr = 1,  # gemv.depth()
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid = tl.program_id(0)
@@ -178,7 +179,7 @@ def _gemv_rope_kernel(
     r = tl.arange(0, 2)  # the pair: dims j and j + HALF of the head
     rows = (head * HEAD_DIM + j + r * HALF).to(tl.int64)
     acc = _project(X, W, rows, K, stride_wn, Res, G1, G2, Res_out, eps1, eps2, BLOCK_K, NORM, USE_PDL,
-                   EARLY, PREFETCH)  # waits for x inside
+                   EARLY, PREFETCH, DEPTH)  # waits for x inside
     y = acc.to(Out.dtype.element_ty).to(tl.float32)  # the projection's output, as rotary reads it
     x1 = tl.sum(tl.where(r == 0, y, 0.0), 0)
     x2 = tl.sum(tl.where(r == 1, y, 0.0), 0)
@@ -244,6 +245,7 @@ def gemv_rope(
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), *norm_args,
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_K=block_k,
         NORM=norm is not None, PREFETCH=prefetch_lines(x, k, block_k),
+        DEPTH=1 if norm is not None else depth(k, block_k),
         num_warps=num_warps if x.is_cuda else 1, num_stages=1, **pdl_options(x), **chain_options(x, early),
     )
     return out if norm is None else (out, new_residual)
@@ -257,12 +259,13 @@ def _gemv_glu_kernel(
     USE_PDL: tl.constexpr = False,
     EARLY: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,  # gemv.prefetch_lines()
+    DEPTH: tl.constexpr = 1,  # gemv.depth()
 ):
     j = tl.program_id(0)
     r = tl.arange(0, 2)  # the pair: gate row j and up row I + j
     rows = (j + r * I).to(tl.int64)
     acc = _project(X, W, rows, K, stride_wn, Res, G1, G2, Res_out, eps1, eps2, BLOCK_K, NORM, USE_PDL,
-                   EARLY, PREFETCH)  # waits for x inside
+                   EARLY, PREFETCH, DEPTH)  # waits for x inside
     y = acc.to(Out.dtype.element_ty).to(tl.float32)  # the projection's output, as the activation reads it
     gate = tl.sum(tl.where(r == 0, y, 0.0), 0)
     up = tl.sum(tl.where(r == 1, y, 0.0), 0)
@@ -284,6 +287,7 @@ def gemv_glu(x: torch.Tensor, weight: torch.Tensor, *, gelu: bool, block_k: int 
     _gemv_glu_kernel[(n // 2,)](
         x, weight, out, k, weight.stride(0), n // 2, *norm_args, BLOCK_K=block_k, GELU=gelu,
         NORM=norm is not None, PREFETCH=prefetch_lines(x, k, block_k),
+        DEPTH=1 if norm is not None else depth(k, block_k),
         num_warps=num_warps if x.is_cuda else 1, num_stages=1, **pdl_options(x), **chain_options(x, early),
     )
     return out if norm is None else (out, new_residual)

@@ -23,6 +23,7 @@ import triton.language as tl
 from .pdl import allow_dependents, chain_options, pdl_options, wait_for_previous
 
 MAX_N = 65536  # one row in registers: 64k fp32 over 16 warps is 128 values per thread
+NUM_WARPS: int | None = None  # overrides the warps a row gets (benchmarks; read at call time)
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def _launch(x, residual, out, weight, eps, pre_weight=None, pre_eps=0.0, early=F
         x.stride(0), r.stride(0), out.stride(0),
         n, eps, pre_eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, PRE_NORM=pre_weight is not None,
-        num_warps=min(16, max(1, block_n // 512)) if x.is_cuda else 1, **pdl_options(x),
+        num_warps=(NUM_WARPS or min(16, max(1, block_n // 512))) if x.is_cuda else 1, **pdl_options(x),
         **chain_options(x, early),
     )
 

@@ -19,13 +19,17 @@ layers/linear.py dispatches on the `one_row_gemv` flag set here), and the norms 
 next launch start early (pdl.py's chained launch), so each GEMV streams its first weights while
 the kernel before it runs (Gemma-2-9B on an H200: replay 5.93 -> 5.34 ms, docs/benchmarks.md).
 Gemma 2's qkv GEMV also rotates q / k and stores K / V, and gate_up applies GeGLU, in their
-epilogues (sglite.kernels.gemv_pairs: one launch each instead of two).
+epilogues (sglite.kernels.gemv_pairs: one launch each instead of two). Outside the layers the
+scaled embedding with the rope's cos / sin (embed_rope.py) and the final soft-cap with the fp32
+cast (softcap.py) are one launch each, bit-equal to the torch code on an H200 (replay -0.02 ms).
 
 Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, 4B and up) are not served; the
 text-only Gemma3ForCausalLM (gemma-3-1b, or a text model extracted from a larger one) is.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,7 @@ from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.models.layers import GatedMLP
 from sglite.runtime.models.layers.fused import use_fused
 from sglite.runtime.models.layers.linear import QuantLinear
+from sglite.runtime.models.layers import rotary as _rotary
 from sglite.runtime.models.layers.rotary import rotary_from_config
 from sglite.runtime.models.llama import LlamaAttention, LlamaForCausalLM, logit_rows
 
@@ -84,6 +89,18 @@ class GemmaRMSNorm(nn.Module):
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+# batch-1 decode's launches outside the layers, on CUDA: the embedding's scale and the rope's
+# cos / sin in one launch, the final soft-cap with the fp32 cast in one (four and five torch
+# launches before). SGLITE_GEMMA_FUSED_ENDS=0 keeps the torch code (read at call time: benchmarks
+# flip FUSED_EMBED / FUSED_SOFTCAP)
+FUSED_EMBED = FUSED_SOFTCAP = os.environ.get("SGLITE_GEMMA_FUSED_ENDS", "1") != "0"
+
+
+def rotary_fused(positions: torch.Tensor) -> bool:
+    """Whether the rope's cos / sin take the fused kernels' layout ([T, D / 2] fp32: rotary.py)."""
+    return _rotary.use_fused(positions)
 
 
 def _chain() -> bool:
@@ -231,12 +248,10 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.rotary_local = None
         if config.rope_local_theta is not None:
             self.rotary_local = rotary_from_config(config, theta=config.rope_local_theta, scaling=None)
+        self._inv_freq: dict = {}  # device -> the global rope's inv_freq there (_embed)
 
     def forward(self, batch: ForwardBatch, backend: BaseAttentionBackend) -> torch.Tensor:
-        x = self.model.embed_tokens(batch.input_ids)
-        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)  # rounded as transformers
-        rope = self.rotary(batch.positions, x.dtype)
-        rope_local = rope if self.rotary_local is None else self.rotary_local(batch.positions, x.dtype)
+        x, rope, rope_local = self._embed(batch)
         residual, prev = None, None
         for layer in self.model.layers:
             cos, sin = rope_local if layer.is_sliding else rope
@@ -246,11 +261,37 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         if rows is not None:
             x, residual = x[rows], residual[rows]
         x = prev.post_feedforward_layernorm.then_add_norm(x, residual, self.model.norm)[0]
-        logits = F.linear(x, self.lm_head_weight)[:num_rows].float()
+        logits = F.linear(x, self.lm_head_weight)[:num_rows]
         cap = self.config.final_logit_softcapping
+        if FUSED_SOFTCAP and use_fused(logits):
+            from sglite.kernels.softcap import softcap_logits
+
+            return softcap_logits(logits, cap)  # the cast and the cap: one launch
+        logits = logits.float()
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _embed(self, batch: ForwardBatch):
+        """The scaled embedding (sqrt(hidden) rounded to the dtype, as transformers) and the
+        (cos, sin) of the global and the local rope; on CUDA one launch where the rope is a plain
+        one (sglite.kernels.embed_rope: Gemma 2), else the torch code / rotary kernels."""
+        embed, rotary = self.model.embed_tokens, self.rotary
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=embed.weight.dtype)
+        if (FUSED_EMBED and use_fused(batch.input_ids) and rotary_fused(batch.positions) and type(embed) is nn.Embedding
+                and self.rotary_local is None and not rotary.partial and rotary.attention_factor == 1.0
+                and rotary.kind in ("default", "linear", "llama3", "yarn")):
+            from sglite.kernels.embed_rope import embed_rope
+
+            inv = self._inv_freq.get(batch.input_ids.device)
+            if inv is None:
+                inv = self._inv_freq[batch.input_ids.device] = rotary.inv_freq_cpu.to(batch.input_ids.device)
+            x, cos, sin = embed_rope(batch.input_ids, embed.weight, scale.item(), batch.positions, inv,
+                                     early=_chain())
+            return x, (cos, sin), (cos, sin)
+        x = embed(batch.input_ids) * scale  # rounded as transformers
+        rope = rotary(batch.positions, x.dtype)
+        return x, rope, rope if self.rotary_local is None else self.rotary_local(batch.positions, x.dtype)
 
     def load_weights(self, weights) -> None:
         super().load_weights(weights)

@@ -5,6 +5,8 @@ and final-logit soft-capping (Gemma 2), q/k norms and the local rope base of the
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -72,15 +74,24 @@ def test_greedy_32_steps_match_generate(served):
 
 
 def test_gemma2_through_the_triton_kernels(tmp_path, monkeypatch):
-    """The GPU path's attention (soft-capped decode / extend kernels, per-layer windows) and its
-    norms (each sandwich pair in one launch), here under the Triton interpreter, against
+    """The GPU path's attention (soft-capped decode / extend kernels, per-layer windows), its
+    norms (each sandwich pair in one launch), rotary kernel, scaled embedding with cos / sin in
+    one launch and final soft-cap in one, here under the Triton interpreter, against
     transformers."""
     from sglite.runtime.models import gemma
+    from sglite.runtime.models.layers import rotary
 
     monkeypatch.setattr(gemma, "use_fused", lambda t: True)
+    monkeypatch.setattr(rotary, "use_fused", lambda t: True)
+    calls = []
+    for module, name in (("embed_rope", "embed_rope"), ("softcap", "softcap_logits")):
+        mod = importlib.import_module(f"sglite.kernels.{module}")
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     folder, hf, _ = family.save_model(tmp_path, _gemma2(), "gemma")
     runner = family.runner_for(folder, attention_backend="triton", skip_tokenizer_init=True)
     family.check_logits(runner, hf, lengths=(16, 11))
+    assert "embed_rope" in calls and "softcap_logits" in calls
 
 
 def test_gemma_norm_fused_path_matches_torch(monkeypatch):
