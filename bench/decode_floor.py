@@ -367,11 +367,10 @@ def attn_sweep(runner) -> None:
     cfg, dev = runner.model_config, runner.device
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     props = torch.cuda.get_device_properties(dev)
-    tiles = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=32, num_warps=4, num_stages=2, split_align=16),
-             dict(BLOCK_N=16, num_warps=4, num_stages=2), dict(BLOCK_N=64, num_warps=8, num_stages=2)]
-    print("## decode attention alone (us a call; d256 tiles BLOCK_N x warps x stages, a16: splits of 16-key runs)")
-    print("| bs x keys (splits) | " + " | ".join("{BLOCK_N}x{num_warps}x{num_stages}".format(**t)
-                                                + (" a16" if t.get("split_align") else "") for t in tiles) + " |")
+    tiles = [dict(BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_N=16, num_warps=4, num_stages=2),
+             dict(BLOCK_N=16, num_warps=2, num_stages=2), dict(BLOCK_N=64, num_warps=8, num_stages=2)]
+    print("## decode attention alone (us a call; d256 tiles BLOCK_N x warps x stages)")
+    print("| bs x keys (splits) | " + " | ".join("{BLOCK_N}x{num_warps}x{num_stages}".format(**t) for t in tiles) + " |")
     for bs, kv in ((1, 256), (1, 1024), (1, 4096), (1, 8192), (32, 2048)):
         splits = decode_num_splits(bs, kv_heads, num_sms=props.multi_processor_count,
                                    max_kv_len=runner.max_context_len)

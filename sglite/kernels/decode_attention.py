@@ -78,7 +78,6 @@ def _decode_stage1_kernel(
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
     USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False, V_SPLIT: tl.constexpr = 0,
-    SPLIT_ALIGN: tl.constexpr = 16,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
@@ -101,10 +100,8 @@ def _decode_stage1_kernel(
         win_start = 0
         num_head = 0
         kv_len = seq_len
-    # whole BLOCK_N tiles per split keep every split but the last free of bound masks' waste;
-    # SPLIT_ALIGN < BLOCK_N lets short requests spread over more splits (a split's last tile then
-    # masked in part), while long ones still get whole tiles
-    split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    # whole BLOCK_N tiles per split keep every split but the last free of bound masks' waste
+    split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     split_start = cur_split * split_len
     split_end = tl.minimum(split_start + split_len, kv_len)
     # splits that hold keys: a short request in a launch sized for long ones (CUDA graphs) has
@@ -222,14 +219,14 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
             return dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused")
         stages = 3 if kv_fp8 or num_splits > 1 else 2
         return dict(BLOCK_N=64, num_warps=4, num_stages=stages, merge="fused")
-    # head_dim 256 (Gemma): 32-key tiles; split requests of a 16-bit pool have splits of whole
-    # 16-key runs ("split_align"), so a short request in graphs captured for a long context (32
-    # splits) spreads over twice the programs. Gemma-2-9B bs 1 at ~130-440 tokens (H200,
-    # 2026-12-04, bench/decode_floor.py, same call): 16-key tiles took the replay 5.287 -> 5.241 ms,
-    # but alone at bs 1 (--attn-sweep) they cost 8.54 vs 8.21 us at 1024 keys, 18.5 vs 14.6 at 4096,
-    # 38.1 vs 28.1 at 8192: the alignment alone keeps the 32-key tile's long-context speed
-    align = 16 if num_splits > 1 and not kv_fp8 else 32
-    return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused", split_align=align)
+    # head_dim 256 (Gemma), split requests of a 16-bit pool: 16-key tiles. Splits are whole tiles,
+    # so a short request in graphs captured for a long context (32 splits) spreads over twice the
+    # programs, each with half the keys: Gemma-2-9B bs 1 at ~130-440 tokens (H200, 2026-12-04,
+    # bench/decode_floor.py --variants, same call): graph replay 5.287 -> 5.241 ms (64 keys / 8 warps
+    # 5.343, 32 keys 1 stage 5.287); as served, separate processes of one call, 5.306 -> 5.242.
+    # Long contexts and batches of one split not timed: one split keeps 32 keys
+    block_n = 16 if num_splits > 1 and not kv_fp8 else 32
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2, merge="fused")
 
 
 COUNTER_SLOTS = 1 << 14  # (request, KV head) pairs one launch may fuse; more fall back to "kernel"
@@ -283,7 +280,6 @@ def decode_attention_fwd(
     kv_fp8 = k_buffer.dtype == torch.float8_e4m3fn
     cfg = dict(tiles or decode_tiles(head_dim, device=q.device, num_splits=num_splits, kv_fp8=kv_fp8))
     merge = cfg.pop("merge", "fused")  # "kernel" keeps two launches even for one split (benchmarks)
-    split_align = cfg.pop("split_align", None)  # splits of whole runs of this many keys (BLOCK_N's default)
     if merge not in ("fused", "kernel"):
         raise ValueError(f"tiles['merge'] must be 'fused' or 'kernel', got {merge!r}")
     counters = None
@@ -307,9 +303,6 @@ def decode_attention_fwd(
     block_g = triton.next_power_of_2(group)
     has_window = sliding_window is not None
     block_n = cfg.pop("BLOCK_N")
-    split_align = split_align or block_n
-    if block_n % split_align or split_align < 16:
-        raise ValueError(f"tiles['split_align'] must divide BLOCK_N ({block_n}) and be >= 16, got {split_align}")
     # bulk loads where they pay (H200, pages of 128 in random order, bench/kernels.py): split
     # requests (bs 1 x 32k: 0.038 vs 0.040 ms gathering the same pages); not a bf16 batch that needs
     # no splits (bs 64 x 4096: 0.250 vs 0.244 ms) nor a window (0.014 vs 0.013 ms); an FP8 one
@@ -342,7 +335,7 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, SPLIT_ALIGN=split_align, **cfg,
+        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, **cfg,
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":

@@ -61,20 +61,6 @@ def test_decode_over_pages_matches_reference(num_heads, num_kv_heads, head_dim, 
         assert rel_err(out, ref) < FP32_TOL
 
 
-@pytest.mark.parametrize("page_size", [None, 16])
-def test_splits_aligned_below_the_tile(page_size):
-    """tiles["split_align"] < BLOCK_N: splits of whole 16-key runs over 32-key tiles (a split's
-    last tile masked in part, over pages a tile crossing a page gathers), against the reference."""
-    sc = decode_scenario([3, 20, 45, 70], num_heads=4, num_kv_heads=2, head_dim=16, page_size=page_size, seed=3)
-    tiles = dict(BLOCK_N=32, num_warps=1, num_stages=1, merge="fused", split_align=16, tma=page_size is not None)
-    out = run_decode(sc, num_splits=5, page_size=page_size or 1, tiles=tiles)
-    ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens, scale=sc.scale)
-    assert not out.isnan().any()
-    assert rel_err(out, ref) < FP32_TOL
-    with pytest.raises(ValueError, match="split_align"):
-        run_decode(sc, num_splits=5, tiles={**tiles, "split_align": 24})
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN tiles, under the interpreter
 def test_consecutive_tiles_take_the_bulk_loads(monkeypatch):
     """Mutation check that the TMA path runs: descriptors over NaN copies of the pools poison the
