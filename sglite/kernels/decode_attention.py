@@ -219,14 +219,13 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
             return dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused")
         stages = 3 if kv_fp8 or num_splits > 1 else 2
         return dict(BLOCK_N=64, num_warps=4, num_stages=stages, merge="fused")
-    # head_dim 256 (Gemma), split requests of a 16-bit pool: 16-key tiles. Splits are whole tiles,
-    # so a short request in graphs captured for a long context (32 splits) spreads over twice the
-    # programs, each with half the keys: Gemma-2-9B bs 1 at ~130-440 tokens (H200, 2026-12-04,
-    # bench/decode_floor.py --variants, same call): graph replay 5.287 -> 5.241 ms (64 keys / 8 warps
-    # 5.343, 32 keys 1 stage 5.287); as served, separate processes of one call, 5.306 -> 5.242.
-    # Long contexts and batches of one split not timed: one split keeps 32 keys
-    block_n = 16 if num_splits > 1 and not kv_fp8 else 32
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2, merge="fused")
+    # head_dim 256 (Gemma): 32-key tiles. 16-key tiles for split launches spread a short request
+    # over twice the splits (Gemma-2-9B bs 1 at ~130-440 tokens, H200 2026-12-04: graph replay
+    # 5.287 -> 5.241 ms) but cost more than that at real contexts (bench/decode_floor.py
+    # --attn-sweep, bs 1, 32 splits, us a call, 32 vs 16 keys: 8.2 vs 8.5 at 1024 keys, 14.6 vs
+    # 18.5 at 4096, 28.1 vs 38.1 at 8192; splits of 16-key runs over 32-key tiles were no better
+    # than plain 32 at short contexts and 10-20% slower at long ones)
+    return dict(BLOCK_N=32, num_warps=4, num_stages=2, merge="fused")
 
 
 COUNTER_SLOTS = 1 << 14  # (request, KV head) pairs one launch may fuse; more fall back to "kernel"
