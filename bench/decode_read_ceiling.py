@@ -152,8 +152,8 @@ def main():
     ap.add_argument("--splits", default="24,32,48,64")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--attn-tiles", default="128:2,128:3,64:2,64:3",
-                    help="keys:stages[:warps] tiles for the attention kernel (4 warps unless named), beside "
-                         "decode_tiles' pick")
+                    help="keys:stages[:warps[:ahead]] tiles for the attention kernel (4 warps unless named; "
+                         "ahead: tiles['ahead']), beside decode_tiles' pick")
     ap.add_argument("--read-only", action="store_true", help="the read kernels only (no attention)")
     ap.add_argument("--no-read", dest="read", action="store_false", help="the attention kernel only")
     args = ap.parse_args()
@@ -206,10 +206,10 @@ def main():
             for splits in sorted(split_counts):
                 for spec in [None] + args.attn_tiles.split(","):  # None: decode_tiles' pick
                     tiles = None
-                    if spec is not None:  # keys:stages[:warps]
-                        block_n, stages, warps = (spec.split(":") + ["4"])[:3]
+                    if spec is not None:  # keys:stages[:warps[:ahead]]
+                        block_n, stages, warps, ahead = (spec.split(":") + ["4", "0"][spec.count(":") - 1:])[:4]
                         tiles = dict(BLOCK_N=int(block_n), num_warps=int(warps), num_stages=int(stages),
-                                     merge="fused")
+                                     merge="fused", ahead=int(ahead))
 
                     def attn(s, tiles=tiles, splits=splits):
                         return lambda: decode_attention_fwd(
@@ -218,7 +218,8 @@ def main():
                             tiles=None if tiles is None else dict(tiles))
                     mark = " (decode_num_splits)" if splits == default_splits else ""
                     desc = "decode_tiles" if tiles is None else (
-                        f"{tiles['BLOCK_N']} keys, {tiles['num_stages']} stages, {tiles['num_warps']} warps")
+                        f"{tiles['BLOCK_N']} keys, {tiles['num_stages']} stages, {tiles['num_warps']} warps"
+                        f"{', first slots %d ahead' % tiles['ahead'] if tiles['ahead'] else ''}")
                     out.fill_(float("nan"))
                     report("attn", f"splits {splits}{mark}, {desc}", [attn(s) for s in range(sets)])
                     if ref is None:

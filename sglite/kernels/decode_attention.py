@@ -78,6 +78,7 @@ def _decode_stage1_kernel(
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
     USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False, V_SPLIT: tl.constexpr = 0,
+    AHEAD: tl.constexpr = 0, LOOP_STAGES: tl.constexpr = 2,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
@@ -144,7 +145,8 @@ def _decode_stage1_kernel(
                                       BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
         acc, acc2, l_i, m_i = bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head,
                                          win_start, cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i,
-                                         acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8, V_SPLIT)
+                                         acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8, V_SPLIT,
+                                         AHEAD, LOOP_STAGES)
     else:
         acc, acc2, l_i, m_i = gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
                                            win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
@@ -308,6 +310,9 @@ def decode_attention_fwd(
     # (bs 64 x 4096, v_split 3, 3 stages: 0.1508 vs 0.1539 ms, H200 2026-12-04). tiles["tma"]
     # True/False overrides (tests, benchmarks).
     tma = cfg.pop("tma", None)
+    # tiles["ahead"]: the TMA loop takes its tiles' first slots AHEAD at a time from registers,
+    # so the compiler multi-buffers the tiles (decode_key_loops.bulk_loop); 0: loaded in the loop
+    ahead = int(cfg.pop("ahead", 0))
     # tiles["q_fp8"]: q.K^T as an FP8 product (q rounded to e4m3 per head) on an FP8 pool
     q_fp8 = bool(cfg.pop("q_fp8", FP8_Q_PRODUCT)) and kv_fp8
     # tiles["v_split"]: FP8 values' P.V as two products (even / odd columns), widened as
@@ -334,7 +339,8 @@ def decode_attention_fwd(
         HAS_WINDOW=has_window, MERGE=merge, BLOCK_S=block_s, BLOCK_G=block_g,
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
-        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, **cfg,
+        KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, AHEAD=ahead,
+        LOOP_STAGES=cfg.get("num_stages", 2), **cfg,
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":

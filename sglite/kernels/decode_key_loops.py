@@ -87,29 +87,59 @@ def tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
 def bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head, win_start, kv_col, qk_scale,
                logit_cap, v_scale, m_i, l_i, acc, acc2, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
                BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False,
-               V_SPLIT: tl.constexpr = 0):
+               V_SPLIT: tl.constexpr = 0, AHEAD: tl.constexpr = 0, STAGES: tl.constexpr = 2):
     """The split's keys when every tile lies on consecutive slots: one TMA copy per tile for K
     and for V from the tile's first slot. Masked rows past the request's end read whatever
     follows (finite: the pool is zeroed and holds only KV; weighted by 0); past the pool's end,
-    zeros."""
-    for start_n in range(split_start, split_end, BLOCK_N):
-        first = tl.load(req_slots + visible_pos(start_n, num_head, win_start, HAS_WINDOW))
-        k = K_desc.load([first, kv_col]).to(q.dtype)
-        mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
-        if Q_FP8:
-            acc, l_i, m_i = fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
-                                           v_scale, m_i, l_i, acc, HAS_CAP, WIDEN_ASM)
+    zeros.
+
+    The tiles' first slots are a load inside the loop by default, and triton 3.6 then gives that
+    load the pipeline's stages and the K / V tiles a single buffer at any num_stages (each tile
+    waits for its own bytes; TTGIR, sm90). With AHEAD > 0 the first slots of AHEAD tiles at a time
+    are loaded before an inner loop of STAGES stages that picks its coordinate from them in
+    registers, so the tiles get STAGES - 1 buffers."""
+    if AHEAD > 0:
+        idx = tl.arange(0, AHEAD)
+        for c0 in range(split_start, split_end, AHEAD * BLOCK_N):
+            starts = c0 + idx * BLOCK_N
+            firsts = tl.load(req_slots + visible_pos(starts, num_head, win_start, HAS_WINDOW),
+                             mask=starts < split_end, other=0)
+            num_tiles = tl.minimum(tl.cdiv(split_end - c0, BLOCK_N), AHEAD)
+            for i in tl.range(0, num_tiles, num_stages=STAGES):
+                first = tl.sum(tl.where(idx == i, firsts, 0), 0)
+                acc, acc2, l_i, m_i = _bulk_tile(q, K_desc, V_desc, first, c0 + i * BLOCK_N, split_end, kv_col,
+                                                 qk_scale, logit_cap, v_scale, m_i, l_i, acc, acc2, HAS_CAP,
+                                                 BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8, V_SPLIT)
+    else:
+        for start_n in range(split_start, split_end, BLOCK_N):
+            first = tl.load(req_slots + visible_pos(start_n, num_head, win_start, HAS_WINDOW))
+            acc, acc2, l_i, m_i = _bulk_tile(q, K_desc, V_desc, first, start_n, split_end, kv_col, qk_scale,
+                                             logit_cap, v_scale, m_i, l_i, acc, acc2, HAS_CAP, BLOCK_N, KV_FP8,
+                                             WIDEN_ASM, Q_FP8, V_SPLIT)
+    return acc, acc2, l_i, m_i
+
+
+@triton.jit
+def _bulk_tile(q, K_desc, V_desc, first, start_n, split_end, kv_col, qk_scale, logit_cap, v_scale, m_i, l_i,
+               acc, acc2, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
+               WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr, V_SPLIT: tl.constexpr):
+    """bulk_loop's step: the tile of consecutive slots from `first` (keys start_n.. of the split)."""
+    k = K_desc.load([first, kv_col]).to(q.dtype)
+    mask_n = start_n + tl.arange(0, BLOCK_N) < split_end
+    if Q_FP8:
+        acc, l_i, m_i = fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
+                                       v_scale, m_i, l_i, acc, HAS_CAP, WIDEN_ASM)
+    else:
+        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                      float("-inf"))
+        if KV_FP8 and V_SPLIT:  # V_desc views the FP8 values as int16 pairs (_descriptors)
+            acc, acc2, l_i, m_i = fp8_values_split_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i,
+                                                        l_i, acc, acc2, V_SPLIT if WIDEN_ASM else 0)
+        elif KV_FP8:
+            acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
+                                             WIDEN_ASM)
         else:
-            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                          float("-inf"))
-            if KV_FP8 and V_SPLIT:  # V_desc views the FP8 values as int16 pairs (_descriptors)
-                acc, acc2, l_i, m_i = fp8_values_split_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i,
-                                                            l_i, acc, acc2, V_SPLIT if WIDEN_ASM else 0)
-            elif KV_FP8:
-                acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
-                                                 WIDEN_ASM)
-            else:
-                v = V_desc.load([first, kv_col])
-                p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            v = V_desc.load([first, kv_col])
+            p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, acc2, l_i, m_i

@@ -61,6 +61,20 @@ def test_decode_over_pages_matches_reference(num_heads, num_kv_heads, head_dim, 
         assert rel_err(out, ref) < FP32_TOL
 
 
+@pytest.mark.parametrize("ahead", [2, 4])
+def test_bulk_loads_with_first_slots_ahead(ahead):
+    """tiles["ahead"]: the TMA loop's tile coordinates taken `ahead` tiles at a time from
+    registers (more tiles than that in a split: several chunks), against the reference."""
+    sc = decode_scenario([1, 9, 40, 70, 130], num_heads=4, num_kv_heads=2, head_dim=16, page_size=16, seed=5)
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=True, ahead=ahead)
+    for splits in (1, 2):
+        out = run_decode(sc, num_splits=splits, page_size=16, tiles=tiles)
+        ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
+                                   scale=sc.scale)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < FP32_TOL
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN tiles, under the interpreter
 def test_consecutive_tiles_take_the_bulk_loads(monkeypatch):
     """Mutation check that the TMA path runs: descriptors over NaN copies of the pools poison the

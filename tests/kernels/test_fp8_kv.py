@@ -55,6 +55,7 @@ def fp8_scenario(prefix_lens, extend_lens, *, k_scale, v_scale, **kw):
 @pytest.mark.parametrize("num_heads,num_kv_heads,num_splits,page_size,v_split", [
     (8, 2, 1, None, 0), (8, 2, 3, 16, 0), (4, 4, 2, None, 0),
     (8, 2, 1, None, 3), (8, 2, 3, 16, 3),  # P.V as even / odd column products (widened bitwise here)
+    (8, 2, 2, 16, -3),  # -3: v_split 3 with the TMA loop's first slots 2 tiles ahead (tiles["ahead"])
 ])
 def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size, v_split):
     seq_lens = [1, 20, 45]
@@ -62,7 +63,8 @@ def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size, v_spli
                                     num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32,
                                     page_size=page_size)
     out = torch.full_like(sc.q, float("nan"))
-    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None, v_split=v_split)
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None,
+                 v_split=abs(v_split), ahead=2 if v_split < 0 else 0)
     decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
                          sc.tensor(seq_lens), scale=sc.scale, num_splits=num_splits, k_scale=0.05,
                          v_scale=0.02, tiles=tiles, page_size=page_size or 1)
