@@ -73,3 +73,35 @@ def test_owned_runtime_that_exits_wakes_every_waiter(silent):
     with pytest.raises(sgl.RuntimeDied):  # later requests fail at once
         endpoint.get_server_info()
     endpoint.shutdown()
+
+
+
+def test_a_dealer_without_a_peer_never_stalls_the_client(monkeypatch):
+    """A DEALER with no pipe (a runtime that refused the handshake: libzmq drops the pipe and
+    stops reconnecting) cannot take a message; the client's I/O thread once sent blocking and
+    stalled there, so neither its pings nor the monitor's handshake-failed event could wake the
+    waiter (a full-suite run hung in test_bad_input_auth). Here the DEALER never connects at all:
+    the request waits in the thread's outbox and the unanswered pings fail it."""
+    from sglite.lang.backend.client import ZmqClient
+
+    connect = zmq.Socket.connect
+    monkeypatch.setattr(zmq.Socket, "connect",
+                        lambda self, addr: connect(self, addr) if addr.startswith("inproc://") else None)
+    client = ZmqClient("tcp://127.0.0.1:9", ping_interval=0.2, dead_after=0.5)
+    monkeypatch.undo()
+    result = []
+
+    def call():
+        try:
+            client.call(protocol.InfoReq(rid=client.new_rid()))
+        except sgl.RuntimeDied as e:
+            result.append(e)
+
+    waiter = threading.Thread(target=call, daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    try:
+        assert not waiter.is_alive(), "the call hung"
+        assert result and "did not answer" in str(result[0])
+    finally:
+        client.close()

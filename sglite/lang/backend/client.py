@@ -18,6 +18,7 @@ none of them can finish, and the client raises RuntimeDied from then on.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import queue
@@ -142,19 +143,27 @@ class ZmqClient(ReplyQueues):
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        # requests the DEALER could not take yet: it has no connected peer before the handshake
+        # completes (or ever, when the runtime refuses it), and a blocking send there would stall
+        # this thread, so that the monitor's handshake-failed event never woke the waiters
+        outbox: collections.deque[bytes] = collections.deque()
         last_recv, ping_sent_at = time.monotonic(), None
         while not self._closed.is_set():
             events = dict(poller.poll(POLL_MS))
             while self._pull in events and self._pull.poll(0):
-                self._dealer.send(self._pull.recv())
-            if self._dealer in events:  # before the monitor: replies that made it still count
-                while self._dealer.poll(0):
+                outbox.append(self._pull.recv())
+            if outbox and self._send_waiting(outbox):
+                poller.modify(self._dealer, zmq.POLLIN | zmq.POLLOUT)  # wake when a peer can take them
+            else:
+                poller.modify(self._dealer, zmq.POLLIN)
+            if self._dealer in events and events[self._dealer] & zmq.POLLIN:  # before the monitor:
+                while self._dealer.poll(0):  # replies that made it still count
                     self._dispatch(protocol.decode_reply(self._dealer.recv()))
                 last_recv, ping_sent_at = time.monotonic(), None
             if self._monitor in events:
                 event = parse_monitor_message(self._monitor.recv_multipart())["event"]
                 self._lost_connection(refused=bool(event & HANDSHAKE_FAILED))
-            if self._dealer in events:
+            if self._dealer in events and events[self._dealer] & zmq.POLLIN:
                 continue
             now = time.monotonic()
             if self._dead is not None or not self._queues:
@@ -164,9 +173,22 @@ class ZmqClient(ReplyQueues):
                 self._fail("the runtime process exited")
             elif ping_sent_at is None and now - last_recv > self._ping_interval:
                 ping_sent_at = now
-                self._dealer.send(protocol.encode(protocol.InfoReq(rid=self.new_rid("ping"))))
+                outbox.append(protocol.encode(protocol.InfoReq(rid=self.new_rid("ping"))))
+                self._send_waiting(outbox)
             elif ping_sent_at is not None and now - ping_sent_at > self._dead_after:
                 self._fail(f"the runtime at {self.address} did not answer for {self._dead_after:.0f} s")
+
+    def _send_waiting(self, outbox: collections.deque) -> bool:
+        """Hand queued requests to the DEALER without blocking, in order; whether some still
+        wait (none once the client is dead: their waiters got RuntimeDied already)."""
+        while outbox and self._dead is None:
+            try:
+                self._dealer.send(outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            outbox.popleft()
+        outbox.clear()
+        return False
 
     def _lost_connection(self, *, refused: bool = False) -> None:
         if self._dead is not None:
