@@ -36,30 +36,11 @@ from gpu_e2e import capture_graph, copy_bandwidth  # noqa: E402
 
 
 @triton.jit
-def _read_kernel(K_desc, V_desc, Req_to_token, Rows, Seq_lens, Out, num_splits, stride_req,
-                 KCOLS: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    head = tl.program_id(1)
-    b = tl.program_id(2)
-    seq_len = tl.load(Seq_lens + b)
-    row = tl.load(Rows + b).to(tl.int64)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
-    acc = tl.zeros([BLOCK_N, KCOLS], tl.int32)
-    for n in range(start, end, BLOCK_N):
-        first = tl.load(Req_to_token + row * stride_req + n)
-        k = K_desc.load([first, head * KCOLS])
-        v = V_desc.load([first, head * KCOLS])
-        acc += k ^ v
-    tl.store(Out + (b * tl.num_programs(1) + head) * tl.num_programs(0) + split, tl.sum(tl.sum(acc, 1), 0))
-
-
-@triton.jit
-def _read_kernel2(K, V, K_desc, V_desc, Req_to_token, Rows, Seq_lens, Out, num_splits, num_groups, stride_req,
+def _read_kernel(K, V, K_desc, V_desc, Req_to_token, Rows, Seq_lens, Out, num_splits, num_groups, stride_req,
                   row_words, COLS: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
                   PREFETCH: tl.constexpr, HEAD_MAJOR: tl.constexpr):
-    """_read_kernel with COLS words a program (HP heads' rows side by side: 128 B a head in FP8),
+    """Each (split, head group) program reads its split's K and V tiles and sums them as int32 (one
+    store a program): COLS words a program (HP heads' rows side by side: 128 B a head in FP8),
     TMA or plain loads (tiles on consecutive slots), the next tile's plain loads issued before
     this one's sum (PREFETCH), and the grid's fastest axis the head group (HEAD_MAJOR) or the split."""
     if HEAD_MAJOR:
@@ -104,7 +85,7 @@ def _read_kernel2(K, V, K_desc, V_desc, Req_to_token, Rows, Seq_lens, Out, num_s
     tl.store(Out + pid, tl.sum(tl.sum(acc, 1), 0))
 
 
-def read_call2(k, v, r2t, rows, lens, out, splits, block_n, warps, stages, hp, tma, prefetch, head_major):
+def read_call(k, v, r2t, rows, lens, out, splits, block_n, warps, stages, hp, tma, prefetch, head_major):
     heads = k.shape[1]
     kw, vw = k.view(torch.int32).view(k.shape[0], -1), v.view(torch.int32).view(v.shape[0], -1)
     cols = kw.shape[1] // heads * hp
@@ -114,25 +95,9 @@ def read_call2(k, v, r2t, rows, lens, out, splits, block_n, warps, stages, hp, t
     grid = (groups, splits, bs) if head_major else (splits, groups, bs)
 
     def call():
-        _read_kernel2[grid](kw, vw, kd, vd, r2t, rows, lens, out, splits, groups, r2t.stride(0), kw.shape[1],
+        _read_kernel[grid](kw, vw, kd, vd, r2t, rows, lens, out, splits, groups, r2t.stride(0), kw.shape[1],
                             COLS=cols, BLOCK_N=block_n, USE_TMA=tma, PREFETCH=prefetch, HEAD_MAJOR=head_major,
                             num_warps=warps, num_stages=stages)
-    return call
-
-
-def read_call(k, v, r2t, rows, lens, out, splits, block_n, warps, stages):
-    """One launch of the read kernel over the pool viewed as int32 words (4 FP8 / 2 bf16 values)."""
-    heads = k.shape[1]
-    kw, vw = k.view(torch.int32).view(k.shape[0], -1), v.view(torch.int32).view(v.shape[0], -1)
-    cols = kw.shape[1] // heads
-    kd = TensorDescriptor(kw, list(kw.shape), [kw.shape[1], 1], [block_n, cols])
-    vd = TensorDescriptor(vw, list(vw.shape), [vw.shape[1], 1], [block_n, cols])
-    bs = rows.numel()
-
-    def call():
-        _read_kernel[(splits, heads, bs)](kd, vd, r2t, rows, lens, out, splits, r2t.stride(0),
-                                          KCOLS=cols, BLOCK_N=block_n, num_warps=warps,
-                                          num_stages=stages)
     return call
 
 
@@ -191,10 +156,10 @@ def main():
             for splits, stages, block_n in itertools.product(map(int, args.splits.split(",")) if args.read else (),
                                                              map(int, args.stages.split(",")), (128, 64)):
                 calls = [read_call(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, 4,
-                                   stages) for s in range(sets)]
+                                    stages, 1, True, False, False) for s in range(sets)]
                 report("read", f"splits {splits}, {block_n} keys, {stages} stages", calls)
             for hp, splits, block_n, tma, prefetch, head_major, warps in READ2 if args.read else ():
-                calls = [read_call2(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, warps,
+                calls = [read_call(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, warps,
                                     2, hp, tma, prefetch, head_major) for s in range(sets)]
                 report("read2", f"{hp} heads a program, splits {splits}, {block_n} keys, {warps} warps, "
                        f"{'TMA' if tma else 'loads'}{', prefetch' if prefetch else ''}"

@@ -132,29 +132,11 @@ class FrontBase:
                     if c.finished or c.error:
                         pending -= 1
                 # ErrorOut or finished chunk each end a choice exactly once
-        waiter = asyncio.ensure_future(gather())
-        watcher = asyncio.ensure_future(wait_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if waiter not in done:
-            waiter.cancel()
-            raise ClientGone()
-        waiter.result()
+        await unless_disconnected(request, gather())
 
     async def _first(self, request: Request, q, choices) -> list:
         """The first replies of a stream (an error there becomes the HTTP status)."""
-        waiter = asyncio.ensure_future(self.client.recv(q))
-        watcher = asyncio.ensure_future(wait_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if waiter not in done:
-            waiter.cancel()
-            raise ClientGone()
-        items = [waiter.result()] + self.client.drain(q)
+        items = [await unless_disconnected(request, self.client.recv(q))] + self.client.drain(q)
         self._absorb(choices, items)
         return items
 
@@ -225,7 +207,21 @@ class FrontBase:
                 self.metrics.failed(route, "error")
 
 
-async def wait_disconnect(request: Request) -> None:
+async def unless_disconnected(request: Request, coro):
+    """coro's result, or ClientGone (coro cancelled) if the client disconnects first."""
+    waiter = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if waiter not in done:
+        waiter.cancel()
+        raise ClientGone()
+    return waiter.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
