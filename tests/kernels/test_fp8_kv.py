@@ -4,7 +4,7 @@ reading FP8 K/V with their scales against the reference on the dequantized pool.
 import pytest
 import torch
 
-from sglite.kernels.decode_attention import decode_attention_fwd
+from sglite.kernels.decode_attention import decode_attention_fwd, decode_tiles
 from sglite.kernels.extend_attention import extend_attention_fwd
 from sglite.kernels.reference import decode_attention_ref, extend_attention_ref
 from sglite.kernels.store_kv import store_kv
@@ -79,8 +79,9 @@ def test_decode_reads_fp8(num_heads, num_kv_heads, num_splits, page_size, v_spli
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("num_splits,page_size", [(1, 128), (32, 128), (1, None), (32, None)])
-def test_decode_fp8_default_tiles_on_gpu(num_splits, page_size):
+@pytest.mark.parametrize("num_splits,page_size,ahead", [(1, 128, 0), (32, 128, 0), (1, None, 0), (32, None, 0),
+                                                       (32, 128, 16), (1, 128, 16)])
+def test_decode_fp8_default_tiles_on_gpu(num_splits, page_size, ahead):
     """decode_tiles' FP8 picks at a real shape (the PTX widening, TMA bulk loads over pages of 128,
     gathers over random slots), poisoned output, against the reference on the decoded pool."""
     seq_lens = [5, 3000, 9000]
@@ -88,9 +89,13 @@ def test_decode_fp8_default_tiles_on_gpu(num_splits, page_size):
                                     num_heads=32, num_kv_heads=8, head_dim=128, page_size=page_size,
                                     seed=num_splits)
     out = torch.full_like(sc.q, float("nan"))
+    tiles = None
+    if ahead:  # tiles["ahead"] on decode_tiles' pick, one stage more (the tiles' second buffer)
+        tiles = decode_tiles(128, device=sc.q.device, num_splits=num_splits, kv_fp8=True)
+        tiles.update(ahead=ahead, num_stages=tiles["num_stages"] + 1)
     decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
                          sc.tensor(seq_lens), scale=sc.scale, num_splits=num_splits, k_scale=0.05,
-                         v_scale=0.02, page_size=page_size or 1)
+                         v_scale=0.02, page_size=page_size or 1, tiles=tiles)
     ref = decode_attention_ref(sc.q.float(), k_deq, v_deq, sc.req_to_token, sc.rows, seq_lens, scale=sc.scale)
     assert not out.isnan().any()
     assert rel_err(out, ref) < 5e-3  # fp16 weights p over 9000 keys
