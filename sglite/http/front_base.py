@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from sglite import protocol
 from sglite.http import tool_parsers
-from sglite.http.errors import ApiError, ClientGone
+from sglite.http.errors import ApiError, ClientGone, error_body
 from sglite.http.metrics import Metrics
 from sglite.http.runtime_client import AsyncRuntimeClient
 
@@ -139,6 +139,44 @@ class FrontBase:
         items = [await unless_disconnected(request, self.client.recv(q))] + self.client.drain(q)
         self._absorb(choices, items)
         return items
+
+    async def _stream(self, route: str, q, choices: dict[str, Choice], first: list, t0: float,
+                      emit, *, user_rid: str | None, opening=(), closing=None, timed: bool = True):
+        """A streamed response's SSE events: `opening` events, then for every choice that
+        received replies the events of emit(choice) (an error there becomes an error event),
+        until all have finished; then closing() (an event, or None) and [DONE]. With `timed`, the
+        time to the first write and between writes go to the metrics. The choices end (unfinished
+        ones aborted) however the stream stops."""
+        try:
+            for event in opening:
+                yield event
+            changed = {item.rid for item in first}
+            last, ttft_seen = time.perf_counter(), False
+            while True:
+                for rid in changed:
+                    c = choices[rid]
+                    if c.error is not None:
+                        yield sse_event(error_body(400, c.error))
+                        continue
+                    for event in emit(c):
+                        yield event
+                now = time.perf_counter()
+                if timed and not ttft_seen:
+                    self.metrics.ttft.observe(now - t0)
+                    ttft_seen = True
+                elif timed:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                if all(c.finished or c.error for c in choices.values()):
+                    break
+                items = [await self.client.recv(q)] + self.client.drain(q)
+                changed = self._absorb(choices, items)
+            self._record(route, choices, t0)
+            if closing is not None and (event := closing()) is not None:
+                yield event
+            yield DONE
+        finally:
+            self._end(choices, user_rid)
 
     def _check_errors(self, choices) -> None:
         for c in choices.values():

@@ -13,8 +13,8 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from sglite import protocol
-from sglite.http.errors import ApiError, ClientGone, error_body
-from sglite.http.front_base import DONE, SSE_HEADERS, Choice, FrontBase, sse_event
+from sglite.http.errors import ApiError, ClientGone
+from sglite.http.front_base import SSE_HEADERS, Choice, FrontBase, sse_event
 from sglite.http.runtime_client import RuntimeUnavailable
 
 
@@ -78,6 +78,7 @@ class NativeRoutes(FrontBase):
                 self._check_errors(choices)
                 self._record("generate", choices, t0)
                 outs = [result(c, c.text) for c in sorted(choices.values(), key=lambda c: c.index)]
+                self._end(choices, key)
                 return outs if batch else outs[0]
             first = await self._first(request, q, choices)
             self._check_errors(choices)
@@ -88,26 +89,11 @@ class NativeRoutes(FrontBase):
             self._end(choices, key)
             raise
 
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                changed = {item.rid for item in first}
-                while True:
-                    for rid in changed:
-                        c = choices[rid]
-                        if c.error is not None:
-                            yield sse_event(error_body(400, c.error))
-                        else:
-                            yield sse_event(result(c, c.text))
-                    if all(c.finished or c.error for c in choices.values()):
-                        break
-                    items = [await self.client.recv(q)] + self.client.drain(q)
-                    changed = self._absorb(choices, items)
-                self._record("generate", choices, t0)
-                yield DONE
-            finally:
-                self._end(choices, key)
+        def emit(c: Choice):
+            yield sse_event(result(c, c.text))
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        events = self._stream("generate", q, choices, first, t0, emit, user_rid=key, timed=False)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     # ---- the protocol over HTTP (HttpClient)
     async def native_request(self, request: Request):

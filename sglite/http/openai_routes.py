@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -16,8 +15,8 @@ from fastapi.responses import Response, StreamingResponse
 from sglite import protocol
 from sglite.http import tool_parsers
 from sglite.http.chat import ChatTemplateError, render_chat
-from sglite.http.errors import ApiError, ClientGone, error_body
-from sglite.http.front_base import DONE, SSE_HEADERS, Choice, FrontBase, sse_event
+from sglite.http.errors import ApiError, ClientGone
+from sglite.http.front_base import SSE_HEADERS, Choice, FrontBase, sse_event
 from sglite.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -58,6 +57,7 @@ class OpenAIRoutes(FrontBase):
                                 if want_lp else None,
                                 "finish_reason": _finish(c.meta),
                                 "matched_stop": (c.meta.get("finish_reason") or {}).get("matched")})
+                self._end(choices, body.rid)  # all finished: the rids are forgotten (nothing to abort)
                 return {"id": cid, "object": "text_completion", "created": created,
                         "model": self.model_name, "choices": out,
                         "usage": self._usage(choices, body.n)}
@@ -84,50 +84,28 @@ class OpenAIRoutes(FrontBase):
                 d["usage"] = None
             return d
 
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                sent = {rid: 0 for rid in choices}
-                for c in choices.values():
-                    if echo[c.index]:
-                        yield sse_event(chunk(c, echo[c.index]))
-                changed = {item.rid for item in first}
-                last = time.perf_counter()
-                ttft_seen = False
-                while True:
-                    for rid in changed:
-                        c = choices[rid]
-                        if c.error is not None:
-                            yield sse_event(error_body(400, c.error))
-                            continue
-                        new = c.text[sent[rid]:]
-                        sent[rid] = len(c.text)
-                        if new or c.finished:
-                            lp = None
-                            if want_lp:  # the entries that arrived since the last chunk
-                                lp = _completion_logprobs(c.meta, len(echo[c.index]), c.lp_sent)
-                                c.lp_sent += len(lp["tokens"])
-                            yield sse_event(chunk(c, new, _finish(c.meta) if c.finished else None, lp))
-                    now = time.perf_counter()
-                    if not ttft_seen:
-                        self.metrics.ttft.observe(now - t0)
-                        ttft_seen = True
-                    else:
-                        self.metrics.itl.observe(now - last)
-                    last = now
-                    if all(c.finished or c.error for c in choices.values()):
-                        break
-                    items = [await self.client.recv(q)] + self.client.drain(q)
-                    changed = self._absorb(choices, items)
-                self._record("completions", choices, t0)
-                if include_usage:
-                    yield sse_event({"id": cid, "object": "text_completion", "created": created,
-                                "model": self.model_name, "choices": [],
-                                "usage": self._usage(choices, body.n)})
-                yield DONE
-            finally:
-                self._end(choices, body.rid)
+        sent = {rid: 0 for rid in choices}
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        def emit(c: Choice):
+            new = c.text[sent[c.rid]:]
+            sent[c.rid] = len(c.text)
+            if new or c.finished:
+                lp = None
+                if want_lp:  # the entries that arrived since the last chunk
+                    lp = _completion_logprobs(c.meta, len(echo[c.index]), c.lp_sent)
+                    c.lp_sent += len(lp["tokens"])
+                yield sse_event(chunk(c, new, _finish(c.meta) if c.finished else None, lp))
+
+        def closing():
+            if include_usage:
+                return sse_event({"id": cid, "object": "text_completion", "created": created,
+                                  "model": self.model_name, "choices": [], "usage": self._usage(choices, body.n)})
+            return None
+
+        opening = [sse_event(chunk(c, echo[c.index])) for c in choices.values() if echo[c.index]]
+        events = self._stream("completions", q, choices, first, t0, emit, user_rid=body.rid, opening=opening,
+                              closing=closing)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     # ---- /v1/chat/completions
     async def chat_completions(self, request: Request):
@@ -195,6 +173,7 @@ class OpenAIRoutes(FrontBase):
                                 "logprobs": _chat_logprobs(c.meta) if body.logprobs else None,
                                 "finish_reason": "tool_calls" if calls else _finish(c.meta),
                                 "matched_stop": (c.meta.get("finish_reason") or {}).get("matched")})
+                self._end(choices, body.rid)
                 return {"id": cid, "object": "chat.completion", "created": created,
                         "model": self.model_name, "choices": out, "usage": self._usage(choices)}
             first = await self._first(request, q, choices)
@@ -216,70 +195,49 @@ class OpenAIRoutes(FrontBase):
                 d["usage"] = None
             return d
 
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                for c in sorted(choices.values(), key=lambda c: c.index):
-                    yield sse_event(chunk(c, {"role": "assistant", "content": ""}))
-                changed = {item.rid for item in first}
-                last, ttft_seen = time.perf_counter(), False
-                while True:
-                    for rid in changed:
-                        c = choices[rid]
-                        if c.error is not None:
-                            yield sse_event(error_body(400, c.error))
-                            continue
-                        # content up to where a tool call may start; all of it when forced
-                        upto = len(c.text)
-                        if forced:
-                            upto = 0
-                        elif parser is not None:
-                            upto = min(upto, max(c.held, parser.hold_from(c.text)))
-                        if c.finished:
-                            calls = []
-                            if forced:
-                                calls = _forced_calls(c.text, forced_name)
-                                rest = "" if calls else c.text
-                            elif parser is not None:
-                                content, calls = parser.parse(c.text[c.held:])
-                                rest = content if calls else c.text[c.held:]
-                            else:
-                                rest = c.text[c.held:]
-                            if rest:
-                                yield sse_event(chunk(c, {"content": rest}))
-                            if calls:
-                                yield sse_event(chunk(c, {"tool_calls": [
-                                    call.to_openai(k) for k, call in enumerate(calls)]}))
-                            c.held = len(c.text)
-                            yield sse_event(chunk(c, {}, "tool_calls" if calls else _finish(c.meta),
-                                             _chat_logprobs(c.meta, c.lp_sent) if body.logprobs else None))
-                        elif upto > c.held:
-                            lp = None
-                            if body.logprobs:  # the entries that arrived since the last chunk
-                                lp = _chat_logprobs(c.meta, c.lp_sent)
-                                c.lp_sent += len(lp["content"])
-                            yield sse_event(chunk(c, {"content": c.text[c.held:upto]}, None, lp))
-                            c.held = upto
-                    now = time.perf_counter()
-                    if not ttft_seen:
-                        self.metrics.ttft.observe(now - t0)
-                        ttft_seen = True
-                    else:
-                        self.metrics.itl.observe(now - last)
-                    last = now
-                    if all(c.finished or c.error for c in choices.values()):
-                        break
-                    items = [await self.client.recv(q)] + self.client.drain(q)
-                    changed = self._absorb(choices, items)
-                self._record("chat", choices, t0)
-                if include_usage:
-                    yield sse_event({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                "model": self.model_name, "choices": [],
-                                "usage": self._usage(choices)})
-                yield DONE
-            finally:
-                self._end(choices, body.rid)
+        def emit(c: Choice):
+            # content up to where a tool call may start; all of it when forced
+            upto = len(c.text)
+            if forced:
+                upto = 0
+            elif parser is not None:
+                upto = min(upto, max(c.held, parser.hold_from(c.text)))
+            if c.finished:
+                calls = []
+                if forced:
+                    calls = _forced_calls(c.text, forced_name)
+                    rest = "" if calls else c.text
+                elif parser is not None:
+                    content, calls = parser.parse(c.text[c.held:])
+                    rest = content if calls else c.text[c.held:]
+                else:
+                    rest = c.text[c.held:]
+                if rest:
+                    yield sse_event(chunk(c, {"content": rest}))
+                if calls:
+                    yield sse_event(chunk(c, {"tool_calls": [call.to_openai(k) for k, call in enumerate(calls)]}))
+                c.held = len(c.text)
+                yield sse_event(chunk(c, {}, "tool_calls" if calls else _finish(c.meta),
+                                      _chat_logprobs(c.meta, c.lp_sent) if body.logprobs else None))
+            elif upto > c.held:
+                lp = None
+                if body.logprobs:  # the entries that arrived since the last chunk
+                    lp = _chat_logprobs(c.meta, c.lp_sent)
+                    c.lp_sent += len(lp["content"])
+                yield sse_event(chunk(c, {"content": c.text[c.held:upto]}, None, lp))
+                c.held = upto
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        def closing():
+            if include_usage:
+                return sse_event({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                  "model": self.model_name, "choices": [], "usage": self._usage(choices)})
+            return None
+
+        opening = [sse_event(chunk(c, {"role": "assistant", "content": ""}))
+                   for c in sorted(choices.values(), key=lambda c: c.index)]
+        events = self._stream("chat", q, choices, first, t0, emit, user_rid=body.rid, opening=opening,
+                              closing=closing)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _prompts(prompt) -> list:

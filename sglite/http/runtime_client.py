@@ -149,6 +149,10 @@ class AsyncRuntimeClient:
     def forget(self, rid: str) -> None:
         self._queues.pop(rid, None)
 
+    def in_flight(self) -> int:
+        """Requests whose replies are still routed to a waiter (registered, not yet forgotten)."""
+        return len(self._queues)
+
     async def abort(self, rid: str) -> None:
         self.forget(rid)
         await self._send(protocol.AbortReq(rid=rid))

@@ -147,7 +147,7 @@ class HttpFront(OpenAIRoutes, NativeRoutes):
         info = dict(await self.client.fresh_info(max_age=0))
         info.update(served_model_name=self.model_name, api_key_required=bool(self.api_key),
                     tool_call_parser=self.tool_parser.name if self.tool_parser else None,
-                    runtime_address=self.client.address)
+                    runtime_address=self.client.address, http_requests_in_flight=self.client.in_flight())
         return info
 
     async def flush_cache(self):

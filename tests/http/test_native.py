@@ -75,6 +75,19 @@ def test_health_info_and_flush(http, http_server):
     assert info["kv_free"] == info["kv_total"]
 
 
+def test_answered_requests_leave_nothing_behind_in_the_front(http, oai):
+    """Whole (non-streamed) answers end their requests in the front too: their reply routes are
+    forgotten and a user rid released (they once stayed registered for good, one per request)."""
+    before = http.get("/get_server_info").json()["http_requests_in_flight"]
+    sp = {"max_new_tokens": 2, "temperature": 0}
+    assert http.post("/generate", json={"text": "Hi", "rid": "whole-1", "sampling_params": sp}).status_code == 200
+    assert http.post("/generate", json={"text": ["a", "b"], "sampling_params": sp}).status_code == 200
+    oai.completions.create(model="m", prompt="Hi", max_tokens=2, n=2)
+    oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert http.get("/get_server_info").json()["http_requests_in_flight"] == before
+    assert http.post("/abort_request", json={"rid": "whole-1"}).json() == {"aborted": 0}
+
+
 def test_abort_request_by_rid(http):
     result = {}
 
