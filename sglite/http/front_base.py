@@ -90,9 +90,27 @@ class FrontBase:
             self.user_rids[user_rid] = [r.rid for r in reqs]
         return q, choices
 
-    async def _send_all(self, reqs) -> None:
-        for req in reqs:
-            await self.client.send(req)
+    async def _replies(self, request: Request, route: str, reqs: list[protocol.GenerateReq], q,
+                       choices: dict[str, Choice], t0: float, *, stream: bool, user_rid: str | None):
+        """Send the request's GenerateReqs and wait: for a whole answer until every choice has
+        finished (recorded, the choices ended; returns None), for a stream for the first replies
+        (returned; the stream ends the choices). A reply that is an error raises ApiError, a
+        client that left ClientGone; the choices end then too."""
+        try:
+            for req in reqs:
+                await self.client.send(req)
+            if stream:
+                first = await self._first(request, q, choices)
+            else:
+                first = await self._collect(request, q, choices)
+            self._check_errors(choices)
+        except BaseException:
+            self._end(choices, user_rid)
+            raise
+        if not stream:
+            self._record(route, choices, t0)
+            self._end(choices, user_rid)  # all finished: the rids are forgotten (nothing to abort)
+        return first
 
     def _end(self, choices: dict[str, Choice], user_rid: str | None) -> None:
         unfinished = [c.rid for c in choices.values() if not (c.finished or c.error)]

@@ -72,22 +72,13 @@ class NativeRoutes(FrontBase):
             return d
 
         try:
-            await self._send_all(reqs)
-            if not stream:
-                await self._collect(request, q, choices)
-                self._check_errors(choices)
-                self._record("generate", choices, t0)
-                outs = [result(c, c.text) for c in sorted(choices.values(), key=lambda c: c.index)]
-                self._end(choices, key)
-                return outs if batch else outs[0]
-            first = await self._first(request, q, choices)
-            self._check_errors(choices)
+            first = await self._replies(request, "generate", reqs, q, choices, t0, stream=stream,
+                                        user_rid=key)
         except ClientGone:
-            self._end(choices, key)
             return Response(status_code=499)
-        except BaseException:
-            self._end(choices, key)
-            raise
+        if not stream:
+            outs = [result(c, c.text) for c in sorted(choices.values(), key=lambda c: c.index)]
+            return outs if batch else outs[0]
 
         def emit(c: Choice):
             yield sse_event(result(c, c.text))

@@ -45,30 +45,21 @@ class OpenAIRoutes(FrontBase):
         cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
         q, choices = self._start(reqs, body.rid)
         try:
-            await self._send_all(reqs)
-            if not body.stream:
-                await self._collect(request, q, choices)
-                self._check_errors(choices)
-                self._record("completions", choices, t0)
-                out = []
-                for c in sorted(choices.values(), key=lambda c: c.index):
-                    out.append({"index": c.index, "text": echo[c.index] + c.text,
-                                "logprobs": _completion_logprobs(c.meta, len(echo[c.index]))
-                                if want_lp else None,
-                                "finish_reason": _finish(c.meta),
-                                "matched_stop": (c.meta.get("finish_reason") or {}).get("matched")})
-                self._end(choices, body.rid)  # all finished: the rids are forgotten (nothing to abort)
-                return {"id": cid, "object": "text_completion", "created": created,
-                        "model": self.model_name, "choices": out,
-                        "usage": self._usage(choices, body.n)}
-            first = await self._first(request, q, choices)
-            self._check_errors(choices)
+            first = await self._replies(request, "completions", reqs, q, choices, t0, stream=body.stream,
+                                        user_rid=body.rid)
         except ClientGone:
-            self._end(choices, body.rid)
             return Response(status_code=499)
-        except BaseException:
-            self._end(choices, body.rid)
-            raise
+        if not body.stream:
+            out = []
+            for c in sorted(choices.values(), key=lambda c: c.index):
+                out.append({"index": c.index, "text": echo[c.index] + c.text,
+                            "logprobs": _completion_logprobs(c.meta, len(echo[c.index]))
+                            if want_lp else None,
+                            "finish_reason": _finish(c.meta),
+                            "matched_stop": (c.meta.get("finish_reason") or {}).get("matched")})
+            return {"id": cid, "object": "text_completion", "created": created,
+                    "model": self.model_name, "choices": out,
+                    "usage": self._usage(choices, body.n)}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
@@ -152,38 +143,29 @@ class OpenAIRoutes(FrontBase):
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         q, choices = self._start(reqs, body.rid)
         try:
-            await self._send_all(reqs)
-            if not body.stream:
-                await self._collect(request, q, choices)
-                self._check_errors(choices)
-                self._record("chat", choices, t0)
-                out = []
-                for c in sorted(choices.values(), key=lambda c: c.index):
-                    content, calls = c.text, []
-                    if forced:
-                        calls = _forced_calls(c.text, forced_name)
-                        content = None if calls else c.text
-                    elif parser is not None:
-                        content, calls = parser.parse(c.text)
-                        content = content or None if calls else c.text
-                    msg = {"role": "assistant", "content": content}
-                    if calls:
-                        msg["tool_calls"] = [call.to_openai() for call in calls]
-                    out.append({"index": c.index, "message": msg,
-                                "logprobs": _chat_logprobs(c.meta) if body.logprobs else None,
-                                "finish_reason": "tool_calls" if calls else _finish(c.meta),
-                                "matched_stop": (c.meta.get("finish_reason") or {}).get("matched")})
-                self._end(choices, body.rid)
-                return {"id": cid, "object": "chat.completion", "created": created,
-                        "model": self.model_name, "choices": out, "usage": self._usage(choices)}
-            first = await self._first(request, q, choices)
-            self._check_errors(choices)
+            first = await self._replies(request, "chat", reqs, q, choices, t0, stream=body.stream,
+                                        user_rid=body.rid)
         except ClientGone:
-            self._end(choices, body.rid)
             return Response(status_code=499)
-        except BaseException:
-            self._end(choices, body.rid)
-            raise
+        if not body.stream:
+            out = []
+            for c in sorted(choices.values(), key=lambda c: c.index):
+                content, calls = c.text, []
+                if forced:
+                    calls = _forced_calls(c.text, forced_name)
+                    content = None if calls else c.text
+                elif parser is not None:
+                    content, calls = parser.parse(c.text)
+                    content = content or None if calls else c.text
+                msg = {"role": "assistant", "content": content}
+                if calls:
+                    msg["tool_calls"] = [call.to_openai() for call in calls]
+                out.append({"index": c.index, "message": msg,
+                            "logprobs": _chat_logprobs(c.meta) if body.logprobs else None,
+                            "finish_reason": "tool_calls" if calls else _finish(c.meta),
+                            "matched_stop": (c.meta.get("finish_reason") or {}).get("matched")})
+            return {"id": cid, "object": "chat.completion", "created": created,
+                    "model": self.model_name, "choices": out, "usage": self._usage(choices)}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(c: Choice, delta: dict, finish=None, logprobs=None) -> dict:
