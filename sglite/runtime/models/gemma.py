@@ -40,7 +40,6 @@ from sglite.runtime.models.config import ModelConfig
 from sglite.runtime.models.layers import GatedMLP
 from sglite.runtime.models.layers.fused import use_fused
 from sglite.runtime.models.layers.linear import QuantLinear
-from sglite.runtime.models.layers import rotary as _rotary
 from sglite.runtime.models.layers.rotary import rotary_from_config
 from sglite.runtime.models.llama import LlamaAttention, LlamaForCausalLM, logit_rows
 
@@ -96,11 +95,6 @@ class GemmaRMSNorm(nn.Module):
 # launches before). SGLITE_GEMMA_FUSED_ENDS=0 keeps the torch code (read at call time: benchmarks
 # flip FUSED_EMBED / FUSED_SOFTCAP)
 FUSED_EMBED = FUSED_SOFTCAP = os.environ.get("SGLITE_GEMMA_FUSED_ENDS", "1") != "0"
-
-
-def rotary_fused(positions: torch.Tensor) -> bool:
-    """Whether the rope's cos / sin take the fused kernels' layout ([T, D / 2] fp32: rotary.py)."""
-    return _rotary.use_fused(positions)
 
 
 def _chain() -> bool:
@@ -248,7 +242,6 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.rotary_local = None
         if config.rope_local_theta is not None:
             self.rotary_local = rotary_from_config(config, theta=config.rope_local_theta, scaling=None)
-        self._inv_freq: dict = {}  # device -> the global rope's inv_freq there (_embed)
 
     def forward(self, batch: ForwardBatch, backend: BaseAttentionBackend) -> torch.Tensor:
         x, rope, rope_local = self._embed(batch)
@@ -278,16 +271,14 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         one (sglite.kernels.embed_rope: Gemma 2), else the torch code / rotary kernels."""
         embed, rotary = self.model.embed_tokens, self.rotary
         scale = torch.tensor(self.config.hidden_size**0.5, dtype=embed.weight.dtype)
-        if (FUSED_EMBED and use_fused(batch.input_ids) and rotary_fused(batch.positions) and type(embed) is nn.Embedding
+        # (use_fused also decides rotary.py's fused cos / sin layout, [T, D / 2] fp32)
+        if (FUSED_EMBED and use_fused(batch.input_ids) and type(embed) is nn.Embedding
                 and self.rotary_local is None and not rotary.partial and rotary.attention_factor == 1.0
                 and rotary.kind in ("default", "linear", "llama3", "yarn")):
             from sglite.kernels.embed_rope import embed_rope
 
-            inv = self._inv_freq.get(batch.input_ids.device)
-            if inv is None:
-                inv = self._inv_freq[batch.input_ids.device] = rotary.inv_freq_cpu.to(batch.input_ids.device)
-            x, cos, sin = embed_rope(batch.input_ids, embed.weight, scale.item(), batch.positions, inv,
-                                     early=_chain())
+            x, cos, sin = embed_rope(batch.input_ids, embed.weight, scale.item(), batch.positions,
+                                     rotary.inv_freq_on(batch.input_ids.device), early=_chain())
             return x, (cos, sin), (cos, sin)
         x = embed(batch.input_ids) * scale  # rounded as transformers
         rope = rotary(batch.positions, x.dtype)

@@ -83,6 +83,10 @@ class RotaryEmbedding(nn.Module):
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
 
+    def inv_freq_on(self, device) -> torch.Tensor:
+        """The (scaled) inverse frequencies in fp32 on device (cached per device)."""
+        return self._on(device)["inv"]
+
     def _on(self, device) -> dict:
         cache = self._device_cache.get(device)
         if cache is None:
