@@ -156,14 +156,15 @@ class ZmqClient(ReplyQueues):
                 poller.modify(self._dealer, zmq.POLLIN | zmq.POLLOUT)  # wake when a peer can take them
             else:
                 poller.modify(self._dealer, zmq.POLLIN)
-            if self._dealer in events and events[self._dealer] & zmq.POLLIN:  # before the monitor:
-                while self._dealer.poll(0):  # replies that made it still count
+            replies = bool(events.get(self._dealer, 0) & zmq.POLLIN)
+            if replies:  # before the monitor: replies that made it still count
+                while self._dealer.poll(0):
                     self._dispatch(protocol.decode_reply(self._dealer.recv()))
                 last_recv, ping_sent_at = time.monotonic(), None
             if self._monitor in events:
                 event = parse_monitor_message(self._monitor.recv_multipart())["event"]
                 self._lost_connection(refused=bool(event & HANDSHAKE_FAILED))
-            if self._dealer in events and events[self._dealer] & zmq.POLLIN:
+            if replies:
                 continue
             now = time.monotonic()
             if self._dead is not None or not self._queues:
