@@ -188,10 +188,12 @@ def run_variants(args, runner, row, prompt, ctx):
              "norm_tiles": (gemv_pairs, "NORM_TILES"), "prefetch": (gemv, "PREFETCH"),
              "attn_early": (decode_attention, "EARLY_DEPENDENTS"), "embed": (gemma, "FUSED_EMBED"),
              "softcap": (gemma, "FUSED_SOFTCAP"), "depth": (gemv, "DEPTH"),
-             "attn_tiles": (decode_attention, "decode_tiles"), "norm_warps": (norm, "NUM_WARPS")}
+             "attn_tiles": (decode_attention, "decode_tiles"), "norm_warps": (norm, "NUM_WARPS"),
+             "early_tile": (decode_attention, "EARLY_TILE")}
     saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
     all4 = gemma.GEMV_PROJECTIONS
-    cases = (_cases_seventh(all4) if args.variant_set == "seventh" else
+    cases = (_cases_seventh(all4) if args.variant_set == "seventh" else _cases_ninth(all4)
+             if args.variant_set == "ninth" else
              _cases_eighth(all4, saved["attn_tiles"], short=args.variant_set == "eighth-tiles"))
     base, fed = graph_trace(runner, row, prompt)
     out = []
@@ -222,6 +224,14 @@ def run_variants(args, runner, row, prompt, ctx):
         print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
     return out
+
+
+def _cases_ninth(all4):
+    """The ninth session's: decode attention's first tile after its PDL wait again (as before)."""
+    return [("served again (same graphs: the determinism check)", all4, {}),
+            ("decode attention's first tile loaded after the wait (SGLITE_DECODE_EARLY_TILE=0)", all4,
+             dict(early_tile=False)),
+            ("served again, graphs captured again", all4, dict(early_tile=True))]
 
 
 def _cases_eighth(all4, decode_tiles, short=False):
@@ -512,9 +522,41 @@ def profile_step(args, runner, row, seq, last):
         sync(device)
     print("## graph replay x5: kernels by GPU time")
     print(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
-    if args.trace_dir:
-        os.makedirs(args.trace_dir, exist_ok=True)
-        prof.export_chrome_trace(os.path.join(args.trace_dir, f"{args.config}_replay_trace.json"))
+    trace_dir = args.trace_dir or tempfile.mkdtemp()
+    os.makedirs(trace_dir, exist_ok=True)
+    trace = os.path.join(trace_dir, f"{args.config}_replay_trace.json")
+    prof.export_chrome_trace(trace)
+    critical_path(trace, replays=5)
+
+
+def critical_path(trace_file: str, replays: int) -> None:
+    """Each kernel's share of the replayed step's critical path, from a chrome trace: kernels in
+    start order, a kernel's share the time by which it moves the latest end seen so far (with
+    PDL a kernel starts before its predecessor ends; only what it adds past that end counts),
+    and the idle time before a kernel that starts after every earlier one has ended. The shares
+    and idle times sum to the replays' span: what a step costs, kernel by kernel."""
+    events = [e for e in json.load(open(trace_file))["traceEvents"]
+              if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    events.sort(key=lambda e: e["ts"])
+    shares: dict[str, list[float]] = {}
+    last_end = None
+    for e in events:
+        start, end = e["ts"], e["ts"] + e["dur"]
+        name = e["name"].split("(")[0][:60]
+        entry = shares.setdefault(name, [0, 0.0, 0.0, 0.0])  # calls, own time, share, idle before
+        entry[0] += 1
+        entry[1] += e["dur"]
+        if last_end is not None and start > last_end:
+            entry[3] += start - last_end
+        if last_end is None or end > last_end:
+            entry[2] += end - (last_end if last_end is not None and start < last_end else start)
+            last_end = end
+    span = (last_end - events[0]["ts"]) / replays if events else 0.0
+    print(f"## graph replay critical path: {span:.1f} us a replay (first kernel's start to last end)")
+    print("| kernel | calls a replay | own us a call | share us a replay | idle before us a replay |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, (calls, own, share, idle) in sorted(shares.items(), key=lambda kv: -kv[1][2]):
+        print(f"| {name} | {calls / replays:.0f} | {own / calls:.2f} | {share / replays:.1f} | {idle / replays:.1f} |")
 
 
 def bench_hf(args, hf_dict, device, prompt, attn: str) -> tuple[float, str]:
@@ -561,7 +603,7 @@ def main():
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
                     help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
-    ap.add_argument("--variant-set", default="eighth", choices=("eighth", "eighth-tiles", "seventh"),
+    ap.add_argument("--variant-set", default="eighth", choices=("eighth", "eighth-tiles", "seventh", "ninth"),
                     help="--variants: this session's cases (eighth-tiles: decode attention's only), or the seventh session's")
     ap.add_argument("--attn-sweep", action="store_true",
                     help="decode attention alone at the model's head shape: d256 tiles at bs 1 x 256-8192 and bs 32")

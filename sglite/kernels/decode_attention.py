@@ -52,7 +52,7 @@ from .pdl import allow_dependents, early_launch, pdl_options, wait_for_previous
 
 from .checks import check_attention_shapes
 from .fp8_gemm import round_to_e4m3
-from .decode_key_loops import bulk_loop, gather_loop, tiles_consecutive
+from .decode_key_loops import bulk_loop, early_tile_step, gather_loop, tile_rows, tiles_consecutive
 from .decode_merge import merge_group, merge_splits_kernel
 from .online_softmax import softcap_args
 
@@ -78,7 +78,7 @@ def _decode_stage1_kernel(
     CHUNK_S: tl.constexpr, USE_TMA: tl.constexpr, HAS_CAP: tl.constexpr = False,
     KV_FP8: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False, Q_FP8: tl.constexpr = False,
     USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False, V_SPLIT: tl.constexpr = 0,
-    AHEAD: tl.constexpr = 0, LOOP_STAGES: tl.constexpr = 2,
+    AHEAD: tl.constexpr = 0, LOOP_STAGES: tl.constexpr = 2, EARLY_TILE: tl.constexpr = False,
 ):
     # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
     cur_split = tl.program_id(0)
@@ -111,6 +111,17 @@ def _decode_stage1_kernel(
     if MERGE == "fused":
         if cur_split >= active:
             return
+    req_slots = Req_to_token + req_row * stride_req
+    k_base = K_Buf + cur_kv_head * stride_buf_kh
+    v_base = V_Buf + cur_kv_head * stride_buf_vh
+    loop_start = split_start
+    if EARLY_TILE:  # the split's first tile before the wait (all but the new token's row: see pdl.py)
+        k0, v0, slots0 = tile_rows(k_base, v_base, req_slots, split_start, split_end, num_head, win_start, offs_d,
+                                   mask_d, stride_buf_kt, stride_buf_vt, HAS_WINDOW, BLOCK_N)
+        loop_start = split_start + BLOCK_N
+    # every later tile on consecutive slots (pages): req_to_token, read before the wait too
+    bulk = tiles_consecutive(req_slots, loop_start, split_end, num_head, win_start, HAS_WINDOW, BLOCK_N,
+                             8 * BLOCK_N) if USE_TMA else False
     wait_for_previous(USE_PDL)  # q and the new token's K/V come from the kernel before
     allow_dependents(EARLY)  # the o projection (one-row GEMV: weights first) launches now
 
@@ -138,17 +149,17 @@ def _decode_stage1_kernel(
     else:
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     acc2 = tl.zeros([BLOCK_H, BLOCK_D // 2], tl.float32)  # unused (and dropped) unless V_SPLIT
-    req_slots = Req_to_token + req_row * stride_req
-    k_base = K_Buf + cur_kv_head * stride_buf_kh
-    v_base = V_Buf + cur_kv_head * stride_buf_vh
-    if USE_TMA and tiles_consecutive(req_slots, split_start, split_end, num_head, win_start, HAS_WINDOW,
-                                      BLOCK_N, 8 * BLOCK_N):  # every tile on consecutive slots (pages)
-        acc, acc2, l_i, m_i = bulk_loop(q, K_desc, V_desc, req_slots, split_start, split_end, num_head,
+    if EARLY_TILE:
+        acc, l_i, m_i = early_tile_step(q, k0, v0, slots0, split_start, split_end, kv_len - 1, k_base, v_base,
+                                        offs_d, mask_d, stride_buf_kt, stride_buf_vt, qk_scale, logit_cap, m_i,
+                                        l_i, acc, HAS_CAP, BLOCK_N)
+    if USE_TMA and bulk:  # (USE_TMA first: without it the bulk loop, which needs descriptors, is not compiled)
+        acc, acc2, l_i, m_i = bulk_loop(q, K_desc, V_desc, req_slots, loop_start, split_end, num_head,
                                          win_start, cur_kv_head * HEAD_DIM, qk_scale, logit_cap, v_scale, m_i, l_i,
                                          acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8, WIDEN_ASM, Q_FP8, V_SPLIT,
                                          AHEAD, LOOP_STAGES)
     else:
-        acc, acc2, l_i, m_i = gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head,
+        acc, acc2, l_i, m_i = gather_loop(q, k_base, v_base, req_slots, loop_start, split_end, num_head,
                                            win_start, offs_d, mask_d, qk_scale, logit_cap, v_scale, stride_buf_kt,
                                            stride_buf_vt, m_i, l_i, acc, acc2, HAS_WINDOW, HAS_CAP, BLOCK_N, KV_FP8,
                                            WIDEN_ASM, Q_FP8, V_SPLIT)
@@ -269,6 +280,7 @@ def decode_attention_fwd(
     page_size: int = 1,  # the pool hands out runs of this many consecutive slots (see below)
     k_scale: float = 1.0,  # an FP8 pool's dequantization scales (K = stored K * k_scale)
     v_scale: float = 1.0,
+    early_tile: bool = False,  # the split's first tile before the PDL wait (see EARLY_TILE)
 ) -> torch.Tensor:
     """With page_size a multiple of the tile, a request's tiles lie on consecutive slots as a
     rule: a split whose every tile does (checked in the kernel) then loads each with one TMA bulk
@@ -319,6 +331,7 @@ def decode_attention_fwd(
     # fp8_kv_tiles.widen_pairs_apart's WIDEN (1 or 3; 2: integer ops as in the interpreter); 0:
     # one product on values widened first (fp8_kv_tiles.fp8_values_step)
     v_split = int(cfg.pop("v_split", FP8_V_SPLIT)) if kv_fp8 and not q_fp8 else 0
+    early_tile = early_tile and EARLY_TILE and num_splits > 1 and not kv_fp8
     if tma is None:
         tma = (num_splits > 1 or kv_fp8) and not has_window
     paged = page_size > 1 and page_size % block_n == 0
@@ -340,7 +353,7 @@ def decode_attention_fwd(
         CHUNK_S=min(block_s, max(1, 16 // block_g)),  # fused merge: ~16 partial rows a load
         USE_TMA=descs is not None, HAS_CAP=logit_cap is not None,
         KV_FP8=kv_fp8, WIDEN_ASM=not _INTERPRET, Q_FP8=q_fp8, V_SPLIT=v_split, AHEAD=ahead,
-        LOOP_STAGES=cfg.get("num_stages", 2), **cfg,
+        LOOP_STAGES=cfg.get("num_stages", 2), EARLY_TILE=early_tile, **cfg,
         **pdl_options(q), EARLY=EARLY_DEPENDENTS and early_launch(q),
     )
     if merge == "kernel":
@@ -370,6 +383,17 @@ FP8_V_SPLIT = int(os.environ.get("SGLITE_FP8_V_SPLIT", "3"))
 # PDL launch such as the one-row GEMV then loads its weights meanwhile; cuBLAS is not one).
 # SGLITE_DECODE_EARLY=0 turns it off (read at call time: benchmarks flip it)
 EARLY_DEPENDENTS = os.environ.get("SGLITE_DECODE_EARLY", "1") != "0"
+# early_tile=True (the caller's choice): the split's first K/V tile gathered before the PDL wait
+# (decode_key_loops.tile_rows), so that its DRAM latency overlaps the kernel before, which stored
+# only the new token's row (read again after the wait); 16-bit pools, split launches. It pays where
+# that kernel is long and lets this one launch early: Gemma's one-row qkv GEMV (H200 2026-12-04,
+# Gemma-2-9B bs 1 graph replay 5.318 -> 5.216-5.225 ms, bench/decode_floor.py --variant-set ninth,
+# same runner; 5.293 -> 5.169 in processes of one call). Not after a short one: Llama-3-8B bs 1
+# (cuBLAS qkv, then the rotary kernel) replay 4.219 -> 4.244 ms; nor alone (back-to-back launches,
+# bench/decode_read_ceiling.py: bs 1 x 32k 39.3 -> 39.9 us, 8 x 2048 22.0 -> 22.3) nor for one-split
+# batches (bs 64 x 4096 251 -> 425 us: the tile is held in registers through the wait, 94 -> 172 of
+# them at d 128). SGLITE_DECODE_EARLY_TILE=0 turns it off everywhere (read at call time: benchmarks flip it)
+EARLY_TILE = os.environ.get("SGLITE_DECODE_EARLY_TILE", "1") != "0"
 TMA_ENABLED = os.environ.get("SGLITE_TMA", "1") != "0"  # SGLITE_TMA=0: gathers only (benchmarks)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there (fp8_kv_tiles.widen_pairs)
 

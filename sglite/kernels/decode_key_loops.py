@@ -67,6 +67,43 @@ def gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, 
 
 
 @triton.jit
+def tile_rows(k_base, v_base, req_slots, start_n, split_end, num_head, win_start, offs_d, mask_d, stride_kt,
+              stride_vt, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile's K and V rows gathered by slot id (keys start_n.. of the split; zeros past its
+    end), and the slot ids: the tile the stage-1 kernel loads before its PDL wait."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < split_end
+    slots = tl.load(req_slots + visible_pos(offs_n, num_head, win_start, HAS_WINDOW), mask=mask_n,
+                    other=0).to(tl.int64)
+    mask_kv = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
+    v = tl.load(v_base + slots[:, None] * stride_vt + offs_d[None, :], mask=mask_kv, other=0.0)
+    return k, v, slots
+
+
+@triton.jit
+def early_tile_step(q, k, v, slots, start_n, split_end, new_key, k_base, v_base, offs_d, mask_d, stride_kt,
+                    stride_vt, qk_scale, logit_cap, m_i, l_i, acc, HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold a tile that tile_rows loaded before the PDL wait into (acc, l_i, m_i): its rows are
+    the pool's as earlier forwards left them, but for the new token's (visible point new_key), which
+    the kernel before this one stored: that row is read again here, after the wait. 16-bit pools."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    is_new = offs_n == new_key
+    new_slot = tl.sum(tl.where(is_new, slots, 0), 0)
+    # the row's columns where the tile holds the new token (a block mask: the interpreter takes no scalar one)
+    mask_new = mask_d & (offs_d * 0 + tl.sum(is_new.to(tl.int32), 0) > 0)
+    k_new = tl.load(k_base + new_slot * stride_kt + offs_d, mask=mask_new, other=0.0)
+    v_new = tl.load(v_base + new_slot * stride_vt + offs_d, mask=mask_new, other=0.0)
+    k = tl.where(is_new[:, None], k_new[None, :], k)
+    v = tl.where(is_new[:, None], v_new[None, :], v)
+    qk = tl.where((offs_n < split_end)[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
+                  float("-inf"))
+    p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def tiles_consecutive(req_slots, split_start, split_end, num_head, win_start,
                        HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_N: tl.constexpr):
     """Whether every BLOCK_N tile of the split has its live keys on consecutive slots, reading

@@ -12,8 +12,9 @@ Early launch: a kernel's dependents launch only once all its programs have exite
 (which follows it) is launched while rotary runs and reads its batch metadata (lengths, request
 rows) before waiting; decode attention does the same for the o projection after it (a PDL
 launch there, the one-row GEMV, loads its first weights meanwhile; cuBLAS is not one). The rule that keeps this safe: code before `wait_for_previous()` reads
-only what was written before the forward's matmuls began (the batch's inputs, req_to_token) or
-weights; a matmul is either a plain launch (cuBLAS, fp8_gemm's tiles), which starts only after
+only what was written before the forward's matmuls began (the batch's inputs, req_to_token, the
+KV pool's rows of earlier forwards: decode attention gathers its first tile there and reads the
+new token's row again after the wait) or weights; a matmul is either a plain launch (cuBLAS, fp8_gemm's tiles), which starts only after
 everything before it has completed, or a one-row GEMV (gemv.py, gemv_pairs.py, fp8_gemv.py) that
 reads only its weights before its own wait.
 Captured into CUDA graphs, the launches become programmatic edges.

@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from sglite.kernels import decode_attention
+from sglite.kernels import decode_attention, pdl
+from sglite.kernels.pdl import allow_dependents, wait_for_previous
 from sglite.kernels.decode_attention import MAX_SPLITS, decode_attention_fwd, decode_num_splits, decode_tiles
 from sglite.kernels.reference import decode_attention_ref
 from tests.kernels.pool import FP32_TOL, make_scenario, rel_err
@@ -13,12 +16,13 @@ def decode_scenario(seq_lens, **kw):
     return make_scenario([n - 1 for n in seq_lens], [1] * len(seq_lens), **kw)
 
 
-def run_decode(sc, *, num_splits, sliding_window=None, global_tokens=0, tiles=None, page_size=1):
+def run_decode(sc, *, num_splits, sliding_window=None, global_tokens=0, tiles=None, page_size=1, early_tile=False):
     out = torch.full_like(sc.q, float("nan"))
     decode_attention_fwd(
         sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, sc.tensor(sc.rows, torch.int64),
         sc.tensor(sc.seq_lens), scale=sc.scale, num_splits=num_splits,
         sliding_window=sliding_window, global_tokens=global_tokens, tiles=tiles, page_size=page_size,
+        early_tile=early_tile,
     )
     return out
 
@@ -37,6 +41,24 @@ def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, window, num
     sc = decode_scenario([1, 9, 40], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                          sliding_window=window, global_tokens=num_global)
     out = run_decode(sc, num_splits=num_splits, sliding_window=window, global_tokens=num_global)
+    ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
+                               scale=sc.scale, sliding_window=window, global_tokens=num_global)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < FP32_TOL
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,num_global,num_splits", CASES)
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_early_first_tile_matches_reference(num_heads, num_kv_heads, head_dim, window, num_global, num_splits,
+                                            page_size):
+    """early_tile: each split's first tile gathered before the (PDL) wait and folded in apart from
+    the loop over the rest (gathered, or bulk loads over pages), the new token's row read again."""
+    splits = max(num_splits, 2)  # split launches only
+    sc = decode_scenario([1, 9, 40, 70], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         sliding_window=window, global_tokens=num_global, page_size=page_size, seed=splits)
+    tiles = dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused", tma=page_size is not None)
+    out = run_decode(sc, num_splits=splits, sliding_window=window, global_tokens=num_global, tiles=tiles,
+                     page_size=page_size or 1, early_tile=True)
     ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens,
                                scale=sc.scale, sliding_window=window, global_tokens=num_global)
     assert not out.isnan().any()
@@ -209,3 +231,50 @@ def test_decode_over_pages_on_gpu(head_dim, layout, window, num_splits):
                              num_splits=num_splits, sliding_window=w, global_tokens=g, page_size=128, tiles=tiles)
 
     check_graph_replays(sc, call, out, replays=2, sliding_window=w, global_tokens=g)
+
+
+@triton.jit
+def _late_store_kernel(K_new, V_new, Locs, K_buf, V_buf, Spin, row_elems, ITERS: tl.constexpr,
+                       BLOCK: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr):
+    """Stores the new tokens' K/V rows after ~ITERS dependent multiply-adds, having let the next
+    launch start at once (as the rotary / qkv kernels before decode attention do)."""
+    wait_for_previous(USE_PDL)
+    allow_dependents(EARLY)
+    x = tl.load(Spin)
+    for _ in range(ITERS):
+        x = x * 0.999 + 1.0
+    tl.store(Spin, x)
+    tok = tl.program_id(0)
+    loc = tl.load(Locs + tok)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < row_elems
+    tl.store(K_buf + loc * row_elems + offs, tl.load(K_new + tok * row_elems + offs, mask=mask), mask=mask)
+    tl.store(V_buf + loc * row_elems + offs, tl.load(V_new + tok * row_elems + offs, mask=mask), mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head_dim,num_splits", [(128, 2), (128, 32), (256, 32)])
+def test_new_token_stored_by_a_pdl_predecessor(head_dim, num_splits):
+    """The split's first tile is read before the PDL wait (early_tile): the new token's row,
+    stored by the kernel before (which lets decode attention launch while it still runs), must
+    be read after the wait. Here that kernel stores it only after a spin of ~1 ms (longer than the
+    host takes to launch decode attention after it), over stale rows."""
+    if not pdl.use_pdl(torch.empty(1, device="cuda")):
+        pytest.skip("needs PDL (compute capability 9+)")
+    sc = decode_scenario([5, 90, 3000], num_heads=32, num_kv_heads=8, head_dim=head_dim, dtype=torch.bfloat16,
+                         page_size=128, seed=head_dim + num_splits)
+    rows, lens = sc.tensor(sc.rows, torch.int64), sc.tensor(sc.seq_lens)
+    ref = decode_attention_ref(sc.q, sc.k_buffer, sc.v_buffer, sc.req_to_token, sc.rows, sc.seq_lens, scale=sc.scale)
+    spin = torch.ones(1, device="cuda")
+    row_elems = sc.k_new[0].numel()
+    for _ in range(3):
+        sc.k_buffer[sc.out_cache_loc] = torch.randn_like(sc.k_new)  # stale rows until the late store
+        sc.v_buffer[sc.out_cache_loc] = torch.randn_like(sc.v_new)
+        out = torch.full_like(sc.q, float("nan"))
+        _late_store_kernel[(len(sc.seq_lens),)](sc.k_new, sc.v_new, sc.out_cache_loc, sc.k_buffer, sc.v_buffer, spin,
+                                                row_elems, ITERS=500000, BLOCK=triton.next_power_of_2(row_elems),
+                                                **pdl.pdl_options(sc.q), EARLY=True)
+        decode_attention_fwd(sc.q, sc.k_buffer, sc.v_buffer, out, sc.req_to_token, rows, lens, scale=sc.scale,
+                             num_splits=num_splits, page_size=128, early_tile=True)
+        assert rel_err(out, ref) < 1e-2

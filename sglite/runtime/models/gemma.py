@@ -144,7 +144,8 @@ class GemmaAttention(LlamaAttention):
         out, residual = out if norm is not None else (out, None)
         q, k, v = out.split([self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, -1)
         o = backend.forward(q.view(1, self.num_heads, self.head_dim), k.view(1, self.num_kv_heads, self.head_dim),
-                            v.view(1, self.num_kv_heads, self.head_dim), self.attn, batch, kv_stored=True)
+                            v.view(1, self.num_kv_heads, self.head_dim), self.attn, batch, kv_stored=True,
+                            prefetch_kv=True)
         o = self.o_proj(o.reshape(1, self.num_heads * self.head_dim))
         return o if norm is None else (o, residual)
 

@@ -116,8 +116,11 @@ class BaseAttentionBackend(ABC):
         batch: ForwardBatch,
         *,
         kv_stored: bool = False,
+        prefetch_kv: bool = False,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Store k/v at batch.out_cache_loc into buffer layer.kv_layer_id (if given and not
         kv_stored already), then attend each new token to positions [0, its position] of its
         request (causal), masked by the layer's sliding window and global tokens; scores
-        soft-capped where layer.logit_softcap is set."""
+        soft-capped where layer.logit_softcap is set. prefetch_kv (a hint): the kernel that
+        stored k/v is long and lets the next one launch early (Gemma's one-row qkv GEMV), so
+        decode may load the pool's earlier rows while it runs."""

@@ -36,7 +36,7 @@ class TorchAttentionBackend(BaseAttentionBackend):
             ]
 
     def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch, *,
-                kv_stored: bool = False) -> torch.Tensor:
+                kv_stored: bool = False, prefetch_kv: bool = False) -> torch.Tensor:  # prefetch_kv: no use here
         if k is not None and not kv_stored:
             self.kv_cache.store(layer.kv_layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = self.kv_cache.get_kv(layer.kv_layer_id)

@@ -84,7 +84,7 @@ class TritonAttentionBackend(BaseAttentionBackend):
         return (*self.kv_cache.get_kv(layer.kv_layer_id), batch.out_cache_loc)
 
     def forward(self, q, k, v, layer: AttentionLayer, batch: ForwardBatch, *,
-                kv_stored: bool = False) -> torch.Tensor:
+                kv_stored: bool = False, prefetch_kv: bool = False) -> torch.Tensor:
         k_buf, v_buf = self.kv_cache.get_kv(layer.kv_layer_id)
         k_scale, v_scale = self.kv_cache.get_scales(layer.kv_layer_id)
         # an FP8 pool is read by the kernels as it is; q and the new tokens' K/V stay unquantized
@@ -103,7 +103,7 @@ class TritonAttentionBackend(BaseAttentionBackend):
             decode_attention_fwd(
                 q, k_buf, v_buf, out, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                 scale=layer.scale, num_splits=self._num_splits(meta, layer), mid_o=meta.mid_o,
-                mid_lse=meta.mid_lse, page_size=self.kv_cache.page_size,
+                mid_lse=meta.mid_lse, page_size=self.kv_cache.page_size, early_tile=prefetch_kv,
                 **window,
             )
         else:
