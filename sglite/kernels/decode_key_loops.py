@@ -35,12 +35,8 @@ def gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, 
                  WIDEN_ASM: tl.constexpr, Q_FP8: tl.constexpr = False, V_SPLIT: tl.constexpr = 0):
     """The split's keys wherever they lie in the pool: every tile's K and V rows gathered by slot."""
     for start_n in range(split_start, split_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < split_end
-        slots = tl.load(req_slots + visible_pos(offs_n, num_head, win_start, HAS_WINDOW), mask=mask_n,
-                        other=0).to(tl.int64)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
+        k, slots, mask_n, mask_kv = tile_keys(k_base, req_slots, start_n, split_end, num_head, win_start, offs_d,
+                                              mask_d, stride_kt, HAS_WINDOW, BLOCK_N)
         k = k.to(q.dtype)  # FP8 pool: widened (its scale is in qk_scale); with Q_FP8 kept FP8
         if Q_FP8:
             offs_pair = tl.arange(0, acc.shape[0] // 2)
@@ -67,16 +63,26 @@ def gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, 
 
 
 @triton.jit
-def tile_rows(k_base, v_base, req_slots, start_n, split_end, num_head, win_start, offs_d, mask_d, stride_kt,
-              stride_vt, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One tile's K and V rows gathered by slot id (keys start_n.. of the split; zeros past its
-    end), and the slot ids: the tile the stage-1 kernel loads before its PDL wait."""
+def tile_keys(k_base, req_slots, start_n, split_end, num_head, win_start, offs_d, mask_d, stride_kt,
+              HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile's K rows gathered by slot id (keys start_n.. of the split; zeros past its end),
+    the slot ids, and the keys' and rows' masks."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < split_end
     slots = tl.load(req_slots + visible_pos(offs_n, num_head, win_start, HAS_WINDOW), mask=mask_n,
                     other=0).to(tl.int64)
     mask_kv = mask_n[:, None] & mask_d[None, :]
     k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=mask_kv, other=0.0)
+    return k, slots, mask_n, mask_kv
+
+
+@triton.jit
+def tile_rows(k_base, v_base, req_slots, start_n, split_end, num_head, win_start, offs_d, mask_d, stride_kt,
+              stride_vt, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile's K and V rows gathered by slot id, and the slot ids: the tile the stage-1 kernel
+    loads before its PDL wait (16-bit pools)."""
+    k, slots, mask_n, mask_kv = tile_keys(k_base, req_slots, start_n, split_end, num_head, win_start, offs_d,
+                                          mask_d, stride_kt, HAS_WINDOW, BLOCK_N)
     v = tl.load(v_base + slots[:, None] * stride_vt + offs_d[None, :], mask=mask_kv, other=0.0)
     return k, v, slots
 
