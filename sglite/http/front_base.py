@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from sglite import protocol
@@ -31,15 +32,35 @@ class Choice:
     """One GenerateReq of an HTTP request and what arrived for it."""
 
     __slots__ = ("index", "rid", "text", "meta", "finished", "error", "held", "sent", "output_ids",
-                 "lp_sent")
+                 "lp_sent", "ended")
 
     def __init__(self, index: int, rid: str):
         self.index, self.rid = index, rid
         self.text, self.meta, self.finished, self.error = "", {}, False, None
+        self.ended = False  # FrontBase._end ran: forgotten in the front (aborted if unfinished)
         self.output_ids: list[int] | None = None  # from the last GenerateOut
         self.lp_sent = 0  # (streams) output logprob entries already sent
         self.held = 0  # (chat streaming with tools) chars of text emitted as content so far
         self.sent = ""
+
+
+class EndingStream(StreamingResponse):
+    """A streamed response that ends its requests when it is over, however it is: `end` runs
+    (once) after the body's generator is closed. Without this a client gone before the first write
+    left them registered and running for good (Starlette then never iterates the body, and a
+    generator that never started never runs its `finally`), and one gone between two writes left
+    them until the suspended generator happened to be collected. SSE unless told otherwise."""
+
+    def __init__(self, body, end, *, media_type: str = "text/event-stream", headers=SSE_HEADERS):
+        super().__init__(body, media_type=media_type, headers=headers)
+        self._end_choices = end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self._end_choices()
 
 
 class FrontBase:
@@ -113,8 +134,13 @@ class FrontBase:
         return first
 
     def _end(self, choices: dict[str, Choice], user_rid: str | None) -> None:
+        """Forget the choices' rids, abort the unfinished ones, release the user rid; once (a
+        streamed response ends them after its body has)."""
+        if all(c.ended for c in choices.values()):
+            return
         unfinished = [c.rid for c in choices.values() if not (c.finished or c.error)]
         for c in choices.values():
+            c.ended = True
             self.client.forget(c.rid)
         if unfinished:
             self.client.abort_soon(unfinished)
@@ -157,6 +183,12 @@ class FrontBase:
         items = [await unless_disconnected(request, self.client.recv(q))] + self.client.drain(q)
         self._absorb(choices, items)
         return items
+
+    def _stream_response(self, route: str, q, choices: dict[str, Choice], first: list, t0: float, emit, *,
+                         user_rid: str | None, **options) -> EndingStream:
+        """The SSE response of a stream (see _stream, which options go to)."""
+        events = self._stream(route, q, choices, first, t0, emit, user_rid=user_rid, **options)
+        return EndingStream(events, lambda: self._end(choices, user_rid))
 
     async def _stream(self, route: str, q, choices: dict[str, Choice], first: list, t0: float,
                       emit, *, user_rid: str | None, opening=(), closing=None, timed: bool = True):

@@ -10,11 +10,11 @@ from typing import AsyncIterator
 
 import msgspec
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from sglite import protocol
 from sglite.http.errors import ApiError, ClientGone
-from sglite.http.front_base import SSE_HEADERS, Choice, FrontBase, sse_event
+from sglite.http.front_base import Choice, EndingStream, FrontBase, sse_event
 from sglite.http.runtime_client import RuntimeUnavailable
 
 
@@ -83,8 +83,7 @@ class NativeRoutes(FrontBase):
         def emit(c: Choice):
             yield sse_event(result(c, c.text))
 
-        events = self._stream("generate", q, choices, first, t0, emit, user_rid=key, timed=False)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return self._stream_response("generate", q, choices, first, t0, emit, user_rid=key, timed=False)
 
     # ---- the protocol over HTTP (HttpClient)
     async def native_request(self, request: Request):
@@ -100,30 +99,33 @@ class NativeRoutes(FrontBase):
         self.client.register(rid, q)
         await self.client.send(msg)
         terminal = _terminal_for(msg)
+        state = {"done": False, "ended": False}
 
         async def frames() -> AsyncIterator[bytes]:
-            done = False
             try:
-                while not done:
+                while not state["done"]:
                     items = [await self.client.recv(q)] + self.client.drain(q)
                     parts = []
                     for item in items:
-                        done = done or terminal(item)
+                        state["done"] = state["done"] or terminal(item)
                         data = protocol.encode(msgspec.structs.replace(item, rid=orig))
                         parts.append(struct.pack(">I", len(data)) + data)
-                        if done:
+                        if state["done"]:
                             break
                     yield b"".join(parts)
             except RuntimeUnavailable as e:
                 data = protocol.encode(protocol.ErrorOut(rid=orig, message=f"runtime gone: {e}"))
                 yield struct.pack(">I", len(data)) + data
-                done = True
-            finally:
+                state["done"] = True
+
+        def end() -> None:  # once the response is over (EndingStream), however it ended
+            if not state["ended"]:
+                state["ended"] = True
                 self.client.forget(rid)
-                if not done:
+                if not state["done"]:
                     self.client.abort_soon([rid])
 
-        return StreamingResponse(frames(), media_type="application/x-msgpack")
+        return EndingStream(frames(), end, media_type="application/x-msgpack")
 
     async def native_send(self, request: Request):
         msg = _decode_native(await request.body())

@@ -10,13 +10,13 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from sglite import protocol
 from sglite.http import tool_parsers
 from sglite.http.chat import ChatTemplateError, render_chat
 from sglite.http.errors import ApiError, ClientGone
-from sglite.http.front_base import SSE_HEADERS, Choice, FrontBase, sse_event
+from sglite.http.front_base import Choice, FrontBase, sse_event
 from sglite.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -94,9 +94,8 @@ class OpenAIRoutes(FrontBase):
             return None
 
         opening = [sse_event(chunk(c, echo[c.index])) for c in choices.values() if echo[c.index]]
-        events = self._stream("completions", q, choices, first, t0, emit, user_rid=body.rid, opening=opening,
-                              closing=closing)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return self._stream_response("completions", q, choices, first, t0, emit, user_rid=body.rid,
+                                     opening=opening, closing=closing)
 
     # ---- /v1/chat/completions
     async def chat_completions(self, request: Request):
@@ -217,9 +216,8 @@ class OpenAIRoutes(FrontBase):
 
         opening = [sse_event(chunk(c, {"role": "assistant", "content": ""}))
                    for c in sorted(choices.values(), key=lambda c: c.index)]
-        events = self._stream("chat", q, choices, first, t0, emit, user_rid=body.rid, opening=opening,
-                              closing=closing)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return self._stream_response("chat", q, choices, first, t0, emit, user_rid=body.rid, opening=opening,
+                                     closing=closing)
 
 
 def _prompts(prompt) -> list:
