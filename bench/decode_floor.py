@@ -372,7 +372,8 @@ def attn_sweep(runner) -> None:
     """Decode attention alone at the model's head shape (graphs of 20 calls over one random bf16
     pool; splits as a graph captured for the model's context has them): the d256 tiles at bs 1
     over 256-8192 keys and at bs 32 x 2048 (1 split), us a call."""
-    from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
+    from sglite.kernels.decode_attention import decode_attention_fwd
+    from sglite.kernels.decode_policy import decode_num_splits
 
     cfg, dev = runner.model_config, runner.device
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

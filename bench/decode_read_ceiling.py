@@ -109,7 +109,8 @@ READ2 = [(hp, sp, bn, tma, pf, hm, w) for hp, sp in ((1, 32), (1, 64), (2, 32), 
 
 
 def main():
-    from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
+    from sglite.kernels.decode_attention import decode_attention_fwd
+    from sglite.kernels.decode_policy import decode_num_splits
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="1x32768")

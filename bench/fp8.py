@@ -434,7 +434,8 @@ def graph_ms(calls) -> float:
 
 
 def bench_kv(args, device, copy_bw):
-    from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
+    from sglite.kernels.decode_attention import decode_attention_fwd
+    from sglite.kernels.decode_policy import decode_num_splits
     from sglite.runtime.mem.kv_cache import KVCache
     from sglite.runtime.models.loader import load_config
 

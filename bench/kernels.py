@@ -24,7 +24,8 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits, decode_tiles  # noqa: E402
+from sglite.kernels.decode_attention import decode_attention_fwd  # noqa: E402
+from sglite.kernels.decode_policy import decode_num_splits, decode_tiles  # noqa: E402
 from sglite.kernels.extend_attention import extend_attention_fwd  # noqa: E402
 from sglite.kernels.reference import decode_attention_ref, extend_attention_ref  # noqa: E402
 from sglite.kernels.store_kv import store_kv  # noqa: E402

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits  # noqa: E402
+from sglite.kernels.decode_attention import decode_attention_fwd  # noqa: E402
+from sglite.kernels.decode_policy import decode_num_splits  # noqa: E402
 from kernels import PAGE, make_pool  # noqa: E402  (bench/kernels.py)
 from timing import event_ms as timed  # noqa: E402
 

@@ -7,7 +7,8 @@ import triton.language as tl
 
 from sglite.kernels import decode_attention, pdl
 from sglite.kernels.pdl import allow_dependents, wait_for_previous
-from sglite.kernels.decode_attention import MAX_SPLITS, decode_attention_fwd, decode_num_splits, decode_tiles
+from sglite.kernels.decode_attention import decode_attention_fwd
+from sglite.kernels.decode_policy import MAX_SPLITS, decode_num_splits, decode_tiles
 from sglite.kernels.reference import decode_attention_ref
 from tests.kernels.pool import FP32_TOL, make_scenario, rel_err
 

@@ -4,7 +4,8 @@ reading FP8 K/V with their scales against the reference on the dequantized pool.
 import pytest
 import torch
 
-from sglite.kernels.decode_attention import decode_attention_fwd, decode_tiles
+from sglite.kernels.decode_attention import decode_attention_fwd
+from sglite.kernels.decode_policy import decode_tiles
 from sglite.kernels.extend_attention import extend_attention_fwd
 from sglite.kernels.reference import decode_attention_ref, extend_attention_ref
 from sglite.kernels.store_kv import store_kv

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sglite.kernels.decode_attention import decode_num_splits
+from sglite.kernels.decode_policy import decode_num_splits
 from sglite.kernels.reference import decode_attention_ref, extend_attention_ref
 from tests.kernels.pool import make_scenario, rel_err
 from tests.kernels.test_decode_attention import run_decode

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglite.kernels.decode_attention import decode_attention_fwd, decode_num_splits
+from sglite.kernels.decode_attention import decode_attention_fwd
+from sglite.kernels.decode_policy import decode_num_splits
 from sglite.kernels.extend_attention import extend_attention_fwd
 from sglite.kernels.store_kv import store_kv
 from sglite.runtime.executor.attention.base import AttentionLayer, BaseAttentionBackend, ForwardBatch
