@@ -79,7 +79,8 @@ def _decode_stage1_kernel(
     USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False, V_SPLIT: tl.constexpr = 0,
     AHEAD: tl.constexpr = 0, LOOP_STAGES: tl.constexpr = 2, EARLY_TILE: tl.constexpr = False,
 ):
-    # before wait_for_previous only the batch's inputs (lengths, request rows): see pdl.py
+    # before wait_for_previous only the batch's inputs (lengths, request rows, slot ids) and, with
+    # EARLY_TILE, the pool's rows of earlier forwards: see pdl.py
     cur_split = tl.program_id(0)
     cur_kv_head = tl.program_id(1)
     cur_batch = tl.program_id(2)

@@ -29,7 +29,7 @@ def decode_num_splits(batch_size: int, num_kv_heads: int, *, num_sms: int, max_k
 
 
 def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv_fp8: bool = False) -> dict:
-    """The one tile table of this kernel: BLOCK_N keys per step, warps, pipeline depth, and how
+    """The one tile table of decode attention's stage-1 kernel: BLOCK_N keys per step, warps, pipeline depth, and how
     the splits merge ("fused" into the split kernel, or "kernel": a second launch).
     H200, d=128, random slots (bench/kernels.py --sweep): one split, 64 keys, 4 warps, 2 stages
     reads 4130-4170 GB/s at bs 64 x 4096 (copy: 4240 GB/s read + write; 128 keys: 3610); the fused
