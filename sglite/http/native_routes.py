@@ -97,7 +97,11 @@ class NativeRoutes(FrontBase):
         msg = msgspec.structs.replace(msg, rid=rid)
         q: asyncio.Queue = asyncio.Queue()
         self.client.register(rid, q)
-        await self.client.send(msg)
+        try:
+            await self.client.send(msg)
+        except BaseException:  # never sent: nothing to abort, nothing will reply
+            self.client.forget(rid)
+            raise
         terminal = _terminal_for(msg)
         state = {"done": False, "ended": False}
 

@@ -118,3 +118,37 @@ def test_response_cancelled_between_writes_ends_the_requests_once():
         assert response.body_iterator is not None  # the body is still referenced: not collected
 
     asyncio.run(run())
+
+
+def test_native_request_forgets_its_rid_when_the_send_fails():
+    """/sglite/request registers the reply route before sending; a send that fails (the runtime's
+    socket gone) must not leave it registered."""
+    from starlette.requests import Request
+
+    from sglite.http.native_routes import NativeRoutes
+    from sglite.http.runtime_client import RuntimeUnavailable
+
+    class _DeadClient(_Client):
+        async def send(self, msg):
+            raise RuntimeUnavailable("the runtime at tcp://127.0.0.1:9 is not answering")
+
+    async def run():
+        front = NativeRoutes("tcp://127.0.0.1:9")
+        await front.client.close()
+        front.client = _DeadClient()
+        body = protocol.encode(protocol.GenerateReq(rid="x", text="hi"))
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request({**_scope(), "path": "/sglite/request"}, receive)
+        try:
+            await front.native_request(request)
+        except RuntimeUnavailable:
+            pass
+        else:
+            raise AssertionError("the failed send was not raised")
+        return front
+
+    front = asyncio.run(run())
+    assert front.client.registered == set()
