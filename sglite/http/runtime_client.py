@@ -116,7 +116,11 @@ class AsyncRuntimeClient:
 
     async def request(self, msg) -> asyncio.Queue:
         q = self.open(msg)
-        await self._send(msg)
+        try:
+            await self._send(msg)
+        except BaseException:  # never sent: nothing will reply
+            self.forget(msg.rid)
+            raise
         return q
 
     async def recv(self, q: asyncio.Queue):

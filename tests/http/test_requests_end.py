@@ -1,7 +1,8 @@
-"""A streamed answer's requests end in the front however its response ends: also when the client
-is gone before the body's first write (Starlette then never iterates the body, so the body's own
-`finally` never runs) and when the response is cancelled between two writes (the body waits,
-suspended, for a garbage collection that may never come soon)."""
+"""The front's requests end (their reply routes forgotten, unfinished ones aborted) however their
+HTTP response ends. A streamed answer's also when the client is gone before the body's first write
+(Starlette then never iterates the body, so the body's own `finally` never runs) and when the
+response is cancelled between two writes (the body waits, suspended, for a garbage collection that
+may never come soon); a request whose send fails leaves no route behind."""
 
 import asyncio
 
@@ -152,3 +153,22 @@ def test_native_request_forgets_its_rid_when_the_send_fails():
 
     front = asyncio.run(run())
     assert front.client.registered == set()
+
+
+def test_runtime_client_request_forgets_the_route_when_the_send_fails():
+    import zmq
+
+    from sglite.http.runtime_client import AsyncRuntimeClient
+
+    async def run():
+        client = AsyncRuntimeClient("tcp://127.0.0.1:9")
+        await client.close()  # its socket is gone: the send raises
+        try:
+            await client.request(protocol.InfoReq(rid="i-1"))
+        except zmq.ZMQError:
+            pass
+        else:
+            raise AssertionError("the failed send was not raised")
+        return client.in_flight()
+
+    assert asyncio.run(run()) == 0
