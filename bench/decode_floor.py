@@ -605,7 +605,8 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
     ap.add_argument("--variant-set", default="eighth", choices=("eighth", "eighth-tiles", "seventh", "ninth"),
-                    help="--variants: this session's cases (eighth-tiles: decode attention's only), or the seventh session's")
+                    help="--variants: the eighth session's cases (eighth-tiles: decode attention's only), the "
+                         "seventh session's, or the ninth's (decode attention's early tile off and on)")
     ap.add_argument("--attn-sweep", action="store_true",
                     help="decode attention alone at the model's head shape: d256 tiles at bs 1 x 256-8192 and bs 32")
     ap.add_argument("--check-only", action="store_true",
