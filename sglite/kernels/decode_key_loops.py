@@ -45,8 +45,7 @@ def gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, 
             acc, l_i, m_i = fp8_keys_step(q, k, mask_n, pairs, qk_scale, logit_cap, v_scale, m_i, l_i, acc,
                                            HAS_CAP, WIDEN_ASM)
         else:
-            qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                          float("-inf"))
+            qk = masked_scores(q, k, mask_n, qk_scale, logit_cap, HAS_CAP)
             if KV_FP8:  # the values as byte pairs (see fp8_kv_tiles.fp8_values_step)
                 offs_pair = tl.arange(0, acc2.shape[1])
                 pairs = tl.load((v_base + slots[:, None] * stride_vt).to(tl.pointer_type(tl.int16))
@@ -60,6 +59,13 @@ def gather_loop(q, k_base, v_base, req_slots, split_start, split_end, num_head, 
                 acc, l_i, m_i = online_softmax_step(qk, v_base + slots[:, None] * stride_vt + offs_d[None, :],
                                                     mask_kv, m_i, l_i, acc, v_scale, KV_FP8)
     return acc, acc2, l_i, m_i
+
+
+@triton.jit
+def masked_scores(q, k, mask_n, qk_scale, logit_cap, HAS_CAP: tl.constexpr):
+    """q.K^T of a tile of 16-bit (or widened) keys, scaled and soft-capped for the base-2 softmax,
+    -inf where mask_n [N] leaves a key out."""
+    return tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP), float("-inf"))
 
 
 @triton.jit
@@ -102,8 +108,7 @@ def early_tile_step(q, k, v, slots, start_n, split_end, new_key, k_base, v_base,
     v_new = tl.load(v_base + new_slot * stride_vt + offs_d, mask=mask_new, other=0.0)
     k = tl.where(is_new[:, None], k_new[None, :], k)
     v = tl.where(is_new[:, None], v_new[None, :], v)
-    qk = tl.where((offs_n < split_end)[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                  float("-inf"))
+    qk = masked_scores(q, k, offs_n < split_end, qk_scale, logit_cap, HAS_CAP)
     p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_i
@@ -173,8 +178,7 @@ def _bulk_tile(q, K_desc, V_desc, first, start_n, split_end, kv_col, qk_scale, l
         acc, l_i, m_i = fp8_keys_step(q, k, mask_n, V_desc.load([first, kv_col // 2]), qk_scale, logit_cap,
                                        v_scale, m_i, l_i, acc, HAS_CAP, WIDEN_ASM)
     else:
-        qk = tl.where(mask_n[None, :], softcap(tl.dot(q, tl.trans(k)) * qk_scale, logit_cap, HAS_CAP),
-                      float("-inf"))
+        qk = masked_scores(q, k, mask_n, qk_scale, logit_cap, HAS_CAP)
         if KV_FP8 and V_SPLIT:  # V_desc views the FP8 values as int16 pairs (_descriptors)
             acc, acc2, l_i, m_i = fp8_values_split_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i,
                                                         l_i, acc, acc2, V_SPLIT if WIDEN_ASM else 0)
