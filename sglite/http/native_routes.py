@@ -3,7 +3,6 @@ sglite.lang.backend.http_client.HttpClient): HttpFront's routes on FrontBase's r
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 from typing import AsyncIterator
@@ -95,39 +94,32 @@ class NativeRoutes(FrontBase):
         orig = msg.rid
         rid = "n-" + orig
         msg = msgspec.structs.replace(msg, rid=rid)
-        q: asyncio.Queue = asyncio.Queue()
-        self.client.register(rid, q)
-        try:
-            await self.client.send(msg)
-        except BaseException:  # never sent: nothing to abort, nothing will reply
-            self.client.forget(rid)
-            raise
+        q = await self.client.request(msg)  # a send that fails leaves no route behind
         terminal = _terminal_for(msg)
-        state = {"done": False, "ended": False}
+        done = False
 
         async def frames() -> AsyncIterator[bytes]:
+            nonlocal done
             try:
-                while not state["done"]:
+                while not done:
                     items = [await self.client.recv(q)] + self.client.drain(q)
                     parts = []
                     for item in items:
-                        state["done"] = state["done"] or terminal(item)
+                        done = done or terminal(item)
                         data = protocol.encode(msgspec.structs.replace(item, rid=orig))
                         parts.append(struct.pack(">I", len(data)) + data)
-                        if state["done"]:
+                        if done:
                             break
                     yield b"".join(parts)
             except RuntimeUnavailable as e:
                 data = protocol.encode(protocol.ErrorOut(rid=orig, message=f"runtime gone: {e}"))
                 yield struct.pack(">I", len(data)) + data
-                state["done"] = True
+                done = True
 
-        def end() -> None:  # once the response is over (EndingStream), however it ended
-            if not state["ended"]:
-                state["ended"] = True
-                self.client.forget(rid)
-                if not state["done"]:
-                    self.client.abort_soon([rid])
+        def end() -> None:  # EndingStream runs it once the response is over, however it ended
+            self.client.forget(rid)
+            if not done:
+                self.client.abort_soon([rid])
 
         return EndingStream(frames(), end, media_type="application/x-msgpack")
 
