@@ -189,11 +189,13 @@ def run_variants(args, runner, row, prompt, ctx):
              "attn_early": (decode_attention, "EARLY_DEPENDENTS"), "embed": (gemma, "FUSED_EMBED"),
              "softcap": (gemma, "FUSED_SOFTCAP"), "depth": (gemv, "DEPTH"),
              "attn_tiles": (decode_attention, "decode_tiles"), "norm_warps": (norm, "NUM_WARPS"),
-             "early_tile": (decode_attention, "EARLY_TILE")}
+             "early_tile": (decode_attention, "EARLY_TILE"), "gemv_tiles": (gemv, "TILES"),
+             "pair_tiles": (gemv_pairs, "TILES")}
     saved = {key: getattr(mod, attr) for key, (mod, attr) in knobs.items()}
     all4 = gemma.GEMV_PROJECTIONS
     cases = (_cases_seventh(all4) if args.variant_set == "seventh" else _cases_ninth(all4)
-             if args.variant_set == "ninth" else
+             if args.variant_set == "ninth" else _cases_tenth(all4, saved["attn_tiles"])
+             if args.variant_set == "tenth" else
              _cases_eighth(all4, saved["attn_tiles"], short=args.variant_set == "eighth-tiles"))
     base, fed = graph_trace(runner, row, prompt)
     out = []
@@ -224,6 +226,40 @@ def run_variants(args, runner, row, prompt, ctx):
         print(f"variant done: {name}: {out[-1] if out and out[-1][0].startswith(name) else 'failed'}", flush=True)
     recapture(runner, ctx or served_ctx)
     return out
+
+
+def _cases_tenth(all4, decode_tiles):
+    """The tenth session's: the step's launches in the chain with other tiles, one at a time: the
+    norms' warps, no weights before the GEMVs' wait, the o / down GEMVs' rows and chunks (gemv.TILES;
+    Gemma-2-9B's o is [3584, 4096], down [3584, 14336]), the pair GEMVs' chunks (qkv + rotary,
+    gate_up + GeGLU), decode attention's d256 tiles with 64 keys (half the splits at short contexts)."""
+    def tiles(n, k, rows, cols, warps):
+        return {(n, k): dict(BLOCK_N=rows, BLOCK_K=cols, num_warps=warps, num_stages=1)}
+
+    def d256(**over):
+        def pick(head_dim, **kw):
+            cfg = decode_tiles(head_dim, **kw)
+            return dict(cfg, **over) if head_dim > 128 and kw["device"].type == "cuda" else cfg
+        return pick
+
+    o, down = (3584, 4096), (3584, 14336)
+    return [("served again (same graphs: the determinism check)", all4, {}),
+            ("norm kernels with 4 warps (8 by default at 3584)", all4, dict(norm_warps=4)),
+            ("norm kernels with 16 warps", all4, dict(norm_warps=16)),
+            ("no weights before the GEMVs' PDL wait (SGLITE_GEMV_DEPTH=0)", all4, dict(depth=0)),
+            ("o GEMV 1 row x 512, 4 warps (default 2 x 512, 4)", all4, dict(gemv_tiles=tiles(*o, 1, 512, 4))),
+            ("o GEMV 2 rows x 1024, 8 warps", all4, dict(gemv_tiles=tiles(*o, 2, 1024, 8))),
+            ("o GEMV 4 rows x 256, 4 warps", all4, dict(gemv_tiles=tiles(*o, 4, 256, 4))),
+            ("down GEMV 2 rows x 1024, 4 warps (default 2 x 2048, 8)", all4,
+             dict(gemv_tiles=tiles(*down, 2, 1024, 4))),
+            ("down GEMV 1 row x 2048, 8 warps", all4, dict(gemv_tiles=tiles(*down, 1, 2048, 8))),
+            ("down GEMV 4 rows x 1024, 8 warps", all4, dict(gemv_tiles=tiles(*down, 4, 1024, 8))),
+            ("pair GEMVs 1024 columns, 8 warps (default 512, 4)", all4,
+             dict(pair_tiles=dict(block_k=1024, num_warps=8))),
+            ("pair GEMVs 256 columns, 2 warps", all4, dict(pair_tiles=dict(block_k=256, num_warps=2))),
+            ("decode attention d256 tiles: 64 keys, 4 warps (default 32)", all4,
+             dict(attn_tiles=d256(BLOCK_N=64))),
+            ("served again, graphs captured again", all4, {})]
 
 
 def _cases_ninth(all4):
@@ -604,9 +640,10 @@ def main():
                          "served), a number, or 'pool' (this benchmark's small pool)")
     ap.add_argument("--variants", action="store_true",
                     help="also time each batch-1 fusion / early launch off, all off, and cuBLAS projections")
-    ap.add_argument("--variant-set", default="eighth", choices=("eighth", "eighth-tiles", "seventh", "ninth"),
+    ap.add_argument("--variant-set", default="eighth", choices=("eighth", "eighth-tiles", "seventh", "ninth", "tenth"),
                     help="--variants: the eighth session's cases (eighth-tiles: decode attention's only), the "
-                         "seventh session's, or the ninth's (decode attention's early tile off and on)")
+                         "seventh session's, the ninth's (decode attention's early tile off and on), or the tenth's "
+                         "(tiles of the GEMVs, norms and attention in the chain)")
     ap.add_argument("--attn-sweep", action="store_true",
                     help="decode attention alone at the model's head shape: d256 tiles at bs 1 x 256-8192 and bs 32")
     ap.add_argument("--check-only", action="store_true",

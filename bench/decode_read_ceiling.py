@@ -118,8 +118,12 @@ def main():
     ap.add_argument("--splits", default="24,32,48,64")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--attn-tiles", default="128:2,128:3,64:2,64:3",
-                    help="keys:stages[:warps[:ahead]] tiles for the attention kernel (4 warps unless named; "
-                         "ahead: tiles['ahead']), beside decode_tiles' pick")
+                    help="keys:stages[:warps[:ahead[:merge]]] tiles for the attention kernel (4 warps unless "
+                         "named; ahead: tiles['ahead']; merge: fused or kernel), beside decode_tiles' pick")
+    ap.add_argument("--read-keys", default="128,64", help="the read kernel's tile keys")
+    ap.add_argument("--read2", default="all", choices=("all", "prefetch", "none"),
+                    help="read2 variants: all, only one head a program with plain loads one tile ahead at "
+                         "--splits (prefetch), or none")
     ap.add_argument("--read-only", action="store_true", help="the read kernels only (no attention)")
     ap.add_argument("--no-read", dest="read", action="store_false", help="the attention kernel only")
     args = ap.parse_args()
@@ -155,11 +159,15 @@ def main():
                 rows_out.append(line)
 
             for splits, stages, block_n in itertools.product(map(int, args.splits.split(",")) if args.read else (),
-                                                             map(int, args.stages.split(",")), (128, 64)):
+                                                             map(int, args.stages.split(",")),
+                                                             map(int, args.read_keys.split(","))):
                 calls = [read_call(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, 4,
                                     stages, 1, True, False, False) for s in range(sets)]
                 report("read", f"splits {splits}, {block_n} keys, {stages} stages", calls)
-            for hp, splits, block_n, tma, prefetch, head_major, warps in READ2 if args.read else ():
+            read2 = READ2 if args.read2 == "all" else [
+                (1, sp, 128, False, True, False, 4) for sp in map(int, args.splits.split(","))
+            ] if args.read2 == "prefetch" else []
+            for hp, splits, block_n, tma, prefetch, head_major, warps in read2 if args.read else ():
                 calls = [read_call(k, v, r2t, set_rows[s], lens[s * bs:(s + 1) * bs], sums, splits, block_n, warps,
                                     2, hp, tma, prefetch, head_major) for s in range(sets)]
                 report("read2", f"{hp} heads a program, splits {splits}, {block_n} keys, {warps} warps, "
@@ -172,10 +180,11 @@ def main():
             for splits in sorted(split_counts):
                 for spec in [None] + args.attn_tiles.split(","):  # None: decode_tiles' pick
                     tiles = None
-                    if spec is not None:  # keys:stages[:warps[:ahead]]
-                        block_n, stages, warps, ahead = (spec.split(":") + ["4", "0"][spec.count(":") - 1:])[:4]
+                    if spec is not None:  # keys:stages[:warps[:ahead[:merge]]]
+                        block_n, stages, warps, ahead, merge = (spec.split(":") + ["4", "0", "fused"][
+                            spec.count(":") - 1:])[:5]
                         tiles = dict(BLOCK_N=int(block_n), num_warps=int(warps), num_stages=int(stages),
-                                     merge="fused", ahead=int(ahead))
+                                     merge=merge, ahead=int(ahead))
 
                     def attn(s, tiles=tiles, splits=splits):
                         return lambda: decode_attention_fwd(
@@ -185,7 +194,8 @@ def main():
                     mark = " (decode_num_splits)" if splits == default_splits else ""
                     desc = "decode_tiles" if tiles is None else (
                         f"{tiles['BLOCK_N']} keys, {tiles['num_stages']} stages, {tiles['num_warps']} warps"
-                        f"{', first slots %d ahead' % tiles['ahead'] if tiles['ahead'] else ''}")
+                        f"{', first slots %d ahead' % tiles['ahead'] if tiles['ahead'] else ''}"
+                        f"{', merge kernel' if tiles['merge'] == 'kernel' else ''}")
                     out.fill_(float("nan"))
                     report("attn", f"splits {splits}{mark}, {desc}", [attn(s) for s in range(sets)])
                     if ref is None:
