@@ -415,11 +415,11 @@ KV_TILES = [  # FP8 pool sweep (decode_tiles' own pick first); "tma" left to the
     dict(BLOCK_N=64, num_warps=4, num_stages=2, merge="fused", v_split=3, tma=False),
     dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=False),
     dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=True),
-    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", v_split=3),
+    dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused", v_split=3),  # the split pick before 2026-12-04
     dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused", v_split=3),  # splits only (see below)
     dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=False),
     # the TMA loop's first slots 16 tiles ahead, so that its K / V tiles get num_stages - 1 buffers
-    # (tiles["ahead"], 2026-12-04: compiled, not yet timed)
+    # (tiles["ahead"]; 128 keys, 4 stages is decode_tiles' pick for FP8 split launches since 2026-12-04)
     dict(BLOCK_N=128, num_warps=4, num_stages=3, merge="fused", v_split=3, ahead=16),
     dict(BLOCK_N=128, num_warps=4, num_stages=4, merge="fused", v_split=3, ahead=16),
     dict(BLOCK_N=64, num_warps=4, num_stages=3, merge="fused", v_split=3, tma=True, ahead=16),

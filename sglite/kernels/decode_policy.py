@@ -38,7 +38,12 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
     share of copy, 64 keys 3 stages vs 128 keys 2 stages: bs 1 x 32768 40.0 (0.84) vs 46.7 (0.72),
     4 x 8192 39.4 (0.85) vs 46.0 (0.73), 8 x 2048 22.5 (0.74) vs 25.6 (0.66), 16 x 1024 22.5 (0.75)
     vs 25.5 (0.66), 1 x 4096 10.7 vs 11.0; the 2026-11 sweep had found 128 keys best); an FP8
-    pool's split launches keep 128 keys and 2 stages (64 keys: 0.48 vs 0.62 at 1 x 32768).
+    pool's split launches keep 128 keys (64 keys: 0.48 vs 0.62 at 1 x 32768) and take their
+    tiles' first slots 16 ahead with 4 stages (tiles["ahead"]: three K / V buffers; H200
+    2026-12-04, bench/decode_read_ceiling.py, two calls, us vs 2 stages without: 1 x 32768 24.5 /
+    24.4 vs 27.5 / 27.5, 1 x 65536 41.8 / 41.2 vs 48.7 / 48.6, 1 x 16384 15.9 vs 16.8, 1 x 8192
+    11.4 / 11.2 vs 11.4 / 11.4, 1 x 4096 8.7 vs 8.7; a context sweep there: the streaming rate
+    3.2 -> 3.9 TB/s, the fixed ~7 us a launch unchanged).
     An FP8 pool (kv_fp8) with one split takes 3 stages: the K/V tile has one buffer at any depth
     (triton 3.6 pipelines the slot ids, on which the tile's addresses depend, as a stage of their
     own), so a third stage moves the slot ids' load off the tile's critical path; with half the
@@ -48,7 +53,7 @@ def decode_tiles(head_dim: int, *, device: torch.device, num_splits: int = 1, kv
         return dict(BLOCK_N=16, num_warps=1, num_stages=1, merge="fused")
     if head_dim <= 128:
         if num_splits > 1 and kv_fp8:
-            return dict(BLOCK_N=128, num_warps=4, num_stages=2, merge="fused")
+            return dict(BLOCK_N=128, num_warps=4, num_stages=4, merge="fused", ahead=16)
         stages = 3 if kv_fp8 or num_splits > 1 else 2
         return dict(BLOCK_N=64, num_warps=4, num_stages=stages, merge="fused")
     # head_dim 256 (Gemma): 32-key tiles. 16-key tiles for split launches spread a short request

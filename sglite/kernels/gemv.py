@@ -33,7 +33,9 @@ ENABLED = os.environ.get("SGLITE_GEMV", "1") != "0"
 # Timed on an H200 (2026-12-04, bench/decode_floor.py --variants, same call): Gemma-2-9B's
 # batch-1 graph replay 5.31 -> 6.05 ms (+14%; same logits), so off: the step is bound by DRAM
 # already, and rows asked for early take bandwidth from the kernel still running (and L2 lines
-# they may lose before use). SGLITE_GEMV_PREFETCH=1 (or PREFETCH, read at call time) turns it on
+# they may lose before use). Asking L2 for only the next 1, 2 or 3 chunks (about what DRAM brings
+# while a norm runs) was slower too: 5.12 -> 5.33 / 5.63 / 5.72 ms (2026-12-04, same call; not kept).
+# SGLITE_GEMV_PREFETCH=1 (or PREFETCH, read at call time) turns it on
 PREFETCH = os.environ.get("SGLITE_GEMV_PREFETCH", "0") == "1"
 # weight chunks each program keeps in flight (stream_rows' DEPTH), also the pair GEMVs'
 # (gemv_pairs.py): 1, the first chunk loaded before the PDL wait; 2, the first two, so that more
