@@ -22,6 +22,9 @@ from sglite.runtime.scheduler.req import Req
 LPM_MAX_QUEUE = 128
 SHARE_MIN_TOKENS = 32
 RESERVE_CLIP = 4096  # cap on the decode tokens reserved per running request (as SGLang)
+INIT_NEW_TOKEN_RATIO = 0.6  # share of remaining max_new_tokens reserved at admission ...
+MIN_NEW_TOKEN_RATIO = 0.15  # ... decaying to this while nothing is retracted
+NEW_TOKEN_RATIO_DECAY = 0.002  # per decode step
 
 
 def order_waiting(waiting: list[Req], cache: CacheManager, *, policy: str) -> list[Req]:
