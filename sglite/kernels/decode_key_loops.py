@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .fp8_kv_tiles import fp8_keys_step, fp8_values_split_step, fp8_values_step
-from .online_softmax import online_softmax_step, softcap, softmax_weights
+from .online_softmax import online_softmax_step, softcap, values_step
 
 _MAX_SLOT = tl.constexpr(2**31 - 1)  # above any slot id (req_to_token is int32)
 
@@ -109,9 +109,7 @@ def early_tile_step(q, k, v, slots, start_n, split_end, new_key, k_base, v_base,
     k = tl.where(is_new[:, None], k_new[None, :], k)
     v = tl.where(is_new[:, None], v_new[None, :], v)
     qk = masked_scores(q, k, offs_n < split_end, qk_scale, logit_cap, HAS_CAP)
-    p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_i
+    return values_step(qk, v, m_i, l_i, acc)
 
 
 @triton.jit
@@ -186,7 +184,5 @@ def _bulk_tile(q, K_desc, V_desc, first, start_n, split_end, kv_col, qk_scale, l
             acc, l_i, m_i = fp8_values_step(qk, V_desc.load([first, kv_col // 2]), v_scale, m_i, l_i, acc,
                                              WIDEN_ASM)
         else:
-            v = V_desc.load([first, kv_col])
-            p, alpha, l_i, m_i = softmax_weights(qk, m_i, l_i)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc, l_i, m_i = values_step(qk, V_desc.load([first, kv_col]), m_i, l_i, acc)
     return acc, acc2, l_i, m_i

@@ -18,6 +18,15 @@ def online_softmax_step(qk, v_ptrs, mask_kv, m_i, l_i, acc, v_scale, V_FP8: tl.c
 
 
 @triton.jit
+def values_step(qk, v, m_i, l_i, acc):
+    """online_softmax_step on a tile of 16-bit values v [N, D] already loaded (a TMA tile, or
+    rows gathered before the PDL wait). Returns (acc, l_i, m_i)."""
+    p, alpha, l_i, m_new = softmax_weights(qk, m_i, l_i)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def fp8_values(p, v, v_scale, V_FP8: tl.constexpr):
     """FP8 values (an FP8 KV pool): widened to fp16 (exact for e4m3), their scale folded into the
     weights p (a [R, N] multiply instead of [N, D]); other values pass through. One return and
