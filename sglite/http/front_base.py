@@ -134,8 +134,9 @@ class FrontBase:
         return first
 
     def _end(self, choices: dict[str, Choice], user_rid: str | None) -> None:
-        """Forget the choices' rids, abort the unfinished ones, release the user rid; once (a
-        streamed response ends them after its body has)."""
+        """Forget the choices' rids, abort the unfinished ones, release the user rid: by _replies
+        (a whole answer, or a failure before the stream) or by the streamed response after its
+        body (_stream_response). A second call changes nothing."""
         if all(c.ended for c in choices.values()):
             return
         unfinished = [c.rid for c in choices.values() if not (c.finished or c.error)]
@@ -186,47 +187,45 @@ class FrontBase:
 
     def _stream_response(self, route: str, q, choices: dict[str, Choice], first: list, t0: float, emit, *,
                          user_rid: str | None, **options) -> EndingStream:
-        """The SSE response of a stream (see _stream, which options go to)."""
-        events = self._stream(route, q, choices, first, t0, emit, user_rid=user_rid, **options)
+        """The SSE response of a stream (see _stream, which options go to); the choices end (unfinished
+        ones aborted) once it is over, however it stops."""
+        events = self._stream(route, q, choices, first, t0, emit, **options)
         return EndingStream(events, lambda: self._end(choices, user_rid))
 
     async def _stream(self, route: str, q, choices: dict[str, Choice], first: list, t0: float,
-                      emit, *, user_rid: str | None, opening=(), closing=None, timed: bool = True):
+                      emit, *, opening=(), closing=None, timed: bool = True):
         """A streamed response's SSE events: `opening` events, then for every choice that
         received replies the events of emit(choice) (an error there becomes an error event),
         until all have finished; then closing() (an event, or None) and [DONE]. With `timed`, the
-        time to the first write and between writes go to the metrics. The choices end (unfinished
-        ones aborted) however the stream stops."""
-        try:
-            for event in opening:
-                yield event
-            changed = {item.rid for item in first}
-            last, ttft_seen = time.perf_counter(), False
-            while True:
-                for rid in changed:
-                    c = choices[rid]
-                    if c.error is not None:
-                        yield sse_event(error_body(400, c.error))
-                        continue
-                    for event in emit(c):
-                        yield event
-                now = time.perf_counter()
-                if timed and not ttft_seen:
-                    self.metrics.ttft.observe(now - t0)
-                    ttft_seen = True
-                elif timed:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                if all(c.finished or c.error for c in choices.values()):
-                    break
-                items = [await self.client.recv(q)] + self.client.drain(q)
-                changed = self._absorb(choices, items)
-            self._record(route, choices, t0)
-            if closing is not None and (event := closing()) is not None:
-                yield event
-            yield DONE
-        finally:
-            self._end(choices, user_rid)
+        time to the first write and between writes go to the metrics. _stream_response ends the
+        choices."""
+        for event in opening:
+            yield event
+        changed = {item.rid for item in first}
+        last, ttft_seen = time.perf_counter(), False
+        while True:
+            for rid in changed:
+                c = choices[rid]
+                if c.error is not None:
+                    yield sse_event(error_body(400, c.error))
+                    continue
+                for event in emit(c):
+                    yield event
+            now = time.perf_counter()
+            if timed and not ttft_seen:
+                self.metrics.ttft.observe(now - t0)
+                ttft_seen = True
+            elif timed:
+                self.metrics.itl.observe(now - last)
+            last = now
+            if all(c.finished or c.error for c in choices.values()):
+                break
+            items = [await self.client.recv(q)] + self.client.drain(q)
+            changed = self._absorb(choices, items)
+        self._record(route, choices, t0)
+        if closing is not None and (event := closing()) is not None:
+            yield event
+        yield DONE
 
     def _check_errors(self, choices) -> None:
         for c in choices.values():
