@@ -228,6 +228,14 @@ def run_variants(args, runner, row, prompt, ctx):
     return out
 
 
+def _d256_tiles(decode_tiles, **tiles):
+    """A decode_tiles stand-in that overrides the GPU's d256 (Gemma) tiles with `tiles`."""
+    def pick(head_dim, **kw):
+        cfg = decode_tiles(head_dim, **kw)
+        return dict(cfg, **tiles) if head_dim > 128 and kw["device"].type == "cuda" else cfg
+    return pick
+
+
 def _cases_tenth(all4, decode_tiles):
     """The tenth session's: the step's launches in the chain with other tiles, one at a time: the
     norms' warps, no weights before the GEMVs' wait, the o / down GEMVs' rows and chunks (gemv.TILES;
@@ -235,12 +243,6 @@ def _cases_tenth(all4, decode_tiles):
     gate_up + GeGLU), decode attention's d256 tiles with 64 keys (half the splits at short contexts)."""
     def tiles(n, k, rows, cols, warps):
         return {(n, k): dict(BLOCK_N=rows, BLOCK_K=cols, num_warps=warps, num_stages=1)}
-
-    def d256(**over):
-        def pick(head_dim, **kw):
-            cfg = decode_tiles(head_dim, **kw)
-            return dict(cfg, **over) if head_dim > 128 and kw["device"].type == "cuda" else cfg
-        return pick
 
     o, down = (3584, 4096), (3584, 14336)
     return [("served again (same graphs: the determinism check)", all4, {}),
@@ -258,7 +260,7 @@ def _cases_tenth(all4, decode_tiles):
              dict(pair_tiles=dict(block_k=1024, num_warps=8))),
             ("pair GEMVs 256 columns, 2 warps", all4, dict(pair_tiles=dict(block_k=256, num_warps=2))),
             ("decode attention d256 tiles: 64 keys, 4 warps (default 32)", all4,
-             dict(attn_tiles=d256(BLOCK_N=64))),
+             dict(attn_tiles=_d256_tiles(decode_tiles, BLOCK_N=64))),
             ("served again, graphs captured again", all4, {})]
 
 
@@ -273,20 +275,15 @@ def _cases_ninth(all4):
 def _cases_eighth(all4, decode_tiles, short=False):
     """The eighth session's: the launches outside the layers back on torch, each fusion alone, two
     weight chunks in flight in every GEMV, decode attention's d256 tiles (short: the tiles only)."""
-    def d256(**tiles):
-        def pick(head_dim, **kw):
-            cfg = decode_tiles(head_dim, **kw)
-            return dict(cfg, **tiles) if head_dim > 128 and kw["device"].type == "cuda" else cfg
-        return pick
-
     served = ("served again (same graphs: the determinism check)", all4, {})
     torch_ends = ("torch ends (embedding scale, cos / sin, soft-cap as the seventh session's)", all4,
                   dict(embed=False, softcap=False))
     old_tiles = ("decode attention d256 tiles: 32 keys, 4 warps (the seventh session's)", all4,
-                 dict(attn_tiles=d256(BLOCK_N=32)))
+                 dict(attn_tiles=_d256_tiles(decode_tiles, BLOCK_N=32)))
     if short:  # the second call: decode attention's d256 tiles around the new default (16 keys)
         return [served, old_tiles,
-                ("decode attention d256 tiles: 16 keys, 2 warps", all4, dict(attn_tiles=d256(num_warps=2))),
+                ("decode attention d256 tiles: 16 keys, 2 warps", all4,
+                 dict(attn_tiles=_d256_tiles(decode_tiles, num_warps=2))),
                 ("no weights before the GEMVs' PDL wait (SGLITE_GEMV_DEPTH=0)", all4, dict(depth=0)),
                 ("norm kernels with 16 warps (8 by default at 3584)", all4, dict(norm_warps=16)),
                 ("norm kernels with 4 warps", all4, dict(norm_warps=4)),
@@ -297,10 +294,12 @@ def _cases_eighth(all4, decode_tiles, short=False):
         ("fused embedding + cos / sin only (torch soft-cap)", all4, dict(softcap=False)),
         ("two weight chunks in flight in every GEMV (SGLITE_GEMV_DEPTH=2)", all4, dict(depth=2)),
         old_tiles,
-        ("decode attention d256 tiles: 64 keys, 8 warps", all4, dict(attn_tiles=d256(BLOCK_N=64, num_warps=8))),
-        ("decode attention d256 tiles: 16 keys, 4 warps", all4, dict(attn_tiles=d256(BLOCK_N=16, num_warps=4))),
+        ("decode attention d256 tiles: 64 keys, 8 warps", all4,
+         dict(attn_tiles=_d256_tiles(decode_tiles, BLOCK_N=64, num_warps=8))),
+        ("decode attention d256 tiles: 16 keys, 4 warps", all4,
+         dict(attn_tiles=_d256_tiles(decode_tiles, BLOCK_N=16, num_warps=4))),
         ("decode attention d256 tiles: 32 keys, 4 warps, 1 stage", all4,
-         dict(attn_tiles=d256(BLOCK_N=32, num_stages=1))),
+         dict(attn_tiles=_d256_tiles(decode_tiles, BLOCK_N=32, num_stages=1))),
     ]
 
 
